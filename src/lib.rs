@@ -1,0 +1,8 @@
+//! memaflow: runs several neural networks on every camera frame of a small ARM board,
+//! loading and executing them layer by layer so that they fit in memory far smaller than
+//! the models. See `docs/architecture.md` for the module map.
+
+pub mod memory;
+pub mod model;
+pub mod runtime;
+pub mod spool;

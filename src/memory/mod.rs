@@ -1,0 +1,124 @@
+//! Memory readings. This part knows about the process itself; `/proc/meminfo` and cgroup
+//! limits join it with the memory gate.
+
+use anyhow::{Context, Result};
+
+/// Resident set of this process, from `/proc/self/status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ProcessMemory {
+    /// `VmRSS`, bytes.
+    pub rss: u64,
+    /// `VmHWM`: the high-water mark of the resident set, bytes.
+    pub peak_rss: u64,
+}
+
+pub fn process_memory() -> Result<ProcessMemory> {
+    let text = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    parse_status(&text)
+}
+
+/// Parses the `VmRSS` and `VmHWM` lines of a `/proc/<pid>/status` file.
+pub fn parse_status(text: &str) -> Result<ProcessMemory> {
+    let field = |key: &str| -> Result<u64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(key))
+            .with_context(|| format!("no {key} in /proc status"))?;
+        let kib: u64 = line[key.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .with_context(|| format!("bad {key} line: {line}"))?;
+        Ok(kib * 1024)
+    };
+    Ok(ProcessMemory {
+        rss: field("VmRSS:")?,
+        peak_rss: field("VmHWM:")?,
+    })
+}
+
+/// Resets `VmHWM` to the current RSS (Linux ≥ 4.0), so a later reading is the peak of
+/// what happened in between.
+pub fn reset_peak() -> Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5").context("writing /proc/self/clear_refs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_status_fields() {
+        let text = "Name:\tmemaflow\nVmHWM:\t  20480 kB\nVmRSS:\t   10240 kB\n";
+        assert_eq!(
+            parse_status(text).unwrap(),
+            ProcessMemory {
+                rss: 10 << 20,
+                peak_rss: 20 << 20
+            }
+        );
+        assert!(parse_status("Name: x\n").is_err());
+    }
+}
+
+/// A byte count, written and read the way people write sizes: `256M`, `1G`, `1.5GiB`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bytes(pub u64);
+
+impl std::fmt::Display for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut v = self.0 as f64;
+        let mut unit = 0;
+        while v >= 1024.0 && unit < UNITS.len() - 1 {
+            v /= 1024.0;
+            unit += 1;
+        }
+        if unit == 0 {
+            write!(f, "{} B", self.0)
+        } else {
+            write!(f, "{v:.1} {}", UNITS[unit])
+        }
+    }
+}
+
+impl std::str::FromStr for Bytes {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Bytes> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let value: f64 = num
+            .parse()
+            .with_context(|| format!("'{s}' is not a size (try 256M, 1G, 1048576)"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            "t" | "tb" | "tib" => 1 << 40,
+            other => anyhow::bail!("unknown size unit '{other}' in '{s}' (use K, M, G or T)"),
+        };
+        anyhow::ensure!(value.is_finite() && value >= 0.0, "'{s}' is not a size");
+        Ok(Bytes((value * mult as f64).round() as u64))
+    }
+}
+
+#[cfg(test)]
+mod bytes_tests {
+    use super::Bytes;
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!("256M".parse::<Bytes>().unwrap(), Bytes(256 << 20));
+        assert_eq!("1G".parse::<Bytes>().unwrap(), Bytes(1 << 30));
+        assert_eq!("1.5GiB".parse::<Bytes>().unwrap(), Bytes(3 << 29));
+        assert_eq!("4096".parse::<Bytes>().unwrap(), Bytes(4096));
+        assert!("12Q".parse::<Bytes>().is_err());
+        assert!("".parse::<Bytes>().is_err());
+        assert_eq!(Bytes(45_600_000).to_string(), "43.5 MiB");
+    }
+}

@@ -1,0 +1,96 @@
+//! Model packages: TFLite import, normalisation, layer split, manifests and the zoo.
+//!
+//! Nothing here knows about scheduling, memory or the spool: the runtime reads packages
+//! through [`Package`] and nothing else.
+
+pub mod graph;
+pub mod normalise;
+pub mod package;
+pub mod split;
+pub mod tflite;
+pub mod zoo;
+
+pub use package::{ColorOrder, LayerEntry, Manifest, Package, Preprocess, ResizeMode};
+pub use split::LayerKind;
+
+use anyhow::{Context, Result, ensure};
+use std::path::Path;
+
+/// Largest model file import reads: TFLite flatbuffers stop at 2 GiB, and external buffers
+/// are not used by vision models of the size this appliance runs.
+const MAX_MODEL_BYTES: u64 = 4 << 30;
+
+#[derive(Clone, Debug, Default)]
+pub struct ImportOptions {
+    /// Package name; the file stem when absent.
+    pub name: Option<String>,
+    pub preprocess: Preprocess,
+    /// One label per line, attached to the output with as many values.
+    pub labels: Option<Vec<String>>,
+    /// Replace an existing package at the destination.
+    pub replace: bool,
+}
+
+/// `memaflow import`: reads, normalises and splits a TFLite model into a package.
+pub fn import(model: &Path, out: &Path, options: &ImportOptions) -> Result<Manifest> {
+    let ctx = || model.display().to_string();
+    let bytes = package::read_limited_bytes(model, MAX_MODEL_BYTES).with_context(ctx)?;
+    let source = package::Source {
+        file: model
+            .file_name()
+            .map(|f| f.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        bytes: bytes.len() as u64,
+    };
+    let mut graph = tflite::read_graph(&bytes).with_context(ctx)?;
+    drop(bytes);
+    graph.check_shapes().with_context(ctx)?;
+    let report = normalise::normalise(&mut graph).with_context(ctx)?;
+    let name = match &options.name {
+        Some(n) => n.clone(),
+        None => model
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| "model".into()),
+    };
+    let mut labels = std::collections::HashMap::new();
+    if let Some(l) = &options.labels {
+        let target = graph
+            .outputs
+            .iter()
+            .find(|&&o| graph.tensors[o].elements() == l.len())
+            .with_context(|| {
+                format!(
+                    "{}: no output has {} values to match the {} labels",
+                    ctx(),
+                    l.len(),
+                    l.len()
+                )
+            })?;
+        labels.insert(graph.tensors[*target].name.clone(), l.clone());
+    }
+    ensure!(
+        options.preprocess.mean.len() == 1
+            || options.preprocess.mean.len()
+                == graph.tensors[graph.inputs[0]]
+                    .shape
+                    .last()
+                    .copied()
+                    .unwrap_or(0),
+        "{}: preprocessing gives {} means for an input of shape {:?}",
+        ctx(),
+        options.preprocess.mean.len(),
+        graph.tensors[graph.inputs[0]].shape
+    );
+    let meta = package::PackageMeta {
+        name,
+        source: Some(source),
+        preprocess: options.preprocess.clone(),
+        labels,
+        normalisation: report
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    };
+    package::write_package(&graph, &meta, out, options.replace).with_context(ctx)
+}

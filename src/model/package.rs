@@ -1,0 +1,560 @@
+//! Model packages on disk: `model.toml` and one TFLite file per layer under `layers/`.
+//!
+//! The manifest is checked when a package is opened — file names stay inside the package,
+//! every layer input is produced by an earlier layer or is a model input — so a scheduler
+//! can plan from it without reading a single layer file. Each layer file is checked against
+//! its manifest entry when it is read.
+
+use super::graph::*;
+use super::split::{LayerKind, LayerPlan, extract_layer, plan_layers, stitch};
+use super::tflite::{WriteOptions, read_graph, write_graph};
+use anyhow::{Context, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST_FILE: &str = "model.toml";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    pub preprocess: Preprocess,
+    /// Rewrites applied at import, by kind, with counts.
+    #[serde(default)]
+    pub normalisation: BTreeMap<String, usize>,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<OutputSpec>,
+    pub layers: Vec<LayerEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    pub file: String,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    /// Class names, one per element of a vector output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
+}
+
+/// How a frame becomes the input tensor: resize to the input's H×W, order channels, then
+/// `(pixel - mean[c]) / std[c]` with pixels in 0..=255.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Preprocess {
+    pub resize: ResizeMode,
+    pub color: ColorOrder,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl Default for Preprocess {
+    /// Pixels to [0, 1] in RGB, the convention of most published TFLite vision models.
+    fn default() -> Self {
+        Preprocess {
+            resize: ResizeMode::Stretch,
+            color: ColorOrder::Rgb,
+            mean: vec![0.0],
+            std: vec![255.0],
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeMode {
+    /// Scale both axes to the input size, ignoring aspect ratio.
+    Stretch,
+    /// Cut the largest centred region of the input's aspect ratio, then scale.
+    Crop,
+    /// Scale to fit inside, pad the rest with zeros (MediaPipe's detectors expect this).
+    Letterbox,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ColorOrder {
+    Rgb,
+    Bgr,
+    Gray,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LayerEntry {
+    pub index: usize,
+    pub kind: LayerKind,
+    pub file: String,
+    pub file_bytes: u64,
+    pub weight_bytes: u64,
+    pub flops: u64,
+    /// The TFLite ops in the layer, in order.
+    pub ops: Vec<String>,
+    pub inputs: Vec<TensorRef>,
+    pub outputs: Vec<TensorRef>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TensorRef {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub bytes: u64,
+}
+
+impl LayerEntry {
+    pub fn input_bytes(&self) -> u64 {
+        self.inputs.iter().map(|t| t.bytes).sum()
+    }
+    pub fn output_bytes(&self) -> u64 {
+        self.outputs.iter().map(|t| t.bytes).sum()
+    }
+}
+
+impl Manifest {
+    pub fn weight_bytes(&self) -> u64 {
+        self.layers.iter().map(|l| l.weight_bytes).sum()
+    }
+    pub fn file_bytes(&self) -> u64 {
+        self.layers.iter().map(|l| l.file_bytes).sum()
+    }
+    pub fn flops(&self) -> u64 {
+        self.layers.iter().map(|l| l.flops).sum()
+    }
+
+    /// For each tensor crossing a layer boundary, the last layer that reads it.
+    pub fn last_reader(&self) -> HashMap<&str, usize> {
+        let mut last = HashMap::new();
+        for l in &self.layers {
+            for t in &l.inputs {
+                last.insert(t.name.as_str(), l.index);
+            }
+        }
+        last
+    }
+
+    fn check(&self) -> Result<()> {
+        ensure!(
+            self.format == FORMAT_VERSION,
+            "package format {} is not supported (this memaflow reads format {FORMAT_VERSION})",
+            self.format
+        );
+        ensure!(!self.name.trim().is_empty(), "the package has no name");
+        ensure!(!self.layers.is_empty(), "the package has no layers");
+        ensure!(
+            !self.inputs.is_empty() && !self.outputs.is_empty(),
+            "the package declares no inputs or no outputs"
+        );
+        let channels = self.inputs[0].shape.last().copied().unwrap_or(0);
+        let p = &self.preprocess;
+        ensure!(
+            p.mean.len() == p.std.len() && (p.mean.len() == 1 || p.mean.len() == channels),
+            "preprocess mean/std have {} and {} values for {} channels",
+            p.mean.len(),
+            p.std.len(),
+            channels
+        );
+        ensure!(
+            p.std.iter().all(|s| s.is_finite() && *s != 0.0),
+            "preprocess std must be finite and non-zero"
+        );
+        let mut available: HashMap<&str, &[usize]> = self
+            .inputs
+            .iter()
+            .map(|t| (t.name.as_str(), t.shape.as_slice()))
+            .collect();
+        for (pos, l) in self.layers.iter().enumerate() {
+            ensure!(l.index == pos, "layer entry {pos} says index {}", l.index);
+            check_file_name(&l.file).with_context(|| format!("layer {pos}"))?;
+            for t in &l.inputs {
+                let have = available.get(t.name.as_str()).with_context(|| {
+                    format!(
+                        "layer {pos} reads '{}', which no earlier layer produces",
+                        t.name
+                    )
+                })?;
+                ensure!(
+                    *have == t.shape.as_slice(),
+                    "layer {pos} reads '{}' as {:?}, produced as {:?}",
+                    t.name,
+                    t.shape,
+                    have
+                );
+                ensure!(
+                    t.bytes == 4 * t.shape.iter().product::<usize>() as u64,
+                    "layer {pos}: '{}' byte count",
+                    t.name
+                );
+            }
+            for t in &l.outputs {
+                ensure!(
+                    available
+                        .insert(t.name.as_str(), t.shape.as_slice())
+                        .is_none(),
+                    "layer {pos} produces '{}' again",
+                    t.name
+                );
+            }
+        }
+        for o in &self.outputs {
+            let have = available
+                .get(o.name.as_str())
+                .with_context(|| format!("output '{}' is produced by no layer", o.name))?;
+            ensure!(
+                *have == o.shape.as_slice(),
+                "output '{}' is {:?}, produced as {:?}",
+                o.name,
+                o.shape,
+                have
+            );
+            if let Some(labels) = &o.labels {
+                let n: usize = o.shape.iter().product();
+                ensure!(
+                    labels.len() == n,
+                    "output '{}' has {} labels for {} values",
+                    o.name,
+                    labels.len(),
+                    n
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Layer file names are plain names under `layers/`: a manifest never points elsewhere.
+fn check_file_name(file: &str) -> Result<()> {
+    let p = Path::new(file);
+    let mut parts = p.components();
+    let ok = matches!(parts.next(), Some(std::path::Component::Normal(d)) if d == "layers")
+        && matches!(parts.next(), Some(std::path::Component::Normal(_)))
+        && parts.next().is_none()
+        && file.ends_with(".tflite");
+    ensure!(
+        ok,
+        "layer file '{file}' is not of the form layers/NAME.tflite"
+    );
+    Ok(())
+}
+
+/// An opened, checked package.
+#[derive(Clone, Debug)]
+pub struct Package {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Package {
+    pub fn open(dir: impl AsRef<Path>) -> Result<Package> {
+        let dir = dir.as_ref().to_path_buf();
+        let path = dir.join(MANIFEST_FILE);
+        let text = read_limited(&path, 16 << 20)
+            .with_context(|| format!("{}: not a model package", dir.display()))?;
+        let manifest: Manifest =
+            toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        manifest
+            .check()
+            .with_context(|| format!("{}", path.display()))?;
+        Ok(Package { dir, manifest })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+
+    pub fn layer_path(&self, index: usize) -> PathBuf {
+        self.dir.join(&self.manifest.layers[index].file)
+    }
+
+    /// Reads one layer file and checks it is what the manifest says: same size, same
+    /// inputs and outputs, only ops the runtime runs. Returns the bytes for tract.
+    pub fn read_layer(&self, index: usize) -> Result<(Vec<u8>, Graph)> {
+        let entry = self
+            .manifest
+            .layers
+            .get(index)
+            .with_context(|| format!("{}: no layer {index}", self.name()))?;
+        let path = self.layer_path(index);
+        let ctx = || format!("{}: layer {index} ({})", self.name(), path.display());
+        let bytes = read_limited_bytes(&path, entry.file_bytes).with_context(ctx)?;
+        ensure!(
+            bytes.len() as u64 == entry.file_bytes,
+            "{}: {} bytes on disk, the manifest says {}",
+            ctx(),
+            bytes.len(),
+            entry.file_bytes
+        );
+        let graph = read_graph(&bytes).with_context(ctx)?;
+        let names = |ids: &[TensorId]| {
+            ids.iter()
+                .map(|&t| {
+                    (
+                        graph.tensors[t].name.clone(),
+                        graph.tensors[t].shape.clone(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let want = |refs: &[TensorRef]| {
+            refs.iter()
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect::<Vec<_>>()
+        };
+        ensure!(
+            names(&graph.inputs) == want(&entry.inputs),
+            "{}: inputs differ from the manifest",
+            ctx()
+        );
+        ensure!(
+            names(&graph.outputs) == want(&entry.outputs),
+            "{}: outputs differ from the manifest",
+            ctx()
+        );
+        graph.check_shapes().with_context(ctx)?;
+        super::normalise::check_runnable(&graph).with_context(ctx)?;
+        Ok((bytes, graph))
+    }
+
+    /// The whole normalised model, rebuilt from the layer files.
+    pub fn whole_graph(&self) -> Result<Graph> {
+        let layers = (0..self.manifest.layers.len())
+            .map(|i| self.read_layer(i).map(|(_, g)| g))
+            .collect::<Result<Vec<_>>>()?;
+        let names = |v: &[String]| v.to_vec();
+        let inputs: Vec<String> = self
+            .manifest
+            .inputs
+            .iter()
+            .map(|t| t.name.clone())
+            .collect();
+        let outputs: Vec<String> = self
+            .manifest
+            .outputs
+            .iter()
+            .map(|t| t.name.clone())
+            .collect();
+        stitch(&layers, &names(&inputs), &names(&outputs))
+            .with_context(|| format!("{}: joining layers", self.name()))
+    }
+}
+
+fn read_limited(path: &Path, limit: u64) -> Result<String> {
+    let bytes = read_limited_bytes(path, limit)?;
+    String::from_utf8(bytes).context("not UTF-8 text")
+}
+
+/// Reads a regular file of at most `limit` bytes; anything else is an error, not an
+/// allocation the size of whatever the file claims to be.
+pub fn read_limited_bytes(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let meta = file.metadata()?;
+    ensure!(meta.is_file(), "{} is not a regular file", path.display());
+    ensure!(
+        meta.len() <= limit,
+        "{} is {} bytes, more than the {} expected",
+        path.display(),
+        meta.len(),
+        limit
+    );
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// What a package says about itself beyond the graph.
+#[derive(Clone, Debug)]
+pub struct PackageMeta {
+    pub name: String,
+    pub source: Option<Source>,
+    pub preprocess: Preprocess,
+    /// Labels by output name.
+    pub labels: HashMap<String, Vec<String>>,
+    pub normalisation: BTreeMap<String, usize>,
+}
+
+/// Splits a normalised graph and writes the package to `dir`, atomically: the package is
+/// built beside it and renamed into place, so `dir` is either absent, the old package, or
+/// the complete new one.
+pub fn write_package(
+    graph: &Graph,
+    meta: &PackageMeta,
+    dir: &Path,
+    replace: bool,
+) -> Result<Manifest> {
+    ensure!(
+        graph.inputs.len() == 1,
+        "the model has {} inputs; packages hold single-input vision models",
+        graph.inputs.len()
+    );
+    if dir.exists() {
+        ensure!(
+            replace,
+            "{} already exists (use --force to replace it)",
+            dir.display()
+        );
+        ensure!(
+            dir.join(MANIFEST_FILE).exists() || is_empty_dir(dir),
+            "{} exists and is not a model package; refusing to replace it",
+            dir.display()
+        );
+    }
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let file_name = dir
+        .file_name()
+        .context("package path has no final component")?
+        .to_string_lossy()
+        .to_string();
+    let staging = parent.join(format!(".{file_name}.partial-{}", std::process::id()));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    let result = write_into(graph, meta, &staging);
+    let manifest = match result {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+    if dir.exists() {
+        let old = parent.join(format!(".{file_name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old)?;
+        std::fs::rename(&staging, dir)?;
+        std::fs::remove_dir_all(&old)?;
+    } else {
+        std::fs::rename(&staging, dir)
+            .with_context(|| format!("moving the package into {}", dir.display()))?;
+    }
+    Ok(manifest)
+}
+
+fn is_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(false)
+}
+
+fn write_into(graph: &Graph, meta: &PackageMeta, dir: &Path) -> Result<Manifest> {
+    std::fs::create_dir_all(dir.join("layers"))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let plans = plan_layers(graph);
+    let width = plans.len().to_string().len().max(3);
+    let mut layers = vec![];
+    for (index, plan) in plans.iter().enumerate() {
+        let file = format!("layers/{index:0width$}.tflite");
+        let sub = extract_layer(graph, plan);
+        let bytes = write_graph(&sub, WriteOptions::default())?;
+        std::fs::write(dir.join(&file), &bytes).with_context(|| format!("writing {file}"))?;
+        layers.push(layer_entry(graph, plan, index, file, bytes.len() as u64));
+    }
+    let spec = |t: TensorId| TensorSpec {
+        name: graph.tensors[t].name.clone(),
+        shape: graph.tensors[t].shape.clone(),
+        dtype: graph.tensors[t].dtype,
+    };
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        name: meta.name.clone(),
+        source: meta.source.clone(),
+        preprocess: meta.preprocess.clone(),
+        normalisation: meta.normalisation.clone(),
+        inputs: graph.inputs.iter().map(|&t| spec(t)).collect(),
+        outputs: graph
+            .outputs
+            .iter()
+            .map(|&t| {
+                let s = spec(t);
+                OutputSpec {
+                    labels: meta.labels.get(&s.name).cloned(),
+                    name: s.name,
+                    shape: s.shape,
+                    dtype: s.dtype,
+                }
+            })
+            .collect(),
+        layers,
+    };
+    manifest
+        .check()
+        .context("the manifest just built is inconsistent")?;
+    let text = toml::to_string(&manifest).context("serialising the manifest")?;
+    std::fs::write(dir.join(MANIFEST_FILE), text)?;
+    Ok(manifest)
+}
+
+fn layer_entry(
+    graph: &Graph,
+    plan: &LayerPlan,
+    index: usize,
+    file: String,
+    file_bytes: u64,
+) -> LayerEntry {
+    let nodes = &graph.nodes[plan.nodes.clone()];
+    let tref = |t: TensorId| TensorRef {
+        name: graph.tensors[t].name.clone(),
+        shape: graph.tensors[t].shape.clone(),
+        bytes: graph.tensors[t].bytes() as u64,
+    };
+    let mut consts: Vec<TensorId> = nodes
+        .iter()
+        .flat_map(|n| n.inputs.iter().copied())
+        .filter(|&t| graph.tensors[t].is_const())
+        .collect();
+    consts.sort_unstable();
+    consts.dedup();
+    LayerEntry {
+        index,
+        kind: plan.kind,
+        file,
+        file_bytes,
+        weight_bytes: consts
+            .iter()
+            .map(|&t| graph.tensors[t].bytes() as u64)
+            .sum(),
+        flops: nodes.iter().map(|n| graph.flops(n)).sum(),
+        ops: nodes.iter().map(|n| n.op.name().to_string()).collect(),
+        inputs: plan.inputs.iter().map(|&t| tref(t)).collect(),
+        outputs: plan.outputs.iter().map(|&t| tref(t)).collect(),
+    }
+}
+
+/// Reads labels from a text file, one per line.
+pub fn read_labels(path: &Path) -> Result<Vec<String>> {
+    let text = read_limited(path, 4 << 20)?;
+    let labels: Vec<String> = text
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    if labels.is_empty() {
+        bail!("{} holds no labels", path.display());
+    }
+    Ok(labels)
+}

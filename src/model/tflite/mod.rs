@@ -1,0 +1,7 @@
+//! Reading and writing TFLite flatbuffers, through the schema code tract-tflite generates.
+
+mod read;
+mod write;
+
+pub use read::read_graph;
+pub use write::{WriteOptions, write_graph};
