@@ -1,0 +1,387 @@
+//! The `memaflow` command: parses arguments, runs one mode, maps the result to an exit code.
+//! Exit status: 0 on success, 2 on any error (bad input, bad usage, failed run).
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use memaflow::memory::{self, Bytes};
+use memaflow::model::{self, ColorOrder, Package, Preprocess, ResizeMode, zoo};
+use memaflow::runtime::{self, FloatTensor, npy};
+use memaflow::spool::{demo, preprocess, results};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "memaflow",
+    version,
+    about = "Runs several neural networks on every camera frame, layer by layer, in memory smaller than the models."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Import a float TFLite model as a model package (manifest + one file per layer).
+    Import(ImportArgs),
+    /// Run one input through a package and print a JSON summary of the outputs.
+    Infer(InferArgs),
+    /// Show a package's layers: kind, weights, activations, FLOPs.
+    Inspect {
+        /// Package directory.
+        package: PathBuf,
+        /// Print the manifest as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate the benchmark networks (AgeNet, GenderNet, FaceNet, SoS, SoS_GoogleNet,
+    /// YOLOv2's first 16 layers) as packages with deterministic weights.
+    Zoo {
+        /// Directory to write one package per network into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Only these networks (repeatable).
+        #[arg(long, value_name = "NAME")]
+        only: Vec<String>,
+        /// Replace packages that already exist.
+        #[arg(long)]
+        force: bool,
+        /// List the networks and exit.
+        #[arg(long)]
+        list: bool,
+    },
+    /// Run the built-in demonstration: generated models on sample frames.
+    Demo {
+        /// Working directory for generated models and frames (kept between runs).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// The .tflite file.
+    model: PathBuf,
+    /// Package directory to create.
+    #[arg(long)]
+    out: PathBuf,
+    /// Package name (default: the file name without extension).
+    #[arg(long)]
+    name: Option<String>,
+    /// Replace an existing package at --out.
+    #[arg(long)]
+    force: bool,
+    /// Map pixels 0..255 linearly onto LO,HI (default 0,1). Exclusive with --mean/--std.
+    #[arg(long, value_name = "LO,HI", conflicts_with_all = ["mean", "std"])]
+    range: Option<String>,
+    /// Per-channel mean subtracted from 0..255 pixels, e.g. 127.5 or 104,117,123.
+    #[arg(long, value_name = "M[,M,M]", requires = "std")]
+    mean: Option<String>,
+    /// Per-channel divisor applied after the mean, e.g. 127.5 or 58.4,57.1,57.4.
+    #[arg(long, value_name = "S[,S,S]", requires = "mean")]
+    std: Option<String>,
+    /// Channel order the model expects.
+    #[arg(long, value_enum, default_value = "rgb")]
+    color: ColorArg,
+    /// How frames are fitted to the input size.
+    #[arg(long, value_enum, default_value = "stretch")]
+    resize: ResizeArg,
+    /// Text file with one class label per line, for the output with that many values.
+    #[arg(long, value_name = "FILE")]
+    labels: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ColorArg {
+    Rgb,
+    Bgr,
+    Gray,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ResizeArg {
+    Stretch,
+    Crop,
+    Letterbox,
+}
+
+#[derive(clap::Args)]
+struct InferArgs {
+    /// Package directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Image to run (JPEG, PNG, PPM/PGM, BMP), preprocessed as the manifest says.
+    #[arg(required_unless_present = "input_npy", conflicts_with = "input_npy")]
+    image: Option<PathBuf>,
+    /// Feed this float tensor as the input, as is (no preprocessing).
+    #[arg(long, value_name = "FILE")]
+    input_npy: Option<PathBuf>,
+    /// Run the whole normalised model in tract instead of layer by layer.
+    #[arg(long)]
+    whole: bool,
+    /// Write each output as DIR/NN.npy (NN = position in the model's outputs) and
+    /// DIR/outputs.json with their names.
+    #[arg(long, value_name = "DIR")]
+    npy_out: Option<PathBuf>,
+    /// Also write the preprocessed input tensor to this .npy file.
+    #[arg(long, value_name = "FILE")]
+    save_input: Option<PathBuf>,
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp(None)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Import(args) => import(args),
+        Command::Infer(args) => infer(args),
+        Command::Inspect { package, json } => inspect(&package, json),
+        Command::Zoo {
+            out,
+            only,
+            force,
+            list,
+        } => zoo_cmd(&out, &only, force, list),
+        Command::Demo { dir } => demo::run(&dir.unwrap_or_else(demo::default_dir)),
+    };
+    if let Err(e) = result {
+        eprintln!("memaflow: error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn floats(text: &str, what: &str) -> Result<Vec<f32>> {
+    text.split(',')
+        .map(|v| {
+            v.trim()
+                .parse::<f32>()
+                .with_context(|| format!("{what}: '{v}' is not a number"))
+        })
+        .collect()
+}
+
+fn import(a: ImportArgs) -> Result<()> {
+    let mut preprocess = Preprocess {
+        color: match a.color {
+            ColorArg::Rgb => ColorOrder::Rgb,
+            ColorArg::Bgr => ColorOrder::Bgr,
+            ColorArg::Gray => ColorOrder::Gray,
+        },
+        resize: match a.resize {
+            ResizeArg::Stretch => ResizeMode::Stretch,
+            ResizeArg::Crop => ResizeMode::Crop,
+            ResizeArg::Letterbox => ResizeMode::Letterbox,
+        },
+        ..Preprocess::default()
+    };
+    if let Some(range) = &a.range {
+        let r = floats(range, "--range")?;
+        if r.len() != 2 || r[0] == r[1] {
+            bail!("--range takes two different numbers, LO,HI");
+        }
+        // pixel/255·(hi-lo) + lo  ==  (pixel - mean) / std
+        let std = 255.0 / (r[1] - r[0]);
+        preprocess.mean = vec![-r[0] * std];
+        preprocess.std = vec![std];
+    }
+    if let (Some(m), Some(s)) = (&a.mean, &a.std) {
+        preprocess.mean = floats(m, "--mean")?;
+        preprocess.std = floats(s, "--std")?;
+    }
+    let labels = a
+        .labels
+        .as_deref()
+        .map(model::package::read_labels)
+        .transpose()?;
+    let options = model::ImportOptions {
+        name: a.name,
+        preprocess,
+        labels,
+        replace: a.force,
+    };
+    let t = Instant::now();
+    let m = model::import(&a.model, &a.out, &options)?;
+    let rewrites: Vec<String> = m
+        .normalisation
+        .iter()
+        .map(|(k, v)| format!("{k}×{v}"))
+        .collect();
+    let peak = memory::process_memory()
+        .map(|m| format!(", peak RSS {:.1} MiB", m.peak_rss as f64 / 1048576.0))
+        .unwrap_or_default();
+    println!(
+        "{}: {} layers, {} of weights, {} of layer files, written to {} in {:.1} s{peak}{}",
+        m.name,
+        m.layers.len(),
+        Bytes(m.weight_bytes()),
+        Bytes(m.file_bytes()),
+        a.out.display(),
+        t.elapsed().as_secs_f64(),
+        if rewrites.is_empty() {
+            String::new()
+        } else {
+            format!(" (normalised: {})", rewrites.join(", "))
+        }
+    );
+    Ok(())
+}
+
+fn infer(a: InferArgs) -> Result<()> {
+    let pkg = Package::open(&a.model)?;
+    let spec = &pkg.manifest.inputs[0];
+    let (input, source) = match (&a.image, &a.input_npy) {
+        (_, Some(path)) => (
+            FloatTensor::from(npy::read(path)?),
+            path.display().to_string(),
+        ),
+        (Some(path), None) => {
+            let img = preprocess::decode_file(path)?;
+            (
+                preprocess::to_input(&img, &pkg.manifest.preprocess, &spec.shape)
+                    .with_context(|| pkg.name().to_string())?,
+                path.display().to_string(),
+            )
+        }
+        (None, None) => bail!("give an IMAGE or --input-npy FILE"),
+    };
+    if let Some(path) = &a.save_input {
+        npy::write(path, &input.shape, &input.data)?;
+    }
+    let t = Instant::now();
+    let run = if a.whole {
+        runtime::run_whole(&pkg, &input)?
+    } else {
+        runtime::run_layerwise(&pkg, &input)?
+    };
+    let total = t.elapsed();
+    if let Some(dir) = &a.npy_out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let width = pkg.manifest.outputs.len().to_string().len().max(2);
+        for (i, out) in run.outputs.iter().enumerate() {
+            npy::write(&dir.join(format!("{i:0width$}.npy")), &out.shape, &out.data)?;
+        }
+        let names: Vec<&str> = pkg
+            .manifest
+            .outputs
+            .iter()
+            .map(|o| o.name.as_str())
+            .collect();
+        std::fs::write(
+            dir.join("outputs.json"),
+            serde_json::to_string_pretty(&serde_json::json!({ "outputs": names }))?,
+        )?;
+    }
+    let outputs: Vec<results::OutputSummary> = pkg
+        .manifest
+        .outputs
+        .iter()
+        .zip(&run.outputs)
+        .map(|(spec, t)| results::summarise(&spec.name, t, spec.labels.as_deref()))
+        .collect();
+    let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+    let summary = serde_json::json!({
+        "model": pkg.name(),
+        "mode": if a.whole { "whole" } else { "layers" },
+        "layers": pkg.manifest.layers.len(),
+        "input": source,
+        "outputs": outputs,
+        "time_ms": { "load": ms(run.stats.load), "exec": ms(run.stats.exec), "total": ms(total) },
+        "peak_rss_bytes": memory::process_memory().map(|m| m.peak_rss).ok(),
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+fn inspect(dir: &Path, json: bool) -> Result<()> {
+    let pkg = Package::open(dir)?;
+    let m = &pkg.manifest;
+    if json {
+        println!("{}", serde_json::to_string_pretty(m)?);
+        return Ok(());
+    }
+    let io = |v: Vec<(&str, &Vec<usize>)>| {
+        v.iter()
+            .map(|(n, s)| format!("{n} {s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "{}: {} layers; input {}; outputs {}",
+        m.name,
+        m.layers.len(),
+        io(m.inputs
+            .iter()
+            .map(|t| (t.name.as_str(), &t.shape))
+            .collect()),
+        io(m.outputs
+            .iter()
+            .map(|t| (t.name.as_str(), &t.shape))
+            .collect())
+    );
+    println!(
+        "{:>5}  {:<6} {:>11} {:>11} {:>11} {:>10}  ops",
+        "layer", "kind", "weights", "act in", "act out", "MFLOPs"
+    );
+    for l in &m.layers {
+        println!(
+            "{:>5}  {:<6} {:>11} {:>11} {:>11} {:>10.1}  {}",
+            l.index,
+            l.kind.name(),
+            Bytes(l.weight_bytes).to_string(),
+            Bytes(l.input_bytes()).to_string(),
+            Bytes(l.output_bytes()).to_string(),
+            l.flops as f64 / 1e6,
+            l.ops.join("+")
+        );
+    }
+    let peak_act = m
+        .layers
+        .iter()
+        .map(|l| l.input_bytes() + l.output_bytes())
+        .max()
+        .unwrap_or(0);
+    println!(
+        "total  {:<6} {:>11} {:>11} {:>11} {:>10.1}  (files {}, largest layer {})",
+        "",
+        Bytes(m.weight_bytes()).to_string(),
+        "",
+        format!("max {}", Bytes(peak_act)),
+        m.flops() as f64 / 1e6,
+        Bytes(m.file_bytes()),
+        Bytes(m.layers.iter().map(|l| l.weight_bytes).max().unwrap_or(0)),
+    );
+    Ok(())
+}
+
+fn zoo_cmd(out: &Path, only: &[String], force: bool, list: bool) -> Result<()> {
+    if list {
+        for e in zoo::ZOO {
+            println!("{:<14} {}", e.name, e.about);
+        }
+        return Ok(());
+    }
+    let entries: Vec<&zoo::ZooEntry> = if only.is_empty() {
+        zoo::ZOO.iter().collect()
+    } else {
+        only.iter().map(|n| zoo::entry(n)).collect::<Result<_>>()?
+    };
+    for e in entries {
+        let t = Instant::now();
+        let m = e.write(&out.join(e.name), force)?;
+        let paper = e
+            .paper_mib
+            .map(|p| format!(" (paper: {p} MiB)"))
+            .unwrap_or_default();
+        println!(
+            "{:<14} {:>3} layers, weights {}{}, {:.1} s",
+            e.name,
+            m.layers.len(),
+            Bytes(m.weight_bytes()),
+            paper,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

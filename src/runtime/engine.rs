@@ -1,0 +1,91 @@
+//! The only place that talks to tract: plans from TFLite bytes, and running them.
+
+use super::FloatTensor;
+use crate::model::Package;
+use anyhow::{Context, Result, anyhow};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use tract_core::prelude::*;
+
+/// An optimised, runnable tract model.
+#[derive(Clone, Debug)]
+pub struct Plan(Arc<TypedRunnableModel>);
+
+impl Plan {
+    /// Parses and optimises a TFLite model. The bytes must come from our writer (checked by
+    /// `read_graph` first): tract's reader trusts its input.
+    pub fn from_tflite(bytes: &[u8]) -> Result<Plan> {
+        guard("loading", || {
+            let mut model = tract_tflite::tflite().model_for_read(&mut &bytes[..])?;
+            declutter_within_layers().optimize(&mut model)?;
+            model.optimize()?;
+            Ok(Plan(model.into_runnable()?))
+        })
+    }
+
+    pub fn run(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>> {
+        guard("running", || self.0.run(inputs))
+    }
+
+    /// Runs on plain float tensors (copies in and out; for tools and tests).
+    pub fn run_floats(&self, inputs: &[FloatTensor]) -> Result<Vec<FloatTensor>> {
+        let inputs = inputs.iter().map(to_tvalue).collect::<Result<TVec<_>>>()?;
+        self.run(inputs)?.iter().map(from_tvalue).collect()
+    }
+}
+
+/// tract's decluttering passes, less the one that rewrites a matmul over a concatenation
+/// into a sum of matmuls over its parts. That rewrite changes the summation order, and it
+/// can only fire when the concatenation and its consumer are in one plan: with it, a whole
+/// model (GoogLeNet's inception blocks) and the same model run layer by layer would differ
+/// in the last bits. Every plan, layer or whole, uses this optimiser so they agree exactly.
+fn declutter_within_layers() -> tract_core::optim::Optimizer {
+    let mut optimizer = tract_core::optim::Optimizer::declutter();
+    optimizer
+        .passes
+        .retain(|pass| !format!("{pass:?}").starts_with("ConcatThenEinsum"));
+    optimizer
+}
+
+/// Turns a tract error or panic into an error value: the daemon must outlive a bad model.
+fn guard<T>(what: &str, f: impl FnOnce() -> TractResult<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(anyhow!("tract failed {what} the model: {e:?}")),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(anyhow!("tract panicked {what} the model: {msg}"))
+        }
+    }
+}
+
+/// One layer, parsed and optimised, its weights resident until it is dropped.
+#[derive(Clone, Debug)]
+pub struct LoadedLayer {
+    pub index: usize,
+    pub plan: Plan,
+}
+
+pub fn load_layer(pkg: &Package, index: usize) -> Result<LoadedLayer> {
+    let (bytes, graph) = pkg.read_layer(index)?;
+    drop(graph);
+    let plan =
+        Plan::from_tflite(&bytes).with_context(|| format!("{}: layer {index}", pkg.name()))?;
+    Ok(LoadedLayer { index, plan })
+}
+
+pub(super) fn to_tvalue(t: &FloatTensor) -> Result<TValue> {
+    Ok(Tensor::from_shape(&t.shape, &t.data)?.into_tvalue())
+}
+
+pub(super) fn from_tvalue(v: &TValue) -> Result<FloatTensor> {
+    let view = v.try_as_plain_ram()?;
+    let data = view
+        .as_slice::<f32>()
+        .context("model output is not float32")?
+        .to_vec();
+    FloatTensor::new(v.shape().to_vec(), data)
+}

@@ -1,0 +1,56 @@
+//! Running packages: tract plans for layers and whole models, and layer-by-layer execution.
+
+mod engine;
+pub mod npy;
+mod sequential;
+
+pub use engine::{LoadedLayer, Plan, load_layer};
+pub use sequential::{RunResult, RunStats, Value, run_layers_preloaded, run_layerwise, run_whole};
+
+use anyhow::{Result, ensure};
+
+/// A dense float32 tensor in C order: what goes into and comes out of a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FloatTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl FloatTensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<FloatTensor> {
+        ensure!(
+            shape.iter().product::<usize>() == data.len(),
+            "shape {:?} does not hold {} values",
+            shape,
+            data.len()
+        );
+        Ok(FloatTensor { shape, data })
+    }
+
+    pub fn filled(shape: Vec<usize>, value: f32) -> FloatTensor {
+        let n = shape.iter().product();
+        FloatTensor {
+            shape,
+            data: vec![value; n],
+        }
+    }
+
+    /// True when both have the same shape and the very same bits in every value.
+    pub fn bit_identical(&self, other: &FloatTensor) -> bool {
+        self.shape == other.shape
+            && self
+                .data
+                .iter()
+                .zip(&other.data)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+    }
+}
+
+impl From<npy::Array> for FloatTensor {
+    fn from(a: npy::Array) -> FloatTensor {
+        FloatTensor {
+            shape: a.shape,
+            data: a.data,
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Layer-by-layer execution in layer order, one inference at a time: load a layer, run it,
+//! drop its weights, drop every activation no later layer reads.
+
+use super::FloatTensor;
+use super::engine::{LoadedLayer, Plan, from_tvalue, load_layer, to_tvalue};
+use crate::model::Package;
+use crate::model::tflite::{WriteOptions, write_graph};
+use anyhow::{Context, Result, ensure};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tract_core::prelude::{TValue, TVec};
+
+pub type Value = TValue;
+
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct RunStats {
+    /// Reading, parsing and optimising layer files (or the whole model).
+    pub load: Duration,
+    /// Running them.
+    pub exec: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    /// In the order of the manifest's outputs.
+    pub outputs: Vec<FloatTensor>,
+    pub stats: RunStats,
+}
+
+fn check_input(pkg: &Package, input: &FloatTensor) -> Result<()> {
+    let spec = &pkg.manifest.inputs[0];
+    ensure!(
+        pkg.manifest.inputs.len() == 1,
+        "{} has {} inputs; one input is supported",
+        pkg.name(),
+        pkg.manifest.inputs.len()
+    );
+    ensure!(
+        input.shape == spec.shape,
+        "{}: input '{}' is {:?}, got a tensor of shape {:?}",
+        pkg.name(),
+        spec.name,
+        spec.shape,
+        input.shape
+    );
+    Ok(())
+}
+
+/// Runs one input through the package layer by layer, each layer loaded just before it runs
+/// and freed right after.
+pub fn run_layerwise(pkg: &Package, input: &FloatTensor) -> Result<RunResult> {
+    check_input(pkg, input)?;
+    let mut stats = RunStats::default();
+    let mut walk = Walk::new(pkg, input)?;
+    for index in 0..pkg.manifest.layers.len() {
+        let t = Instant::now();
+        let layer = load_layer(pkg, index)?;
+        stats.load += t.elapsed();
+        let t = Instant::now();
+        walk.step(&layer)?;
+        stats.exec += t.elapsed();
+    }
+    Ok(RunResult {
+        outputs: walk.finish()?,
+        stats,
+    })
+}
+
+/// Runs one input through layers that are already loaded (for measuring execution alone).
+pub fn run_layers_preloaded(
+    pkg: &Package,
+    layers: &[LoadedLayer],
+    input: &FloatTensor,
+) -> Result<RunResult> {
+    check_input(pkg, input)?;
+    ensure!(
+        layers.len() == pkg.manifest.layers.len(),
+        "{} of {} layers loaded",
+        layers.len(),
+        pkg.manifest.layers.len()
+    );
+    let t = Instant::now();
+    let mut walk = Walk::new(pkg, input)?;
+    for layer in layers {
+        walk.step(layer)?;
+    }
+    let outputs = walk.finish()?;
+    Ok(RunResult {
+        outputs,
+        stats: RunStats {
+            load: Duration::ZERO,
+            exec: t.elapsed(),
+        },
+    })
+}
+
+/// Runs the whole normalised model (the layers joined back together) as one tract model.
+pub fn run_whole(pkg: &Package, input: &FloatTensor) -> Result<RunResult> {
+    check_input(pkg, input)?;
+    let t = Instant::now();
+    let graph = pkg.whole_graph()?;
+    let bytes = write_graph(&graph, WriteOptions::default())?;
+    drop(graph);
+    let plan = Plan::from_tflite(&bytes).with_context(|| format!("{}: whole model", pkg.name()))?;
+    drop(bytes);
+    let load = t.elapsed();
+    let t = Instant::now();
+    let outs = plan.run(TVec::from_iter([to_tvalue(input)?]))?;
+    let exec = t.elapsed();
+    let outputs = outs.iter().map(from_tvalue).collect::<Result<Vec<_>>>()?;
+    Ok(RunResult {
+        outputs,
+        stats: RunStats { load, exec },
+    })
+}
+
+/// The activations alive between layers of one inference.
+struct Walk<'p> {
+    pkg: &'p Package,
+    live: HashMap<String, TValue>,
+    last_reader: HashMap<&'p str, usize>,
+}
+
+impl<'p> Walk<'p> {
+    fn new(pkg: &'p Package, input: &FloatTensor) -> Result<Walk<'p>> {
+        let mut live = HashMap::new();
+        live.insert(pkg.manifest.inputs[0].name.clone(), to_tvalue(input)?);
+        Ok(Walk {
+            pkg,
+            live,
+            last_reader: pkg.manifest.last_reader(),
+        })
+    }
+
+    fn step(&mut self, layer: &LoadedLayer) -> Result<()> {
+        let entry = &self.pkg.manifest.layers[layer.index];
+        let inputs = entry
+            .inputs
+            .iter()
+            .map(|t| {
+                self.live.get(&t.name).cloned().with_context(|| {
+                    format!(
+                        "layer {} needs '{}', which is not available",
+                        entry.index, t.name
+                    )
+                })
+            })
+            .collect::<Result<TVec<_>>>()?;
+        let outs = layer.plan.run(inputs).with_context(|| {
+            format!(
+                "{}: layer {} ({})",
+                self.pkg.name(),
+                entry.index,
+                entry.ops.join("+")
+            )
+        })?;
+        ensure!(
+            outs.len() == entry.outputs.len(),
+            "layer {} gave {} outputs, expected {}",
+            entry.index,
+            outs.len(),
+            entry.outputs.len()
+        );
+        for (spec, value) in entry.outputs.iter().zip(outs) {
+            self.live.insert(spec.name.clone(), value);
+        }
+        let outputs = &self.pkg.manifest.outputs;
+        let index = entry.index;
+        let last = &self.last_reader;
+        self.live.retain(|name, _| {
+            last.get(name.as_str()).is_some_and(|&l| l > index)
+                || outputs.iter().any(|o| &o.name == name)
+        });
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Vec<FloatTensor>> {
+        self.pkg
+            .manifest
+            .outputs
+            .iter()
+            .map(|o| {
+                let v = self
+                    .live
+                    .remove(&o.name)
+                    .with_context(|| format!("output '{}' was never produced", o.name))?;
+                from_tvalue(&v)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,207 @@
+//! Frames → input tensors: decode (JPEG, PNG, PPM/PGM, BMP) within limits, resize, order
+//! channels and normalise as the model's manifest says.
+
+use crate::model::{ColorOrder, Preprocess, ResizeMode};
+use crate::runtime::FloatTensor;
+use anyhow::{Context, Result, ensure};
+use image::{DynamicImage, RgbImage, imageops::FilterType};
+use std::path::Path;
+
+/// Largest frame file read (a 12 MP camera JPEG is well under this).
+pub const MAX_FRAME_BYTES: u64 = 64 << 20;
+/// Largest decoded side; a header claiming more is refused before any allocation.
+pub const MAX_SIDE: u32 = 16384;
+/// Largest allocation the decoder may make.
+pub const MAX_DECODE_ALLOC: u64 = 512 << 20;
+
+pub fn decode_file(path: &Path) -> Result<DynamicImage> {
+    let bytes = crate::model::package::read_limited_bytes(path, MAX_FRAME_BYTES)?;
+    decode(&bytes).with_context(|| path.display().to_string())
+}
+
+/// Decodes by content, not by file name, with size limits.
+pub fn decode(bytes: &[u8]) -> Result<DynamicImage> {
+    ensure!(!bytes.is_empty(), "the file is empty");
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .context("reading the image header")?;
+    let format = reader
+        .format()
+        .context("not a JPEG, PNG, PPM/PGM or BMP image")?;
+    ensure!(
+        matches!(
+            format,
+            image::ImageFormat::Jpeg
+                | image::ImageFormat::Png
+                | image::ImageFormat::Pnm
+                | image::ImageFormat::Bmp
+        ),
+        "{format:?} images are not supported (JPEG, PNG, PPM/PGM, BMP are)"
+    );
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_ALLOC);
+    reader.limits(limits);
+    let img = reader
+        .decode()
+        .with_context(|| format!("decoding {format:?}"))?;
+    ensure!(
+        img.width() > 0 && img.height() > 0,
+        "the image has no pixels"
+    );
+    Ok(img)
+}
+
+/// The model input for one frame: NHWC, `shape` = [1, H, W, C] with C of 1 or 3.
+pub fn to_input(img: &DynamicImage, pre: &Preprocess, shape: &[usize]) -> Result<FloatTensor> {
+    ensure!(
+        shape.len() == 4 && shape[0] == 1 && (shape[3] == 1 || shape[3] == 3),
+        "image input must be [1, H, W, 1 or 3], the model wants {:?}",
+        shape
+    );
+    let (h, w, c) = (shape[1] as u32, shape[2] as u32, shape[3]);
+    let rgb = fit(&img.to_rgb8(), w, h, pre.resize);
+    let param = |v: &[f32], ch: usize| if v.len() == 1 { v[0] } else { v[ch] };
+    let mut data = Vec::with_capacity((w * h) as usize * c);
+    for px in rgb.pixels() {
+        let [r, g, b] = px.0.map(f32::from);
+        if c == 1 || pre.color == ColorOrder::Gray {
+            // ITU-R BT.601 luma, as the image crate and OpenCV compute it.
+            let y = 0.299 * r + 0.587 * g + 0.114 * b;
+            for ch in 0..c {
+                data.push((y - param(&pre.mean, ch)) / param(&pre.std, ch));
+            }
+        } else {
+            let ordered = if pre.color == ColorOrder::Bgr {
+                [b, g, r]
+            } else {
+                [r, g, b]
+            };
+            for (ch, v) in ordered.into_iter().enumerate() {
+                data.push((v - param(&pre.mean, ch)) / param(&pre.std, ch));
+            }
+        }
+    }
+    FloatTensor::new(shape.to_vec(), data)
+}
+
+fn fit(src: &RgbImage, w: u32, h: u32, mode: ResizeMode) -> RgbImage {
+    let (sw, sh) = src.dimensions();
+    match mode {
+        ResizeMode::Stretch => image::imageops::resize(src, w, h, FilterType::Triangle),
+        ResizeMode::Crop => {
+            // Largest centred window with the target's aspect ratio.
+            let (cw, ch) = if (sw as u64) * (h as u64) > (sh as u64) * (w as u64) {
+                (((sh as u64 * w as u64) / h as u64).max(1) as u32, sh)
+            } else {
+                (sw, ((sw as u64 * h as u64) / w as u64).max(1) as u32)
+            };
+            let view =
+                image::imageops::crop_imm(src, (sw - cw) / 2, (sh - ch) / 2, cw, ch).to_image();
+            image::imageops::resize(&view, w, h, FilterType::Triangle)
+        }
+        ResizeMode::Letterbox => {
+            let scale = (w as f64 / sw as f64).min(h as f64 / sh as f64);
+            let (rw, rh) = (
+                ((sw as f64 * scale).round() as u32).clamp(1, w),
+                ((sh as f64 * scale).round() as u32).clamp(1, h),
+            );
+            let inner = image::imageops::resize(src, rw, rh, FilterType::Triangle);
+            let mut out = RgbImage::new(w, h);
+            image::imageops::replace(
+                &mut out,
+                &inner,
+                ((w - rw) / 2) as i64,
+                ((h - rh) / 2) as i64,
+            );
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::Rgb;
+
+    fn pre(resize: ResizeMode, color: ColorOrder) -> Preprocess {
+        Preprocess {
+            resize,
+            color,
+            mean: vec![0.0; 3],
+            std: vec![1.0; 3],
+        }
+    }
+
+    #[test]
+    fn normalises_and_orders_channels() {
+        let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(4, 4, Rgb([10, 20, 30])));
+        let rgb = to_input(
+            &img,
+            &Preprocess {
+                mean: vec![10.0, 20.0, 30.0],
+                std: vec![2.0; 3],
+                ..pre(ResizeMode::Stretch, ColorOrder::Rgb)
+            },
+            &[1, 2, 2, 3],
+        )
+        .unwrap();
+        assert!(rgb.data.iter().all(|&v| v == 0.0), "{:?}", rgb.data);
+        let bgr = to_input(
+            &img,
+            &pre(ResizeMode::Stretch, ColorOrder::Bgr),
+            &[1, 2, 2, 3],
+        )
+        .unwrap();
+        assert_eq!(&bgr.data[..3], &[30.0, 20.0, 10.0]);
+        let gray = to_input(
+            &img,
+            &pre(ResizeMode::Stretch, ColorOrder::Rgb),
+            &[1, 2, 2, 1],
+        )
+        .unwrap();
+        assert!((gray.data[0] - (0.299 * 10.0 + 0.587 * 20.0 + 0.114 * 30.0)).abs() < 1e-4);
+    }
+
+    #[test]
+    fn letterbox_pads_and_crop_cuts() {
+        // A 4x2 white image into a 4x4 input: letterbox leaves black rows top and bottom.
+        let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(4, 2, Rgb([255, 255, 255])));
+        let lb = to_input(
+            &img,
+            &pre(ResizeMode::Letterbox, ColorOrder::Rgb),
+            &[1, 4, 4, 3],
+        )
+        .unwrap();
+        assert_eq!(lb.data[0], 0.0);
+        assert_eq!(lb.data[(4 + 1) * 3], 255.0);
+        // Crop of a half-black, half-white 4x2 image to a square keeps the centre.
+        let mut two = RgbImage::new(4, 2);
+        for x in 2..4 {
+            for y in 0..2 {
+                two.put_pixel(x, y, Rgb([255, 255, 255]));
+            }
+        }
+        let cropped = to_input(
+            &DynamicImage::ImageRgb8(two),
+            &pre(ResizeMode::Crop, ColorOrder::Rgb),
+            &[1, 2, 2, 3],
+        )
+        .unwrap();
+        assert_eq!(cropped.data[0], 0.0);
+        assert_eq!(cropped.data[3], 255.0);
+    }
+
+    #[test]
+    fn refuses_bad_input_without_panicking() {
+        assert!(decode(b"").is_err());
+        assert!(decode(b"definitely not an image").is_err());
+        let mut png = vec![];
+        DynamicImage::ImageRgb8(RgbImage::new(8, 8))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        assert!(decode(&png).is_ok());
+        assert!(decode(&png[..png.len() / 2]).is_err());
+    }
+}
