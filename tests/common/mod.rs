@@ -1,0 +1,215 @@
+//! Shared by the integration tests: scratch directories, the CLI, the shared fixtures and
+//! the reference interpreter. Skips are never silent: each one is printed and appended to
+//! `target/test-skips.txt`, which the test script prints at the end; with
+//! `MEMAFLOW_REQUIRE_REFERENCE=1` (set by CI) a missing reference fails instead.
+#![allow(dead_code)]
+
+use memaflow::runtime::{FloatTensor, npy};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_memaflow")
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `../shared` beside the repository (models, frames, seeds).
+pub fn shared() -> PathBuf {
+    repo().join("../shared")
+}
+
+pub const SHARED_SUPPORTED: [&str; 3] = [
+    "face_detection_short_range",
+    "face_landmark_f32",
+    "hand_recrop",
+];
+
+/// A fresh, empty scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs the CLI and kills it after `limit`: a hang is a failure, not a stuck test run.
+pub fn run_cli(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn memaflow");
+    let start = Instant::now();
+    // Drain pipes on threads so a chatty child cannot block on a full pipe.
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = vec![];
+        std::io::Read::read_to_end(&mut out, &mut v).ok();
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = vec![];
+        std::io::Read::read_to_end(&mut err, &mut v).ok();
+        v
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            child.kill().ok();
+            panic!("memaflow {args:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+/// Runs the CLI, expecting success; returns stdout.
+pub fn cli_ok(args: &[&str]) -> String {
+    let out = run_cli(args, Duration::from_secs(600));
+    assert!(
+        out.status.success(),
+        "memaflow {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Records a skipped check so that the test script can print it.
+pub fn skip(test: &str, reason: &str) {
+    let line = format!("SKIPPED {test}: {reason}");
+    eprintln!("{line}");
+    let path = repo().join("target/test-skips.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        writeln!(f, "{line}").ok();
+    }
+}
+
+fn reference_required() -> bool {
+    std::env::var("MEMAFLOW_REQUIRE_REFERENCE").is_ok_and(|v| v == "1")
+}
+
+/// The Python that has `ai_edge_litert`, or why there is none.
+pub fn reference_python() -> Result<String, String> {
+    let python = std::env::var("MEMAFLOW_PYTHON").unwrap_or_else(|_| "python3".into());
+    match Command::new(&python)
+        .args(["-c", "import ai_edge_litert, numpy"])
+        .output()
+    {
+        Ok(o) if o.status.success() => Ok(python),
+        Ok(o) => Err(format!(
+            "{python} cannot import ai_edge_litert ({}); run `pip install ai-edge-litert numpy` or set MEMAFLOW_PYTHON",
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        )),
+        Err(e) => Err(format!("cannot run {python}: {e}")),
+    }
+}
+
+/// Outputs of the reference interpreter (its reference kernels, no XNNPACK) for each input,
+/// or `None` (recorded as a skip) when it is not installed.
+pub fn litert(test: &str, model: &Path, inputs: &[FloatTensor]) -> Option<Vec<Vec<FloatTensor>>> {
+    let python = match reference_python() {
+        Ok(p) => p,
+        Err(reason) => {
+            assert!(
+                !reference_required(),
+                "{test}: reference interpreter required: {reason}"
+            );
+            skip(test, &reason);
+            return None;
+        }
+    };
+    let dir = scratch(&format!("litert-{test}"));
+    let mut args = vec![
+        repo()
+            .join("tests/reference/litert_run.py")
+            .display()
+            .to_string(),
+        model.display().to_string(),
+        dir.join("out").display().to_string(),
+    ];
+    for (k, x) in inputs.iter().enumerate() {
+        let p = dir.join(format!("in{k}.npy"));
+        npy::write(&p, &x.shape, &x.data).unwrap();
+        args.push(p.display().to_string());
+    }
+    let out = Command::new(&python).args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "reference run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results = (0..inputs.len())
+        .map(|k| {
+            let mut outs = vec![];
+            for n in 0.. {
+                let p = dir.join(format!("out/{k}/{n:02}.npy"));
+                if !p.exists() {
+                    break;
+                }
+                outs.push(FloatTensor::from(npy::read(&p).unwrap()));
+            }
+            outs
+        })
+        .collect();
+    Some(results)
+}
+
+/// Largest absolute difference relative to the largest absolute reference value.
+pub fn relative_error(got: &FloatTensor, want: &FloatTensor) -> f64 {
+    assert_eq!(
+        got.data.len(),
+        want.data.len(),
+        "element counts differ: {:?} vs {:?}",
+        got.shape,
+        want.shape
+    );
+    let scale = want
+        .data
+        .iter()
+        .fold(0f64, |m, v| m.max(v.abs() as f64))
+        .max(1e-12);
+    let diff = got
+        .data
+        .iter()
+        .zip(&want.data)
+        .fold(0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
+    diff / scale
+}
+
+/// A deterministic pseudo-random tensor in [lo, hi).
+pub fn random_tensor(shape: &[usize], seed: u64, lo: f32, hi: f32) -> FloatTensor {
+    let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let n: usize = shape.iter().product();
+    let data = (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect();
+    FloatTensor::new(shape.to_vec(), data).unwrap()
+}
