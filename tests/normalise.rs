@@ -10,7 +10,6 @@ use memaflow::model::tflite::{WriteOptions, write_graph};
 use memaflow::model::{ImportOptions, Package, import};
 use memaflow::runtime::{FloatTensor, run_layerwise, run_whole};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 /// Writes `graph` as a .tflite, imports it, runs `input` layer by layer and whole (checking
 /// they agree exactly); returns the outputs, the package and the model file.
@@ -130,7 +129,7 @@ fn float16_weights_behind_dequantize_fold_to_the_same_f32_model() {
             format!("{name}_f16"),
             shape.to_vec(),
             DType::F16,
-            Arc::from(bits),
+            bits,
         ));
         g.add_node(Op::Dequantize, vec![h], &[name]).unwrap()[0]
     });
@@ -195,7 +194,7 @@ fn int8_per_channel_weights_dequantize_like_tflite() {
                         format!("{name}_q"),
                         shape.to_vec(),
                         DType::I8,
-                        Arc::from(q.iter().map(|&q| q as u8).collect::<Vec<u8>>()),
+                        q.iter().map(|&q| q as u8).collect::<Vec<u8>>(),
                     );
                     t.quant = Some(Quant {
                         scale: if per_channel {

@@ -73,3 +73,39 @@ fn zoo_is_deterministic() {
         assert!(fa == fb, "layer {i} differs between two generations");
     }
 }
+
+/// Import holds one copy of the weights plus the largest layer file being written: its
+/// peak stays under 2× the weights + 50 MiB, on the largest network (217 MiB of weights).
+#[test]
+fn import_peak_rss_stays_below_twice_the_weights() {
+    let dir = scratch("zoo-import-rss");
+    cli_ok(&["zoo", "--out", dir.to_str().unwrap(), "--only", "facenet"]);
+    let pkg = Package::open(dir.join("facenet")).unwrap();
+    let model = dir.join("facenet.tflite");
+    let bytes =
+        memaflow::model::tflite::write_graph(&pkg.whole_graph().unwrap(), Default::default())
+            .unwrap();
+    std::fs::write(&model, bytes).unwrap();
+    drop(pkg);
+    let out = cli_ok(&[
+        "import",
+        model.to_str().unwrap(),
+        "--out",
+        dir.join("reimported").to_str().unwrap(),
+    ]);
+    let peak: f64 = out
+        .split("peak RSS ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect(&out);
+    let weights = Package::open(dir.join("reimported"))
+        .unwrap()
+        .manifest
+        .weight_bytes() as f64
+        / MIB;
+    assert!(
+        peak < 2.0 * weights + 50.0,
+        "import peaked at {peak} MiB for {weights:.1} MiB of weights"
+    );
+}

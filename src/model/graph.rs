@@ -6,7 +6,7 @@
 //! removes. Anything else never makes it into a `Graph`.
 
 use anyhow::{Context, Result, bail, ensure};
-use std::sync::Arc;
+use bytes::Bytes;
 
 pub type TensorId = usize;
 
@@ -81,7 +81,8 @@ pub struct Tensor {
     pub shape: Vec<usize>,
     pub dtype: DType,
     /// Raw little-endian bytes of a constant; `None` for activations and graph inputs.
-    pub data: Option<Arc<[u8]>>,
+    /// Shares the imported file's buffer where it can: import holds one copy of the weights.
+    pub data: Option<Bytes>,
     pub quant: Option<Quant>,
     pub sparsity: Option<Sparsity>,
 }
@@ -102,13 +103,13 @@ impl Tensor {
         name: impl Into<String>,
         shape: Vec<usize>,
         dtype: DType,
-        data: Arc<[u8]>,
+        data: impl Into<Bytes>,
     ) -> Tensor {
         Tensor {
             name: name.into(),
             shape,
             dtype,
-            data: Some(data),
+            data: Some(data.into()),
             quant: None,
             sparsity: None,
         }
@@ -120,7 +121,7 @@ impl Tensor {
 
     pub fn i32_constant(name: impl Into<String>, values: &[i32]) -> Tensor {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Tensor::constant(name, vec![values.len()], DType::I32, bytes.into())
+        Tensor::constant(name, vec![values.len()], DType::I32, bytes)
     }
 
     pub fn is_const(&self) -> bool {
@@ -176,7 +177,7 @@ impl Tensor {
     }
 }
 
-pub fn f32_bytes(values: &[f32]) -> Arc<[u8]> {
+pub fn f32_bytes(values: &[f32]) -> Bytes {
     values
         .iter()
         .flat_map(|v| v.to_le_bytes())

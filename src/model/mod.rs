@@ -34,7 +34,8 @@ pub struct ImportOptions {
 /// `memaflow import`: reads, normalises and splits a TFLite model into a package.
 pub fn import(model: &Path, out: &Path, options: &ImportOptions) -> Result<Manifest> {
     let ctx = || model.display().to_string();
-    let bytes = package::read_limited_bytes(model, MAX_MODEL_BYTES).with_context(ctx)?;
+    let bytes =
+        bytes::Bytes::from(package::read_limited_bytes(model, MAX_MODEL_BYTES).with_context(ctx)?);
     let source = package::Source {
         file: model
             .file_name()
@@ -42,10 +43,12 @@ pub fn import(model: &Path, out: &Path, options: &ImportOptions) -> Result<Manif
             .unwrap_or_default(),
         bytes: bytes.len() as u64,
     };
-    let mut graph = tflite::read_graph(&bytes).with_context(ctx)?;
+    let mut graph = tflite::read_graph_shared(&bytes).with_context(ctx)?;
     drop(bytes);
+    log_peak("read");
     graph.check_shapes().with_context(ctx)?;
     let report = normalise::normalise(&mut graph).with_context(ctx)?;
+    log_peak("normalised");
     let name = match &options.name {
         Some(n) => n.clone(),
         None => model
@@ -92,5 +95,18 @@ pub fn import(model: &Path, out: &Path, options: &ImportOptions) -> Result<Manif
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
     };
-    package::write_package(&graph, &meta, out, options.replace).with_context(ctx)
+    let manifest = package::write_package(&graph, &meta, out, options.replace).with_context(ctx)?;
+    log_peak("written");
+    Ok(manifest)
+}
+
+/// Import's memory at each phase, for `RUST_LOG=debug` (its peak is a documented bound).
+fn log_peak(phase: &str) {
+    if let Ok(m) = crate::memory::process_memory() {
+        log::debug!(
+            "import: {phase}: RSS {}, peak {}",
+            crate::memory::Bytes(m.rss),
+            crate::memory::Bytes(m.peak_rss)
+        );
+    }
 }

@@ -4,8 +4,8 @@
 
 use super::graph::*;
 use anyhow::{Context, Result, bail, ensure};
+use bytes::Bytes;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use tract_core::prelude::f16;
 
 /// What normalisation changed, by rewrite, for the manifest and the log.
@@ -171,7 +171,7 @@ pub fn dequantize(t: &Tensor) -> Result<Vec<f32>> {
 
 /// Expands TFLite's sparse constant encoding into dense bytes, following
 /// `tflite::internal::sparsity::FormatConverter::SparseToDense`.
-pub fn densify(t: &Tensor) -> Result<Arc<[u8]>> {
+pub fn densify(t: &Tensor) -> Result<Bytes> {
     let s = t
         .sparsity
         .as_ref()

@@ -7,7 +7,7 @@
 
 use super::graph::*;
 use super::split::{LayerKind, LayerPlan, extract_layer, plan_layers, stitch};
-use super::tflite::{WriteOptions, read_graph, write_graph};
+use super::tflite::{WriteOptions, read_graph_shared, write_graph};
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -289,7 +289,7 @@ impl Package {
 
     /// Reads one layer file and checks it is what the manifest says: same size, same
     /// inputs and outputs, only ops the runtime runs. Returns the bytes for tract.
-    pub fn read_layer(&self, index: usize) -> Result<(Vec<u8>, Graph)> {
+    pub fn read_layer(&self, index: usize) -> Result<(bytes::Bytes, Graph)> {
         let entry = self
             .manifest
             .layers
@@ -297,7 +297,8 @@ impl Package {
             .with_context(|| format!("{}: no layer {index}", self.name()))?;
         let path = self.layer_path(index);
         let ctx = || format!("{}: layer {index} ({})", self.name(), path.display());
-        let bytes = read_limited_bytes(&path, entry.file_bytes).with_context(ctx)?;
+        let bytes =
+            bytes::Bytes::from(read_limited_bytes(&path, entry.file_bytes).with_context(ctx)?);
         ensure!(
             bytes.len() as u64 == entry.file_bytes,
             "{}: {} bytes on disk, the manifest says {}",
@@ -305,7 +306,7 @@ impl Package {
             bytes.len(),
             entry.file_bytes
         );
-        let graph = read_graph(&bytes).with_context(ctx)?;
+        let graph = read_graph_shared(&bytes).with_context(ctx)?;
         let names = |ids: &[TensorId]| {
             ids.iter()
                 .map(|&t| {

@@ -3,5 +3,5 @@
 mod read;
 mod write;
 
-pub use read::read_graph;
+pub use read::{read_graph, read_graph_shared};
 pub use write::{WriteOptions, write_graph};

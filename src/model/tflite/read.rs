@@ -2,14 +2,20 @@
 
 use super::super::graph::*;
 use anyhow::{Context, Result, bail, ensure};
-use std::sync::Arc;
+use bytes::Bytes;
 use tract_tflite::tflite;
 use tract_tflite::tflite::{
     ActivationFunctionType as Act, BuiltinOperator as B, Padding as FbPadding,
 };
 
 /// Parses a TFLite model. Errors name the operator (index and TFLite name) or tensor at fault.
+/// Reads a model held in `bytes`, copying its constants out.
 pub fn read_graph(bytes: &[u8]) -> Result<Graph> {
+    read_graph_shared(&Bytes::copy_from_slice(bytes))
+}
+
+/// Reads a model whose constants stay slices of `bytes`: no second copy of the weights.
+pub fn read_graph_shared(bytes: &Bytes) -> Result<Graph> {
     ensure!(
         bytes.len() >= 8,
         "file is {} bytes long: too short to be a TFLite model",
@@ -187,7 +193,7 @@ fn check_float_activations(graph: &Graph) -> Result<()> {
 }
 
 fn read_tensor(
-    bytes: &[u8],
+    bytes: &Bytes,
     buffers: &Option<flatbuffers::Vector<flatbuffers::ForwardsUOffset<tflite::Buffer>>>,
     t: &tflite::Tensor,
     ix: usize,
@@ -274,11 +280,12 @@ fn read_tensor(
 
 /// A buffer's bytes: inline (`data`), or after the flatbuffer (`offset`/`size`, the layout
 /// TFLite uses for models over 2 GiB, which tract's schema does not know about).
-fn buffer_bytes(file: &[u8], b: &tflite::Buffer) -> Result<Option<Arc<[u8]>>> {
+fn buffer_bytes(file: &Bytes, b: &tflite::Buffer) -> Result<Option<Bytes>> {
     if let Some(d) = b.data()
         && !d.is_empty()
     {
-        return Ok(Some(Arc::from(d.bytes())));
+        // The verifier placed the vector inside `file`: share it.
+        return Ok(Some(file.slice_ref(d.bytes())));
     }
     let offset = raw_u64_field(&b._tab, 6).unwrap_or(0);
     let size = raw_u64_field(&b._tab, 8).unwrap_or(0);
@@ -291,7 +298,7 @@ fn buffer_bytes(file: &[u8], b: &tflite::Buffer) -> Result<Option<Arc<[u8]>>> {
             "buffer [{offset}, {end}) lies beyond the end of the {}-byte file",
             file.len()
         );
-        return Ok(Some(Arc::from(&file[offset as usize..end as usize])));
+        return Ok(Some(file.slice(offset as usize..end as usize)));
     }
     Ok(None)
 }

@@ -40,7 +40,7 @@ pub fn write_graph(graph: &Graph, options: WriteOptions) -> Result<Vec<u8>> {
 /// One pass over the graph. With `external_base`, constants go after the flatbuffer starting
 /// at that offset and are returned in file order.
 /// A flatbuffer and the constants that follow it in the file.
-type Built = (Vec<u8>, Vec<std::sync::Arc<[u8]>>);
+type Built = (Vec<u8>, Vec<bytes::Bytes>);
 
 fn build(graph: &Graph, options: WriteOptions, external_base: Option<u64>) -> Result<Built> {
     let weight_bytes: usize = graph
@@ -194,7 +194,10 @@ fn build(graph: &Graph, options: WriteOptions, external_base: Option<u64>) -> Re
     );
     fb.finish(model, Some("TFL3"));
     let (vec, head) = fb.collapse();
-    let bytes = if head == 0 { vec } else { vec[head..].to_vec() };
+    // The builder fills its buffer from the back: move the model to the front in place
+    // rather than copying it (a layer file can be hundreds of MiB).
+    let mut bytes = vec;
+    bytes.drain(..head);
     Ok((bytes, blobs))
 }
 
