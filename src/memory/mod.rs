@@ -1,7 +1,12 @@
-//! Memory readings. This part knows about the process itself; `/proc/meminfo` and cgroup
-//! limits join it with the memory gate.
+//! Memory readings: this process (`/proc/self/status`) and the system (`/proc/meminfo`,
+//! memory cgroups v1 and v2), for the memory gate.
 
 use anyhow::{Context, Result};
+
+mod system;
+pub use system::{
+    Cgroup, CgroupLevel, CgroupVersion, Reading, SystemMemory, parse_meminfo_available,
+};
 
 /// Resident set of this process, from `/proc/self/status`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
