@@ -2,10 +2,14 @@
 
 mod engine;
 pub mod npy;
+pub mod scheduler;
 mod sequential;
+pub mod tasks;
 
 pub use engine::{LoadedLayer, Plan, load_layer};
+pub use scheduler::{Scheduler, SchedulingPolicy, TaskRef};
 pub use sequential::{RunResult, RunStats, Value, run_layers_preloaded, run_layerwise, run_whole};
+pub use tasks::{LayerCost, LoadingPolicy, TaskKind};
 
 use anyhow::{Result, ensure};
 
