@@ -4,5 +4,6 @@
 
 pub mod memory;
 pub mod model;
+pub mod profile;
 pub mod runtime;
 pub mod spool;

@@ -8,6 +8,7 @@ use memaflow::model::{self, ColorOrder, Package, Preprocess, ResizeMode, zoo};
 use memaflow::runtime::{self, FloatTensor, npy};
 use memaflow::spool::{demo, preprocess, results};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -27,6 +28,9 @@ enum Command {
     Import(ImportArgs),
     /// Run one input through a package and print a JSON summary of the outputs.
     Infer(InferArgs),
+    /// Run many inferences at once (every input through every model) layer by layer,
+    /// under a loading policy and a scheduler, within a memory budget.
+    Batch(BatchArgs),
     /// Show a package's layers: kind, weights, activations, FLOPs.
     Inspect {
         /// Package directory.
@@ -107,6 +111,44 @@ enum ResizeArg {
 }
 
 #[derive(clap::Args)]
+struct BatchArgs {
+    /// Package directories (comma-separated or repeated).
+    #[arg(long, required = true, value_delimiter = ',', value_name = "PKG")]
+    models: Vec<PathBuf>,
+    /// Images to run through every model (JPEG, PNG, PPM/PGM, BMP).
+    #[arg(long, num_args = 1.., value_name = "IMAGE", required_unless_present = "input_npy", conflicts_with = "input_npy")]
+    images: Vec<PathBuf>,
+    /// Float tensors to feed every model as is.
+    #[arg(long, num_args = 1.., value_name = "FILE")]
+    input_npy: Vec<PathBuf>,
+    /// How layers are loaded relative to their execution.
+    #[arg(long, value_enum, default_value = "partial")]
+    loading: runtime::LoadingPolicy,
+    /// Which ready task runs next.
+    #[arg(long, value_enum, default_value = "mema")]
+    scheduling: runtime::SchedulingPolicy,
+    /// Inferences in flight at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(usize))]
+    parallel: usize,
+    /// Memory budget for weights and activations (e.g. 256M, 1G); the live MemAvailable
+    /// and cgroup limit bound it further.
+    #[arg(long, value_name = "SIZE")]
+    budget: Option<Bytes>,
+    /// Memory kept free below MemAvailable and the cgroup limit.
+    #[arg(long, value_name = "SIZE", default_value = "16M")]
+    reserve: Bytes,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Write outputs as DIR/KK-MODEL/NN.npy (KK: inference number) with outputs.json.
+    #[arg(long, value_name = "DIR")]
+    npy_out: Option<PathBuf>,
+    /// Write the full report (timeline of every task, budget readings) as JSON.
+    #[arg(long, value_name = "FILE.json")]
+    report: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
 struct InferArgs {
     /// Package directory.
     #[arg(long)]
@@ -137,6 +179,7 @@ fn main() {
     let result = match cli.command {
         Command::Import(args) => import(args),
         Command::Infer(args) => infer(args),
+        Command::Batch(args) => batch(args),
         Command::Inspect { package, json } => inspect(&package, json),
         Command::Zoo {
             out,
@@ -230,22 +273,13 @@ fn import(a: ImportArgs) -> Result<()> {
 
 fn infer(a: InferArgs) -> Result<()> {
     let pkg = Package::open(&a.model)?;
-    let spec = &pkg.manifest.inputs[0];
-    let (input, source) = match (&a.image, &a.input_npy) {
-        (_, Some(path)) => (
-            FloatTensor::from(npy::read(path)?),
-            path.display().to_string(),
-        ),
-        (Some(path), None) => {
-            let img = preprocess::decode_file(path)?;
-            (
-                preprocess::to_input(&img, &pkg.manifest.preprocess, &spec.shape)
-                    .with_context(|| pkg.name().to_string())?,
-                path.display().to_string(),
-            )
-        }
-        (None, None) => bail!("give an IMAGE or --input-npy FILE"),
-    };
+    let input = input_for(&pkg, a.image.as_deref(), a.input_npy.as_deref())?;
+    let source = a
+        .input_npy
+        .as_ref()
+        .or(a.image.as_ref())
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     if let Some(path) = &a.save_input {
         npy::write(path, &input.shape, &input.data)?;
     }
@@ -257,21 +291,7 @@ fn infer(a: InferArgs) -> Result<()> {
     };
     let total = t.elapsed();
     if let Some(dir) = &a.npy_out {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let width = pkg.manifest.outputs.len().to_string().len().max(2);
-        for (i, out) in run.outputs.iter().enumerate() {
-            npy::write(&dir.join(format!("{i:0width$}.npy")), &out.shape, &out.data)?;
-        }
-        let names: Vec<&str> = pkg
-            .manifest
-            .outputs
-            .iter()
-            .map(|o| o.name.as_str())
-            .collect();
-        std::fs::write(
-            dir.join("outputs.json"),
-            serde_json::to_string_pretty(&serde_json::json!({ "outputs": names }))?,
-        )?;
+        write_npy_outputs(dir, &pkg, &run.outputs)?;
     }
     let outputs: Vec<results::OutputSummary> = pkg
         .manifest
@@ -289,6 +309,128 @@ fn infer(a: InferArgs) -> Result<()> {
         "outputs": outputs,
         "time_ms": { "load": ms(run.stats.load), "exec": ms(run.stats.exec), "total": ms(total) },
         "peak_rss_bytes": memory::process_memory().map(|m| m.peak_rss).ok(),
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+/// `DIR/NN.npy` per output (NN: its position in the model's outputs) and `DIR/outputs.json`.
+fn write_npy_outputs(dir: &Path, pkg: &Package, outputs: &[FloatTensor]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let width = pkg.manifest.outputs.len().to_string().len().max(2);
+    for (i, out) in outputs.iter().enumerate() {
+        npy::write(&dir.join(format!("{i:0width$}.npy")), &out.shape, &out.data)?;
+    }
+    let names: Vec<&str> = pkg
+        .manifest
+        .outputs
+        .iter()
+        .map(|o| o.name.as_str())
+        .collect();
+    std::fs::write(
+        dir.join("outputs.json"),
+        serde_json::to_string_pretty(&serde_json::json!({ "outputs": names }))?,
+    )?;
+    Ok(())
+}
+
+/// The input tensor for `pkg` from an image (preprocessed per its manifest) or a .npy.
+fn input_for(pkg: &Package, image: Option<&Path>, npy_file: Option<&Path>) -> Result<FloatTensor> {
+    match (image, npy_file) {
+        (_, Some(path)) => Ok(FloatTensor::from(npy::read(path)?)),
+        (Some(path), None) => {
+            let img = preprocess::decode_file(path)?;
+            preprocess::to_input(
+                &img,
+                &pkg.manifest.preprocess,
+                &pkg.manifest.inputs[0].shape,
+            )
+            .with_context(|| pkg.name().to_string())
+        }
+        (None, None) => bail!("give an IMAGE or --input-npy FILE"),
+    }
+}
+
+fn batch(a: BatchArgs) -> Result<()> {
+    let packages = a
+        .models
+        .iter()
+        .map(|m| Package::open(m).map(Arc::new))
+        .collect::<Result<Vec<_>>>()?;
+    let sources: Vec<(Option<&Path>, Option<&Path>, String)> = if a.input_npy.is_empty() {
+        a.images
+            .iter()
+            .map(|p| (Some(p.as_path()), None, p.display().to_string()))
+            .collect()
+    } else {
+        a.input_npy
+            .iter()
+            .map(|p| (None, Some(p.as_path()), p.display().to_string()))
+            .collect()
+    };
+    let mut jobs = vec![];
+    let mut labels = vec![];
+    for (image, npy_file, name) in &sources {
+        for pkg in &packages {
+            let input = input_for(pkg, *image, *npy_file).with_context(|| name.clone())?;
+            let costs: Arc<[runtime::LayerCost]> =
+                memaflow::profile::estimate(&pkg.manifest).into();
+            jobs.push(runtime::Job {
+                package: pkg.clone(),
+                input,
+                costs,
+            });
+            labels.push(name.clone());
+        }
+    }
+    let workers = a
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let options = runtime::BatchOptions {
+        loading: a.loading,
+        scheduling: a.scheduling,
+        parallel: a.parallel,
+        budget: a.budget.map(|b| b.0),
+        reserve: a.reserve.0,
+        workers,
+    };
+    let system = memory::SystemMemory::detect();
+    let report = runtime::run_batch(jobs.clone(), &options, &system)?;
+    if let Some(dir) = &a.npy_out {
+        let width = jobs.len().to_string().len().max(2);
+        for (k, (job, outs)) in jobs.iter().zip(&report.outputs).enumerate() {
+            write_npy_outputs(
+                &dir.join(format!("{k:0width$}-{}", job.package.name())),
+                &job.package,
+                outs,
+            )?;
+        }
+    }
+    if let Some(path) = &a.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let inferences: Vec<serde_json::Value> = jobs
+        .iter()
+        .zip(&report.outputs)
+        .zip(&labels)
+        .zip(&report.inferences)
+        .map(|(((job, outs), input), rec)| {
+            let summaries: Vec<results::OutputSummary> =
+                job.package.manifest.outputs.iter().zip(outs).map(|(spec, t)| results::summarise(&spec.name, t, spec.labels.as_deref())).collect();
+            serde_json::json!({ "model": job.package.name(), "input": input, "start_ms": rec.start_ms, "end_ms": rec.end_ms, "outputs": summaries })
+        })
+        .collect();
+    let summary = serde_json::json!({
+        "loading": report.loading,
+        "scheduling": report.scheduling,
+        "parallel": report.parallel,
+        "budget_bytes": report.budget,
+        "makespan_ms": report.makespan_ms,
+        "ledger_high_water_bytes": report.ledger_high_water,
+        "overdrafts": report.overdrafts,
+        "peak_rss_bytes": report.peak_rss,
+        "inferences": inferences,
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())

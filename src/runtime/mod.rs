@@ -1,11 +1,13 @@
 //! Running packages: tract plans for layers and whole models, and layer-by-layer execution.
 
+pub mod batch;
 mod engine;
 pub mod npy;
 pub mod scheduler;
 mod sequential;
 pub mod tasks;
 
+pub use batch::{BatchOptions, BatchReport, Job, run_batch};
 pub use engine::{LoadedLayer, Plan, load_layer};
 pub use scheduler::{Scheduler, SchedulingPolicy, TaskRef};
 pub use sequential::{RunResult, RunStats, Value, run_layers_preloaded, run_layerwise, run_whole};

@@ -347,7 +347,7 @@ impl Scheduler {
                 // layer ahead anyway (the documented allowance). With in-order loads this
                 // happens only with nothing resident, except under `bulk`, which must hold
                 // a whole model before its first exec.
-                if !self.any_running() {
+                if !self.any_running() && !self.any_ready_exec() {
                     self.overdrafts += 1;
                     Some(t)
                 } else {
@@ -356,6 +356,15 @@ impl Scheduler {
             }
             _ => Some(t),
         }
+    }
+
+    /// A ready exec in any pool: a worker of another pool is about to free memory.
+    fn any_ready_exec(&self) -> bool {
+        self.inferences.iter().any(|inf| {
+            inf.tasks.iter().zip(&inf.state).any(|(t, s)| {
+                matches!(t.kind, TaskKind::Exec(_)) && matches!(s, State::Ready { .. })
+            })
+        })
     }
 
     fn any_running(&self) -> bool {

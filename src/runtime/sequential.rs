@@ -57,11 +57,11 @@ pub fn run_layerwise(pkg: &Package, input: &FloatTensor) -> Result<RunResult> {
         let layer = load_layer(pkg, index)?;
         stats.load += t.elapsed();
         let t = Instant::now();
-        walk.step(&layer)?;
+        walk.step(pkg, &layer)?;
         stats.exec += t.elapsed();
     }
     Ok(RunResult {
-        outputs: walk.finish()?,
+        outputs: walk.finish(pkg)?,
         stats,
     })
 }
@@ -82,9 +82,9 @@ pub fn run_layers_preloaded(
     let t = Instant::now();
     let mut walk = Walk::new(pkg, input)?;
     for layer in layers {
-        walk.step(layer)?;
+        walk.step(pkg, layer)?;
     }
-    let outputs = walk.finish()?;
+    let outputs = walk.finish(pkg)?;
     Ok(RunResult {
         outputs,
         stats: RunStats {
@@ -115,26 +115,30 @@ pub fn run_whole(pkg: &Package, input: &FloatTensor) -> Result<RunResult> {
 }
 
 /// The activations alive between layers of one inference.
-struct Walk<'p> {
-    pkg: &'p Package,
+/// The activations alive between layers of one inference: owned, so that a scheduler can
+/// keep one per inference in flight and run its layers on any worker.
+pub(super) struct Walk {
     live: HashMap<String, TValue>,
-    last_reader: HashMap<&'p str, usize>,
+    last_reader: HashMap<String, usize>,
 }
 
-impl<'p> Walk<'p> {
-    fn new(pkg: &'p Package, input: &FloatTensor) -> Result<Walk<'p>> {
+impl Walk {
+    pub(super) fn new(pkg: &Package, input: &FloatTensor) -> Result<Walk> {
         let mut live = HashMap::new();
         live.insert(pkg.manifest.inputs[0].name.clone(), to_tvalue(input)?);
-        Ok(Walk {
-            pkg,
-            live,
-            last_reader: pkg.manifest.last_reader(),
-        })
+        let last_reader = pkg
+            .manifest
+            .last_reader()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        Ok(Walk { live, last_reader })
     }
 
-    fn step(&mut self, layer: &LoadedLayer) -> Result<()> {
-        let entry = &self.pkg.manifest.layers[layer.index];
-        let inputs = entry
+    /// The values layer `index` reads (cheap: shared tensors).
+    pub(super) fn inputs_for(&self, pkg: &Package, index: usize) -> Result<TVec<TValue>> {
+        let entry = &pkg.manifest.layers[index];
+        entry
             .inputs
             .iter()
             .map(|t| {
@@ -145,15 +149,12 @@ impl<'p> Walk<'p> {
                     )
                 })
             })
-            .collect::<Result<TVec<_>>>()?;
-        let outs = layer.plan.run(inputs).with_context(|| {
-            format!(
-                "{}: layer {} ({})",
-                self.pkg.name(),
-                entry.index,
-                entry.ops.join("+")
-            )
-        })?;
+            .collect()
+    }
+
+    /// Stores what layer `index` produced and drops every value no later layer reads.
+    pub(super) fn store(&mut self, pkg: &Package, index: usize, outs: TVec<TValue>) -> Result<()> {
+        let entry = &pkg.manifest.layers[index];
         ensure!(
             outs.len() == entry.outputs.len(),
             "layer {} gave {} outputs, expected {}",
@@ -164,8 +165,7 @@ impl<'p> Walk<'p> {
         for (spec, value) in entry.outputs.iter().zip(outs) {
             self.live.insert(spec.name.clone(), value);
         }
-        let outputs = &self.pkg.manifest.outputs;
-        let index = entry.index;
+        let outputs = &pkg.manifest.outputs;
         let last = &self.last_reader;
         self.live.retain(|name, _| {
             last.get(name.as_str()).is_some_and(|&l| l > index)
@@ -174,9 +174,14 @@ impl<'p> Walk<'p> {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<Vec<FloatTensor>> {
-        self.pkg
-            .manifest
+    fn step(&mut self, pkg: &Package, layer: &LoadedLayer) -> Result<()> {
+        let inputs = self.inputs_for(pkg, layer.index)?;
+        let outs = run_layer(pkg, layer, inputs)?;
+        self.store(pkg, layer.index, outs)
+    }
+
+    pub(super) fn finish(mut self, pkg: &Package) -> Result<Vec<FloatTensor>> {
+        pkg.manifest
             .outputs
             .iter()
             .map(|o| {
@@ -188,4 +193,21 @@ impl<'p> Walk<'p> {
             })
             .collect()
     }
+}
+
+/// Runs one loaded layer, naming it in errors.
+pub(super) fn run_layer(
+    pkg: &Package,
+    layer: &LoadedLayer,
+    inputs: TVec<TValue>,
+) -> Result<TVec<TValue>> {
+    let entry = &pkg.manifest.layers[layer.index];
+    layer.plan.run(inputs).with_context(|| {
+        format!(
+            "{}: layer {} ({})",
+            pkg.name(),
+            entry.index,
+            entry.ops.join("+")
+        )
+    })
 }

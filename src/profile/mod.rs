@@ -1,0 +1,34 @@
+//! Per-layer costs the scheduler plans with. Without a measured profile they are estimated
+//! from the manifest: bytes from the layer's weights and activations, durations from its
+//! file size and FLOPs at rates measured on this build machine (see docs/runtime.md).
+
+use crate::model::Manifest;
+use crate::runtime::LayerCost;
+
+/// Parsing and planning a layer file, bytes per second (tract's optimiser dominates).
+const LOAD_BYTES_PER_SEC: f64 = 300e6;
+/// Per-layer fixed cost of a load (open, verify, plan), seconds.
+const LOAD_FIXED_SECS: f64 = 0.5e-3;
+/// Sustained f32 FLOPs per second of one core.
+const EXEC_FLOPS_PER_SEC: f64 = 5e9;
+
+/// Estimated costs of every layer of a package.
+pub fn estimate(manifest: &Manifest) -> Vec<LayerCost> {
+    manifest
+        .layers
+        .iter()
+        .map(|l| {
+            let activations: u64 = l.inputs.iter().chain(&l.outputs).map(|t| t.bytes).sum();
+            LayerCost {
+                kind: l.kind,
+                // tract keeps the weights packed for its kernels; the file's bytes are
+                // dropped once planned, but both exist while planning.
+                load_bytes: 2 * l.weight_bytes + (64 << 10),
+                // Inputs and outputs, plus as much again for workspace (im2col, packing).
+                exec_bytes: 2 * activations,
+                load_secs: LOAD_FIXED_SECS + l.file_bytes as f64 / LOAD_BYTES_PER_SEC,
+                exec_secs: 1e-5 + l.flops as f64 / EXEC_FLOPS_PER_SEC,
+            }
+        })
+        .collect()
+}

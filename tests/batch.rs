@@ -1,0 +1,234 @@
+//! Many inferences at once: every loading policy × scheduler at parallel 1, 2 and 3 gives
+//! outputs bit-identical to the whole model, and MEMA keeps its ledger within the budget.
+
+mod common;
+use common::*;
+use memaflow::memory::SystemMemory;
+use memaflow::model::{ImportOptions, Package, import, zoo};
+use memaflow::runtime::{
+    BatchOptions, FloatTensor, Job, LoadingPolicy, SchedulingPolicy, run_batch, run_whole,
+};
+use std::sync::Arc;
+
+const LOADINGS: [LoadingPolicy; 4] = [
+    LoadingPolicy::Bulk,
+    LoadingPolicy::Linear,
+    LoadingPolicy::DeepEye,
+    LoadingPolicy::Partial,
+];
+const SCHEDULERS: [SchedulingPolicy; 4] = [
+    SchedulingPolicy::Fcfs,
+    SchedulingPolicy::Sjf,
+    SchedulingPolicy::Ljf,
+    SchedulingPolicy::Mema,
+];
+
+fn packages(test: &str) -> Vec<Arc<Package>> {
+    let dir = scratch(&format!("{test}-packages"));
+    let mut out = vec![];
+    for name in SHARED_SUPPORTED {
+        let pkg = dir.join(name);
+        import(
+            &shared().join(format!("models/{name}.tflite")),
+            &pkg,
+            &ImportOptions::default(),
+        )
+        .unwrap();
+        out.push(Arc::new(Package::open(pkg).unwrap()));
+    }
+    for name in ["sos_googlenet", "agenet"] {
+        zoo::entry(name)
+            .unwrap()
+            .write(&dir.join(name), true)
+            .unwrap();
+        out.push(Arc::new(Package::open(dir.join(name)).unwrap()));
+    }
+    out
+}
+
+#[test]
+fn every_policy_and_scheduler_equals_whole() {
+    let packages = packages("policies");
+    let mut jobs = vec![];
+    let mut expected = vec![];
+    for (k, pkg) in packages.iter().enumerate() {
+        for seed in 0..2 {
+            let input = random_tensor(
+                &pkg.manifest.inputs[0].shape,
+                (k * 2 + seed) as u64,
+                -1.0,
+                1.0,
+            );
+            expected.push(run_whole(pkg, &input).unwrap().outputs);
+            let costs = memaflow::profile::estimate(&pkg.manifest).into();
+            jobs.push(Job {
+                package: pkg.clone(),
+                input,
+                costs,
+            });
+        }
+    }
+    let system = SystemMemory::detect();
+    for loading in LOADINGS {
+        for scheduling in SCHEDULERS {
+            for parallel in 1..=3 {
+                let options = BatchOptions {
+                    loading,
+                    scheduling,
+                    parallel,
+                    budget: Some(256 << 20),
+                    reserve: 0,
+                    workers: 2,
+                };
+                let report = run_batch(jobs.clone(), &options, &system)
+                    .unwrap_or_else(|e| panic!("{loading:?}/{scheduling:?}/{parallel}: {e:#}"));
+                for (k, (got, want)) in report.outputs.iter().zip(&expected).enumerate() {
+                    for (a, b) in got.iter().zip(want) {
+                        assert!(
+                            a.bit_identical(b),
+                            "{loading:?}/{scheduling:?}/parallel {parallel}: inference {k} differs from whole"
+                        );
+                    }
+                }
+                assert_eq!(report.inferences.len(), jobs.len());
+                if scheduling == SchedulingPolicy::Mema && loading != LoadingPolicy::Bulk {
+                    assert!(report.ledger_high_water <= 256 << 20);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn mema_under_a_tight_budget_stays_within_it() {
+    let packages = packages("tight");
+    let agenet = packages
+        .iter()
+        .find(|p| p.name() == "agenet")
+        .unwrap()
+        .clone();
+    let costs: Arc<[_]> = memaflow::profile::estimate(&agenet.manifest).into();
+    let largest = costs
+        .iter()
+        .map(|c| c.load_bytes + c.exec_bytes)
+        .max()
+        .unwrap();
+    let total: u64 = costs.iter().map(|c| c.load_bytes).sum();
+    // Room for the largest layer and a little more: less than the model.
+    let budget = largest + (2 << 20);
+    assert!(budget < total);
+    let input = FloatTensor::filled(agenet.manifest.inputs[0].shape.clone(), 0.5);
+    let want = run_whole(&agenet, &input).unwrap().outputs;
+    let jobs: Vec<Job> = (0..3)
+        .map(|_| Job {
+            package: agenet.clone(),
+            input: input.clone(),
+            costs: costs.clone(),
+        })
+        .collect();
+    for loading in [
+        LoadingPolicy::Linear,
+        LoadingPolicy::DeepEye,
+        LoadingPolicy::Partial,
+    ] {
+        let options = BatchOptions {
+            loading,
+            scheduling: SchedulingPolicy::Mema,
+            parallel: 2,
+            budget: Some(budget),
+            reserve: 0,
+            workers: 2,
+        };
+        let report = run_batch(jobs.clone(), &options, &SystemMemory::detect()).unwrap();
+        assert!(
+            report.ledger_high_water <= budget,
+            "{loading:?}: ledger {} over budget {budget}",
+            report.ledger_high_water
+        );
+        assert_eq!(report.overdrafts, 0);
+        for outs in &report.outputs {
+            assert!(outs[0].bit_identical(&want[0]));
+        }
+    }
+    // A budget below the largest layer is refused up front, naming model and layer.
+    let options = BatchOptions {
+        loading: LoadingPolicy::Partial,
+        scheduling: SchedulingPolicy::Mema,
+        parallel: 1,
+        budget: Some(largest - 1),
+        reserve: 0,
+        workers: 1,
+    };
+    let jobs = vec![Job {
+        package: agenet.clone(),
+        input,
+        costs,
+    }];
+    let err = format!(
+        "{:#}",
+        run_batch(jobs, &options, &SystemMemory::detect()).unwrap_err()
+    );
+    assert!(
+        err.contains("agenet: layer") && err.contains("budget"),
+        "{err}"
+    );
+}
+
+#[test]
+fn batch_cli_writes_outputs_and_report() {
+    let dir = scratch("batch-cli");
+    let pkg = dir.join("hand_recrop");
+    cli_ok(&[
+        "import",
+        shared().join("models/hand_recrop.tflite").to_str().unwrap(),
+        "--out",
+        pkg.to_str().unwrap(),
+    ]);
+    let frames: Vec<String> = ["astronaut.png", "rocket.jpg"]
+        .iter()
+        .map(|f| shared().join("frames").join(f).display().to_string())
+        .collect();
+    let out = dir.join("out");
+    let report = dir.join("report.json");
+    let mut args = vec![
+        "batch",
+        "--models",
+        pkg.to_str().unwrap(),
+        "--loading",
+        "deepeye",
+        "--scheduling",
+        "mema",
+        "--parallel",
+        "2",
+        "--budget",
+        "64M",
+        "--npy-out",
+        out.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--images",
+    ];
+    args.extend(frames.iter().map(|s| s.as_str()));
+    let stdout = cli_ok(&args);
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["inferences"].as_array().unwrap().len(), 2);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(report["makespan_ms"].as_f64().unwrap() > 0.0);
+    assert!(report["tasks"].as_array().unwrap().len() >= 2 * (1 + 2 * 33));
+    // The batch outputs equal `infer` on the same frame.
+    for (k, frame) in frames.iter().enumerate() {
+        let single = dir.join(format!("single{k}"));
+        cli_ok(&[
+            "infer",
+            "--model",
+            pkg.to_str().unwrap(),
+            frame,
+            "--npy-out",
+            single.to_str().unwrap(),
+        ]);
+        let a = std::fs::read(single.join("00.npy")).unwrap();
+        let b = std::fs::read(out.join(format!("{k:02}-hand_recrop/00.npy"))).unwrap();
+        assert!(a == b, "batch output {k} differs from infer");
+    }
+}
