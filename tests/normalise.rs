@@ -575,3 +575,56 @@ fn fused_relu_n1_to_1_clamps() {
     assert!(z[0].bit_identical(&FloatTensor::new(z[0].shape.clone(), want).unwrap()));
     assert_reference("relu-n1-to-1", &file, &x, &z, 1e-6);
 }
+
+#[test]
+fn large_fully_connected_layers_split_into_blocks() {
+    // 96 output units × 4096 inputs = 1.5 MiB of weights, split at 512 KiB into 3 layers.
+    let mut g = Graph::default();
+    let x = input(&mut g, &[1, 4096]);
+    let w = f32c(&mut g, "w", &[96, 4096], 91);
+    let b = f32c(&mut g, "b", &[96], 92);
+    let y = g
+        .add_node(
+            Op::FullyConnected {
+                activation: Activation::Relu,
+                keep_num_dims: false,
+            },
+            vec![x, w, b],
+            &["y"],
+        )
+        .unwrap()[0];
+    g.outputs.push(y);
+    let x = random_tensor(&[1, 4096], 93, -1.0, 1.0);
+    let dir = scratch("fc-split");
+    let file = dir.join("fc.tflite");
+    std::fs::write(&file, write_graph(&g, WriteOptions::default()).unwrap()).unwrap();
+    let mut outs = vec![];
+    for (name, max) in [("whole", None), ("split", Some(512 << 10))] {
+        import(
+            &file,
+            &dir.join(name),
+            &ImportOptions {
+                max_layer_weights: max,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let pkg = Package::open(dir.join(name)).unwrap();
+        let layers = run_layerwise(&pkg, &x).unwrap().outputs;
+        assert!(layers[0].bit_identical(&run_whole(&pkg, &x).unwrap().outputs[0]));
+        if max.is_some() {
+            assert_eq!(pkg.manifest.layers.len(), 3);
+            assert!(
+                pkg.manifest
+                    .layers
+                    .iter()
+                    .all(|l| l.weight_bytes <= (512 << 10) + 1024)
+            );
+        }
+        outs.push(layers.into_iter().next().unwrap());
+    }
+    // Each output unit is the same dot product either way.
+    let err = relative_error(&outs[1], &outs[0]);
+    assert!(err <= 1e-6, "split differs by {err:.2e}");
+    assert_reference("fc-split", &file, &x, &outs[1..], 1e-5);
+}

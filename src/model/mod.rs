@@ -20,7 +20,7 @@ use std::path::Path;
 /// are not used by vision models of the size this appliance runs.
 const MAX_MODEL_BYTES: u64 = 4 << 30;
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ImportOptions {
     /// Package name; the file stem when absent.
     pub name: Option<String>,
@@ -29,7 +29,26 @@ pub struct ImportOptions {
     pub labels: Option<Vec<String>>,
     /// Replace an existing package at the destination.
     pub replace: bool,
+    /// Fully-connected layers with more weight bytes than this are split into several
+    /// layers (`None`: never).
+    pub max_layer_weights: Option<u64>,
 }
+
+impl Default for ImportOptions {
+    fn default() -> Self {
+        ImportOptions {
+            name: None,
+            preprocess: Preprocess::default(),
+            labels: None,
+            replace: false,
+            max_layer_weights: Some(DEFAULT_MAX_LAYER_WEIGHTS),
+        }
+    }
+}
+
+/// Default for [`ImportOptions::max_layer_weights`]: small enough that one layer fits the
+/// smallest board's budget with room to spare, large enough to keep layers few.
+pub const DEFAULT_MAX_LAYER_WEIGHTS: u64 = 16 << 20;
 
 /// `memaflow import`: reads, normalises and splits a TFLite model into a package.
 pub fn import(model: &Path, out: &Path, options: &ImportOptions) -> Result<Manifest> {
@@ -47,7 +66,13 @@ pub fn import(model: &Path, out: &Path, options: &ImportOptions) -> Result<Manif
     drop(bytes);
     log_peak("read");
     graph.check_shapes().with_context(ctx)?;
-    let report = normalise::normalise(&mut graph).with_context(ctx)?;
+    let mut report = normalise::normalise(&mut graph).with_context(ctx)?;
+    if let Some(max) = options.max_layer_weights {
+        let n = split::split_large_fully_connected(&mut graph, max).with_context(ctx)?;
+        if n > 0 {
+            report.insert("split-fully-connected", n);
+        }
+    }
     log_peak("normalised");
     let name = match &options.name {
         Some(n) => n.clone(),

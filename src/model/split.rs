@@ -247,3 +247,95 @@ impl Graph {
             .for_each(|t| *t = remap[*t]);
     }
 }
+
+/// Splits every fully-connected layer whose weights exceed `max_bytes` into column blocks
+/// (groups of output units) joined by a CONCATENATION, so that no single layer needs more
+/// memory than a small board can give it (AlexNet's fc6 alone is 144 MiB). Each block is a
+/// layer of its own; its weights are a slice of the original rows, not a copy. Every output
+/// value is the same dot product as before. Returns how many layers were split.
+pub fn split_large_fully_connected(graph: &mut Graph, max_bytes: u64) -> Result<usize> {
+    let nodes = std::mem::take(&mut graph.nodes);
+    let mut out = Vec::with_capacity(nodes.len());
+    let mut split = 0;
+    for node in nodes {
+        let Op::FullyConnected {
+            activation,
+            keep_num_dims: false,
+        } = node.op
+        else {
+            out.push(node);
+            continue;
+        };
+        let (x, w, b) = (node.inputs[0], node.inputs[1], node.inputs[2]);
+        let weights = &graph.tensors[w];
+        let bytes = weights.bytes() as u64;
+        if bytes <= max_bytes
+            || !weights.is_const()
+            || weights.dtype != DType::F32
+            || weights.shape.len() != 2
+            || graph.tensors[x].shape.len() != 2
+        {
+            out.push(node);
+            continue;
+        }
+        let (units, inner) = (weights.shape[0], weights.shape[1]);
+        let blocks = (bytes.div_ceil(max_bytes) as usize).min(units);
+        let row_bytes = inner * 4;
+        let w_data = weights.data.clone().context("weights without data")?;
+        let b_data = graph.tensors[b]
+            .data
+            .clone()
+            .context("fully-connected bias must be constant")?;
+        ensure!(
+            graph.tensors[b].dtype == DType::F32 && b_data.len() == units * 4,
+            "bias of '{}' is not {units} f32 values",
+            weights.name
+        );
+        let out_name = graph.tensors[node.outputs[0]].name.clone();
+        let batch = graph.tensors[x].shape[0];
+        let mut parts = vec![];
+        for k in 0..blocks {
+            let (lo, hi) = (k * units / blocks, (k + 1) * units / blocks);
+            let wk = graph.add_tensor(Tensor::constant(
+                graph.fresh_name(&format!("{out_name}/weights_{k}")),
+                vec![hi - lo, inner],
+                DType::F32,
+                w_data.slice(lo * row_bytes..hi * row_bytes),
+            ));
+            let bk = graph.add_tensor(Tensor::constant(
+                graph.fresh_name(&format!("{out_name}/bias_{k}")),
+                vec![hi - lo],
+                DType::F32,
+                b_data.slice(lo * 4..hi * 4),
+            ));
+            let yk = graph.add_tensor(Tensor::activation(
+                graph.fresh_name(&format!("{out_name}/part_{k}")),
+                vec![batch, hi - lo],
+                DType::F32,
+            ));
+            out.push(Node {
+                op: Op::FullyConnected {
+                    activation,
+                    keep_num_dims: false,
+                },
+                inputs: vec![x, wk, bk],
+                outputs: vec![yk],
+            });
+            parts.push(yk);
+        }
+        out.push(Node {
+            op: Op::Concatenation {
+                axis: 1,
+                activation: Activation::None,
+            },
+            inputs: parts,
+            outputs: node.outputs.clone(),
+        });
+        split += 1;
+    }
+    graph.nodes = out;
+    if split > 0 {
+        graph.canonicalise();
+    }
+    Ok(split)
+}

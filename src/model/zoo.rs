@@ -70,7 +70,12 @@ impl ZooEntry {
     /// The normalised graph and the labels of its one output.
     pub fn graph(&self) -> Result<(Graph, Vec<String>, super::normalise::Report)> {
         let (mut g, labels) = (self.build)()?;
-        let report = normalise(&mut g)?;
+        let mut report = normalise(&mut g)?;
+        let n =
+            super::split::split_large_fully_connected(&mut g, super::DEFAULT_MAX_LAYER_WEIGHTS)?;
+        if n > 0 {
+            report.insert("split-fully-connected", n);
+        }
         Ok((g, labels, report))
     }
 
