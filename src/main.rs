@@ -76,6 +76,10 @@ struct ImportArgs {
     /// Replace an existing package at --out.
     #[arg(long)]
     force: bool,
+    /// Split fully-connected layers with more weights than this into several layers, so
+    /// that each fits a small budget (0: never split).
+    #[arg(long, value_name = "SIZE", default_value = "16M")]
+    max_layer_weights: Bytes,
     /// Map pixels 0..255 linearly onto LO,HI (default 0,1). Exclusive with --mean/--std.
     #[arg(long, value_name = "LO,HI", conflicts_with_all = ["mean", "std"])]
     range: Option<String>,
@@ -172,6 +176,17 @@ struct InferArgs {
 }
 
 fn main() {
+    // Output piped into `head` must end the program quietly, as it does for other Unix
+    // tools, not make `println!` panic.
+    // SAFETY: restoring the default disposition of SIGPIPE installs no handler (so no
+    // async-signal-safety concern), and runs before any thread exists.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
+    memaflow::memory::return_freed_memory_promptly();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp(None)
         .init();
@@ -243,6 +258,7 @@ fn import(a: ImportArgs) -> Result<()> {
         preprocess,
         labels,
         replace: a.force,
+        max_layer_weights: (a.max_layer_weights.0 > 0).then_some(a.max_layer_weights.0),
     };
     let t = Instant::now();
     let m = model::import(&a.model, &a.out, &options)?;

@@ -232,3 +232,54 @@ fn batch_cli_writes_outputs_and_report() {
         assert!(a == b, "batch output {k} differs from infer");
     }
 }
+
+/// FaceNet + SoS + AgeNet (≈ 480 MiB of weights) under a 128 MiB budget: MEMA completes
+/// and the process's peak RSS stays within the budget plus the documented fixed overhead
+/// of 40 MiB (binary, tract, allocator, activations outside the ledger).
+#[test]
+fn three_large_networks_run_in_128_mib() {
+    let dir = scratch("batch-128m");
+    cli_ok(&[
+        "zoo",
+        "--out",
+        dir.to_str().unwrap(),
+        "--only",
+        "facenet",
+        "--only",
+        "sos",
+        "--only",
+        "agenet",
+    ]);
+    let models = ["facenet", "sos", "agenet"]
+        .map(|m| dir.join(m).display().to_string())
+        .join(",");
+    let frame = shared().join("frames/astronaut.png");
+    let stdout = cli_ok(&[
+        "batch",
+        "--models",
+        &models,
+        "--images",
+        frame.to_str().unwrap(),
+        "--loading",
+        "partial",
+        "--scheduling",
+        "mema",
+        "--parallel",
+        "2",
+        "--budget",
+        "128M",
+    ]);
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let peak = summary["peak_rss_bytes"].as_u64().unwrap();
+    let weights: u64 = ["facenet", "sos", "agenet"]
+        .iter()
+        .map(|m| Package::open(dir.join(m)).unwrap().manifest.weight_bytes())
+        .sum();
+    assert!(
+        weights > 450 << 20,
+        "the models hold {weights} bytes of weights"
+    );
+    assert!(peak <= (128 + 40) << 20, "peak RSS {} MiB", peak >> 20);
+    assert!(summary["ledger_high_water_bytes"].as_u64().unwrap() <= 128 << 20);
+    assert_eq!(summary["inferences"].as_array().unwrap().len(), 3);
+}

@@ -43,6 +43,24 @@ pub fn parse_status(text: &str) -> Result<ProcessMemory> {
     })
 }
 
+/// Makes freed layer weights leave the process instead of staying in the allocator.
+///
+/// glibc raises its mmap threshold to the size of the largest block freed (up to 32 MiB),
+/// after which layer-sized buffers come from the heap and their memory stays resident
+/// after they are dropped: a budget of 128 MiB then peaks far above it. A fixed threshold
+/// keeps every buffer of 1 MiB or more in its own mapping, unmapped on free. musl (the
+/// firmware build) already unmaps large blocks, so this is glibc only.
+pub fn return_freed_memory_promptly() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator tunables; it is called before any thread starts
+    // and the values are in the documented ranges.
+    unsafe {
+        use nix::libc::{M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt};
+        mallopt(M_MMAP_THRESHOLD, 1 << 20);
+        mallopt(M_TRIM_THRESHOLD, 4 << 20);
+    }
+}
+
 /// Resets `VmHWM` to the current RSS (Linux ≥ 4.0), so a later reading is the peak of
 /// what happened in between.
 pub fn reset_peak() -> Result<()> {
