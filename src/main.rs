@@ -31,6 +31,18 @@ enum Command {
     /// Run many inferences at once (every input through every model) layer by layer,
     /// under a loading policy and a scheduler, within a memory budget.
     Batch(BatchArgs),
+    /// Measure per-layer load and exec time and memory of packages, for `batch --profile`.
+    Profile {
+        /// Package directories.
+        #[arg(required = true, value_name = "PKG")]
+        packages: Vec<PathBuf>,
+        /// Runs per package; medians are kept.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Profile file to write (JSON); packages already in it are replaced.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Show a package's layers: kind, weights, activations, FLOPs.
     Inspect {
         /// Package directory.
@@ -144,6 +156,10 @@ struct BatchArgs {
     /// Worker threads (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
+    /// Per-layer costs measured by `memaflow profile` (estimated from the manifest for
+    /// packages it does not cover).
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
     /// Write outputs as DIR/KK-MODEL/NN.npy (KK: inference number) with outputs.json.
     #[arg(long, value_name = "DIR")]
     npy_out: Option<PathBuf>,
@@ -195,6 +211,11 @@ fn main() {
         Command::Import(args) => import(args),
         Command::Infer(args) => infer(args),
         Command::Batch(args) => batch(args),
+        Command::Profile {
+            packages,
+            runs,
+            out,
+        } => profile(&packages, runs, &out),
         Command::Inspect { package, json } => inspect(&package, json),
         Command::Zoo {
             out,
@@ -384,13 +405,16 @@ fn batch(a: BatchArgs) -> Result<()> {
             .map(|p| (None, Some(p.as_path()), p.display().to_string()))
             .collect()
     };
+    let profile = match &a.profile {
+        Some(path) => memaflow::profile::Profile::read(path)?,
+        None => memaflow::profile::Profile::default(),
+    };
     let mut jobs = vec![];
     let mut labels = vec![];
     for (image, npy_file, name) in &sources {
         for pkg in &packages {
             let input = input_for(pkg, *image, *npy_file).with_context(|| name.clone())?;
-            let costs: Arc<[runtime::LayerCost]> =
-                memaflow::profile::estimate(&pkg.manifest).into();
+            let costs: Arc<[runtime::LayerCost]> = profile.costs_for(pkg).into();
             jobs.push(runtime::Job {
                 package: pkg.clone(),
                 input,
@@ -450,6 +474,32 @@ fn batch(a: BatchArgs) -> Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
+}
+
+fn profile(packages: &[PathBuf], runs: usize, out: &Path) -> Result<()> {
+    let mut profile = if out.exists() {
+        memaflow::profile::Profile::read(out)?
+    } else {
+        memaflow::profile::Profile::default()
+    };
+    for dir in packages {
+        let pkg = Package::open(dir)?;
+        let t = Instant::now();
+        let measured = memaflow::profile::profile_package(&pkg, runs)
+            .with_context(|| pkg.name().to_string())?;
+        let sum =
+            |f: fn(&runtime::LayerCost) -> f64| measured.costs.iter().map(f).sum::<f64>() * 1e3;
+        println!(
+            "{}: {} layers, load {:.1} ms, exec {:.1} ms per run (medians of {runs}), profiled in {:.1} s",
+            pkg.name(),
+            measured.layers,
+            sum(|c| c.load_secs),
+            sum(|c| c.exec_secs),
+            t.elapsed().as_secs_f64()
+        );
+        profile.models.insert(pkg.name().to_string(), measured);
+    }
+    profile.write(out)
 }
 
 fn inspect(dir: &Path, json: bool) -> Result<()> {

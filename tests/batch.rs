@@ -283,3 +283,64 @@ fn three_large_networks_run_in_128_mib() {
     assert!(summary["ledger_high_water_bytes"].as_u64().unwrap() <= 128 << 20);
     assert_eq!(summary["inferences"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn measured_profiles_drive_the_scheduler() {
+    let dir = scratch("batch-profile");
+    let pkg = dir.join("hand_recrop");
+    cli_ok(&[
+        "import",
+        shared().join("models/hand_recrop.tflite").to_str().unwrap(),
+        "--out",
+        pkg.to_str().unwrap(),
+    ]);
+    let profile = dir.join("profile.json");
+    cli_ok(&[
+        "profile",
+        pkg.to_str().unwrap(),
+        "--runs",
+        "2",
+        "--out",
+        profile.to_str().unwrap(),
+    ]);
+    let measured = memaflow::profile::Profile::read(&profile).unwrap();
+    let p = Package::open(&pkg).unwrap();
+    let costs = measured.costs_for(&p);
+    assert_eq!(costs.len(), p.manifest.layers.len());
+    for (c, l) in costs.iter().zip(&p.manifest.layers) {
+        assert!(c.load_bytes >= l.weight_bytes && c.load_secs > 0.0 && c.exec_secs > 0.0);
+    }
+    let frame = shared().join("frames/chelsea.png");
+    let out = dir.join("out");
+    cli_ok(&[
+        "batch",
+        "--models",
+        pkg.to_str().unwrap(),
+        "--images",
+        frame.to_str().unwrap(),
+        "--profile",
+        profile.to_str().unwrap(),
+        "--npy-out",
+        out.to_str().unwrap(),
+    ]);
+    let single = dir.join("single");
+    cli_ok(&[
+        "infer",
+        "--model",
+        pkg.to_str().unwrap(),
+        frame.to_str().unwrap(),
+        "--npy-out",
+        single.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read(out.join("00-hand_recrop/00.npy")).unwrap()
+            == std::fs::read(single.join("00.npy")).unwrap()
+    );
+    // A profile of another version of the package is not used.
+    let mut stale = measured.clone();
+    stale.models.get_mut("hand_recrop").unwrap().weight_bytes += 1;
+    assert_eq!(
+        stale.costs_for(&p),
+        memaflow::profile::estimate(&p.manifest)
+    );
+}

@@ -2,6 +2,9 @@
 //! from the manifest: bytes from the layer's weights and activations, durations from its
 //! file size and FLOPs at rates measured on this build machine (see docs/runtime.md).
 
+mod measure;
+pub use measure::{ModelProfile, Profile, profile_package};
+
 use crate::model::Manifest;
 use crate::runtime::LayerCost;
 

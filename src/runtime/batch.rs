@@ -4,7 +4,7 @@
 use super::FloatTensor;
 use super::engine::{LoadedLayer, load_layer};
 use super::scheduler::{Scheduler, SchedulingPolicy, TaskRef};
-use super::sequential::{Walk, run_layer};
+use super::sequential::{Activations, run_layer};
 use super::tasks::{LayerCost, LoadingPolicy, TaskKind};
 use crate::memory::{self, SystemMemory};
 use crate::model::Package;
@@ -80,7 +80,7 @@ pub struct BatchReport {
 }
 
 struct Flight {
-    walk: Option<Walk>,
+    walk: Option<Activations>,
     layers: Vec<Option<LoadedLayer>>,
     outputs: Option<Vec<FloatTensor>>,
     start: Option<Instant>,
@@ -308,7 +308,7 @@ fn worker_loop(
 }
 
 enum Done {
-    Init(Result<Walk>),
+    Init(Result<Activations>),
     Loaded(LoadedLayer, u64),
     Ran(
         usize,
@@ -318,7 +318,7 @@ enum Done {
 
 fn perform(work: Work, job: &Job) -> Result<Done> {
     Ok(match work {
-        Work::Init => Done::Init(Walk::new(&job.package, &job.input)),
+        Work::Init => Done::Init(Activations::new(&job.package, &job.input)),
         Work::Load {
             package,
             layer,

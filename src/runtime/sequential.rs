@@ -51,7 +51,7 @@ fn check_input(pkg: &Package, input: &FloatTensor) -> Result<()> {
 pub fn run_layerwise(pkg: &Package, input: &FloatTensor) -> Result<RunResult> {
     check_input(pkg, input)?;
     let mut stats = RunStats::default();
-    let mut walk = Walk::new(pkg, input)?;
+    let mut walk = Activations::new(pkg, input)?;
     for index in 0..pkg.manifest.layers.len() {
         let t = Instant::now();
         let layer = load_layer(pkg, index)?;
@@ -80,7 +80,7 @@ pub fn run_layers_preloaded(
         pkg.manifest.layers.len()
     );
     let t = Instant::now();
-    let mut walk = Walk::new(pkg, input)?;
+    let mut walk = Activations::new(pkg, input)?;
     for layer in layers {
         walk.step(pkg, layer)?;
     }
@@ -117,13 +117,13 @@ pub fn run_whole(pkg: &Package, input: &FloatTensor) -> Result<RunResult> {
 /// The activations alive between layers of one inference.
 /// The activations alive between layers of one inference: owned, so that a scheduler can
 /// keep one per inference in flight and run its layers on any worker.
-pub(super) struct Walk {
+pub struct Activations {
     live: HashMap<String, TValue>,
     last_reader: HashMap<String, usize>,
 }
 
-impl Walk {
-    pub(super) fn new(pkg: &Package, input: &FloatTensor) -> Result<Walk> {
+impl Activations {
+    pub fn new(pkg: &Package, input: &FloatTensor) -> Result<Activations> {
         let mut live = HashMap::new();
         live.insert(pkg.manifest.inputs[0].name.clone(), to_tvalue(input)?);
         let last_reader = pkg
@@ -132,7 +132,7 @@ impl Walk {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
-        Ok(Walk { live, last_reader })
+        Ok(Activations { live, last_reader })
     }
 
     /// The values layer `index` reads (cheap: shared tensors).
@@ -174,13 +174,15 @@ impl Walk {
         Ok(())
     }
 
-    fn step(&mut self, pkg: &Package, layer: &LoadedLayer) -> Result<()> {
+    /// Runs one loaded layer on the values it reads and keeps what it produces.
+    pub fn step(&mut self, pkg: &Package, layer: &LoadedLayer) -> Result<()> {
         let inputs = self.inputs_for(pkg, layer.index)?;
         let outs = run_layer(pkg, layer, inputs)?;
         self.store(pkg, layer.index, outs)
     }
 
-    pub(super) fn finish(mut self, pkg: &Package) -> Result<Vec<FloatTensor>> {
+    /// The model's outputs, in manifest order.
+    pub fn finish(mut self, pkg: &Package) -> Result<Vec<FloatTensor>> {
         pkg.manifest
             .outputs
             .iter()
