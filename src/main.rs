@@ -409,16 +409,21 @@ fn batch(a: BatchArgs) -> Result<()> {
         Some(path) => memaflow::profile::Profile::read(path)?,
         None => memaflow::profile::Profile::default(),
     };
+    // One cost table per package, shared by its inferences, so that timings observed on
+    // one input refine the schedule of the next.
+    let costs: Vec<Arc<[runtime::LayerCost]>> = packages
+        .iter()
+        .map(|p| profile.costs_for(p).into())
+        .collect();
     let mut jobs = vec![];
     let mut labels = vec![];
     for (image, npy_file, name) in &sources {
-        for pkg in &packages {
+        for (pkg, costs) in packages.iter().zip(&costs) {
             let input = input_for(pkg, *image, *npy_file).with_context(|| name.clone())?;
-            let costs: Arc<[runtime::LayerCost]> = profile.costs_for(pkg).into();
             jobs.push(runtime::Job {
                 package: pkg.clone(),
                 input,
-                costs,
+                costs: costs.clone(),
             });
             labels.push(name.clone());
         }

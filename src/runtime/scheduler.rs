@@ -46,6 +46,8 @@ enum State {
 
 struct Inference {
     costs: Arc<[LayerCost]>,
+    /// Index into the scheduler's observed timings, shared by inferences of one package.
+    group: usize,
     tasks: Vec<TaskSpec>,
     state: Vec<State>,
     dependents: Vec<Vec<usize>>,
@@ -55,18 +57,20 @@ struct Inference {
     left: usize,
 }
 
-impl Inference {
-    fn duration(&self, task: usize) -> f64 {
-        match self.tasks[task].kind {
-            TaskKind::Init => 0.0,
-            TaskKind::Load(l) => self.costs[l].load_secs,
-            TaskKind::Exec(l) => self.costs[l].exec_secs,
-        }
-    }
+
+/// Durations observed so far for the layers of one package (one cost table).
+struct Observed {
+    costs: Arc<[LayerCost]>,
+    load_secs: Vec<Option<f64>>,
+    exec_secs: Vec<Option<f64>>,
 }
+
+/// Weight of the newest observation in the running estimate.
+const OBSERVATION_WEIGHT: f64 = 0.3;
 
 pub struct Scheduler {
     policy: SchedulingPolicy,
+    observed: Vec<Observed>,
     loading: LoadingPolicy,
     budget: Option<u64>,
     parallel: usize,
@@ -90,6 +94,7 @@ impl Scheduler {
     ) -> Scheduler {
         Scheduler {
             policy,
+            observed: vec![],
             loading,
             budget,
             parallel: parallel.max(1),
@@ -133,7 +138,24 @@ impl Scheduler {
         let state = tasks.iter().map(|t| State::Waiting(t.deps.len())).collect();
         let id = self.inferences.len();
         let left = tasks.len();
+        // Inferences submitted with the same cost table learn from each other's timings.
+        let group = match self
+            .observed
+            .iter()
+            .position(|o| Arc::ptr_eq(&o.costs, &costs))
+        {
+            Some(g) => g,
+            None => {
+                self.observed.push(Observed {
+                    costs: costs.clone(),
+                    load_secs: vec![None; costs.len()],
+                    exec_secs: vec![None; costs.len()],
+                });
+                self.observed.len() - 1
+            }
+        };
         self.inferences.push(Inference {
+            group,
             costs,
             tasks,
             state,
@@ -144,6 +166,33 @@ impl Scheduler {
         });
         self.waiting.push_back(id);
         Ok(id)
+    }
+
+    /// Refines the expected duration of a task's layer with one it just took: the estimate
+    /// (or profile) only starts the running average.
+    pub fn observe(&mut self, t: TaskRef, secs: f64) {
+        let inf = &self.inferences[t.inference];
+        let observed = &mut self.observed[inf.group];
+        let slot = match inf.tasks[t.task].kind {
+            TaskKind::Init => return,
+            TaskKind::Load(l) => &mut observed.load_secs[l],
+            TaskKind::Exec(l) => &mut observed.exec_secs[l],
+        };
+        *slot = Some(match *slot {
+            Some(old) => old + OBSERVATION_WEIGHT * (secs - old),
+            None => secs,
+        });
+    }
+
+    /// Expected duration: observed if the layer has run before, else the given cost.
+    pub fn expected_secs(&self, t: TaskRef) -> f64 {
+        let inf = &self.inferences[t.inference];
+        let observed = &self.observed[inf.group];
+        match inf.tasks[t.task].kind {
+            TaskKind::Init => 0.0,
+            TaskKind::Load(l) => observed.load_secs[l].unwrap_or(inf.costs[l].load_secs),
+            TaskKind::Exec(l) => observed.exec_secs[l].unwrap_or(inf.costs[l].exec_secs),
+        }
     }
 
     pub fn kind(&self, t: TaskRef) -> TaskKind {
@@ -271,7 +320,7 @@ impl Scheduler {
     }
 
     fn pick_greedy(&self, pool: usize) -> Option<TaskRef> {
-        let dur = |t: &TaskRef| self.inferences[t.inference].duration(t.task);
+        let dur = |t: &TaskRef| self.expected_secs(*t);
         let ready = self.ready(pool).map(|(t, _)| t);
         match self.policy {
             SchedulingPolicy::Sjf => ready.min_by(|a, b| {
@@ -301,7 +350,7 @@ impl Scheduler {
                 return f64::NEG_INFINITY;
             };
             let c = &inf.costs[l];
-            (c.load_bytes + c.exec_bytes) as f64 / c.exec_secs.max(1e-9)
+            (c.load_bytes + c.exec_bytes) as f64 / self.expected_secs(*t).max(1e-9)
         };
         let exec = ready
             .iter()
@@ -428,7 +477,7 @@ mod tests {
                             s.ledger
                         );
                     }
-                    busy.push((now + inf.duration(t.task), pool, t));
+                    busy.push((now + s.expected_secs(t), pool, t));
                 }
             }
             assert!(
@@ -539,6 +588,42 @@ mod tests {
         // Room again.
         let next = s.next(0, Some(1 << 30)).unwrap();
         assert_eq!(s.kind(next), TaskKind::Load(1));
+    }
+
+    #[test]
+    fn observed_durations_refine_the_estimates() {
+        let mut s = Scheduler::new(SchedulingPolicy::Sjf, LoadingPolicy::Partial, None, 2);
+        let shared = costs(2, 1, 2);
+        let a = s.submit("net", shared.clone()).unwrap();
+        let b = s.submit("net", shared).unwrap();
+        let load = TaskRef {
+            inference: a,
+            task: super::super::tasks::load_index(1),
+        };
+        let twin = TaskRef {
+            inference: b,
+            task: load.task,
+        };
+        assert_eq!(s.expected_secs(twin), 0.004);
+        s.observe(load, 1.0);
+        assert_eq!(
+            s.expected_secs(twin),
+            1.0,
+            "same package, same cost table: learnt"
+        );
+        s.observe(load, 0.0);
+        assert!(
+            (s.expected_secs(twin) - 0.7).abs() < 1e-12,
+            "a running average, not the last value"
+        );
+        let other = s.submit("net", costs(2, 1, 2)).unwrap();
+        assert_eq!(
+            s.expected_secs(TaskRef {
+                inference: other,
+                task: load.task
+            }),
+            0.004
+        );
     }
 
     #[test]
