@@ -39,7 +39,18 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// Runs the CLI and kills it after `limit`: a hang is a failure, not a stuck test run.
 pub fn run_cli(args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(bin())
+    // Cross-target runs (`cargo test --target aarch64-unknown-linux-musl` under QEMU user
+    // mode): cargo wraps the test binary in its runner, not the binary the tests start, so
+    // CI names the runner here too.
+    let mut command = match std::env::var("MEMAFLOW_TEST_RUNNER") {
+        Ok(runner) if !runner.is_empty() => {
+            let mut c = Command::new(runner);
+            c.arg(bin());
+            c
+        }
+        _ => Command::new(bin()),
+    };
+    let mut child = command
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
