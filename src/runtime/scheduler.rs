@@ -57,7 +57,6 @@ struct Inference {
     left: usize,
 }
 
-
 /// Durations observed so far for the layers of one package (one cost table).
 struct Observed {
     costs: Arc<[LayerCost]>,
