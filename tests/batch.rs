@@ -10,18 +10,8 @@ use memaflow::runtime::{
 };
 use std::sync::Arc;
 
-const LOADINGS: [LoadingPolicy; 4] = [
-    LoadingPolicy::Bulk,
-    LoadingPolicy::Linear,
-    LoadingPolicy::DeepEye,
-    LoadingPolicy::Partial,
-];
-const SCHEDULERS: [SchedulingPolicy; 4] = [
-    SchedulingPolicy::Fcfs,
-    SchedulingPolicy::Sjf,
-    SchedulingPolicy::Ljf,
-    SchedulingPolicy::Mema,
-];
+const LOADINGS: [LoadingPolicy; 4] = LoadingPolicy::ALL;
+const SCHEDULERS: [SchedulingPolicy; 4] = SchedulingPolicy::ALL;
 
 fn packages(test: &str) -> Vec<Arc<Package>> {
     let dir = scratch(&format!("{test}-packages"));

@@ -25,6 +25,15 @@ pub enum SchedulingPolicy {
     Mema,
 }
 
+impl SchedulingPolicy {
+    pub const ALL: [SchedulingPolicy; 4] = [
+        SchedulingPolicy::Fcfs,
+        SchedulingPolicy::Sjf,
+        SchedulingPolicy::Ljf,
+        SchedulingPolicy::Mema,
+    ];
+}
+
 /// A ready load waits at most this many scheduling rounds per layer index it is behind:
 /// MEMA orders loads by layer index, which alone would let a stream of new inferences
 /// (low indices) starve an old one (high indices).
@@ -502,18 +511,8 @@ mod tests {
         (now, finished)
     }
 
-    const LOADINGS: [LoadingPolicy; 4] = [
-        LoadingPolicy::Bulk,
-        LoadingPolicy::Linear,
-        LoadingPolicy::DeepEye,
-        LoadingPolicy::Partial,
-    ];
-    const SCHEDULERS: [SchedulingPolicy; 4] = [
-        SchedulingPolicy::Fcfs,
-        SchedulingPolicy::Sjf,
-        SchedulingPolicy::Ljf,
-        SchedulingPolicy::Mema,
-    ];
+    const LOADINGS: [LoadingPolicy; 4] = LoadingPolicy::ALL;
+    const SCHEDULERS: [SchedulingPolicy; 4] = SchedulingPolicy::ALL;
 
     #[test]
     fn every_combination_completes_in_dependency_order() {

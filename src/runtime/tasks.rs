@@ -22,6 +22,15 @@ pub enum LoadingPolicy {
     Partial,
 }
 
+impl LoadingPolicy {
+    pub const ALL: [LoadingPolicy; 4] = [
+        LoadingPolicy::Bulk,
+        LoadingPolicy::Linear,
+        LoadingPolicy::DeepEye,
+        LoadingPolicy::Partial,
+    ];
+}
+
 /// What the scheduler knows of one layer ahead of running it.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LayerCost {
