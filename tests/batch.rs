@@ -167,13 +167,7 @@ fn mema_under_a_tight_budget_stays_within_it() {
 #[test]
 fn batch_cli_writes_outputs_and_report() {
     let dir = scratch("batch-cli");
-    let pkg = dir.join("hand_recrop");
-    cli_ok(&[
-        "import",
-        shared().join("models/hand_recrop.tflite").to_str().unwrap(),
-        "--out",
-        pkg.to_str().unwrap(),
-    ]);
+    let pkg = import_shared("hand_recrop", &dir);
     let frames: Vec<String> = ["astronaut.png", "rocket.jpg"]
         .iter()
         .map(|f| shared().join("frames").join(f).display().to_string())
@@ -277,13 +271,7 @@ fn three_large_networks_run_in_128_mib() {
 #[test]
 fn measured_profiles_drive_the_scheduler() {
     let dir = scratch("batch-profile");
-    let pkg = dir.join("hand_recrop");
-    cli_ok(&[
-        "import",
-        shared().join("models/hand_recrop.tflite").to_str().unwrap(),
-        "--out",
-        pkg.to_str().unwrap(),
-    ]);
+    let pkg = import_shared("hand_recrop", &dir);
     let profile = dir.join("profile.json");
     cli_ok(&[
         "profile",

@@ -207,13 +207,7 @@ fn flipped_bytes_never_panic() {
 #[test]
 fn corrupt_packages_and_images_fail_cleanly() {
     let dir = scratch("corrupt-packages");
-    let pkg = dir.join("pkg");
-    cli_ok(&[
-        "import",
-        shared().join("models/hand_recrop.tflite").to_str().unwrap(),
-        "--out",
-        pkg.to_str().unwrap(),
-    ]);
+    let pkg = import_shared("hand_recrop", &dir);
     let p = pkg.to_str().unwrap();
     let frame = shared().join("frames/chelsea.png");
     let frame = frame.to_str().unwrap();

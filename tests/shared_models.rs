@@ -44,37 +44,28 @@ fn run_and_check_identity(
         let input = scratch_dir.join(format!("input{k}.npy"));
         let layers = scratch_dir.join(format!("layers{k}"));
         let whole = scratch_dir.join(format!("whole{k}"));
-        match image {
-            Some(img) => {
-                cli_ok(&[
-                    "infer",
-                    "--model",
-                    pkg,
-                    img.to_str().unwrap(),
-                    "--save-input",
-                    input.to_str().unwrap(),
-                    "--npy-out",
-                    layers.to_str().unwrap(),
-                ]);
-            }
-            None => {
-                cli_ok(&[
-                    "infer",
-                    "--model",
-                    pkg,
-                    "--input-npy",
-                    input.to_str().unwrap(),
-                    "--npy-out",
-                    layers.to_str().unwrap(),
-                ]);
-            }
-        }
+        let input_s = input.to_str().unwrap();
+        // An image is preprocessed by infer, which saves the tensor it fed; a constant
+        // input was written beforehand. Either way --whole gets the very same tensor.
+        let source: Vec<&str> = match image {
+            Some(img) => vec![img.to_str().unwrap(), "--save-input", input_s],
+            None => vec!["--input-npy", input_s],
+        };
+        let mut args = vec![
+            "infer",
+            "--model",
+            pkg,
+            "--npy-out",
+            layers.to_str().unwrap(),
+        ];
+        args.extend(source);
+        cli_ok(&args);
         cli_ok(&[
             "infer",
             "--model",
             pkg,
             "--input-npy",
-            input.to_str().unwrap(),
+            input_s,
             "--whole",
             "--npy-out",
             whole.to_str().unwrap(),

@@ -99,6 +99,19 @@ pub fn cli_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Imports `../shared/models/NAME.tflite` with the CLI into `dir/NAME`; returns the package.
+pub fn import_shared(name: &str, dir: &Path) -> PathBuf {
+    let pkg = dir.join(name);
+    let model = shared().join(format!("models/{name}.tflite"));
+    cli_ok(&[
+        "import",
+        model.to_str().unwrap(),
+        "--out",
+        pkg.to_str().unwrap(),
+    ]);
+    pkg
+}
+
 /// Records a skipped check so that the test script can print it.
 pub fn skip(test: &str, reason: &str) {
     let line = format!("SKIPPED {test}: {reason}");
