@@ -29,7 +29,7 @@ fn ms(d: Duration) -> f64 {
 fn bench(pkg: &Package) -> anyhow::Result<(Duration, Duration, Duration)> {
     let input = FloatTensor::filled(pkg.manifest.inputs[0].shape.clone(), 0.5);
     let whole_graph = pkg.whole_graph()?;
-    let whole = Plan::from_tflite(&tflite::write_graph(&whole_graph, Default::default())?)?;
+    let whole = Plan::from_tflite(tflite::write_graph(&whole_graph, Default::default())?)?;
     drop(whole_graph);
     let layers = (0..pkg.manifest.layers.len())
         .map(|i| load_layer(pkg, i))

@@ -192,7 +192,7 @@ fn flipped_bytes_never_panic() {
             graph.check_shapes()?;
             memaflow::model::normalise::normalise(&mut graph)?;
             let written = write_graph(&graph, WriteOptions::default())?;
-            memaflow::runtime::Plan::from_tflite(&written)?;
+            memaflow::runtime::Plan::from_tflite(written)?;
             Ok(())
         }));
         match outcome {

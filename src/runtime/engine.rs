@@ -12,10 +12,11 @@ pub struct Plan(Arc<TypedRunnableModel>);
 
 impl Plan {
     /// Parses and optimises a TFLite model. The bytes must come from our writer (checked by
-    /// `read_graph` first): tract's reader trusts its input.
-    pub fn from_tflite(bytes: &[u8]) -> Result<Plan> {
+    /// `read_graph` first): tract's reader trusts its input. Takes the buffer so that tract
+    /// parses it in place: a copy would hold the weights three times at once.
+    pub fn from_tflite(bytes: Vec<u8>) -> Result<Plan> {
         guard("loading", || {
-            let mut model = tract_tflite::tflite().model_for_read(&mut &bytes[..])?;
+            let mut model = tract_tflite::tflite().model_for_read(&mut HandOver(Some(bytes)))?;
             declutter_within_layers().optimize(&mut model)?;
             model.optimize()?;
             Ok(Plan(model.into_runnable()?))
@@ -30,6 +31,38 @@ impl Plan {
     pub fn run_floats(&self, inputs: &[FloatTensor]) -> Result<Vec<FloatTensor>> {
         let inputs = inputs.iter().map(to_tvalue).collect::<Result<TVec<_>>>()?;
         self.run(inputs)?.iter().map(from_tvalue).collect()
+    }
+}
+
+/// A reader that gives its whole buffer away. tract reads a model with `read_to_end` into
+/// an empty vector and keeps that vector while it builds the graph; handing ours over
+/// instead of copying it keeps one copy of the file's weights, not two, next to the
+/// tensors tract makes from them.
+struct HandOver(Option<Vec<u8>>);
+
+impl std::io::Read for HandOver {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        // Only reached by callers that do not use `read_to_end`: serve the bytes in order.
+        let Some(buf) = self.0.as_mut() else {
+            return Ok(0);
+        };
+        let n = out.len().min(buf.len());
+        out[..n].copy_from_slice(&buf[..n]);
+        buf.drain(..n);
+        Ok(n)
+    }
+
+    fn read_to_end(&mut self, out: &mut Vec<u8>) -> std::io::Result<usize> {
+        let Some(mut buf) = self.0.take() else {
+            return Ok(0);
+        };
+        let n = buf.len();
+        if out.is_empty() {
+            std::mem::swap(out, &mut buf);
+        } else {
+            out.extend_from_slice(&buf);
+        }
+        Ok(n)
     }
 }
 
@@ -71,9 +104,10 @@ pub struct LoadedLayer {
 
 pub fn load_layer(pkg: &Package, index: usize) -> Result<LoadedLayer> {
     let (bytes, graph) = pkg.read_layer(index)?;
+    // The graph shares the buffer; once it is gone the buffer converts without a copy.
     drop(graph);
-    let plan =
-        Plan::from_tflite(&bytes).with_context(|| format!("{}: layer {index}", pkg.name()))?;
+    let plan = Plan::from_tflite(Vec::from(bytes))
+        .with_context(|| format!("{}: layer {index}", pkg.name()))?;
     Ok(LoadedLayer { index, plan })
 }
 

@@ -101,8 +101,7 @@ pub fn run_whole(pkg: &Package, input: &FloatTensor) -> Result<RunResult> {
     let graph = pkg.whole_graph()?;
     let bytes = write_graph(&graph, WriteOptions::default())?;
     drop(graph);
-    let plan = Plan::from_tflite(&bytes).with_context(|| format!("{}: whole model", pkg.name()))?;
-    drop(bytes);
+    let plan = Plan::from_tflite(bytes).with_context(|| format!("{}: whole model", pkg.name()))?;
     let load = t.elapsed();
     let t = Instant::now();
     let outs = plan.run(TVec::from_iter([to_tvalue(input)?]))?;
