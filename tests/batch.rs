@@ -98,11 +98,7 @@ fn mema_under_a_tight_budget_stays_within_it() {
         .unwrap()
         .clone();
     let costs: Arc<[_]> = memaflow::profile::estimate(&agenet.manifest).into();
-    let largest = costs
-        .iter()
-        .map(|c| c.load_bytes + c.exec_bytes)
-        .max()
-        .unwrap();
+    let largest = costs.iter().map(|c| c.footprint()).max().unwrap();
     let total: u64 = costs.iter().map(|c| c.load_bytes).sum();
     // Room for the largest layer and a little more: less than the model.
     let budget = largest + (2 << 20);
@@ -272,10 +268,13 @@ fn three_large_networks_run_in_128_mib() {
 fn measured_profiles_drive_the_scheduler() {
     let dir = scratch("batch-profile");
     let pkg = import_shared("hand_recrop", &dir);
+    let agenet = dir.join("agenet");
+    zoo::entry("agenet").unwrap().write(&agenet, true).unwrap();
     let profile = dir.join("profile.json");
     cli_ok(&[
         "profile",
         pkg.to_str().unwrap(),
+        agenet.to_str().unwrap(),
         "--runs",
         "2",
         "--out",
@@ -288,6 +287,22 @@ fn measured_profiles_drive_the_scheduler() {
     for (c, l) in costs.iter().zip(&p.manifest.layers) {
         assert!(c.load_bytes >= l.weight_bytes && c.load_secs > 0.0 && c.exec_secs > 0.0);
     }
+    // Planning copies the weights: the profile must see that transient, or the ledger
+    // undercounts every load (it once did, by 16 MiB in a 42 MiB cgroup). AgeNet's
+    // largest layer is a 12 MiB fully-connected block.
+    let a = Package::open(&agenet).unwrap();
+    let (c, l) = measured
+        .costs_for(&a)
+        .into_iter()
+        .zip(&a.manifest.layers)
+        .max_by_key(|(_, l)| l.weight_bytes)
+        .unwrap();
+    assert!(
+        c.plan_bytes >= l.weight_bytes / 2,
+        "largest layer: {} weights, {} measured for planning",
+        l.weight_bytes,
+        c.plan_bytes
+    );
     let frame = shared().join("frames/chelsea.png");
     let out = dir.join("out");
     cli_ok(&[

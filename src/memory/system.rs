@@ -25,7 +25,18 @@ pub struct Cgroup {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct CgroupLevel {
     pub limit: Option<u64>,
+    /// All charged bytes, the page cache included.
     pub usage: u64,
+    /// Clean, unmapped file cache within `usage` (from `memory.stat`): the kernel drops it
+    /// before it would fail an allocation, so it is not in anyone's way.
+    pub reclaimable: u64,
+}
+
+impl CgroupLevel {
+    /// Bytes the level's processes actually hold (the "working set").
+    pub fn working_set(&self) -> u64 {
+        self.usage.saturating_sub(self.reclaimable)
+    }
 }
 
 /// A reading of the system's memory, taken at one moment.
@@ -40,8 +51,13 @@ pub struct Reading {
 
 impl Reading {
     /// Bytes that can still be allocated before `MemAvailable` falls to `reserve` or a
-    /// cgroup reaches its limit (less `reserve` as well: the kernel reclaims, then kills,
-    /// at the limit). `None` when nothing bounds it.
+    /// cgroup's working set reaches its limit (less `reserve` as well: the kernel reclaims,
+    /// then kills, at the limit). `None` when nothing bounds it.
+    ///
+    /// A cgroup's usage counts the page cache of every file its processes read — all the
+    /// layer files, after one pass over the models — so usage alone sits at the limit and
+    /// a scheduler trusting it would wait for memory that is there (the paper's MEMA dip at
+    /// 1 GiB). The clean cache is subtracted, as `MemAvailable` does for the system.
     pub fn headroom(&self, reserve: u64) -> Option<u64> {
         let system = self.mem_available.map(|a| a.saturating_sub(reserve));
         let cgroup = self
@@ -49,7 +65,7 @@ impl Reading {
             .iter()
             .filter_map(|l| {
                 l.limit
-                    .map(|lim| lim.saturating_sub(l.usage).saturating_sub(reserve))
+                    .map(|lim| lim.saturating_sub(l.working_set()).saturating_sub(reserve))
             })
             .min();
         match (system, cgroup) {
@@ -243,7 +259,49 @@ fn read_level(version: CgroupVersion, dir: &Path) -> Result<Option<CgroupLevel>>
         Some(t) => number(usage_file, &t)?,
         None => 0,
     };
-    Ok(Some(CgroupLevel { limit, usage }))
+    // A missing or odd memory.stat only makes the reading conservative.
+    let reclaimable = read("memory.stat")?
+        .map(|t| parse_reclaimable(version, &t))
+        .unwrap_or(0)
+        .min(usage);
+    Ok(Some(CgroupLevel {
+        limit,
+        usage,
+        reclaimable,
+    }))
+}
+
+/// Clean file cache nobody maps, from a cgroup's `memory.stat`: file pages on either LRU
+/// list, less mapped (a program's own code: dropping it thrashes), dirty and
+/// under-writeback pages (they need I/O first). v1 has per-level and `total_`
+/// (hierarchical) counters; usage is hierarchical, so the `total_` ones match it.
+pub fn parse_reclaimable(version: CgroupVersion, stat: &str) -> u64 {
+    let field = |key: &str| -> u64 {
+        stat.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == key).then(|| v.trim().parse().ok()).flatten()
+            })
+            .unwrap_or(0)
+    };
+    let [inactive, active, mapped, dirty, writeback] = match version {
+        CgroupVersion::V1 => [
+            "total_inactive_file",
+            "total_active_file",
+            "total_mapped_file",
+            "total_dirty",
+            "total_writeback",
+        ],
+        CgroupVersion::V2 => [
+            "inactive_file",
+            "active_file",
+            "file_mapped",
+            "file_dirty",
+            "file_writeback",
+        ],
+    }
+    .map(field);
+    (inactive + active).saturating_sub(mapped + dirty + writeback)
 }
 
 #[cfg(test)]
@@ -371,6 +429,45 @@ mod tests {
         let r = sys.read().unwrap();
         assert_eq!(r.cgroup_limit(), None);
         assert_eq!(r.headroom(1024), Some(500_000 * 1024 - 1024));
+        std::fs::remove_dir_all(root).ok();
+    }
+
+    #[test]
+    fn clean_page_cache_is_headroom() {
+        let v1 = "cache 900\ninactive_file 1\ntotal_inactive_file 300000000\n\
+                  total_active_file 100000000\ntotal_mapped_file 20000000\n\
+                  total_dirty 5000000\ntotal_writeback 0\n";
+        assert_eq!(parse_reclaimable(CgroupVersion::V1, v1), 375_000_000);
+        let v2 = "anon 1000\nfile 400000000\ninactive_file 300000000\n\
+                  active_file 100000000\nfile_mapped 20000000\nfile_dirty 5000000\n\
+                  file_writeback 1000000\n";
+        assert_eq!(parse_reclaimable(CgroupVersion::V2, v2), 374_000_000);
+        assert_eq!(parse_reclaimable(CgroupVersion::V2, "garbage\n"), 0);
+        // More mapped than cached (shared memory counts as mapped): nothing, not wrapped.
+        assert_eq!(
+            parse_reclaimable(CgroupVersion::V2, "inactive_file 5\nfile_mapped 9\n"),
+            0
+        );
+
+        // A cgroup at its limit, mostly page cache: the headroom is the cache.
+        let root = fixture(
+            "cache",
+            &[
+                ("proc/meminfo", MEMINFO),
+                ("proc/self/cgroup", "0::/spool\n"),
+                ("sys/fs/cgroup/cgroup.controllers", "memory\n"),
+                ("sys/fs/cgroup/spool/memory.max", "268435456\n"),
+                ("sys/fs/cgroup/spool/memory.current", "268435456\n"),
+                (
+                    "sys/fs/cgroup/spool/memory.stat",
+                    "anon 68435456\ninactive_file 150000000\nactive_file 50000000\n\
+                     file_mapped 0\nfile_dirty 0\nfile_writeback 0\n",
+                ),
+            ],
+        );
+        let r = SystemMemory::at_root(&root).read().unwrap();
+        assert_eq!(r.cgroup_levels[0].working_set(), 68_435_456);
+        assert_eq!(r.headroom(0), Some(200_000_000));
         std::fs::remove_dir_all(root).ok();
     }
 

@@ -71,17 +71,21 @@ pub fn profile_package(pkg: &Package, runs: usize) -> Result<ModelProfile> {
     let mut load_secs = vec![vec![]; n];
     let mut exec_secs = vec![vec![]; n];
     let mut load_bytes = vec![vec![]; n];
+    let mut plan_bytes = vec![vec![]; n];
     let mut exec_bytes = vec![vec![]; n];
     let input = FloatTensor::filled(pkg.manifest.inputs[0].shape.clone(), 0.5);
     for _ in 0..runs {
         let mut walk = crate::runtime::Activations::new(pkg, &input)?;
         for i in 0..n {
             let before = process_memory()?.rss;
+            reset_peak()?;
             let t = Instant::now();
             let layer = load_layer(pkg, i)?;
             load_secs[i].push(t.elapsed().as_secs_f64());
-            let loaded = process_memory()?.rss;
-            load_bytes[i].push(loaded.saturating_sub(before) as f64);
+            let loaded = process_memory()?;
+            load_bytes[i].push(loaded.rss.saturating_sub(before) as f64);
+            plan_bytes[i].push(loaded.peak_rss.saturating_sub(loaded.rss) as f64);
+            let loaded = loaded.rss;
             reset_peak()?;
             let t = Instant::now();
             walk.step(pkg, &layer)?;
@@ -107,6 +111,9 @@ pub fn profile_package(pkg: &Package, runs: usize) -> Result<ModelProfile> {
             // RSS deltas miss memory the allocator reused from an earlier layer; in a batch
             // that memory is someone else's. Never below the weights and the activations.
             load_bytes: (median(load_bytes[i].clone()) as u64).max(entry.weight_bytes),
+            // The planner's copies are freed by the time the load returns: only the peak
+            // sees them.
+            plan_bytes: median(plan_bytes[i].clone()) as u64,
             exec_bytes: (median(exec_bytes[i].clone()) as u64).max(activations),
             load_secs: median(load_secs[i].clone()),
             exec_secs: median(exec_secs[i].clone()),

@@ -92,9 +92,10 @@ struct Shared {
     flights: Vec<Flight>,
     tasks: Vec<TaskRecord>,
     samples: Vec<BudgetSample>,
-    /// Bytes of loads running now: reserved in the ledger but not yet visible in the live
-    /// reading, so they are taken off its headroom.
-    loading_bytes: u64,
+    /// Bytes reserved in the ledger that the live reading may not show yet: loads in flight
+    /// (weights, planner copies) and the execs of loaded layers. They are taken off the
+    /// reading's headroom, else a load could be admitted into memory already promised.
+    unseen_bytes: u64,
     error: Option<anyhow::Error>,
 }
 
@@ -104,7 +105,6 @@ enum Work {
     Load {
         package: Arc<Package>,
         layer: usize,
-        bytes: u64,
     },
     Exec {
         package: Arc<Package>,
@@ -142,7 +142,7 @@ pub fn run_batch(
         flights,
         tasks: vec![],
         samples: vec![],
-        loading_bytes: 0,
+        unseen_bytes: 0,
         error: None,
     });
     let wake = Condvar::new();
@@ -221,7 +221,7 @@ fn worker_loop(
         let (headroom, mem_available, cgroup_limit) = match &reading {
             Ok(r) => (
                 r.headroom(options.reserve)
-                    .map(|h| h.saturating_sub(guard.loading_bytes)),
+                    .map(|h| h.saturating_sub(guard.unseen_bytes)),
                 r.mem_available,
                 r.cgroup_limit(),
             ),
@@ -250,12 +250,10 @@ fn worker_loop(
         let work = match kind {
             TaskKind::Init => Work::Init,
             TaskKind::Load(l) => {
-                let bytes = job.costs[l].load_bytes;
-                guard.loading_bytes += bytes;
+                guard.unseen_bytes += job.costs[l].footprint();
                 Work::Load {
                     package: job.package.clone(),
                     layer: l,
-                    bytes,
                 }
             }
             TaskKind::Exec(l) => {
@@ -309,7 +307,7 @@ fn worker_loop(
 
 enum Done {
     Init(Result<Activations>),
-    Loaded(LoadedLayer, u64),
+    Loaded(LoadedLayer),
     Ran(
         usize,
         tract_core::prelude::TVec<tract_core::prelude::TValue>,
@@ -319,11 +317,7 @@ enum Done {
 fn perform(work: Work, job: &Job) -> Result<Done> {
     Ok(match work {
         Work::Init => Done::Init(Activations::new(&job.package, &job.input)),
-        Work::Load {
-            package,
-            layer,
-            bytes,
-        } => Done::Loaded(load_layer(&package, layer)?, bytes),
+        Work::Load { package, layer } => Done::Loaded(load_layer(&package, layer)?),
         Work::Exec {
             package,
             layer,
@@ -352,12 +346,15 @@ fn apply(
             flight.walk = Some(walk?);
             flight.start = Some(start);
         }
-        Done::Loaded(layer, bytes) => {
-            shared.loading_bytes -= bytes;
+        Done::Loaded(layer) => {
+            // Weights are resident now, and planner copies gone: only the exec is unseen.
+            let c = &job.costs[layer.index];
+            shared.unseen_bytes -= c.load_bytes + c.plan_bytes;
             let index = layer.index;
             flight.layers[index] = Some(layer);
         }
         Done::Ran(index, outs) => {
+            shared.unseen_bytes -= job.costs[index].exec_bytes;
             let walk = flight.walk.as_mut().context("exec before init")?;
             walk.store(&job.package, index, outs)?;
             if index + 1 == flight.layers.len() {

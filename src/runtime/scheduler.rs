@@ -119,18 +119,15 @@ impl Scheduler {
     /// Queues an inference; returns its id. Fails when one of its layers alone exceeds the
     /// budget: no schedule can run it.
     pub fn submit(&mut self, name: &str, costs: Arc<[LayerCost]>) -> Result<usize> {
-        let footprint = costs
-            .iter()
-            .map(|c| c.load_bytes + c.exec_bytes)
-            .max()
-            .unwrap_or(0);
+        let footprint = costs.iter().map(LayerCost::footprint).max().unwrap_or(0);
         if let Some(budget) = self.budget {
             for (i, c) in costs.iter().enumerate() {
                 ensure!(
-                    c.load_bytes + c.exec_bytes <= budget,
-                    "{name}: layer {i} needs {} ({} weights + {} to run), more than the whole budget of {}",
-                    crate::memory::Bytes(c.load_bytes + c.exec_bytes),
+                    c.footprint() <= budget,
+                    "{name}: layer {i} needs {} ({} weights + {} to plan + {} to run), more than the whole budget of {}",
+                    crate::memory::Bytes(c.footprint()),
                     crate::memory::Bytes(c.load_bytes),
+                    crate::memory::Bytes(c.plan_bytes),
                     crate::memory::Bytes(c.exec_bytes),
                     crate::memory::Bytes(budget)
                 );
@@ -251,8 +248,9 @@ impl Scheduler {
             TaskKind::Init => 0,
             // A layer's whole footprint, its exec's transient bytes included, is reserved
             // from the start of its load to the end of its exec: an exec is never held
-            // back (it frees memory), so its bytes must already be accounted for.
-            TaskKind::Load(l) => inf.costs[l].load_bytes + inf.costs[l].exec_bytes,
+            // back (it frees memory), so its bytes must already be accounted for. The
+            // planner's transient copies are reserved until the load ends.
+            TaskKind::Load(l) => inf.costs[l].footprint(),
             TaskKind::Exec(_) => 0,
         };
         self.ledger += cost;
@@ -266,8 +264,10 @@ impl Scheduler {
         debug_assert_eq!(inf.state[t.task], State::Running);
         inf.state[t.task] = State::Done;
         inf.left -= 1;
-        if let TaskKind::Exec(l) = inf.tasks[t.task].kind {
-            self.ledger -= inf.costs[l].load_bytes + inf.costs[l].exec_bytes;
+        match inf.tasks[t.task].kind {
+            TaskKind::Init => {}
+            TaskKind::Load(l) => self.ledger -= inf.costs[l].plan_bytes,
+            TaskKind::Exec(l) => self.ledger -= inf.costs[l].loaded(),
         }
         for k in 0..inf.dependents[t.task].len() {
             let d = inf.dependents[t.task][k];
@@ -358,7 +358,7 @@ impl Scheduler {
                 return f64::NEG_INFINITY;
             };
             let c = &inf.costs[l];
-            (c.load_bytes + c.exec_bytes) as f64 / self.expected_secs(*t).max(1e-9)
+            c.loaded() as f64 / self.expected_secs(*t).max(1e-9)
         };
         let exec = ready
             .iter()
@@ -396,8 +396,7 @@ impl Scheduler {
             })
             .min_by_key(|&(t, key, l)| (key, t.inference, l))?;
         let (t, _, l) = load;
-        let bytes = self.inferences[t.inference].costs[l].load_bytes
-            + self.inferences[t.inference].costs[l].exec_bytes;
+        let bytes = self.inferences[t.inference].costs[l].footprint();
         match cap {
             Some(cap) if bytes > cap => {
                 // Nothing running and no exec ready: waiting would wait forever. Load one
@@ -445,6 +444,7 @@ mod tests {
                     LayerKind::Conv
                 },
                 load_bytes: (mib + i as u64 % 3) << 20,
+                plan_bytes: (i as u64 % 2) << 20,
                 exec_bytes: 1 << 20,
                 load_secs: 0.002 * (1 + i % 4) as f64,
                 exec_secs: 0.001 * (1 + (i * 7) % 5) as f64,

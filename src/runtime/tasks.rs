@@ -37,10 +37,26 @@ pub struct LayerCost {
     pub kind: LayerKind,
     /// Resident bytes from the end of its load to the end of its exec (weights + plan).
     pub load_bytes: u64,
+    /// Extra bytes only while it loads: the file's buffer and the planner's transient
+    /// copies of the weights (tract repacks them), freed when the load ends.
+    #[serde(default)]
+    pub plan_bytes: u64,
     /// Extra bytes while it executes (activations in and out, workspace).
     pub exec_bytes: u64,
     pub load_secs: f64,
     pub exec_secs: f64,
+}
+
+impl LayerCost {
+    /// The most the layer ever adds: while it loads, with its exec's bytes reserved ahead.
+    pub fn footprint(&self) -> u64 {
+        self.load_bytes + self.plan_bytes + self.exec_bytes
+    }
+
+    /// What stays reserved between the end of its load and the end of its exec.
+    pub fn loaded(&self) -> u64 {
+        self.load_bytes + self.exec_bytes
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -122,6 +138,7 @@ mod tests {
             .map(|&kind| LayerCost {
                 kind,
                 load_bytes: 100,
+                plan_bytes: 100,
                 exec_bytes: 10,
                 load_secs: 0.01,
                 exec_secs: 0.01,
