@@ -143,9 +143,9 @@ struct BatchArgs {
     /// Which ready task runs next.
     #[arg(long, value_enum, default_value = "mema")]
     scheduling: runtime::SchedulingPolicy,
-    /// Inferences in flight at once.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(usize))]
-    parallel: usize,
+    /// Inferences in flight at once (1 to 16).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=runtime::MAX_PARALLEL as i64))]
+    parallel: u16,
     /// Memory budget for weights and activations (e.g. 256M, 1G); the live MemAvailable
     /// and cgroup limit bound it further.
     #[arg(long, value_name = "SIZE")]
@@ -434,7 +434,7 @@ fn batch(a: BatchArgs) -> Result<()> {
     let options = runtime::BatchOptions {
         loading: a.loading,
         scheduling: a.scheduling,
-        parallel: a.parallel,
+        parallel: a.parallel.into(),
         budget: a.budget.map(|b| b.0),
         reserve: a.reserve.0,
         workers,

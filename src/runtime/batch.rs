@@ -3,12 +3,12 @@
 
 use super::FloatTensor;
 use super::engine::{LoadedLayer, load_layer};
-use super::scheduler::{Scheduler, SchedulingPolicy, TaskRef};
+use super::scheduler::{MAX_PARALLEL, Scheduler, SchedulingPolicy, TaskRef};
 use super::sequential::{Activations, run_layer};
 use super::tasks::{LayerCost, LoadingPolicy, TaskKind};
 use crate::memory::{self, SystemMemory};
 use crate::model::Package;
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, ensure};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -118,6 +118,11 @@ pub fn run_batch(
     options: &BatchOptions,
     system: &SystemMemory,
 ) -> Result<BatchReport> {
+    ensure!(
+        (1..=MAX_PARALLEL).contains(&options.parallel),
+        "parallel must be 1 to {MAX_PARALLEL}, not {}",
+        options.parallel
+    );
     let mut scheduler = Scheduler::new(
         options.scheduling,
         options.loading,

@@ -9,7 +9,7 @@ pub mod tasks;
 
 pub use batch::{BatchOptions, BatchReport, Job, run_batch};
 pub use engine::{LoadedLayer, Plan, load_layer};
-pub use scheduler::{Scheduler, SchedulingPolicy, TaskRef};
+pub use scheduler::{MAX_PARALLEL, Scheduler, SchedulingPolicy, TaskRef};
 pub use sequential::{
     Activations, RunResult, RunStats, Value, run_layers_preloaded, run_layerwise, run_whole,
 };

@@ -34,6 +34,10 @@ impl SchedulingPolicy {
     ];
 }
 
+/// Most inferences in flight at once (`--parallel`). The per-decision candidate lists are
+/// fixed-capacity on the stack, sized from it: a scheduling decision never allocates.
+pub const MAX_PARALLEL: usize = 16;
+
 /// A ready load waits at most this many scheduling rounds per layer index it is behind:
 /// MEMA orders loads by layer index, which alone would let a stream of new inferences
 /// (low indices) starve an old one (high indices).
@@ -84,7 +88,8 @@ pub struct Scheduler {
     parallel: usize,
     inferences: Vec<Inference>,
     waiting: VecDeque<usize>,
-    running: usize,
+    /// Started and unfinished inferences, oldest first: the only ones with ready tasks.
+    in_flight: heapless::Vec<usize, MAX_PARALLEL>,
     ledger: u64,
     high_water: u64,
     round: u64,
@@ -93,7 +98,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// `budget` bounds the ledger under MEMA (`None`: only live readings bound it);
-    /// `parallel` bounds the inferences in flight.
+    /// `parallel` bounds the inferences in flight (1 to `MAX_PARALLEL`).
     pub fn new(
         policy: SchedulingPolicy,
         loading: LoadingPolicy,
@@ -105,10 +110,10 @@ impl Scheduler {
             observed: vec![],
             loading,
             budget,
-            parallel: parallel.max(1),
+            parallel: parallel.clamp(1, MAX_PARALLEL),
             inferences: vec![],
             waiting: VecDeque::new(),
-            running: 0,
+            in_flight: heapless::Vec::new(),
             ledger: 0,
             high_water: 0,
             round: 0,
@@ -280,51 +285,51 @@ impl Scheduler {
             }
         }
         if inf.left == 0 {
-            self.running -= 1;
+            self.in_flight.retain(|&i| i != t.inference);
         }
     }
 
     /// Starts queued inferences while fewer than `parallel` run and, under MEMA, while the
     /// next one's footprint fits (or nothing runs at all).
     fn start_inferences(&mut self, cap: Option<u64>) {
-        while self.running < self.parallel {
+        while self.in_flight.len() < self.parallel {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
             let inf = &mut self.inferences[id];
             if self.policy == SchedulingPolicy::Mema
-                && self.running > 0
+                && !self.in_flight.is_empty()
                 && cap.is_some_and(|c| inf.footprint > c)
             {
                 break;
             }
+            if self.in_flight.push(id).is_err() {
+                break; // unreachable: parallel <= MAX_PARALLEL
+            }
             self.waiting.pop_front();
             inf.started = true;
             inf.state[0] = State::Ready { since: self.round };
-            self.running += 1;
         }
     }
 
+    /// Ready tasks of `pool`, with the round they became ready, oldest inference first.
     fn ready(&self, pool: usize) -> impl Iterator<Item = (TaskRef, u64)> + '_ {
-        self.inferences
-            .iter()
-            .enumerate()
-            .filter(|(_, inf)| inf.started && inf.left > 0)
-            .flat_map(move |(i, inf)| {
-                inf.state
-                    .iter()
-                    .enumerate()
-                    .filter_map(move |(t, s)| match s {
-                        State::Ready { since } if inf.tasks[t].pool == pool => Some((
-                            TaskRef {
-                                inference: i,
-                                task: t,
-                            },
-                            *since,
-                        )),
-                        _ => None,
-                    })
-            })
+        self.in_flight.iter().flat_map(move |&i| {
+            let inf = &self.inferences[i];
+            inf.state
+                .iter()
+                .enumerate()
+                .filter_map(move |(t, s)| match s {
+                    State::Ready { since } if inf.tasks[t].pool == pool => Some((
+                        TaskRef {
+                            inference: i,
+                            task: t,
+                        },
+                        *since,
+                    )),
+                    _ => None,
+                })
+        })
     }
 
     fn pick_greedy(&self, pool: usize) -> Option<TaskRef> {
@@ -345,49 +350,78 @@ impl Scheduler {
         }
     }
 
+    /// MEMA's candidates in `pool`: per inference in flight, its ready Init, its ready
+    /// exec (execs run in order, so there is at most one) and its next load in layer
+    /// order if that one is ready.
+    fn mema_candidates(&self, pool: usize) -> heapless::Vec<Candidate, { 3 * MAX_PARALLEL }> {
+        let mut out = heapless::Vec::new();
+        for &i in &self.in_flight {
+            let inf = &self.inferences[i];
+            let at = |task| TaskRef { inference: i, task };
+            let ready_here = |task: usize| {
+                matches!(inf.state[task], State::Ready { .. }) && inf.tasks[task].pool == pool
+            };
+            if ready_here(0) {
+                let _ = out.push(Candidate::Init(at(0)));
+                continue;
+            }
+            let n = inf.costs.len();
+            // Within an inference, loads go strictly in layer order: the layer its next
+            // exec needs is always loaded before any later one, so resident layers never
+            // block their own progress (DeepEye's fc preloads wait for the convs before them).
+            let next_load = (0..n).find(|&l| {
+                !matches!(
+                    inf.state[super::tasks::load_index(l)],
+                    State::Running | State::Done
+                )
+            });
+            if let Some(l) = next_load {
+                let task = super::tasks::load_index(l);
+                if ready_here(task) {
+                    let State::Ready { since } = inf.state[task] else {
+                        unreachable!()
+                    };
+                    let _ = out.push(Candidate::Load(at(task), l, since));
+                }
+            }
+            if let Some(l) = (0..n).find(|&l| ready_here(super::tasks::exec_index(n, l))) {
+                let _ = out.push(Candidate::Exec(at(super::tasks::exec_index(n, l)), l));
+            }
+        }
+        out
+    }
+
     fn pick_mema(&mut self, pool: usize, cap: Option<u64>) -> Option<TaskRef> {
-        let ready: Vec<(TaskRef, u64)> = self.ready(pool).collect();
+        let candidates = self.mema_candidates(pool);
         // Inits cost nothing; execs free memory: they go first, highest memory throughput
         // (bytes freed per second of work) first.
-        if let Some(&(t, _)) = ready.iter().find(|(t, _)| self.kind(*t) == TaskKind::Init) {
+        if let Some(t) = candidates.iter().find_map(|c| match c {
+            Candidate::Init(t) => Some(*t),
+            _ => None,
+        }) {
             return Some(t);
         }
-        let throughput = |t: &TaskRef| {
-            let inf = &self.inferences[t.inference];
-            let TaskKind::Exec(l) = inf.tasks[t.task].kind else {
-                return f64::NEG_INFINITY;
-            };
-            let c = &inf.costs[l];
-            c.loaded() as f64 / self.expected_secs(*t).max(1e-9)
+        let throughput = |t: TaskRef, l: usize| {
+            self.inferences[t.inference].costs[l].loaded() as f64 / self.expected_secs(t).max(1e-9)
         };
-        let exec = ready
+        let exec = candidates
             .iter()
-            .filter(|(t, _)| matches!(self.kind(*t), TaskKind::Exec(_)))
+            .filter_map(|c| match *c {
+                Candidate::Exec(t, l) => Some((t, throughput(t, l))),
+                _ => None,
+            })
             .max_by(|a, b| {
-                throughput(&a.0)
-                    .total_cmp(&throughput(&b.0))
+                a.1.total_cmp(&b.1)
                     .then((b.0.inference, b.0.task).cmp(&(a.0.inference, a.0.task)))
             });
-        if let Some(&(t, _)) = exec {
+        if let Some((t, _)) = exec {
             return Some(t);
         }
         let round = self.round;
-        // Within an inference, loads go strictly in layer order: the layer its next exec
-        // needs is always loaded before any later one, so resident layers never block
-        // their own progress (DeepEye's fc preloads wait for the convs before them).
-        let in_order = |t: TaskRef, l: usize| {
-            let inf = &self.inferences[t.inference];
-            (0..l).all(|j| {
-                matches!(
-                    inf.state[super::tasks::load_index(j)],
-                    State::Running | State::Done
-                )
-            })
-        };
-        let load = ready
+        let (t, _, l) = candidates
             .iter()
-            .filter_map(|&(t, since)| match self.kind(t) {
-                TaskKind::Load(l) if in_order(t, l) => Some((
+            .filter_map(|c| match *c {
+                Candidate::Load(t, l, since) => Some((
                     t,
                     (l as u64).saturating_sub((round - since) / AGEING_ROUNDS),
                     l,
@@ -395,7 +429,6 @@ impl Scheduler {
                 _ => None,
             })
             .min_by_key(|&(t, key, l)| (key, t.inference, l))?;
-        let (t, _, l) = load;
         let bytes = self.inferences[t.inference].costs[l].footprint();
         match cap {
             Some(cap) if bytes > cap => {
@@ -416,7 +449,8 @@ impl Scheduler {
 
     /// A ready exec in any pool: a worker of another pool is about to free memory.
     fn any_ready_exec(&self) -> bool {
-        self.inferences.iter().any(|inf| {
+        self.in_flight.iter().any(|&i| {
+            let inf = &self.inferences[i];
             inf.tasks.iter().zip(&inf.state).any(|(t, s)| {
                 matches!(t.kind, TaskKind::Exec(_)) && matches!(s, State::Ready { .. })
             })
@@ -424,10 +458,20 @@ impl Scheduler {
     }
 
     fn any_running(&self) -> bool {
-        self.inferences
+        self.in_flight
             .iter()
-            .any(|i| i.state.contains(&State::Running))
+            .any(|&i| self.inferences[i].state.contains(&State::Running))
     }
+}
+
+/// A task MEMA may pick, with what it ranks by.
+#[derive(Clone, Copy, Debug)]
+enum Candidate {
+    Init(TaskRef),
+    /// The exec and its layer.
+    Exec(TaskRef, usize),
+    /// The load, its layer, and the round it became ready (for ageing).
+    Load(TaskRef, usize, u64),
 }
 
 #[cfg(test)]
