@@ -704,3 +704,64 @@ fn sigterm_stops_cleanly_and_inotify_wakes_the_daemon() {
     assert!(names(&spool.join("done")).is_empty(), "done = \"delete\"");
     assert!(names(&spool.join("incoming")).is_empty());
 }
+
+#[test]
+fn sigterm_puts_the_frame_in_flight_back() {
+    let dir = scratch("spool-requeue");
+    let models = dir.join("models");
+    cli_ok(&["zoo", "--out", models.to_str().unwrap(), "--only", "agenet"]);
+    let spool = dir.join("spool");
+    std::fs::create_dir_all(spool.join("incoming")).unwrap();
+    let config = dir.join("memaflow.toml");
+    write_config(
+        &config,
+        "[spool]\nroot = \"spool\"\nrescan_secs = 60\nstop_grace_secs = 0\n\
+         [run]\nthreads = 1\n[models]\ndir = \"models\"\n",
+    );
+    let child = daemon(&config, &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    for k in 0..2 {
+        drop_frame(
+            &spool,
+            &format!("r{k}.png"),
+            &frame_bytes(k, image::ImageFormat::Png),
+        );
+    }
+    let t = Instant::now();
+    let in_flight = loop {
+        // work/ appears when the daemon has opened the spool.
+        if let Some(name) = std::fs::read_dir(spool.join("work"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .next()
+        {
+            break name.file_name().to_string_lossy().into_owned();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no frame was claimed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = wait_output(child, Duration::from_secs(5));
+    let log = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "exit status {}: {log}", out.status);
+    assert!(log.contains("put back into incoming/"), "{log}");
+    assert!(names(&spool.join("work")).is_empty());
+    assert!(
+        names(&spool.join("incoming")).contains(&in_flight),
+        "{in_flight} is back in incoming/"
+    );
+    assert!(!spool.join("out").join(format!("{in_flight}.json")).exists());
+    once_ok(&config);
+    assert_eq!(
+        names(&spool.join("out")),
+        BTreeSet::from(["r0.png.json".to_string(), "r1.png.json".to_string()])
+    );
+}

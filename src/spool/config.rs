@@ -31,6 +31,10 @@ const DEFAULT_MAX_FRAME: u64 = 64 << 20;
 const DEFAULT_RESCAN_SECS: f64 = 10.0;
 const DEFAULT_SETTLE_SECS: f64 = 2.0;
 const DEFAULT_TOP_K: usize = 5;
+/// SIGTERM to exit: systemd's and the 5 s, less a margin for the last writes.
+const DEFAULT_STOP_GRACE_SECS: f64 = 4.0;
+/// The scheduler tracks at most this many inferences in flight.
+const MAX_PARALLEL: usize = 16;
 
 /// A size written as `"256M"` or as a plain number of bytes.
 #[derive(Clone, Copy, Debug)]
@@ -188,6 +192,7 @@ struct RawSpool {
     max_frame_bytes: Option<Size>,
     rescan_secs: Option<f64>,
     settle_secs: Option<f64>,
+    stop_grace_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -269,6 +274,8 @@ pub struct SpoolConfig {
     /// A file found by a rescan (not announced by a rename or close-after-write) is taken
     /// once it has been unchanged this long: it may still be being written.
     pub settle: Duration,
+    /// After SIGTERM, how long the frame in hand may take before it is put back.
+    pub stop_grace: Duration,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -317,7 +324,10 @@ impl Config {
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let parallel = run.parallel.unwrap_or(1);
-        ensure!(parallel >= 1, "run.parallel must be at least 1");
+        ensure!(
+            (1..=MAX_PARALLEL).contains(&parallel),
+            "run.parallel must be 1 to {MAX_PARALLEL}"
+        );
         ensure!(threads >= 1, "run.threads must be at least 1");
         let run = RunConfig {
             budget: run.budget.map(|s| s.0),
@@ -344,6 +354,11 @@ impl Config {
             max_frame_bytes: raw.spool.max_frame_bytes.map_or(DEFAULT_MAX_FRAME, |s| s.0),
             rescan: secs(raw.spool.rescan_secs, DEFAULT_RESCAN_SECS, "rescan_secs")?,
             settle: secs(raw.spool.settle_secs, DEFAULT_SETTLE_SECS, "settle_secs")?,
+            stop_grace: secs(
+                raw.spool.stop_grace_secs,
+                DEFAULT_STOP_GRACE_SECS,
+                "stop_grace_secs",
+            )?,
         };
         ensure!(
             spool.rescan >= Duration::from_millis(100),
@@ -527,6 +542,8 @@ mod tests {
             "[run]\nbudget = \"12Q\"\n[[model]]\npath = \"m\"",
             "[run]\nloading = \"eager\"\n[[model]]\npath = \"m\"",
             "[run]\nparallel = 0\n[[model]]\npath = \"m\"",
+            "[run]\nparallel = 17\n[[model]]\npath = \"m\"",
+            "[spool]\nstop_grace_secs = -1\n[[model]]\npath = \"m\"",
             "board = \"pi9\"\n[[model]]\npath = \"m\"",
             "[[model]]\npath = \"m\"\ntop_k = 3",
             "[[model]]\npath = \"m\"\nreport = \"boxes\"",

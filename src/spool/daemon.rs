@@ -4,7 +4,7 @@
 //!
 //! SIGTERM and SIGINT are blocked and read from a signalfd, so no handler code runs in
 //! signal context. On either, the daemon claims nothing more; the frame in hand gets
-//! `STOP_GRACE` to finish, else it is put back into `incoming/` and the daemon exits 0.
+//! `stop_grace_secs` to finish, else it is put back into `incoming/` and the daemon exits 0.
 
 use super::config::{Config, DonePolicy};
 use super::layout::Spool;
@@ -25,9 +25,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long the frame in hand may take to finish after SIGTERM (systemd and the issue
-/// allow 5 s to exit).
-const STOP_GRACE: Duration = Duration::from_secs(4);
 /// How often the status file is refreshed while idle.
 const STATUS_EVERY: Duration = Duration::from_secs(60);
 /// How often signals are checked while a frame is being processed.
@@ -273,9 +270,10 @@ impl Daemon {
             let signal = self.signals.take()?;
             self.note_signal(signal);
             if self.stop {
-                let at = *deadline.get_or_insert_with(|| Instant::now() + STOP_GRACE);
+                let grace = self.config.spool.stop_grace;
+                let at = *deadline.get_or_insert_with(|| Instant::now() + grace);
                 if Instant::now() >= at && !worker.is_finished() {
-                    log::info!("{name}: not finished in {STOP_GRACE:?}; put back into incoming/");
+                    log::info!("{name}: not finished in {grace:?}; put back into incoming/");
                     return self.spool.requeue(&name);
                 }
             }
