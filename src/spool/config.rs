@@ -478,6 +478,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_yocto_layers_configuration_parses() {
+        let text =
+            include_str!("../../yocto/meta-memaflow/recipes-memaflow/memaflow/files/memaflow.toml");
+        let models = std::env::temp_dir().join(format!("memaflow-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(models.join("pkg")).unwrap();
+        std::fs::write(models.join("pkg/model.toml"), "").unwrap();
+        std::fs::create_dir_all(models.join("not-a-package")).unwrap();
+        let text = text.replace("/usr/share/memaflow/models", models.to_str().unwrap());
+        let c = Config::parse(&text, Path::new("/etc/memaflow"), Some("pi4-2g")).unwrap();
+        assert_eq!(c.spool.root, Path::new(DEFAULT_SPOOL));
+        assert_eq!(c.models.len(), 1);
+        assert_eq!(c.models[0].path, models.join("pkg"));
+        std::fs::remove_dir_all(&models).unwrap();
+        // The built-in defaults are the layer's paths.
+        let paths =
+            include_str!("../../yocto/meta-memaflow/recipes-memaflow/memaflow/files/paths.env");
+        assert!(paths.contains(&format!("MEMAFLOW_CONFIG={DEFAULT_CONFIG}\n")));
+        assert!(paths.contains(&format!("MEMAFLOW_SPOOL={DEFAULT_SPOOL}\n")));
+    }
+
+    #[test]
     fn every_board_parses_and_detection_picks_by_memory() {
         let boards = Board::all().unwrap();
         assert_eq!(boards.len(), BOARDS.len());

@@ -62,7 +62,11 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     );
     let models: Vec<Model> = config.models.iter().map(Model::load).collect();
     let usable = models.iter().filter(|m| m.error().is_none()).count();
-    log::info!("{usable} of {} models usable", models.len());
+    if models.is_empty() {
+        log::warn!("no models configured: frames wait in incoming/ until there are some");
+    } else {
+        log::info!("{usable} of {} models usable", models.len());
+    }
     let status = Status {
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION"),
@@ -175,6 +179,9 @@ impl Daemon {
     /// Frames an earlier run claimed and did not finish: moved on if their result or
     /// error record is already written, processed again otherwise.
     fn recover(&mut self) -> Result<()> {
+        if self.models.is_empty() {
+            return Ok(());
+        }
         for name in self.spool.in_work()? {
             let signal = self.signals.take()?;
             self.note_signal(signal);
@@ -206,6 +213,9 @@ impl Daemon {
             claimed: 0,
             settling: false,
         };
+        if self.models.is_empty() {
+            return Ok(scan);
+        }
         for entry in self.spool.incoming()? {
             let signal = self.signals.take()?;
             self.note_signal(signal);
