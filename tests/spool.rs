@@ -163,6 +163,23 @@ fn once_on_shared_frames_equals_infer() {
                 infer["model"]
             );
         }
+        // Each model's share of the scheduler's ledger: none above the frame's high-water
+        // mark, together at least that (two models in flight at once may overlap).
+        let frame_hw = result["memory"]["ledger_high_water_bytes"]
+            .as_u64()
+            .unwrap();
+        let shares: Vec<u64> = models
+            .iter()
+            .map(|m| m["memory"]["ledger_high_water_bytes"].as_u64().unwrap())
+            .collect();
+        assert!(
+            shares.iter().all(|&s| s > 0 && s <= frame_hw),
+            "{shares:?} vs {frame_hw}"
+        );
+        assert!(
+            shares.iter().sum::<u64>() >= frame_hw,
+            "{shares:?} vs {frame_hw}"
+        );
         // Raw values equal infer's tensors bit for bit.
         let npy_dir = dir.join(format!("npy-{name}"));
         cli_ok(&[

@@ -172,6 +172,8 @@ pub fn process(frame: &str, path: &Path, cx: &Context) -> Outcome {
             });
         }
     };
+    let n_bytes = bytes.len();
+    drop(bytes);
     let decoded = t0.elapsed();
     let (fw, fh) = (img.width(), img.height());
 
@@ -229,6 +231,7 @@ pub fn process(frame: &str, path: &Path, cx: &Context) -> Outcome {
                         "report": r.report.name(),
                         "outputs": outputs,
                         "time_ms": run.time_ms,
+                        "memory": { "ledger_high_water_bytes": run.ledger_high_water },
                     }),
                     Err(e) => error_entry(
                         m,
@@ -269,7 +272,7 @@ pub fn process(frame: &str, path: &Path, cx: &Context) -> Outcome {
     }
     Outcome::Done(json!({
         "frame": frame,
-        "bytes": bytes.len(),
+        "bytes": n_bytes,
         "width": fw,
         "height": fh,
         "processed_unix": unix_now(),
@@ -296,6 +299,7 @@ pub fn unix_now() -> f64 {
 struct ModelRun {
     outputs: Vec<FloatTensor>,
     time_ms: Value,
+    ledger_high_water: u64,
 }
 
 fn options(run: &RunConfig) -> BatchOptions {
@@ -315,6 +319,7 @@ fn options(run: &RunConfig) -> BatchOptions {
 fn run_jobs(jobs: &[(usize, Job)], cx: &Context) -> (Vec<Result<ModelRun, ModelError>>, Value) {
     let opts = options(cx.run);
     let all: Vec<Job> = jobs.iter().map(|(_, j)| j.clone()).collect();
+    let all_costs: Vec<Arc<[LayerCost]>> = all.iter().map(|j| j.costs.clone()).collect();
     if all.is_empty() {
         return (vec![], Value::Null);
     }
@@ -322,7 +327,7 @@ fn run_jobs(jobs: &[(usize, Job)], cx: &Context) -> (Vec<Result<ModelRun, ModelE
         Ok(report) => {
             let memory = memory_of(&report, cx.run);
             (
-                split_report(report, jobs.len())
+                split_report(report, &all_costs)
                     .into_iter()
                     .map(Ok)
                     .collect(),
@@ -340,11 +345,13 @@ fn run_jobs(jobs: &[(usize, Job)], cx: &Context) -> (Vec<Result<ModelRun, ModelE
                         Ok(report) => {
                             high_water = high_water.max(report.ledger_high_water);
                             peak_rss = peak_rss.max(report.peak_rss);
-                            split_report(report, 1).pop().ok_or_else(|| ModelError {
-                                stage: "inference",
-                                reason: "the run returned no outputs".into(),
-                                layer: None,
-                            })
+                            split_report(report, std::slice::from_ref(&job.costs))
+                                .pop()
+                                .ok_or_else(|| ModelError {
+                                    stage: "inference",
+                                    reason: "the run returned no outputs".into(),
+                                    layer: None,
+                                })
                         }
                         Err(e) => Err(ModelError {
                             stage: "inference",
@@ -374,24 +381,55 @@ fn memory_of(report: &BatchReport, run: &RunConfig) -> Value {
     })
 }
 
-fn split_report(report: BatchReport, n: usize) -> Vec<ModelRun> {
+/// Per inference of a batch: outputs, timings, and the high-water mark of its share of
+/// the scheduler's ledger.
+fn split_report(report: BatchReport, costs: &[Arc<[LayerCost]>]) -> Vec<ModelRun> {
+    let n = costs.len();
     let mut load = vec![0.0; n];
     let mut exec = vec![0.0; n];
+    // The scheduler reserves a layer's whole footprint when its load starts and releases
+    // it when its exec ends; replaying the timeline gives each inference's share.
+    let mut events: Vec<Vec<(f64, i64)>> = vec![vec![]; n];
     for t in &report.tasks {
         let d = t.end_ms - t.start_ms;
+        let Some(layers) = costs.get(t.inference) else {
+            continue;
+        };
+        let footprint = |l: usize| {
+            layers
+                .get(l)
+                .map_or(0, |c| (c.load_bytes + c.exec_bytes) as i64)
+        };
         match t.kind {
-            TaskKind::Load(_) => load[t.inference] += d,
-            TaskKind::Exec(_) => exec[t.inference] += d,
+            TaskKind::Load(l) => {
+                load[t.inference] += d;
+                events[t.inference].push((t.start_ms, footprint(l)));
+            }
+            TaskKind::Exec(l) => {
+                exec[t.inference] += d;
+                events[t.inference].push((t.end_ms, -footprint(l)));
+            }
             TaskKind::Init => {}
         }
     }
+    let high_water = |mut ev: Vec<(f64, i64)>| {
+        // At equal times releases go first, as the scheduler completes before it admits.
+        ev.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let (mut now, mut peak) = (0i64, 0i64);
+        for (_, delta) in ev {
+            now += delta;
+            peak = peak.max(now);
+        }
+        peak as u64
+    };
     let round = |v: f64| (v * 1e3).round() / 1e3;
     report
         .outputs
         .into_iter()
         .zip(&report.inferences)
+        .zip(events)
         .enumerate()
-        .map(|(k, (outputs, rec))| ModelRun {
+        .map(|(k, ((outputs, rec), ev))| ModelRun {
             outputs,
             time_ms: json!({
                 "start": round(rec.start_ms),
@@ -399,6 +437,7 @@ fn split_report(report: BatchReport, n: usize) -> Vec<ModelRun> {
                 "load": round(load[k]),
                 "exec": round(exec[k]),
             }),
+            ledger_high_water: high_water(ev),
         })
         .collect()
 }
