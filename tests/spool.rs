@@ -782,3 +782,66 @@ fn sigterm_puts_the_frame_in_flight_back() {
         BTreeSet::from(["r0.png.json".to_string(), "r1.png.json".to_string()])
     );
 }
+
+#[test]
+fn restart_finishes_work_without_running_a_frame_twice() {
+    let dir = scratch("spool-recovery");
+    let det = import_shared(DETECTOR, &dir.join("models"));
+    let spool = dir.join("spool");
+    for d in ["incoming", "work", "out", "failed"] {
+        std::fs::create_dir_all(spool.join(d)).unwrap();
+    }
+    let png = frame_bytes(5, image::ImageFormat::Png);
+    // As a crash leaves them: a frame whose result is complete, one whose result is
+    // not there, one whose failure is recorded, and a temp file of an interrupted write.
+    std::fs::write(spool.join("work/done-already.png"), &png).unwrap();
+    let marker = "{\"frame\": \"done-already.png\", \"marker\": \"from the earlier run\"}";
+    std::fs::write(spool.join("out/done-already.png.json"), marker).unwrap();
+    std::fs::write(spool.join("work/unfinished.png"), &png).unwrap();
+    std::fs::write(
+        spool.join("out/.unfinished.png.json.tmp"),
+        "{\"frame\": \"unf",
+    )
+    .unwrap();
+    std::fs::write(spool.join("work/bad.png"), b"junk").unwrap();
+    std::fs::write(
+        spool.join("failed/bad.png.error.json"),
+        "{\"frame\": \"bad.png\", \"stage\": \"decode\", \"reason\": \"earlier\"}",
+    )
+    .unwrap();
+    let config = dir.join("memaflow.toml");
+    write_config(
+        &config,
+        &format!("[spool]\nroot = \"spool\"\n[[model]]\npath = {det:?}\n"),
+    );
+    let log = once_ok(&config);
+    assert_eq!(
+        std::fs::read_to_string(spool.join("out/done-already.png.json")).unwrap(),
+        marker,
+        "a complete result is not produced again"
+    );
+    assert!(
+        log.contains("done-already.png: result already written"),
+        "{log}"
+    );
+    let r = json(&spool.join("out/unfinished.png.json"));
+    assert!(r["models"][0]["outputs"].is_array(), "{r}");
+    assert_eq!(
+        json(&spool.join("failed/bad.png.error.json"))["reason"],
+        "earlier"
+    );
+    assert!(spool.join("failed/bad.png").is_file());
+    assert_eq!(
+        names(&spool.join("done")),
+        BTreeSet::from(["done-already.png".to_string(), "unfinished.png".to_string()])
+    );
+    assert!(names(&spool.join("work")).is_empty());
+    assert_eq!(
+        names(&spool.join("out")),
+        BTreeSet::from([
+            "done-already.png.json".to_string(),
+            "unfinished.png.json".to_string()
+        ]),
+        "no temp file left"
+    );
+}
