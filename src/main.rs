@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use memaflow::memory::{self, Bytes};
 use memaflow::model::{self, ColorOrder, Package, Preprocess, ResizeMode, zoo};
 use memaflow::runtime::{self, FloatTensor, npy};
-use memaflow::spool::{demo, preprocess, results};
+use memaflow::spool::{self, demo, preprocess, results};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -67,12 +67,29 @@ enum Command {
         #[arg(long)]
         list: bool,
     },
+    /// The spool daemon: runs the configured models on every frame that arrives in the
+    /// spool's incoming/ directory and writes one JSON result per frame (docs/spool.md).
+    Run(RunArgs),
     /// Run the built-in demonstration: generated models on sample frames.
     Demo {
         /// Working directory for generated models and frames (kept between runs).
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Configuration file (TOML).
+    #[arg(long, value_name = "FILE", default_value = spool::config::DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Board defaults to use (pi-zero-2w, pi3b, pi4-2g, pi4-4g, pi5, qemu-virt, or a
+    /// board file); default: the config's `board`, else detected from the device tree.
+    #[arg(long, value_name = "NAME")]
+    board: Option<String>,
+    /// Process what is in the spool (and what arrives meanwhile), then exit.
+    #[arg(long)]
+    once: bool,
 }
 
 #[derive(clap::Args)]
@@ -203,10 +220,15 @@ fn main() {
         );
     }
     memaflow::memory::return_freed_memory_promptly();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    let cli = Cli::parse();
+    // The daemon lowers the level to its configuration's `log_level` when RUST_LOG is unset.
+    let default_level = match cli.command {
+        Command::Run(_) => "trace",
+        _ => "info",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .format_timestamp(None)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Import(args) => import(args),
         Command::Infer(args) => infer(args),
@@ -223,6 +245,11 @@ fn main() {
             force,
             list,
         } => zoo_cmd(&out, &only, force, list),
+        Command::Run(args) => spool::daemon::run(&spool::daemon::RunOptions {
+            config: args.config,
+            board: args.board,
+            once: args.once,
+        }),
         Command::Demo { dir } => demo::run(&dir.unwrap_or_else(demo::default_dir)),
     };
     if let Err(e) = result {

@@ -1,13 +1,14 @@
 //! `memaflow demo`: the embedded default. Generates a small model set (zoo networks, plus
-//! the shared real models when `../shared/models` is beside the checkout) and sample frames,
-//! then runs every frame through every model layer by layer and prints what came out.
+//! the shared real models when `../shared/models` is beside the checkout), sample frames,
+//! a spool and a configuration, runs the spool daemon over it once, and prints what came
+//! out for every frame.
 
-use super::{preprocess, results};
-use crate::memory::{Bytes, process_memory};
+use super::daemon::{self, RunOptions};
+use crate::memory::Bytes;
 use crate::model::{self, Package, zoo};
-use crate::runtime;
 use anyhow::{Context, Result};
 use image::{Rgb, RgbImage};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 /// Zoo networks small enough to generate in seconds.
@@ -18,67 +19,148 @@ const SHARED_MODELS: [(&str, f32, f32); 3] = [
     ("face_landmark_f32", 0.0, 1.0),
     ("hand_recrop", -1.0, 1.0),
 ];
+/// How the demo reports the face detector: boxes from MediaPipe's anchor layout.
+const FACE_DETECTOR_REPORT: &str = r#"report = "boxes"
+[model.preprocess]
+resize = "letterbox"
+[model.boxes]
+boxes = "regressors"
+scores = "classificators"
+input_size = [128, 128]
+strides = [8, 16, 16, 16]
+keypoints = 6
+"#;
 
 pub fn default_dir() -> PathBuf {
     std::env::temp_dir().join("memaflow-demo")
 }
 
 pub fn run(dir: &Path) -> Result<()> {
+    // The configuration names packages by absolute path: it lives in another directory.
+    let dir = &std::path::absolute(dir).context("resolving the demo directory")?;
     let models = prepare_models(dir)?;
     let frames = prepare_frames(dir)?;
+    let spool = dir.join("spool");
+    if spool.exists() {
+        std::fs::remove_dir_all(&spool).with_context(|| format!("clearing {}", spool.display()))?;
+    }
+    let incoming = spool.join("incoming");
+    std::fs::create_dir_all(&incoming)
+        .with_context(|| format!("creating {}", incoming.display()))?;
+    for f in &frames {
+        if let Some(name) = f.file_name() {
+            std::fs::copy(f, incoming.join(name))
+                .with_context(|| format!("copying {}", f.display()))?;
+        }
+    }
+    let config = dir.join("memaflow.toml");
+    std::fs::write(&config, config_text(&spool, &models))
+        .with_context(|| format!("writing {}", config.display()))?;
     println!(
-        "demo: {} models × {} frames, layer by layer (files in {})",
+        "demo: {} models × {} frames through the spool daemon: memaflow run --config {} --once",
         models.len(),
         frames.len(),
-        dir.display()
+        config.display()
     );
-    for frame in &frames {
-        let img = match preprocess::decode_file(frame) {
-            Ok(img) => img,
-            Err(e) => {
-                println!("{}: skipped: {e:#}", frame.display());
-                continue;
-            }
-        };
-        for pkg in &models {
-            let input = preprocess::to_input(
-                &img,
-                &pkg.manifest.preprocess,
-                &pkg.manifest.inputs[0].shape,
-            )?;
-            let run = runtime::run_layerwise(pkg, &input)?;
-            let spec = &pkg.manifest.outputs[0];
-            let s = results::summarise(&spec.name, &run.outputs[0], spec.labels.as_deref());
-            let verdict = match s.top5.first() {
-                Some(top) => format!(
-                    "{} ({:.3})",
-                    top.label.clone().unwrap_or_else(|| top.index.to_string()),
-                    top.value
-                ),
-                None => format!("{} {:?} in [{:.3}, {:.3}]", s.name, s.shape, s.min, s.max),
-            };
+    daemon::run(&RunOptions {
+        config: config.clone(),
+        board: None,
+        once: true,
+    })?;
+    print_results(&spool)?;
+    let total_weights: u64 = models.iter().map(|p| p.manifest.weight_bytes()).sum();
+    println!(
+        "demo: done; {} of weights in all; results in {}, status in {}",
+        Bytes(total_weights),
+        spool.join("out").display(),
+        spool.join("status.json").display()
+    );
+    Ok(())
+}
+
+fn config_text(spool: &Path, models: &[Package]) -> String {
+    let mut text = format!(
+        "# Written by `memaflow demo`; see docs/spool.md for every key.\n\
+         [spool]\nroot = {:?}\n\n[run]\nbudget = \"128M\"\nparallel = 2\n",
+        spool.display().to_string()
+    );
+    for p in models {
+        text += &format!("\n[[model]]\npath = {:?}\n", p.dir.display().to_string());
+        if p.name() == "face_detection_short_range" {
+            text += FACE_DETECTOR_REPORT;
+        } else if p.manifest.outputs.iter().any(|o| o.labels.is_some()) {
+            text += "report = \"topk\"\ntop_k = 1\n";
+        }
+    }
+    text
+}
+
+/// One line per frame and model: the top class, the faces found, or the output's range.
+fn print_results(spool: &Path) -> Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(spool.join("out"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for path in entries {
+        let text = std::fs::read_to_string(&path)?;
+        let r: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let frame = r["frame"].as_str().unwrap_or("?");
+        for m in r["models"].as_array().into_iter().flatten() {
             println!(
-                "{:<16} {:<28} {:<40} {:>3} layers {:>7.1} ms",
-                frame
-                    .file_name()
-                    .map(|f| f.to_string_lossy().to_string())
-                    .unwrap_or_default(),
-                pkg.name(),
-                verdict,
-                pkg.manifest.layers.len(),
-                (run.stats.load + run.stats.exec).as_secs_f64() * 1e3
+                "{frame:<16} {:<28} {:<44} {:>8} ms",
+                m["name"].as_str().unwrap_or("?"),
+                verdict(m),
+                m["time_ms"]["end"]
+                    .as_f64()
+                    .zip(m["time_ms"]["start"].as_f64())
+                    .map_or("-".into(), |(e, s)| format!("{:.1}", e - s)),
             );
         }
     }
-    let total_weights: u64 = models.iter().map(|p| p.manifest.weight_bytes()).sum();
-    let peak = process_memory()
-        .map(|m| Bytes(m.peak_rss).to_string())
-        .unwrap_or_else(|_| "?".into());
-    println!(
-        "demo: done; {} of weights in all, process peak RSS {peak}",
-        Bytes(total_weights)
-    );
+    for e in std::fs::read_dir(spool.join("failed"))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".error.json") {
+            let r: Value = serde_json::from_str(&std::fs::read_to_string(e.path())?)?;
+            println!(
+                "{:<16} failed: {}",
+                r["frame"].as_str().unwrap_or("?"),
+                r["reason"]
+            );
+        }
+    }
     Ok(())
+}
+
+fn verdict(m: &Value) -> String {
+    if let Some(e) = m.get("error") {
+        return format!("error: {}", e["reason"].as_str().unwrap_or("?"));
+    }
+    let outs = &m["outputs"];
+    if let Some(d) = outs["detections"].as_array() {
+        let best = d
+            .iter()
+            .filter_map(|d| d["score"].as_f64())
+            .fold(0.0, f64::max);
+        return match d.len() {
+            0 => "no face".into(),
+            n => format!("{n} face(s), best score {best:.3}"),
+        };
+    }
+    let first = &outs[0];
+    if let Some(top) = first["top"].get(0).or_else(|| first["top5"].get(0)) {
+        let label = top["label"]
+            .as_str()
+            .map_or_else(|| top["index"].to_string(), String::from);
+        return format!("{label} ({:.3})", top["value"].as_f64().unwrap_or(f64::NAN));
+    }
+    format!(
+        "{} {} in [{:.3}, {:.3}]",
+        first["name"].as_str().unwrap_or("?"),
+        first["shape"],
+        first["min"].as_f64().unwrap_or(f64::NAN),
+        first["max"].as_f64().unwrap_or(f64::NAN)
+    )
 }
 
 fn prepare_models(dir: &Path) -> Result<Vec<Package>> {

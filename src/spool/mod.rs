@@ -1,5 +1,13 @@
-//! The appliance side: frames in, results out. Decoding and preprocessing live here.
+//! The appliance side: frames in, results out. The daemon (`memaflow run`) watches a spool
+//! directory, runs every configured model on every frame, and writes one result per frame;
+//! see `docs/spool.md`.
 
+pub mod config;
+pub mod daemon;
 pub mod demo;
+pub mod fsutil;
+pub mod layout;
+pub mod pipeline;
 pub mod preprocess;
 pub mod results;
+pub mod status;

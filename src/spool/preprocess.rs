@@ -91,22 +91,13 @@ fn fit(src: &RgbImage, w: u32, h: u32, mode: ResizeMode) -> RgbImage {
     match mode {
         ResizeMode::Stretch => image::imageops::resize(src, w, h, FilterType::Triangle),
         ResizeMode::Crop => {
-            // Largest centred window with the target's aspect ratio.
-            let (cw, ch) = if (sw as u64) * (h as u64) > (sh as u64) * (w as u64) {
-                (((sh as u64 * w as u64) / h as u64).max(1) as u32, sh)
-            } else {
-                (sw, ((sw as u64 * h as u64) / w as u64).max(1) as u32)
-            };
+            let (cw, ch) = crop_window(sw, sh, w, h);
             let view =
                 image::imageops::crop_imm(src, (sw - cw) / 2, (sh - ch) / 2, cw, ch).to_image();
             image::imageops::resize(&view, w, h, FilterType::Triangle)
         }
         ResizeMode::Letterbox => {
-            let scale = (w as f64 / sw as f64).min(h as f64 / sh as f64);
-            let (rw, rh) = (
-                ((sw as f64 * scale).round() as u32).clamp(1, w),
-                ((sh as f64 * scale).round() as u32).clamp(1, h),
-            );
+            let (rw, rh) = letterbox_size(sw, sh, w, h);
             let inner = image::imageops::resize(src, rw, rh, FilterType::Triangle);
             let mut out = RgbImage::new(w, h);
             image::imageops::replace(
@@ -117,6 +108,71 @@ fn fit(src: &RgbImage, w: u32, h: u32, mode: ResizeMode) -> RgbImage {
             );
             out
         }
+    }
+}
+
+/// Largest centred window of the frame with the target's aspect ratio.
+fn crop_window(sw: u32, sh: u32, w: u32, h: u32) -> (u32, u32) {
+    if (sw as u64) * (h as u64) > (sh as u64) * (w as u64) {
+        (((sh as u64 * w as u64) / h as u64).max(1) as u32, sh)
+    } else {
+        (sw, ((sw as u64 * h as u64) / w as u64).max(1) as u32)
+    }
+}
+
+/// Size of the frame scaled to fit inside the target.
+fn letterbox_size(sw: u32, sh: u32, w: u32, h: u32) -> (u32, u32) {
+    let scale = (w as f64 / sw as f64).min(h as f64 / sh as f64);
+    (
+        ((sw as f64 * scale).round() as u32).clamp(1, w),
+        ((sh as f64 * scale).round() as u32).clamp(1, h),
+    )
+}
+
+/// Where a point of the model input (coordinates normalised to 0..1) lies in the frame,
+/// in pixels: the inverse of the resize `to_input` did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Geometry {
+    scale: (f32, f32),
+    offset: (f32, f32),
+}
+
+impl Geometry {
+    /// For a `fw`×`fh` frame fitted to a `w`×`h` input by `mode`.
+    pub fn new(mode: ResizeMode, fw: u32, fh: u32, w: u32, h: u32) -> Geometry {
+        match mode {
+            ResizeMode::Stretch => Geometry::stretch(fw, fh),
+            ResizeMode::Crop => {
+                let (cw, ch) = crop_window(fw, fh, w, h);
+                Geometry {
+                    scale: (cw as f32, ch as f32),
+                    offset: (((fw - cw) / 2) as f32, ((fh - ch) / 2) as f32),
+                }
+            }
+            ResizeMode::Letterbox => {
+                let (rw, rh) = letterbox_size(fw, fh, w, h);
+                let (px, py) = (((w - rw) / 2) as f32, ((h - rh) / 2) as f32);
+                let (kx, ky) = (fw as f32 / rw as f32, fh as f32 / rh as f32);
+                Geometry {
+                    scale: (w as f32 * kx, h as f32 * ky),
+                    offset: (-px * kx, -py * ky),
+                }
+            }
+        }
+    }
+
+    pub fn stretch(fw: u32, fh: u32) -> Geometry {
+        Geometry {
+            scale: (fw as f32, fh as f32),
+            offset: (0.0, 0.0),
+        }
+    }
+
+    pub fn to_frame(&self, x: f32, y: f32) -> (f32, f32) {
+        (
+            x * self.scale.0 + self.offset.0,
+            y * self.scale.1 + self.offset.1,
+        )
     }
 }
 
@@ -191,6 +247,20 @@ mod tests {
         .unwrap();
         assert_eq!(cropped.data[0], 0.0);
         assert_eq!(cropped.data[3], 255.0);
+    }
+
+    #[test]
+    fn geometry_inverts_the_resize() {
+        // 200×100 letterboxed into 100×100: rows 25..75 hold the frame.
+        let g = Geometry::new(ResizeMode::Letterbox, 200, 100, 100, 100);
+        assert_eq!(g.to_frame(0.0, 0.25), (0.0, 0.0));
+        assert_eq!(g.to_frame(1.0, 0.75), (200.0, 100.0));
+        // 200×100 cropped to a square: the centre 100×100, from x = 50.
+        let g = Geometry::new(ResizeMode::Crop, 200, 100, 10, 10);
+        assert_eq!(g.to_frame(0.0, 0.0), (50.0, 0.0));
+        assert_eq!(g.to_frame(1.0, 1.0), (150.0, 100.0));
+        let g = Geometry::new(ResizeMode::Stretch, 200, 100, 10, 10);
+        assert_eq!(g.to_frame(0.5, 0.5), (100.0, 50.0));
     }
 
     #[test]

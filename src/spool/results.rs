@@ -1,7 +1,12 @@
-//! What a result says about one output tensor.
+//! What a result says about a model's outputs: a summary per tensor (what `memaflow infer`
+//! prints), the raw values, a top-k ranking with labels, or the boxes an SSD-style detector
+//! head finds (anchors, regression decoding, non-maximum suppression).
 
+use super::preprocess::Geometry;
+use crate::model::package::OutputSpec;
 use crate::runtime::FloatTensor;
-use serde::Serialize;
+use anyhow::{Context, Result, ensure};
+use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct OutputSummary {
@@ -65,9 +70,452 @@ pub fn summarise(name: &str, t: &FloatTensor, labels: Option<&[String]>) -> Outp
     }
 }
 
+/// How a model's outputs go into a frame's result.
+#[derive(Clone, Debug)]
+pub enum Report {
+    /// Per output: shape, min, max, mean, and for vectors the top 5, as `memaflow infer`.
+    Summary,
+    /// Per output: shape and every value.
+    Raw,
+    /// Per output: the k largest values with their indices and labels.
+    TopK {
+        k: usize,
+        /// Labels by index; without them the manifest's labels of that output.
+        labels: Option<Vec<String>>,
+    },
+    /// Detections decoded from a box-regression and a score output.
+    Boxes(Box<BoxDecoder>),
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct RawOutput<'a> {
+    name: &'a str,
+    shape: &'a [usize],
+    values: &'a [f32],
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct TopOutput<'a> {
+    name: &'a str,
+    shape: &'a [usize],
+    top: Vec<Ranked>,
+}
+
+impl Report {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Report::Summary => "summary",
+            Report::Raw => "raw",
+            Report::TopK { .. } => "topk",
+            Report::Boxes(_) => "boxes",
+        }
+    }
+
+    /// Whether this report can be made from outputs shaped as `specs` says.
+    pub fn check(&self, specs: &[OutputSpec]) -> Result<()> {
+        match self {
+            Report::Boxes(d) => d.check(specs),
+            Report::TopK {
+                labels: Some(labels),
+                ..
+            } => {
+                ensure!(
+                    specs
+                        .iter()
+                        .any(|s| s.shape.iter().product::<usize>() == labels.len()),
+                    "{} labels, but no output has that many values",
+                    labels.len()
+                );
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The `outputs` of one model in a result; `geometry` maps model-input coordinates
+    /// back to the frame's pixels.
+    pub fn render(
+        &self,
+        specs: &[OutputSpec],
+        outputs: &[FloatTensor],
+        geometry: &Geometry,
+    ) -> Result<serde_json::Value> {
+        ensure!(
+            specs.len() == outputs.len(),
+            "{} outputs for {} declared",
+            outputs.len(),
+            specs.len()
+        );
+        let pairs = specs.iter().zip(outputs);
+        Ok(match self {
+            Report::Summary => serde_json::to_value(
+                pairs
+                    .map(|(s, t)| summarise(&s.name, t, s.labels.as_deref()))
+                    .collect::<Vec<_>>(),
+            )?,
+            Report::Raw => serde_json::to_value(
+                pairs
+                    .map(|(s, t)| RawOutput {
+                        name: &s.name,
+                        shape: &t.shape,
+                        values: &t.data,
+                    })
+                    .collect::<Vec<_>>(),
+            )?,
+            Report::TopK { k, labels } => serde_json::to_value(
+                pairs
+                    .map(|(s, t)| {
+                        let labels = labels
+                            .as_deref()
+                            .filter(|l| l.len() == t.data.len())
+                            .or(s.labels.as_deref());
+                        TopOutput {
+                            name: &s.name,
+                            shape: &t.shape,
+                            top: top_k(&t.data, *k, labels),
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+            )?,
+            Report::Boxes(d) => serde_json::to_value(d.decode(specs, outputs, geometry)?)?,
+        })
+    }
+}
+
+fn top_k(data: &[f32], k: usize, labels: Option<&[String]>) -> Vec<Ranked> {
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    order.sort_by(|&a, &b| data[b].total_cmp(&data[a]));
+    order
+        .into_iter()
+        .take(k)
+        .map(|i| Ranked {
+            index: i,
+            value: data[i],
+            label: labels.and_then(|l| l.get(i).cloned()),
+        })
+        .collect()
+}
+
+/// An SSD-style detector head as configured (`[model.boxes]`): MediaPipe's anchor layout
+/// with fixed-size anchors, centre/size regressions scaled by the input size, keypoints
+/// after the box.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoxSpec {
+    /// Output with the regressions, [1, anchors, 4 + 2·keypoints].
+    pub boxes: String,
+    /// Output with one score (logit) per anchor, [1, anchors, 1].
+    pub scores: String,
+    /// Model input width and height the regressions are scaled by.
+    pub input_size: [u32; 2],
+    /// Stride of each feature map; consecutive equal strides share a grid.
+    pub strides: Vec<u32>,
+    #[serde(default = "two")]
+    pub anchors_per_layer: usize,
+    #[serde(default = "half")]
+    pub anchor_offset: f32,
+    #[serde(default)]
+    pub keypoints: usize,
+    #[serde(default = "half")]
+    pub score_threshold: f32,
+    #[serde(default = "iou")]
+    pub iou_threshold: f32,
+    #[serde(default = "hundred")]
+    pub max_boxes: usize,
+    /// Scores are logits (apply the sigmoid) rather than probabilities.
+    #[serde(default = "yes")]
+    pub sigmoid: bool,
+}
+
+fn two() -> usize {
+    2
+}
+fn half() -> f32 {
+    0.5
+}
+fn iou() -> f32 {
+    0.3
+}
+fn hundred() -> usize {
+    100
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Debug)]
+pub struct BoxDecoder {
+    spec: BoxSpec,
+    /// Anchor centres, normalised to the input.
+    anchors: Vec<(f32, f32)>,
+}
+
+/// One detection, in the frame's pixels.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Detection {
+    pub score: f32,
+    /// x_min, y_min, x_max, y_max.
+    #[serde(rename = "box")]
+    pub bbox: [f32; 4],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub keypoints: Vec<[f32; 2]>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Detections {
+    /// Anchors whose score passed the threshold, before suppression.
+    pub candidates: usize,
+    pub detections: Vec<Detection>,
+}
+
+impl BoxDecoder {
+    pub fn new(spec: BoxSpec) -> Result<BoxDecoder> {
+        let [w, h] = spec.input_size;
+        ensure!(w > 0 && h > 0, "boxes.input_size must be positive");
+        ensure!(
+            !spec.strides.is_empty() && spec.strides.iter().all(|&s| s > 0),
+            "boxes.strides must be positive and not empty"
+        );
+        ensure!(
+            spec.anchors_per_layer > 0,
+            "boxes.anchors_per_layer must be positive"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&spec.score_threshold)
+                && (0.0..=1.0).contains(&spec.iou_threshold),
+            "boxes.score_threshold and boxes.iou_threshold are between 0 and 1"
+        );
+        let mut anchors = vec![];
+        let mut i = 0;
+        while i < spec.strides.len() {
+            let stride = spec.strides[i];
+            let mut layers = 0;
+            while i < spec.strides.len() && spec.strides[i] == stride {
+                layers += 1;
+                i += 1;
+            }
+            let (fw, fh) = (w.div_ceil(stride), h.div_ceil(stride));
+            for y in 0..fh {
+                for x in 0..fw {
+                    let centre = (
+                        (x as f32 + spec.anchor_offset) / fw as f32,
+                        (y as f32 + spec.anchor_offset) / fh as f32,
+                    );
+                    anchors.extend(std::iter::repeat_n(centre, layers * spec.anchors_per_layer));
+                }
+            }
+        }
+        Ok(BoxDecoder { spec, anchors })
+    }
+
+    pub fn anchors(&self) -> usize {
+        self.anchors.len()
+    }
+
+    fn find<'a>(&self, specs: &'a [OutputSpec], name: &str) -> Result<(usize, &'a OutputSpec)> {
+        specs
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.name == name)
+            .with_context(|| {
+                format!(
+                    "boxes: the model has no output '{name}' (it has {})",
+                    specs
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+    }
+
+    pub fn check(&self, specs: &[OutputSpec]) -> Result<()> {
+        let n = self.anchors.len();
+        let (_, b) = self.find(specs, &self.spec.boxes)?;
+        let (_, s) = self.find(specs, &self.spec.scores)?;
+        let per = 4 + 2 * self.spec.keypoints;
+        ensure!(
+            b.shape.iter().product::<usize>() == n * b.shape.last().copied().unwrap_or(0)
+                && b.shape.last().copied().unwrap_or(0) >= per,
+            "boxes: '{}' is {:?}; {n} anchors of at least {per} values expected",
+            b.name,
+            b.shape
+        );
+        ensure!(
+            s.shape.iter().product::<usize>() == n,
+            "boxes: '{}' is {:?}; one score for each of {n} anchors expected",
+            s.name,
+            s.shape
+        );
+        Ok(())
+    }
+
+    pub fn decode(
+        &self,
+        specs: &[OutputSpec],
+        outputs: &[FloatTensor],
+        geometry: &Geometry,
+    ) -> Result<Detections> {
+        self.check(specs)?;
+        let sp = &self.spec;
+        let boxes = &outputs[self.find(specs, &sp.boxes)?.0];
+        let scores = &outputs[self.find(specs, &sp.scores)?.0];
+        let stride = boxes.shape.last().copied().unwrap_or(0);
+        let (sx, sy) = (sp.input_size[0] as f32, sp.input_size[1] as f32);
+        let mut found: Vec<(f32, [f32; 4], usize)> = vec![];
+        for (k, &(ax, ay)) in self.anchors.iter().enumerate() {
+            let raw = scores.data[k];
+            let score = if sp.sigmoid {
+                1.0 / (1.0 + (-raw.clamp(-100.0, 100.0)).exp())
+            } else {
+                raw
+            };
+            // NaN scores are no detections.
+            if score.is_nan() || score < sp.score_threshold {
+                continue;
+            }
+            let r = &boxes.data[k * stride..k * stride + 4];
+            let (cx, cy) = (r[0] / sx + ax, r[1] / sy + ay);
+            let (w, h) = (r[2] / sx, r[3] / sy);
+            found.push((
+                score,
+                [cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0],
+                k,
+            ));
+        }
+        let candidates = found.len();
+        found.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let mut kept: Vec<(f32, [f32; 4], usize)> = vec![];
+        for f in found {
+            if kept.len() == sp.max_boxes {
+                break;
+            }
+            if kept.iter().all(|k| iou_of(&k.1, &f.1) < sp.iou_threshold) {
+                kept.push(f);
+            }
+        }
+        let detections = kept
+            .into_iter()
+            .map(|(score, b, k)| {
+                let (ax, ay) = self.anchors[k];
+                let (x0, y0) = geometry.to_frame(b[0], b[1]);
+                let (x1, y1) = geometry.to_frame(b[2], b[3]);
+                let keypoints = (0..sp.keypoints)
+                    .map(|j| {
+                        let r = &boxes.data[k * stride + 4 + 2 * j..];
+                        let (x, y) = geometry.to_frame(r[0] / sx + ax, r[1] / sy + ay);
+                        [x, y]
+                    })
+                    .collect();
+                Detection {
+                    score,
+                    bbox: [x0, y0, x1, y1],
+                    keypoints,
+                }
+            })
+            .collect();
+        Ok(Detections {
+            candidates,
+            detections,
+        })
+    }
+}
+
+fn iou_of(a: &[f32; 4], b: &[f32; 4]) -> f32 {
+    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = iw * ih;
+    let area = |r: &[f32; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
+    let union = area(a) + area(b) - inter;
+    if union > 0.0 { inter / union } else { 0.0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec(name: &str, shape: Vec<usize>) -> OutputSpec {
+        OutputSpec {
+            name: name.into(),
+            shape,
+            dtype: crate::model::graph::DType::F32,
+            labels: None,
+        }
+    }
+
+    fn face_decoder() -> BoxDecoder {
+        BoxDecoder::new(BoxSpec {
+            boxes: "regressors".into(),
+            scores: "classificators".into(),
+            input_size: [128, 128],
+            strides: vec![8, 16, 16, 16],
+            anchors_per_layer: 2,
+            anchor_offset: 0.5,
+            keypoints: 6,
+            score_threshold: 0.5,
+            iou_threshold: 0.3,
+            max_boxes: 100,
+            sigmoid: true,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn mediapipe_face_anchors_and_decoding() {
+        let d = face_decoder();
+        // 16×16 cells × 2 + 8×8 cells × 6, as MediaPipe's short-range face detector.
+        assert_eq!(d.anchors(), 896);
+        let specs = [
+            spec("regressors", vec![1, 896, 16]),
+            spec("classificators", vec![1, 896, 1]),
+        ];
+        let mut boxes = vec![0f32; 896 * 16];
+        let mut scores = vec![-10f32; 896];
+        // Anchor 0 sits at (0.5/16, 0.5/16); a 32×32 box centred 8 px right of it, and a
+        // weaker overlapping one on anchor 1 (same centre) that suppression removes.
+        for (k, score) in [(0usize, 3.0f32), (1, 1.0)] {
+            boxes[k * 16..k * 16 + 4].copy_from_slice(&[8.0, 0.0, 32.0, 32.0]);
+            scores[k] = score;
+        }
+        let outputs = [
+            FloatTensor::new(vec![1, 896, 16], boxes).unwrap(),
+            FloatTensor::new(vec![1, 896, 1], scores).unwrap(),
+        ];
+        let geometry = Geometry::stretch(256, 256);
+        let r = d.decode(&specs, &outputs, &geometry).unwrap();
+        assert_eq!(r.candidates, 2);
+        assert_eq!(r.detections.len(), 1);
+        let det = &r.detections[0];
+        assert!((det.score - 1.0 / (1.0 + (-3f32).exp())).abs() < 1e-6);
+        // Centre at input (4 + 8, 4) px → frame (24, 8) px; 32 input px = 64 frame px.
+        let want = [24.0 - 32.0, 8.0 - 32.0, 24.0 + 32.0, 8.0 + 32.0];
+        for (a, b) in det.bbox.iter().zip(want) {
+            assert!((a - b).abs() < 1e-3, "{:?} vs {want:?}", det.bbox);
+        }
+        assert_eq!(det.keypoints.len(), 6);
+        assert!(d.check(&[spec("regressors", vec![1, 895, 16])]).is_err());
+    }
+
+    #[test]
+    fn reports_render_per_kind() {
+        let specs = [spec("prob", vec![1, 3])];
+        let outs = [FloatTensor::new(vec![1, 3], vec![0.2, 0.7, 0.1]).unwrap()];
+        let g = Geometry::stretch(1, 1);
+        let raw = Report::Raw.render(&specs, &outs, &g).unwrap();
+        assert_eq!(raw[0]["values"][1].as_f64().unwrap() as f32, 0.7);
+        let labels = Some(vec!["a".to_string(), "b".into(), "c".into()]);
+        let top = Report::TopK { k: 2, labels }
+            .render(&specs, &outs, &g)
+            .unwrap();
+        assert_eq!(top[0]["top"].as_array().unwrap().len(), 2);
+        assert_eq!(top[0]["top"][0]["label"], "b");
+        let summary = Report::Summary.render(&specs, &outs, &g).unwrap();
+        assert_eq!(
+            summary[0],
+            serde_json::to_value(summarise("prob", &outs[0], None)).unwrap()
+        );
+        assert!(Report::Raw.render(&specs, &[], &g).is_err());
+    }
 
     #[test]
     fn vectors_get_a_ranking_with_labels() {

@@ -1,0 +1,581 @@
+//! The daemon's configuration: a TOML file over the defaults of a board (`board/*.toml`,
+//! built into the binary). Everything is validated here, once: sizes become byte counts,
+//! policies enums, paths absolute, output reports ready-made decoders. Nothing downstream
+//! parses strings. `docs/spool.md` documents every key.
+
+use super::results::{BoxDecoder, BoxSpec, Report};
+use crate::memory::Bytes;
+use crate::model::{ColorOrder, ResizeMode, package::read_labels};
+use crate::runtime::{LoadingPolicy, SchedulingPolicy};
+use anyhow::{Context, Result, bail, ensure};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The board files of `board/`, by name.
+const BOARDS: [(&str, &str); 6] = [
+    ("pi-zero-2w", include_str!("../../board/pi-zero-2w.toml")),
+    ("pi3b", include_str!("../../board/pi3b.toml")),
+    ("pi4-2g", include_str!("../../board/pi4-2g.toml")),
+    ("pi4-4g", include_str!("../../board/pi4-4g.toml")),
+    ("pi5", include_str!("../../board/pi5.toml")),
+    ("qemu-virt", include_str!("../../board/qemu-virt.toml")),
+];
+
+/// Defaults with no board and no setting: the spool the Yocto layer installs
+/// (`yocto/meta-memaflow/.../paths.env`).
+pub const DEFAULT_SPOOL: &str = "/var/spool/memaflow";
+pub const DEFAULT_CONFIG: &str = "/etc/memaflow/memaflow.toml";
+const DEFAULT_RESERVE: u64 = 16 << 20;
+const DEFAULT_MAX_FRAME: u64 = 64 << 20;
+const DEFAULT_RESCAN_SECS: f64 = 10.0;
+const DEFAULT_SETTLE_SECS: f64 = 2.0;
+const DEFAULT_TOP_K: usize = 5;
+/// SIGTERM to exit: systemd's and the issue's 5 s, less a margin for the last writes.
+const DEFAULT_STOP_GRACE_SECS: f64 = 4.0;
+/// The scheduler tracks at most this many inferences in flight.
+const MAX_PARALLEL: usize = 16;
+
+/// A size written as `"256M"` or as a plain number of bytes.
+#[derive(Clone, Copy, Debug)]
+struct Size(u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Size, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Size(n)),
+            Raw::Text(s) => s
+                .parse::<Bytes>()
+                .map(|b| Size(b.0))
+                .map_err(|e| serde::de::Error::custom(format!("{e:#}"))),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRun {
+    budget: Option<Size>,
+    reserve: Option<Size>,
+    loading: Option<LoadingPolicy>,
+    scheduling: Option<SchedulingPolicy>,
+    parallel: Option<usize>,
+    threads: Option<usize>,
+}
+
+impl RawRun {
+    /// `self`'s settings where it has them, `under`'s elsewhere.
+    fn over(self, under: RawRun) -> RawRun {
+        RawRun {
+            budget: self.budget.or(under.budget),
+            reserve: self.reserve.or(under.reserve),
+            loading: self.loading.or(under.loading),
+            scheduling: self.scheduling.or(under.scheduling),
+            parallel: self.parallel.or(under.parallel),
+            threads: self.threads.or(under.threads),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBoard {
+    name: String,
+    memory: Size,
+    #[serde(default)]
+    device_tree: Vec<String>,
+    run: RawRun,
+    /// Read by `tests/qemu/run` (the cgroup limit of the full-system test), not here.
+    #[serde(default, rename = "test")]
+    _test: Option<toml::Table>,
+}
+
+/// A board: its memory and the run settings that suit it.
+#[derive(Clone, Debug)]
+pub struct Board {
+    pub name: String,
+    pub memory: u64,
+    device_tree: Vec<String>,
+    run: RawRun,
+}
+
+impl Board {
+    /// A built-in board by name, or a board file by path.
+    pub fn named(name: &str) -> Result<Board> {
+        if let Some((_, text)) = BOARDS.iter().find(|(n, _)| *n == name) {
+            return Board::parse(text).with_context(|| format!("built-in board {name}"));
+        }
+        let path = Path::new(name);
+        if name.ends_with(".toml") && path.is_file() {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            return Board::parse(&text).with_context(|| path.display().to_string());
+        }
+        bail!(
+            "unknown board '{name}' (known: {}; or give a board file path ending in .toml)",
+            BOARDS.map(|(n, _)| n).join(", ")
+        )
+    }
+
+    fn parse(text: &str) -> Result<Board> {
+        let raw: RawBoard = toml::from_str(text)?;
+        Ok(Board {
+            name: raw.name,
+            memory: raw.memory.0,
+            device_tree: raw.device_tree,
+            run: raw.run,
+        })
+    }
+
+    pub fn all() -> Result<Vec<Board>> {
+        BOARDS.iter().map(|(n, _)| Board::named(n)).collect()
+    }
+
+    /// The board whose device-tree model matches, with the least memory that is at least
+    /// `mem_total` (MemTotal is below the RAM fitted: the kernel and GPU take their share),
+    /// else the largest matching one.
+    pub fn detect(device_tree_model: &str, mem_total: u64) -> Result<Option<Board>> {
+        let model = device_tree_model.trim_end_matches('\0').trim();
+        let mut matching: Vec<Board> = Board::all()?
+            .into_iter()
+            .filter(|b| b.device_tree.iter().any(|p| model.starts_with(p.as_str())))
+            .collect();
+        matching.sort_by_key(|b| b.memory);
+        let fits = matching.iter().position(|b| b.memory >= mem_total);
+        Ok(match fits {
+            Some(i) => Some(matching.swap_remove(i)),
+            None => matching.pop(),
+        })
+    }
+
+    /// The board of this machine, from `/proc/device-tree/model` and `/proc/meminfo`.
+    fn of_this_machine() -> Result<Option<Board>> {
+        let Ok(model) = std::fs::read("/proc/device-tree/model") else {
+            return Ok(None);
+        };
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mem_total = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024);
+        Board::detect(&String::from_utf8_lossy(&model), mem_total)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    board: Option<String>,
+    log_level: Option<String>,
+    #[serde(default)]
+    spool: RawSpool,
+    #[serde(default)]
+    run: RawRun,
+    #[serde(default)]
+    models: RawModels,
+    #[serde(default)]
+    model: Vec<RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpool {
+    root: Option<PathBuf>,
+    done: Option<DonePolicy>,
+    max_frame_bytes: Option<Size>,
+    rescan_secs: Option<f64>,
+    settle_secs: Option<f64>,
+    stop_grace_secs: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModels {
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    path: PathBuf,
+    #[serde(default)]
+    report: ReportKind,
+    top_k: Option<usize>,
+    labels: Option<PathBuf>,
+    #[serde(default)]
+    preprocess: PreprocessOverride,
+    boxes: Option<BoxSpec>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum ReportKind {
+    #[default]
+    Summary,
+    Raw,
+    Topk,
+    Boxes,
+}
+
+/// What happens to a frame once its result is written.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DonePolicy {
+    /// Moved to `done/`.
+    #[default]
+    Move,
+    /// Unlinked.
+    Delete,
+}
+
+/// Per-model changes to the manifest's preprocessing.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessOverride {
+    pub resize: Option<ResizeMode>,
+    pub color: Option<ColorOrder>,
+    pub mean: Option<Vec<f32>>,
+    pub std: Option<Vec<f32>>,
+}
+
+impl PreprocessOverride {
+    pub fn apply(&self, base: &crate::model::Preprocess) -> crate::model::Preprocess {
+        crate::model::Preprocess {
+            resize: self.resize.unwrap_or(base.resize),
+            color: self.color.unwrap_or(base.color),
+            mean: self.mean.clone().unwrap_or_else(|| base.mean.clone()),
+            std: self.std.clone().unwrap_or_else(|| base.std.clone()),
+        }
+    }
+}
+
+/// One configured model: where its package is and how its outputs are reported.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub path: PathBuf,
+    pub preprocess: PreprocessOverride,
+    pub report: Report,
+}
+
+#[derive(Clone, Debug)]
+pub struct SpoolConfig {
+    pub root: PathBuf,
+    pub done: DonePolicy,
+    pub max_frame_bytes: u64,
+    /// How often `incoming/` is listed even without an inotify event.
+    pub rescan: Duration,
+    /// A file found by a rescan (not announced by a rename or close-after-write) is taken
+    /// once it has been unchanged this long: it may still be being written.
+    pub settle: Duration,
+    /// After SIGTERM, how long the frame in hand may take before it is put back.
+    pub stop_grace: Duration,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RunConfig {
+    pub budget: Option<u64>,
+    pub reserve: u64,
+    pub loading: LoadingPolicy,
+    pub scheduling: SchedulingPolicy,
+    pub parallel: usize,
+    pub threads: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub board: Option<String>,
+    pub log_level: log::LevelFilter,
+    pub spool: SpoolConfig,
+    pub run: RunConfig,
+    pub models: Vec<ModelConfig>,
+}
+
+impl Config {
+    /// Reads `path`; `board` (from the command line) overrides the file's `board`, and
+    /// with neither the board is detected.
+    pub fn load(path: &Path, board: Option<&str>) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the configuration {}", path.display()))?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        Config::parse(&text, base, board).with_context(|| path.display().to_string())
+    }
+
+    /// Parses a configuration; relative paths are taken from `base`.
+    pub fn parse(text: &str, base: &Path, board: Option<&str>) -> Result<Config> {
+        let raw: RawConfig = toml::from_str(text)?;
+        let board = match board.or(raw.board.as_deref()) {
+            Some(name) => Some(Board::named(name)?),
+            None => Board::of_this_machine()?,
+        };
+        let run = raw
+            .run
+            .over(board.as_ref().map(|b| b.run.clone()).unwrap_or_default());
+        let threads = run
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let parallel = run.parallel.unwrap_or(1);
+        ensure!(
+            (1..=MAX_PARALLEL).contains(&parallel),
+            "run.parallel must be 1 to {MAX_PARALLEL}"
+        );
+        ensure!(threads >= 1, "run.threads must be at least 1");
+        let run = RunConfig {
+            budget: run.budget.map(|s| s.0),
+            reserve: run.reserve.map_or(DEFAULT_RESERVE, |s| s.0),
+            loading: run.loading.unwrap_or(LoadingPolicy::Partial),
+            scheduling: run.scheduling.unwrap_or(SchedulingPolicy::Mema),
+            parallel,
+            threads,
+        };
+        let secs = |v: Option<f64>, default: f64, key: &str| -> Result<Duration> {
+            let v = v.unwrap_or(default);
+            ensure!(
+                v.is_finite() && (0.0..=86400.0).contains(&v),
+                "spool.{key} must be between 0 and 86400 seconds"
+            );
+            Ok(Duration::from_secs_f64(v))
+        };
+        let spool = SpoolConfig {
+            root: absolute(
+                base,
+                &raw.spool.root.unwrap_or_else(|| DEFAULT_SPOOL.into()),
+            ),
+            done: raw.spool.done.unwrap_or_default(),
+            max_frame_bytes: raw.spool.max_frame_bytes.map_or(DEFAULT_MAX_FRAME, |s| s.0),
+            rescan: secs(raw.spool.rescan_secs, DEFAULT_RESCAN_SECS, "rescan_secs")?,
+            settle: secs(raw.spool.settle_secs, DEFAULT_SETTLE_SECS, "settle_secs")?,
+            stop_grace: secs(
+                raw.spool.stop_grace_secs,
+                DEFAULT_STOP_GRACE_SECS,
+                "stop_grace_secs",
+            )?,
+        };
+        ensure!(
+            spool.rescan >= Duration::from_millis(100),
+            "spool.rescan_secs must be at least 0.1"
+        );
+        let log_level = match raw.log_level.as_deref() {
+            None => log::LevelFilter::Info,
+            Some(l) => l.parse().with_context(|| {
+                format!("log_level '{l}' (use off, error, warn, info, debug or trace)")
+            })?,
+        };
+        let models_dir = raw.models.dir.map(|d| absolute(base, &d));
+        let models = if raw.model.is_empty() {
+            match &models_dir {
+                Some(dir) => packages_in(dir)?
+                    .into_iter()
+                    .map(|path| ModelConfig {
+                        path,
+                        preprocess: PreprocessOverride::default(),
+                        report: Report::Summary,
+                    })
+                    .collect(),
+                None => bail!("no models: give [models] dir or one or more [[model]] entries"),
+            }
+        } else {
+            let from = models_dir.as_deref().unwrap_or(base);
+            raw.model
+                .into_iter()
+                .enumerate()
+                .map(|(k, m)| {
+                    let path = m.path.display().to_string();
+                    model_config(m, from, base)
+                        .with_context(|| format!("[[model]] {} ({path})", k + 1))
+                })
+                .collect::<Result<_>>()?
+        };
+        Ok(Config {
+            board: board.map(|b| b.name),
+            log_level,
+            spool,
+            run,
+            models,
+        })
+    }
+}
+
+fn model_config(m: RawModel, from: &Path, base: &Path) -> Result<ModelConfig> {
+    let labels = m
+        .labels
+        .as_deref()
+        .map(|p| read_labels(&absolute(base, p)))
+        .transpose()?;
+    ensure!(
+        m.report == ReportKind::Topk || (m.top_k.is_none() && labels.is_none()),
+        "top_k and labels go with report = \"topk\""
+    );
+    ensure!(
+        m.report == ReportKind::Boxes || m.boxes.is_none(),
+        "[model.boxes] goes with report = \"boxes\""
+    );
+    let report = match m.report {
+        ReportKind::Summary => Report::Summary,
+        ReportKind::Raw => Report::Raw,
+        ReportKind::Topk => {
+            let k = m.top_k.unwrap_or(DEFAULT_TOP_K);
+            ensure!(k >= 1, "top_k must be at least 1");
+            Report::TopK { k, labels }
+        }
+        ReportKind::Boxes => Report::Boxes(Box::new(BoxDecoder::new(
+            m.boxes
+                .context("report = \"boxes\" needs a [model.boxes] table")?,
+        )?)),
+    };
+    let p = &m.preprocess;
+    ensure!(
+        p.mean.as_ref().map(Vec::len) == p.std.as_ref().map(Vec::len),
+        "preprocess.mean and preprocess.std go together, with as many values"
+    );
+    if let Some(std) = &p.std {
+        ensure!(
+            std.iter().all(|s| s.is_finite() && *s != 0.0),
+            "preprocess.std must be finite and non-zero"
+        );
+    }
+    Ok(ModelConfig {
+        path: absolute(from, &m.path),
+        preprocess: m.preprocess,
+        report,
+    })
+}
+
+fn absolute(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Every directory in `dir` holding a `model.toml`, sorted by name.
+fn packages_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("listing models in {}", dir.display()))?;
+    let mut out = vec![];
+    for e in entries {
+        let path = e?.path();
+        if path.join(crate::model::package::MANIFEST_FILE).is_file() {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_yocto_layers_configuration_parses() {
+        let text =
+            include_str!("../../yocto/meta-memaflow/recipes-memaflow/memaflow/files/memaflow.toml");
+        let models = std::env::temp_dir().join(format!("memaflow-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(models.join("pkg")).unwrap();
+        std::fs::write(models.join("pkg/model.toml"), "").unwrap();
+        std::fs::create_dir_all(models.join("not-a-package")).unwrap();
+        let text = text.replace("/usr/share/memaflow/models", models.to_str().unwrap());
+        let c = Config::parse(&text, Path::new("/etc/memaflow"), Some("pi4-2g")).unwrap();
+        assert_eq!(c.spool.root, Path::new(DEFAULT_SPOOL));
+        assert_eq!(c.models.len(), 1);
+        assert_eq!(c.models[0].path, models.join("pkg"));
+        std::fs::remove_dir_all(&models).unwrap();
+        // The built-in defaults are the layer's paths.
+        let paths =
+            include_str!("../../yocto/meta-memaflow/recipes-memaflow/memaflow/files/paths.env");
+        assert!(paths.contains(&format!("MEMAFLOW_CONFIG={DEFAULT_CONFIG}\n")));
+        assert!(paths.contains(&format!("MEMAFLOW_SPOOL={DEFAULT_SPOOL}\n")));
+    }
+
+    #[test]
+    fn every_board_parses_and_detection_picks_by_memory() {
+        let boards = Board::all().unwrap();
+        assert_eq!(boards.len(), BOARDS.len());
+        for b in &boards {
+            assert!(
+                b.run.budget.is_some() && b.run.threads.is_some(),
+                "{}",
+                b.name
+            );
+        }
+        let pick = |model: &str, mib: u64| {
+            Board::detect(model, mib << 20)
+                .unwrap()
+                .map(|b| b.name)
+                .unwrap_or_default()
+        };
+        assert_eq!(pick("Raspberry Pi 4 Model B Rev 1.4\0", 1850), "pi4-2g");
+        assert_eq!(pick("Raspberry Pi 4 Model B Rev 1.4\0", 3800), "pi4-4g");
+        assert_eq!(pick("Raspberry Pi 4 Model B Rev 1.5\0", 7800), "pi4-4g");
+        assert_eq!(pick("Raspberry Pi Zero 2 W Rev 1.0\0", 420), "pi-zero-2w");
+        assert_eq!(pick("linux,dummy-virt\0", 480), "qemu-virt");
+        assert_eq!(pick("Some other board", 480), "");
+    }
+
+    #[test]
+    fn config_layers_over_the_board_and_checks_keys() {
+        let text = r#"
+            board = "pi-zero-2w"
+            log_level = "debug"
+            [spool]
+            root = "spool"
+            done = "delete"
+            max_frame_bytes = "1M"
+            [run]
+            parallel = 2
+            [[model]]
+            path = "pkgs/face"
+            report = "topk"
+            top_k = 3
+            [model.preprocess]
+            resize = "letterbox"
+        "#;
+        let c = Config::parse(text, Path::new("/etc/x"), None).unwrap();
+        assert_eq!(c.board.as_deref(), Some("pi-zero-2w"));
+        assert_eq!(c.run.budget, Some(160 << 20));
+        assert_eq!(c.run.parallel, 2);
+        assert_eq!(c.run.threads, 4);
+        assert_eq!(c.spool.root, Path::new("/etc/x/spool"));
+        assert_eq!(c.spool.done, DonePolicy::Delete);
+        assert_eq!(c.spool.max_frame_bytes, 1 << 20);
+        assert_eq!(c.log_level, log::LevelFilter::Debug);
+        assert_eq!(c.models[0].path, Path::new("/etc/x/pkgs/face"));
+        assert!(matches!(c.models[0].report, Report::TopK { k: 3, .. }));
+        assert_eq!(c.models[0].preprocess.resize, Some(ResizeMode::Letterbox));
+        // --board wins over the file's board.
+        let c = Config::parse(text, Path::new("/"), Some("pi4-2g")).unwrap();
+        assert_eq!(c.run.budget, Some(1 << 30));
+
+        for bad in [
+            "[spool]\nroot = 3\n[[model]]\npath = \"m\"",
+            "[spool]\nsurprise = 1\n[[model]]\npath = \"m\"",
+            "[run]\nbudget = \"12Q\"\n[[model]]\npath = \"m\"",
+            "[run]\nloading = \"eager\"\n[[model]]\npath = \"m\"",
+            "[run]\nparallel = 0\n[[model]]\npath = \"m\"",
+            "[run]\nparallel = 17\n[[model]]\npath = \"m\"",
+            "[spool]\nstop_grace_secs = -1\n[[model]]\npath = \"m\"",
+            "board = \"pi9\"\n[[model]]\npath = \"m\"",
+            "[[model]]\npath = \"m\"\ntop_k = 3",
+            "[[model]]\npath = \"m\"\nreport = \"boxes\"",
+            "[[model]]\npath = \"m\"\n[model.preprocess]\nmean = [1.0]",
+            "log_level = \"loud\"\n[[model]]\npath = \"m\"",
+            "[spool]\nroot = \"/s\"",
+        ] {
+            assert!(
+                Config::parse(bad, Path::new("/"), None).is_err(),
+                "accepted: {bad}"
+            );
+        }
+    }
+}

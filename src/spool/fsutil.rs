@@ -1,0 +1,181 @@
+//! The file operations the spool's crash safety rests on: renames that never replace,
+//! writes that are complete or absent, and reads that refuse anything but a plain file.
+
+use anyhow::{Context, Result, bail};
+use nix::errno::Errno;
+use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Makes the directory's entries (renames, creations, unlinks) durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing directory {}", dir.display()))
+}
+
+/// `rename(2)` that fails with `EEXIST` instead of replacing `to`.
+pub fn rename_noreplace(from: &Path, to: &Path) -> nix::Result<()> {
+    renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE)
+}
+
+/// The temporary name `write_atomic` uses for `name`: hidden, so that readers of the
+/// directory (and the daemon's own scans) skip it.
+pub fn temp_name(name: &str) -> String {
+    format!(".{name}.tmp")
+}
+
+/// Writes `dir/name` so that it is either absent, its previous content, or all of
+/// `bytes`, even across a crash or power loss: temp file, fsync, rename, fsync of `dir`.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(temp_name(name));
+    let target = dir.join(name);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o640)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, &target)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))?;
+    sync_dir(dir)
+}
+
+/// Removes temp files an interrupted `write_atomic` left in `dir`.
+pub fn remove_temp_files(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let e = e?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(".tmp") && e.file_type()?.is_file() {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// What kind of directory entry `meta` describes, for messages.
+fn kind(meta: &std::fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else {
+        "a regular file"
+    }
+}
+
+fn check_plain(meta: &std::fs::Metadata, limit: u64) -> Result<()> {
+    if !meta.file_type().is_file() {
+        bail!(
+            "it is {}, not a regular file (the spool takes plain files only and never follows links)",
+            kind(meta)
+        );
+    }
+    if meta.nlink() > 1 {
+        bail!(
+            "it has {} hard links (refused: another name could change it while it is read)",
+            meta.nlink()
+        );
+    }
+    if meta.len() > limit {
+        bail!(
+            "it is {} bytes, more than spool.max_frame_bytes ({limit})",
+            meta.len()
+        );
+    }
+    Ok(())
+}
+
+/// Reads a frame file of at most `limit` bytes. Symbolic links, other non-regular files
+/// and files with more than one link are refused, and the checks are made again on the
+/// opened file, so nothing swapped in between is read.
+pub fn read_frame(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let meta = std::fs::symlink_metadata(path).context("cannot stat it")?;
+    check_plain(&meta, limit)?;
+    // O_NONBLOCK: a FIFO swapped in after the check must not block the open.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
+            Errno::ELOOP => anyhow::anyhow!("it is a symbolic link (refused)"),
+            _ => anyhow::Error::new(e).context("cannot open it"),
+        })?;
+    let meta = file.metadata().context("cannot stat the opened file")?;
+    check_plain(&meta, limit)?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .context("cannot read it")?;
+    if bytes.len() as u64 > limit {
+        bail!("it grew beyond spool.max_frame_bytes ({limit}) while being read");
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("memaflow-fsutil-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn refuses_links_and_non_regular_files() {
+        let d = scratch("refuse");
+        std::fs::write(d.join("a"), b"abc").unwrap();
+        assert_eq!(read_frame(&d.join("a"), 3).unwrap(), b"abc");
+        let err = |p: &str, limit| format!("{:#}", read_frame(&d.join(p), limit).unwrap_err());
+        assert!(err("a", 2).contains("more than"));
+        std::os::unix::fs::symlink(d.join("a"), d.join("link")).unwrap();
+        assert!(err("link", 10).contains("symbolic link"));
+        std::fs::hard_link(d.join("a"), d.join("hard")).unwrap();
+        assert!(err("hard", 10).contains("hard links"));
+        std::fs::create_dir(d.join("dir")).unwrap();
+        assert!(err("dir", 10).contains("directory"));
+        nix::unistd::mkfifo(&d.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(err("fifo", 10).contains("FIFO"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn atomic_write_and_noreplace_rename() {
+        let d = scratch("atomic");
+        write_atomic(&d, "r.json", b"1").unwrap();
+        write_atomic(&d, "r.json", b"22").unwrap();
+        assert_eq!(std::fs::read(d.join("r.json")).unwrap(), b"22");
+        assert!(!d.join(temp_name("r.json")).exists());
+        std::fs::write(d.join(temp_name("x")), b"partial").unwrap();
+        assert_eq!(remove_temp_files(&d).unwrap(), 1);
+        std::fs::write(d.join("b"), b"b").unwrap();
+        assert_eq!(
+            rename_noreplace(&d.join("b"), &d.join("r.json")),
+            Err(Errno::EEXIST)
+        );
+        assert_eq!(std::fs::read(d.join("r.json")).unwrap(), b"22");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,334 @@
+//! The spool on disk. The directory a frame is in is its state, and a rename is each
+//! transition:
+//!
+//! ```text
+//! incoming/F ──claim──▶ work/F ──result──▶ out/F.json, then work/F ──▶ done/F (or unlinked)
+//!                              └─refusal──▶ failed/F.error.json, then work/F ──▶ failed/F
+//! ```
+//!
+//! Every step is a single rename or an atomic write, and the frame leaves `work/` only
+//! after its result or error record is durable; so after a crash at any point, `work/`
+//! holds exactly the frames whose fate is not yet recorded (retried) or recorded but not
+//! yet moved on (moved on, not retried). Claims never replace: a name already used by an
+//! earlier frame gets a `~N` suffix before its extension.
+
+use super::config::DonePolicy;
+use super::fsutil::{remove_temp_files, rename_noreplace, sync_dir, write_atomic};
+use anyhow::{Context, Result, bail};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+pub const STATUS_FILE: &str = "status.json";
+const LOCK_FILE: &str = ".lock";
+const MAX_SUFFIX: u32 = 100_000;
+
+/// An open spool; holds its lock, so one daemon at a time works on it.
+pub struct Spool {
+    pub root: PathBuf,
+    incoming: PathBuf,
+    work: PathBuf,
+    out: PathBuf,
+    done: PathBuf,
+    failed: PathBuf,
+    _lock: Flock<File>,
+}
+
+/// A directory entry of `incoming/` that may be claimed.
+pub struct Entry {
+    pub name: OsString,
+    /// Regular files only: when it last changed (the settle rule applies to them).
+    pub modified: Option<SystemTime>,
+}
+
+impl Spool {
+    /// Creates the spool's directories as needed and takes its lock.
+    pub fn open(root: &Path) -> Result<Spool> {
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("creating the spool {}", root.display()))?;
+        let dir = |name: &str| -> Result<PathBuf> {
+            let p = root.join(name);
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.file_type().is_dir() => {}
+                Ok(_) => bail!(
+                    "{} is not a directory (the spool's directories may not be links)",
+                    p.display()
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::create_dir(&p).with_context(|| format!("creating {}", p.display()))?
+                }
+                Err(e) => return Err(e).with_context(|| p.display().to_string()),
+            }
+            Ok(p)
+        };
+        let spool = Spool {
+            root: root.to_path_buf(),
+            incoming: dir("incoming")?,
+            work: dir("work")?,
+            out: dir("out")?,
+            done: dir("done")?,
+            failed: dir("failed")?,
+            _lock: lock(&root.join(LOCK_FILE))?,
+        };
+        for d in [&spool.out, &spool.failed, &spool.root] {
+            let n = remove_temp_files(d)?;
+            if n > 0 {
+                log::info!(
+                    "removed {n} unfinished temp file(s) from {} (a crash interrupted a write)",
+                    d.display()
+                );
+            }
+        }
+        Ok(spool)
+    }
+
+    pub fn incoming_dir(&self) -> &Path {
+        &self.incoming
+    }
+
+    pub fn work_path(&self, name: &str) -> PathBuf {
+        self.work.join(name)
+    }
+
+    /// `incoming/` now, hidden names (producers' temp files) left out, in name order.
+    pub fn incoming(&self) -> Result<Vec<Entry>> {
+        list(&self.incoming)
+    }
+
+    /// Frames in `work/`, in name order: claimed by a run that did not finish them.
+    pub fn in_work(&self) -> Result<Vec<String>> {
+        Ok(list(&self.work)?
+            .into_iter()
+            .map(|e| e.name.to_string_lossy().into_owned())
+            .collect())
+    }
+
+    fn name_in_use(&self, name: &str) -> bool {
+        let exists = |p: PathBuf| std::fs::symlink_metadata(p).is_ok();
+        exists(self.work.join(name))
+            || exists(self.out.join(result_name(name)))
+            || exists(self.done.join(name))
+            || exists(self.failed.join(name))
+            || exists(self.failed.join(error_name(name)))
+    }
+
+    /// Moves `incoming/NAME` into `work/` under a name no earlier frame used; returns it.
+    /// `None` when the entry is gone (taken or removed by someone else).
+    pub fn claim(&self, name: &OsString) -> Result<Option<String>> {
+        let from = self.incoming.join(name);
+        let wanted = name.to_string_lossy().into_owned();
+        for n in 0..MAX_SUFFIX {
+            let candidate = if n == 0 {
+                wanted.clone()
+            } else {
+                suffixed(&wanted, n)
+            };
+            if self.name_in_use(&candidate) {
+                continue;
+            }
+            match rename_noreplace(&from, &self.work.join(&candidate)) {
+                Ok(()) => {
+                    sync_dir(&self.work)?;
+                    return Ok(Some(candidate));
+                }
+                Err(Errno::EEXIST) => continue,
+                Err(Errno::ENOENT) => return Ok(None),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("claiming {}", from.display()));
+                }
+            }
+        }
+        bail!("no free name for {wanted} after {MAX_SUFFIX} tries")
+    }
+
+    /// Whether `out/NAME.json` is a complete result for the frame `work/NAME`.
+    pub fn has_result(&self, name: &str) -> bool {
+        read_json(&self.out.join(result_name(name)))
+            .is_some_and(|v| v.get("frame").and_then(|f| f.as_str()) == Some(name))
+    }
+
+    pub fn has_error_record(&self, name: &str) -> bool {
+        read_json(&self.failed.join(error_name(name)))
+            .is_some_and(|v| v.get("frame").and_then(|f| f.as_str()) == Some(name))
+    }
+
+    /// Records the result, then lets the frame go: to `done/` or unlinked.
+    pub fn complete(&self, name: &str, result: &[u8], policy: DonePolicy) -> Result<()> {
+        write_atomic(&self.out, &result_name(name), result)?;
+        self.release(name, policy)
+    }
+
+    /// The frame's result is durable: move it on from `work/`.
+    pub fn release(&self, name: &str, policy: DonePolicy) -> Result<()> {
+        let from = self.work.join(name);
+        match policy {
+            DonePolicy::Move => {
+                move_unique(&from, &self.done, name)?;
+                sync_dir(&self.done)?;
+            }
+            DonePolicy::Delete => {
+                let removed = std::fs::remove_file(&from).or_else(|e| {
+                    // A directory or other odd entry ends in failed/, never here; but a
+                    // frame may be gone already if a crash hit after the unlink.
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                });
+                removed.with_context(|| format!("removing {}", from.display()))?;
+            }
+        }
+        sync_dir(&self.work)
+    }
+
+    /// Records why the frame failed, then moves it to `failed/`.
+    pub fn fail(&self, name: &str, record: &[u8]) -> Result<()> {
+        write_atomic(&self.failed, &error_name(name), record)?;
+        self.release_failed(name)
+    }
+
+    pub fn release_failed(&self, name: &str) -> Result<()> {
+        move_unique(&self.work.join(name), &self.failed, name)?;
+        sync_dir(&self.failed)?;
+        sync_dir(&self.work)
+    }
+
+    /// Puts a claimed frame back into `incoming/` (shutdown before it was done). If that
+    /// name is taken again it stays in `work/`, which the next start retries.
+    pub fn requeue(&self, name: &str) -> Result<()> {
+        match rename_noreplace(&self.work.join(name), &self.incoming.join(name)) {
+            Ok(()) => {
+                sync_dir(&self.incoming)?;
+                sync_dir(&self.work)
+            }
+            Err(Errno::EEXIST) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("requeueing {name}")),
+        }
+    }
+
+    pub fn write_status(&self, bytes: &[u8]) -> Result<()> {
+        write_atomic(&self.root, STATUS_FILE, bytes)
+    }
+}
+
+pub fn result_name(frame: &str) -> String {
+    format!("{frame}.json")
+}
+
+pub fn error_name(frame: &str) -> String {
+    format!("{frame}.error.json")
+}
+
+/// `name` with `~N` before its extension: `cam.jpg` → `cam~2.jpg`.
+fn suffixed(name: &str, n: u32) -> String {
+    match name.rfind('.') {
+        Some(dot) if dot > 0 => format!("{}~{n}{}", &name[..dot], &name[dot..]),
+        _ => format!("{name}~{n}"),
+    }
+}
+
+/// Renames `from` into `dir` as `name`, or a suffixed name if something is there already
+/// (put there by hand: the daemon's own names are unique from the claim on).
+fn move_unique(from: &Path, dir: &Path, name: &str) -> Result<()> {
+    for n in 0..MAX_SUFFIX {
+        let to = dir.join(if n == 0 {
+            name.to_string()
+        } else {
+            suffixed(name, n)
+        });
+        match rename_noreplace(from, &to) {
+            Ok(()) => return Ok(()),
+            Err(Errno::EEXIST) => continue,
+            // Gone already: a crash after the rename, before `work/` was synced.
+            Err(Errno::ENOENT) if std::fs::symlink_metadata(from).is_err() => return Ok(()),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("moving {} to {}", from.display(), to.display()));
+            }
+        }
+    }
+    bail!("no free name for {name} in {}", dir.display())
+}
+
+fn lock(path: &Path) -> Result<Flock<File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
+        Errno::EWOULDBLOCK => anyhow::anyhow!(
+            "another memaflow daemon holds {} (one daemon per spool)",
+            path.display()
+        ),
+        e => anyhow::Error::new(e).context(format!("locking {}", path.display())),
+    })
+}
+
+fn list(dir: &Path) -> Result<Vec<Entry>> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let e = e.with_context(|| format!("listing {}", dir.display()))?;
+        let name = e.file_name();
+        if name.as_encoded_bytes().starts_with(b".") {
+            continue;
+        }
+        let modified = e
+            .metadata()
+            .ok()
+            .filter(|m| m.file_type().is_file())
+            .and_then(|m| m.modified().ok());
+        out.push(Entry { name, modified });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// A JSON file's value, or `None` if it is absent, unreadable or not complete JSON.
+fn read_json(path: &Path) -> Option<serde_json::Value> {
+    let bytes = super::fsutil::read_frame(path, 256 << 20).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffixes_go_before_the_extension() {
+        assert_eq!(suffixed("cam.jpg", 2), "cam~2.jpg");
+        assert_eq!(suffixed("a.b.png", 1), "a.b~1.png");
+        assert_eq!(suffixed("noext", 3), "noext~3");
+    }
+
+    #[test]
+    fn a_second_frame_of_the_same_name_keeps_the_first_result() {
+        let root = std::env::temp_dir().join(format!("memaflow-layout-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let spool = Spool::open(&root).unwrap();
+        assert!(Spool::open(&root).is_err(), "a second daemon is refused");
+        for round in 0..2 {
+            std::fs::write(root.join("incoming/cam.jpg"), [round]).unwrap();
+            let entries = spool.incoming().unwrap();
+            assert_eq!(entries.len(), 1);
+            let name = spool.claim(&entries[0].name).unwrap().unwrap();
+            let result = format!("{{\"frame\": \"{name}\"}}");
+            assert!(!spool.has_result(&name));
+            spool
+                .complete(&name, result.as_bytes(), DonePolicy::Move)
+                .unwrap();
+            assert!(spool.has_result(&name));
+        }
+        assert!(root.join("out/cam.jpg.json").is_file());
+        assert!(root.join("out/cam~1.jpg.json").is_file());
+        assert_eq!(std::fs::read(root.join("done/cam.jpg")).unwrap(), [0]);
+        assert_eq!(std::fs::read(root.join("done/cam~1.jpg")).unwrap(), [1]);
+        drop(spool);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -1,0 +1,63 @@
+//! `status.json` in the spool's root: what the daemon has done and how memory stands,
+//! replaced atomically so a reader never sees half of it.
+
+use super::config::RunConfig;
+use super::pipeline::unix_now;
+use crate::memory::{self, SystemMemory};
+use serde::Serialize;
+use serde_json::Value;
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub pid: u32,
+    pub version: &'static str,
+    /// `running`, `stopping` or `stopped`.
+    pub state: &'static str,
+    pub board: Option<String>,
+    pub started_unix: f64,
+    pub updated_unix: f64,
+    /// Frames finished (result written) and failed since the daemon started.
+    pub frames_done: u64,
+    pub frames_failed: u64,
+    pub last_error: Option<LastError>,
+    pub run: RunConfig,
+    pub models: Vec<Value>,
+    pub memory: Option<MemoryNow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LastError {
+    pub frame: String,
+    pub stage: String,
+    pub reason: String,
+    pub at_unix: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemoryNow {
+    pub rss_bytes: Option<u64>,
+    pub peak_rss_bytes: Option<u64>,
+    pub mem_available_bytes: Option<u64>,
+    pub cgroup_limit_bytes: Option<u64>,
+    /// What the memory gate would allow beyond what is resident now (reserve deducted).
+    pub headroom_bytes: Option<u64>,
+}
+
+impl Status {
+    /// Fresh timestamps and memory readings, as JSON.
+    pub fn render(&mut self, system: &SystemMemory) -> serde_json::Result<Vec<u8>> {
+        self.updated_unix = unix_now();
+        let process = memory::process_memory().ok();
+        let reading = system.read().ok();
+        self.memory = Some(MemoryNow {
+            rss_bytes: process.map(|p| p.rss),
+            peak_rss_bytes: process.map(|p| p.peak_rss),
+            mem_available_bytes: reading.as_ref().and_then(|r| r.mem_available),
+            cgroup_limit_bytes: reading.as_ref().and_then(|r| r.cgroup_limit()),
+            headroom_bytes: reading.as_ref().and_then(|r| r.headroom(self.run.reserve)),
+        });
+        let mut bytes = serde_json::to_vec_pretty(self)?;
+        bytes.push(b'\n');
+        Ok(bytes)
+    }
+}
