@@ -3,7 +3,6 @@
 
 use anyhow::{Context, Result, bail};
 use nix::errno::Errno;
-use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -17,8 +16,30 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// `rename(2)` that fails with `EEXIST` instead of replacing `to`.
+///
+/// By system call number: nix wraps `renameat2` for glibc only, and the firmware links
+/// musl. (`link` + `unlink` would not do: a crash between them leaves a hard-linked frame,
+/// which the spool refuses.)
 pub fn rename_noreplace(from: &Path, to: &Path) -> nix::Result<()> {
-    renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE)
+    use std::os::unix::ffi::OsStrExt;
+    /// Linux's `RENAME_NOREPLACE` (include/uapi/linux/fs.h), the same on every architecture.
+    const RENAME_NOREPLACE: nix::libc::c_uint = 1;
+    let from = std::ffi::CString::new(from.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: both pointers come from live `CString`s (NUL-terminated, no interior NUL) that
+    // outlive the call; the kernel only reads them. The other arguments are plain integers
+    // of the types renameat2(2) takes; the return value is checked below.
+    let rc = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_renameat2,
+            nix::libc::AT_FDCWD,
+            from.as_ptr(),
+            nix::libc::AT_FDCWD,
+            to.as_ptr(),
+            RENAME_NOREPLACE,
+        )
+    };
+    Errno::result(rc).map(drop)
 }
 
 /// The temporary name `write_atomic` uses for `name`: hidden, so that readers of the
