@@ -168,6 +168,7 @@ fn makespan_by_layers(records: &[RunRecord], level: MemoryLevel, path: &Path) ->
         }
     }
     let xmax = records.iter().map(|r| r.layers).max().unwrap_or(1) as f64 * 1.05;
+    let xmin = records.iter().map(|r| r.layers).min().unwrap_or(0) as f64 * 0.9;
     let ymax = lines
         .values()
         .flat_map(|l| l.values().filter_map(|v| mean(v)))
@@ -185,8 +186,7 @@ fn makespan_by_layers(records: &[RunRecord], level: MemoryLevel, path: &Path) ->
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(60)
-        .right_y_label_area_size(10)
-        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
+        .build_cartesian_2d(xmin..xmax, 0f64..ymax)
         .map_err(&err)?;
     chart
         .configure_mesh()

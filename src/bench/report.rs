@@ -4,7 +4,7 @@
 use super::child::{Exit, Status};
 use super::plan::{BASELINE, Combo, MemoryLevel};
 use anyhow::{Context, Result, bail, ensure};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 /// How a run's memory level was applied.
@@ -314,8 +314,9 @@ pub struct Outcomes {
     /// Makespans of the runs that finished, ms.
     pub makespans: Vec<f64>,
     pub peak_rss: Vec<u64>,
-    pub oom_killed: usize,
-    pub failed: usize,
+    /// Run numbers of the runs OOM-killed, and of those that failed or timed out.
+    pub oom_killed: Vec<usize>,
+    pub failed: Vec<usize>,
     pub runs: usize,
 }
 
@@ -364,8 +365,8 @@ pub fn group(records: &[RunRecord]) -> BTreeMap<GroupKey, BTreeMap<ComboKey, Out
                     o.makespans.extend(r.makespan_ms);
                     o.peak_rss.extend(r.peak_rss);
                 }
-                Status::OomKilled => o.oom_killed += 1,
-                Status::Failed | Status::Timeout => o.failed += 1,
+                Status::OomKilled => o.oom_killed.push(r.run),
+                Status::Failed | Status::Timeout => o.failed.push(r.run),
             }
         }
     }
@@ -399,9 +400,10 @@ pub struct Cell {
     pub baseline_oom: usize,
     /// Groups where no run of this combination finished.
     pub combo_missing: usize,
-    /// Runs of this combination that were OOM-killed, and that failed otherwise.
-    pub oom_killed: usize,
-    pub failed: usize,
+    /// Runs of this combination that were OOM-killed, and that failed otherwise (by run
+    /// number: the status quo joins the groups of every parallelism, yet is one run).
+    pub oom_killed: BTreeSet<usize>,
+    pub failed: BTreeSet<usize>,
 }
 
 impl Cell {
@@ -491,12 +493,12 @@ fn table_from(
                         let Some(reference) = reference(key, combo) else {
                             continue;
                         };
-                        cell.oom_killed += own.oom_killed;
-                        cell.failed += own.failed;
+                        cell.oom_killed.extend(&own.oom_killed);
+                        cell.failed.extend(&own.failed);
                         match (reference.mean_ms(), own.mean_ms()) {
                             (None, _) => {
                                 cell.baseline_missing += 1;
-                                if reference.oom_killed > 0 {
+                                if !reference.oom_killed.is_empty() {
                                     cell.baseline_oom += 1;
                                 }
                             }
@@ -561,11 +563,11 @@ impl Cell {
                 self.baseline_missing
             ));
         }
-        if self.oom_killed > 0 {
-            notes.push(format!("{} OOM-killed", runs(self.oom_killed)));
+        if !self.oom_killed.is_empty() {
+            notes.push(format!("{} OOM-killed", runs(self.oom_killed.len())));
         }
-        if self.failed > 0 {
-            notes.push(format!("{} failed", runs(self.failed)));
+        if !self.failed.is_empty() {
+            notes.push(format!("{} failed", runs(self.failed.len())));
         }
         let notes = if notes.is_empty() {
             String::new()
@@ -600,8 +602,8 @@ pub fn detail_markdown(records: &[RunRecord]) -> String {
                 "| {level} | {workload} | {p} | {combo} | {} | {} | {} | {} | {} | {} | {} |",
                 o.runs,
                 o.makespans.len(),
-                o.oom_killed,
-                o.failed,
+                o.oom_killed.len(),
+                o.failed.len(),
                 m.map(|v| format!("{:.2}", v / 1e3)).unwrap_or("–".into()),
                 match (base, m) {
                     (Some(b), Some(c)) => format!("{:.2}", b / c),
@@ -794,6 +796,20 @@ mod tests {
         assert_eq!(
             row(BASELINE)[1].render("bulk+fcfs"),
             "– (bulk+fcfs OOM-killed in 1/1 groups; 1 run OOM-killed)"
+        );
+        // Parallel 1 and 2 groups both hold the one status-quo run: it counts once.
+        let mut two = records.clone();
+        two.push(record(8, m256, BASELINE, 1, Status::OomKilled, None));
+        let t2 = speedup_table(&two, &levels, None);
+        let sq = &t2
+            .rows
+            .iter()
+            .find(|(x, _)| *x == Combo::StatusQuo)
+            .unwrap()
+            .1;
+        assert_eq!(
+            sq[1].render("bulk+fcfs"),
+            "– (bulk+fcfs OOM-killed in 2/2 groups; 1 run OOM-killed)"
         );
         let md = t.markdown("bulk+fcfs");
         assert!(md.starts_with("| loading+scheduling | none | 256M |\n"));
