@@ -183,8 +183,11 @@ struct BenchArgs {
     #[arg(long, value_name = "FILE.toml")]
     plan: PathBuf,
     /// Directory for runs.csv, table.md, the SVG plots and per-run logs of failed runs.
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "dry_run")]
+    out: Option<PathBuf>,
+    /// Print how many runs the plan expands to, and run nothing.
+    #[arg(long)]
+    dry_run: bool,
     /// Model packages by name (DIR/NAME); zoo networks missing there are generated into
     /// it. Default: OUT/models.
     #[arg(long, value_name = "DIR")]
@@ -565,9 +568,13 @@ fn batch_status_quo(
 
 #[cfg(feature = "bench")]
 fn bench(a: BenchArgs) -> Result<()> {
+    let (false, Some(out)) = (a.dry_run, a.out) else {
+        print!("{}", memaflow::bench::plan::Plan::read(&a.plan)?.summary());
+        return Ok(());
+    };
     let options = memaflow::bench::BenchOptions {
         plan: a.plan,
-        out: a.out,
+        out,
         models: a.models,
         frames: a.frames,
         cgroup_parent: a.cgroup_parent,

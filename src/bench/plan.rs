@@ -383,6 +383,31 @@ impl Plan {
     pub fn max_frames(&self) -> usize {
         self.workloads.iter().map(|w| w.frames).max().unwrap_or(1)
     }
+
+    /// What `bench --dry-run` prints: the runs per workload and in total.
+    pub fn summary(&self) -> String {
+        let runs = self.expand();
+        let mut s = String::new();
+        for (k, w) in self.workloads.iter().enumerate() {
+            let n = runs.iter().filter(|r| r.workload == k).count();
+            s += &format!(
+                "{:<16} {} × {} frame(s), {} combination(s): {n} runs\n",
+                w.name,
+                w.models.join("+"),
+                w.frames,
+                w.combos.len()
+            );
+        }
+        let levels: Vec<String> = self.memory.iter().map(|m| m.to_string()).collect();
+        s += &format!(
+            "{} runs: {} repetition(s) × memory [{}] × parallel {:?}\n",
+            runs.len(),
+            self.repetitions,
+            levels.join(", "),
+            self.parallel
+        );
+        s
+    }
 }
 
 #[cfg(test)]
@@ -438,6 +463,12 @@ mod tests {
         );
         assert_eq!(runs.last().unwrap().repetition, 2);
         assert_eq!(plan.models(), vec!["agenet", "gendernet", "sos_googlenet"]);
+        assert!(
+            plan.summary().ends_with(
+                "78 runs: 2 repetition(s) × memory [none, 256M, 1G] × parallel [1, 2]\n"
+            )
+        );
+        assert!(plan.summary().starts_with("small            agenet+gendernet+sos_googlenet × 1 frame(s), 5 combination(s): 54 runs\n"), "{}", plan.summary());
         assert_eq!(plan.max_frames(), 2);
     }
 
