@@ -64,6 +64,21 @@ impl BenchCgroups {
         let created = !parent.exists();
         std::fs::create_dir_all(&parent)
             .with_context(|| format!("creating cgroup {}", parent.display()))?;
+        // Run cgroups left by a bench that was killed (`run-<pid>-<run>`, its pid gone)
+        // are empty and can go; a bench still running keeps its own.
+        if let Ok(entries) = std::fs::read_dir(&parent) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let owner = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("run-").or(n.strip_prefix("probe-")))
+                    .and_then(|rest| rest.split('-').next())
+                    .and_then(|pid| pid.parse::<u32>().ok());
+                if owner.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
         let bench = BenchCgroups {
             parent,
             version,
