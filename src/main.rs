@@ -180,11 +180,15 @@ struct BatchArgs {
 #[derive(clap::Args)]
 struct BenchArgs {
     /// The experiment plan (TOML; see docs/bench.md and benches/*.toml).
-    #[arg(long, value_name = "FILE.toml")]
-    plan: PathBuf,
+    #[arg(long, value_name = "FILE.toml", required_unless_present = "replot")]
+    plan: Option<PathBuf>,
     /// Directory for runs.csv, table.md, the SVG plots and per-run logs of failed runs.
-    #[arg(long, value_name = "DIR", required_unless_present = "dry_run")]
+    #[arg(long, value_name = "DIR", required_unless_present_any = ["dry_run", "replot"])]
     out: Option<PathBuf>,
+    /// Rewrite table.md and the plots of a bench's output DIR from its runs.csv and
+    /// plan.toml, running nothing.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["plan", "out", "dry_run"])]
+    replot: Option<PathBuf>,
     /// Print how many runs the plan expands to, and run nothing.
     #[arg(long)]
     dry_run: bool,
@@ -568,12 +572,18 @@ fn batch_status_quo(
 
 #[cfg(feature = "bench")]
 fn bench(a: BenchArgs) -> Result<()> {
-    let (false, Some(out)) = (a.dry_run, a.out) else {
-        print!("{}", memaflow::bench::plan::Plan::read(&a.plan)?.summary());
+    let (Some(plan), Some(out), false) = (a.plan.clone(), a.out, a.dry_run) else {
+        if let Some(dir) = &a.replot {
+            for f in memaflow::bench::replot(dir)? {
+                println!("wrote {}", f.display());
+            }
+        } else if let Some(plan) = &a.plan {
+            print!("{}", memaflow::bench::plan::Plan::read(plan)?.summary());
+        }
         return Ok(());
     };
     let options = memaflow::bench::BenchOptions {
-        plan: a.plan,
+        plan,
         out,
         models: a.models,
         frames: a.frames,

@@ -156,6 +156,18 @@ fn tiny_plan_writes_consistent_csv_table_and_plots() {
             "no writable memory cgroup: limits ran budget-only",
         );
     }
+    // --replot rebuilds the same table from runs.csv and the copied plan.
+    let table = std::fs::read_to_string(dir.join("out/table.md")).unwrap();
+    std::fs::remove_file(dir.join("out/table.md")).unwrap();
+    std::fs::remove_file(dir.join("out/speedup.svg")).unwrap();
+    cli_ok(&["bench", "--replot", dir.join("out").to_str().unwrap()]);
+    let again = std::fs::read_to_string(dir.join("out/table.md")).unwrap();
+    assert_eq!(
+        again.lines().skip(1).collect::<Vec<_>>(),
+        table.lines().skip(1).collect::<Vec<_>>(),
+        "the table from runs.csv differs (first line names the plan)"
+    );
+    assert!(dir.join("out/speedup.svg").exists());
     // Successful runs leave no per-run directory; others keep their stderr.
     for r in &records {
         let kept = dir

@@ -21,7 +21,7 @@ mod plot;
 pub mod report;
 
 #[cfg(feature = "bench")]
-pub use run::{BenchOptions, BenchSummary, run};
+pub use run::{BenchOptions, BenchSummary, replot, run};
 
 #[cfg(feature = "bench")]
 mod run {
@@ -163,14 +163,12 @@ mod run {
         }
 
         let mut files = vec![csv_path];
-        let table_path = o.out.join("table.md");
-        std::fs::write(
-            &table_path,
-            report::table_markdown(&records, &plan.memory, &o.plan.display().to_string()),
-        )
-        .with_context(|| format!("writing {}", table_path.display()))?;
-        files.push(table_path);
-        files.extend(plot::write_all(&records, &plan.memory, &o.out)?);
+        files.extend(summarise(
+            &records,
+            &plan.memory,
+            &o.plan.display().to_string(),
+            &o.out,
+        )?);
         let mut by_status: Vec<(Status, usize)> = vec![];
         for r in &records {
             match by_status.iter_mut().find(|(s, _)| *s == r.status) {
@@ -184,6 +182,41 @@ mod run {
             budget_only,
             files,
         })
+    }
+
+    /// `table.md` and the plots of `records` into `out`.
+    fn summarise(
+        records: &[RunRecord],
+        levels: &[MemoryLevel],
+        plan_name: &str,
+        out: &Path,
+    ) -> Result<Vec<PathBuf>> {
+        let table_path = out.join("table.md");
+        std::fs::write(
+            &table_path,
+            report::table_markdown(records, levels, plan_name),
+        )
+        .with_context(|| format!("writing {}", table_path.display()))?;
+        let mut files = vec![table_path];
+        files.extend(plot::write_all(records, levels, out)?);
+        Ok(files)
+    }
+
+    /// Rewrites `table.md` and the plots of a bench's output directory from its
+    /// `runs.csv` and `plan.toml` (after a partial run, or with a newer memaflow).
+    pub fn replot(dir: &Path) -> Result<Vec<PathBuf>> {
+        let plan_path = dir.join("plan.toml");
+        let plan = Plan::read(&plan_path)?;
+        let csv_path = dir.join("runs.csv");
+        let text = std::fs::read_to_string(&csv_path)
+            .with_context(|| format!("reading {}", csv_path.display()))?;
+        let records = report::read_csv(&text).with_context(|| csv_path.display().to_string())?;
+        summarise(
+            &records,
+            &plan.memory,
+            &plan_path.display().to_string(),
+            dir,
+        )
     }
 
     fn progress_bar(len: usize) -> indicatif::ProgressBar {
