@@ -92,7 +92,27 @@ impl std::str::FromStr for Status {
 pub struct Ended {
     pub exit: Exit,
     pub wall: Duration,
+    /// CPU time (user + system) of the child, where the kernel reports it.
+    pub cpu: Option<Duration>,
     pub timed_out: bool,
+}
+
+/// User + system time of all reaped children of this process so far. The bench runs
+/// one child at a time, so the difference across a run is that run's.
+fn children_cpu() -> Option<Duration> {
+    let mut usage = std::mem::MaybeUninit::<nix::libc::rusage>::uninit();
+    // SAFETY: getrusage fills the whole struct when it returns 0 (checked first).
+    let usage = unsafe {
+        if nix::libc::getrusage(nix::libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) != 0 {
+            return None;
+        }
+        usage.assume_init()
+    };
+    let t = |tv: nix::libc::timeval| {
+        Duration::from_secs(tv.tv_sec.max(0) as u64)
+            + Duration::from_micros(tv.tv_usec.max(0) as u64)
+    };
+    Some(t(usage.ru_utime) + t(usage.ru_stime))
 }
 
 /// Runs `program args…` with stdout discarded and stderr to `stderr`, inside `cgroup`
@@ -137,15 +157,18 @@ pub fn run(
             });
         }
     }
+    let cpu_before = children_cpu();
     let start = Instant::now();
     let mut child = command
         .spawn()
         .with_context(|| format!("starting {}", program.display()))?;
+    let cpu = || Some(children_cpu()?.saturating_sub(cpu_before?));
     loop {
         if let Some(status) = child.try_wait().context("waiting for the child")? {
             return Ok(Ended {
                 exit: status.into(),
                 wall: start.elapsed(),
+                cpu: cpu(),
                 timed_out: false,
             });
         }
@@ -157,6 +180,7 @@ pub fn run(
             return Ok(Ended {
                 exit: status.into(),
                 wall: start.elapsed(),
+                cpu: cpu(),
                 timed_out: true,
             });
         }
@@ -188,6 +212,7 @@ mod tests {
         Ended {
             exit,
             wall: Duration::from_secs(1),
+            cpu: None,
             timed_out,
         }
     }
@@ -247,6 +272,12 @@ mod tests {
         assert_eq!(e.exit, Exit::Code(3));
         assert!(!e.timed_out);
         assert_eq!(std::fs::read_to_string(&err).unwrap(), "oops\n");
+        let busy = "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done";
+        let e = run(sh, &args(busy), &err, None, Duration::from_secs(30)).unwrap();
+        let cpu = e.cpu.expect("CPU time of a child");
+        // Only a lower bound: other tests' children may be reaped meanwhile (the bench
+        // itself runs one child at a time).
+        assert!(cpu > Duration::from_millis(20), "{e:?}");
         let e = run(sh, &args("sleep 5"), &err, None, Duration::from_millis(200)).unwrap();
         assert!(e.timed_out);
         assert_eq!(e.exit, Exit::Signal(9));

@@ -65,6 +65,11 @@ pub struct RunRecord {
     pub makespan_ms: Option<f64>,
     /// Spawn to reaping, as the bench saw it (process start and model decoding included).
     pub wall_ms: f64,
+    /// CPU time (user + system) the child used: unlike the makespan, barely changed by
+    /// other load on the machine.
+    pub cpu_ms: Option<f64>,
+    /// The machine's 1-minute load average when the run started (other users' load).
+    pub load1: Option<f64>,
     /// The child's VmHWM from its report.
     pub peak_rss: Option<u64>,
     /// The cgroup's peak usage (page cache included).
@@ -76,7 +81,7 @@ pub struct RunRecord {
     pub error: String,
 }
 
-pub const HEADER: [&str; 23] = [
+pub const HEADER: [&str; 27] = [
     "run",
     "repetition",
     "memory",
@@ -96,22 +101,21 @@ pub const HEADER: [&str; 23] = [
     "exit",
     "makespan_ms",
     "wall_ms",
+    "cpu_ms",
+    "load1",
     "peak_rss_bytes",
     "cgroup_peak_bytes",
     "oom_kills",
     "ledger_high_water_bytes",
+    "overdrafts",
+    "error",
 ];
 
-/// Columns after `HEADER`'s 23 (kept apart so the array stays readable).
-pub const HEADER_TAIL: [&str; 2] = ["overdrafts", "error"];
+/// Columns a `runs.csv` may lack: written by benches before they existed.
+const OPTIONAL: [&str; 2] = ["cpu_ms", "load1"];
 
 pub fn header_line() -> String {
-    HEADER
-        .iter()
-        .chain(&HEADER_TAIL)
-        .copied()
-        .collect::<Vec<_>>()
-        .join(",")
+    HEADER.join(",")
 }
 
 /// A CSV field: quoted (quotes doubled) when it holds a comma, quote or line break.
@@ -161,6 +165,8 @@ impl RunRecord {
             self.exit.to_string(),
             opt(self.makespan_ms.map(|v| format!("{v:.1}"))),
             format!("{:.1}", self.wall_ms),
+            opt(self.cpu_ms.map(|v| format!("{v:.1}"))),
+            opt(self.load1.map(|v| format!("{v:.2}"))),
             opt(self.peak_rss),
             opt(self.cgroup_peak),
             opt(self.oom_kills),
@@ -227,29 +233,37 @@ fn parse_csv(text: &str) -> Result<Vec<Vec<String>>> {
 }
 
 /// Reads `runs.csv` back into records (for re-plotting and for checking a bench's output).
+/// Columns are found by name; only those in `OPTIONAL` may be missing.
 pub fn read_csv(text: &str) -> Result<Vec<RunRecord>> {
     let rows = parse_csv(text)?;
     let Some((head, body)) = rows.split_first() else {
         bail!("empty CSV");
     };
-    ensure!(
-        head.join(",") == header_line(),
-        "unexpected header: {}",
-        head.join(",")
-    );
+    for name in HEADER {
+        ensure!(
+            head.iter().any(|h| h == name) || OPTIONAL.contains(&name),
+            "no column '{name}' in the header: {}",
+            head.join(",")
+        );
+    }
     body.iter()
         .enumerate()
-        .map(|(k, r)| parse_record(r).with_context(|| format!("runs.csv line {}", k + 2)))
+        .map(|(k, r)| parse_record(head, r).with_context(|| format!("runs.csv line {}", k + 2)))
         .collect()
 }
 
-fn parse_record(r: &[String]) -> Result<RunRecord> {
+fn parse_record(head: &[String], r: &[String]) -> Result<RunRecord> {
     ensure!(
-        r.len() == HEADER.len() + HEADER_TAIL.len(),
-        "{} fields, expected {}",
+        r.len() == head.len(),
+        "{} fields, the header has {}",
         r.len(),
-        HEADER.len() + HEADER_TAIL.len()
+        head.len()
     );
+    let get = |name: &str| -> &str {
+        head.iter()
+            .position(|h| h == name)
+            .map_or("", |i| r[i].as_str())
+    };
     fn num<T: std::str::FromStr>(s: &str, what: &str) -> Result<T>
     where
         T::Err: std::fmt::Display,
@@ -267,39 +281,41 @@ fn parse_record(r: &[String]) -> Result<RunRecord> {
         }
     }
     let record = RunRecord {
-        run: num(&r[0], "run")?,
-        repetition: num(&r[1], "repetition")?,
-        memory: r[2].parse()?,
-        limit: r[4].parse()?,
-        workload: r[5].clone(),
-        models: r[6].clone(),
-        frames: num(&r[7], "frames")?,
-        layers: num(&r[8], "layers")?,
-        combo: r[9].parse()?,
-        parallel: num(&r[12], "parallel")?,
-        workers: num(&r[13], "workers")?,
-        status: r[14].parse()?,
-        exit: r[16].parse()?,
-        makespan_ms: maybe(&r[17], "makespan_ms")?,
-        wall_ms: num(&r[18], "wall_ms")?,
-        peak_rss: maybe(&r[19], "peak_rss_bytes")?,
-        cgroup_peak: maybe(&r[20], "cgroup_peak_bytes")?,
-        oom_kills: maybe(&r[21], "oom_kills")?,
-        ledger_high_water: maybe(&r[22], "ledger_high_water_bytes")?,
-        overdrafts: maybe(&r[23], "overdrafts")?,
-        error: r[24].clone(),
+        run: num(get("run"), "run")?,
+        repetition: num(get("repetition"), "repetition")?,
+        memory: get("memory").parse()?,
+        limit: get("limit").parse()?,
+        workload: get("workload").to_string(),
+        models: get("models").to_string(),
+        frames: num(get("frames"), "frames")?,
+        layers: num(get("layers"), "layers")?,
+        combo: get("combo").parse()?,
+        parallel: num(get("parallel"), "parallel")?,
+        workers: num(get("workers"), "workers")?,
+        status: get("status").parse()?,
+        exit: get("exit").parse()?,
+        makespan_ms: maybe(get("makespan_ms"), "makespan_ms")?,
+        wall_ms: num(get("wall_ms"), "wall_ms")?,
+        cpu_ms: maybe(get("cpu_ms"), "cpu_ms")?,
+        load1: maybe(get("load1"), "load1")?,
+        peak_rss: maybe(get("peak_rss_bytes"), "peak_rss_bytes")?,
+        cgroup_peak: maybe(get("cgroup_peak_bytes"), "cgroup_peak_bytes")?,
+        oom_kills: maybe(get("oom_kills"), "oom_kills")?,
+        ledger_high_water: maybe(get("ledger_high_water_bytes"), "ledger_high_water_bytes")?,
+        overdrafts: maybe(get("overdrafts"), "overdrafts")?,
+        error: get("error").to_string(),
     };
     ensure!(
-        opt(record.memory.bytes()) == r[3],
+        opt(record.memory.bytes()) == get("memory_bytes"),
         "memory_bytes {} does not match memory {}",
-        r[3],
-        r[2]
+        get("memory_bytes"),
+        get("memory")
     );
     ensure!(
-        (r[15] == "yes") == (record.status == Status::OomKilled),
+        (get("oom_killed") == "yes") == (record.status == Status::OomKilled),
         "oom_killed '{}' contradicts status '{}'",
-        r[15],
-        r[14]
+        get("oom_killed"),
+        get("status")
     );
     ensure!(
         record.status != Status::Ok || record.makespan_ms.is_some(),
@@ -725,6 +741,8 @@ mod tests {
             },
             makespan_ms: makespan,
             wall_ms: makespan.unwrap_or(5.0) + 100.0,
+            cpu_ms: Some(1500.0),
+            load1: Some(0.25),
             peak_rss: makespan.map(|_| 100 << 20),
             cgroup_peak: Some(120 << 20),
             oom_kills: Some(u64::from(status == Status::OomKilled)),
@@ -761,6 +779,23 @@ mod tests {
         }
         assert_eq!(read_csv(&text).unwrap(), records);
         assert!(read_csv("run,x\n").is_err());
+        // A file from before cpu_ms and load1 existed still reads.
+        let old: String = parse_csv(&text)
+            .unwrap()
+            .iter()
+            .map(|f| {
+                let kept: Vec<String> = f
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !matches!(HEADER[*i], "cpu_ms" | "load1"))
+                    .map(|(_, v)| field(v))
+                    .collect();
+                kept.join(",") + "\n"
+            })
+            .collect();
+        let back = read_csv(&old).unwrap();
+        assert!(back.iter().all(|r| r.cpu_ms.is_none() && r.load1.is_none()));
+        assert_eq!(back[1].makespan_ms, Some(1234.5));
         let bad = text.replace(",oom-killed,yes,", ",oom-killed,no,");
         assert!(format!("{:#}", read_csv(&bad).unwrap_err()).contains("contradicts"));
     }
