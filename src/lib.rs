@@ -2,6 +2,7 @@
 //! loading and executing them layer by layer so that they fit in memory far smaller than
 //! the models. See `docs/architecture.md` for the module map.
 
+pub mod bench;
 pub mod memory;
 pub mod model;
 pub mod profile;

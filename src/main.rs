@@ -70,6 +70,10 @@ enum Command {
     /// The spool daemon: runs the configured models on every frame that arrives in the
     /// spool's incoming/ directory and writes one JSON result per frame (docs/spool.md).
     Run(RunArgs),
+    /// Run an experiment plan: every run a `memaflow batch` child in a memory cgroup with
+    /// the run's limit; writes runs.csv, table.md (speed-ups vs bulk+fcfs) and SVG plots.
+    #[cfg(feature = "bench")]
+    Bench(BenchArgs),
     /// Run the built-in demonstration: generated models on sample frames.
     Demo {
         /// Working directory for generated models and frames (kept between runs).
@@ -183,6 +187,43 @@ struct BatchArgs {
     /// Write the full report (timeline of every task, budget readings) as JSON.
     #[arg(long, value_name = "FILE.json")]
     report: Option<PathBuf>,
+    /// The status quo instead: each model run whole in tract, one inference after another
+    /// (no layers, no scheduler, no budget).
+    #[arg(long, conflicts_with_all = ["loading", "scheduling", "parallel", "budget", "workers", "profile"])]
+    status_quo: bool,
+}
+
+#[cfg(feature = "bench")]
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The experiment plan (TOML; see docs/bench.md and benches/*.toml).
+    #[arg(long, value_name = "FILE.toml", required_unless_present = "replot")]
+    plan: Option<PathBuf>,
+    /// Directory for runs.csv, table.md, the SVG plots and per-run logs of failed runs.
+    #[arg(long, value_name = "DIR", required_unless_present_any = ["dry_run", "replot"])]
+    out: Option<PathBuf>,
+    /// Rewrite table.md and the plots of a bench's output DIR from its runs.csv and
+    /// plan.toml, running nothing.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["plan", "out", "dry_run"])]
+    replot: Option<PathBuf>,
+    /// Print how many runs the plan expands to, and run nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Model packages by name (DIR/NAME); zoo networks missing there are generated into
+    /// it. Default: OUT/models.
+    #[arg(long, value_name = "DIR")]
+    models: Option<PathBuf>,
+    /// Frames to run (sorted by name, reused in turn). Default: deterministic 500×500
+    /// frames generated into OUT/frames.
+    #[arg(long, value_name = "DIR")]
+    frames: Option<PathBuf>,
+    /// Directory to create the run cgroups in. Default: memaflow-bench inside this
+    /// process's memory cgroup.
+    #[arg(long, value_name = "DIR", conflicts_with = "no_cgroup")]
+    cgroup_parent: Option<PathBuf>,
+    /// Do not use cgroups: pass each memory level as --budget (rows marked budget-only).
+    #[arg(long)]
+    no_cgroup: bool,
 }
 
 #[derive(clap::Args)]
@@ -250,6 +291,8 @@ fn main() {
             board: args.board,
             once: args.once,
         }),
+        #[cfg(feature = "bench")]
+        Command::Bench(args) => bench(args),
         Command::Demo { dir } => demo::run(&dir.unwrap_or_else(demo::default_dir)),
     };
     if let Err(e) = result {
@@ -455,6 +498,9 @@ fn batch(a: BatchArgs) -> Result<()> {
             labels.push(name.clone());
         }
     }
+    if a.status_quo {
+        return batch_status_quo(&jobs, &labels, a.npy_out.as_deref(), a.report.as_deref());
+    }
     let workers = a
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -505,6 +551,92 @@ fn batch(a: BatchArgs) -> Result<()> {
         "inferences": inferences,
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+/// `batch --status-quo`: the same jobs, each whole in tract, one after another.
+fn batch_status_quo(
+    jobs: &[runtime::Job],
+    labels: &[String],
+    npy_out: Option<&Path>,
+    report_path: Option<&Path>,
+) -> Result<()> {
+    let report = memaflow::bench::status_quo::run(jobs)?;
+    if let Some(dir) = npy_out {
+        let width = jobs.len().to_string().len().max(2);
+        for (k, (job, outs)) in jobs.iter().zip(&report.outputs).enumerate() {
+            write_npy_outputs(
+                &dir.join(format!("{k:0width$}-{}", job.package.name())),
+                &job.package,
+                outs,
+            )?;
+        }
+    }
+    if let Some(path) = report_path {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let inferences: Vec<serde_json::Value> = jobs
+        .iter()
+        .zip(&report.outputs)
+        .zip(labels)
+        .zip(&report.inferences)
+        .map(|(((job, outs), input), rec)| {
+            let summaries: Vec<results::OutputSummary> =
+                job.package.manifest.outputs.iter().zip(outs).map(|(spec, t)| results::summarise(&spec.name, t, spec.labels.as_deref())).collect();
+            serde_json::json!({ "model": job.package.name(), "input": input, "start_ms": rec.start_ms, "end_ms": rec.end_ms, "outputs": summaries })
+        })
+        .collect();
+    let summary = serde_json::json!({
+        "mode": report.mode,
+        "makespan_ms": report.makespan_ms,
+        "peak_rss_bytes": report.peak_rss,
+        "inferences": inferences,
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+#[cfg(feature = "bench")]
+fn bench(a: BenchArgs) -> Result<()> {
+    let (Some(plan), Some(out), false) = (a.plan.clone(), a.out, a.dry_run) else {
+        if let Some(dir) = &a.replot {
+            for f in memaflow::bench::replot(dir)? {
+                println!("wrote {}", f.display());
+            }
+        } else if let Some(plan) = &a.plan {
+            print!("{}", memaflow::bench::plan::Plan::read(plan)?.summary());
+        }
+        return Ok(());
+    };
+    let options = memaflow::bench::BenchOptions {
+        plan,
+        out,
+        models: a.models,
+        frames: a.frames,
+        cgroup_parent: a.cgroup_parent,
+        no_cgroup: a.no_cgroup,
+        program: std::env::current_exe().context("locating the memaflow binary")?,
+    };
+    let summary = memaflow::bench::run(&options)?;
+    let counts: Vec<String> = summary
+        .by_status
+        .iter()
+        .map(|(s, n)| format!("{n} {}", s.name()))
+        .collect();
+    println!(
+        "{} runs ({}){}",
+        summary.runs,
+        counts.join(", "),
+        if summary.budget_only {
+            "; limits NOT enforced (budget-only)"
+        } else {
+            ""
+        }
+    );
+    for f in &summary.files {
+        println!("wrote {}", f.display());
+    }
     Ok(())
 }
 
