@@ -316,7 +316,14 @@ fn bad_inputs_get_a_reason_and_never_stop_the_daemon() {
         "c-truncated.jpg",
         Some(&jpg[..jpg.len() / 2]),
         "decode",
-        "decoding jpeg",
+        "jpeg",
+    );
+    // Cut inside the scan: the decoder alone would grey the missing rows and succeed.
+    add(
+        "c-cut-scan.jpg",
+        Some(&jpg[..jpg.len() - 40]),
+        "decode",
+        "end-of-image",
     );
     add(
         "c-truncated.png",
@@ -330,11 +337,17 @@ fn bad_inputs_get_a_reason_and_never_stop_the_daemon() {
         "decode",
         "decoding png",
     );
+    // Whole in structure (segments, scan, end marker), but its Huffman table counts more
+    // codes than exist: the decoder itself must refuse it.
+    let mut corrupt = jpg.clone();
+    let dht = corrupt.windows(2).position(|w| w == [0xFF, 0xC4]).unwrap();
+    corrupt[dht + 5..dht + 21].fill(0xFF);
+    add("d-corrupt.jpg", Some(&corrupt), "decode", "decoding jpeg");
     let mut corrupt = jpg.clone();
     for b in corrupt.iter_mut().skip(200).step_by(3) {
         *b = 0xFF;
     }
-    add("d-corrupt.jpg", Some(&corrupt), "decode", "decoding jpeg");
+    add("d-scrambled.jpg", Some(&corrupt), "decode", "jpeg");
     let mut corrupt = png.clone();
     for b in corrupt.iter_mut().skip(40) {
         *b ^= 0x5A;
@@ -344,7 +357,7 @@ fn bad_inputs_get_a_reason_and_never_stop_the_daemon() {
         "d-soi-eoi.jpg",
         Some(b"\xFF\xD8\xFF\xD9"),
         "decode",
-        "decoding jpeg",
+        "end-of-image",
     );
     add(
         "e-huge.png",
