@@ -645,6 +645,17 @@ fn sigkill_at_random_moments_loses_nothing() {
     assert_eq!(failed, expected_failed);
 }
 
+/// The daemon watching its spool, its output captured.
+fn watch(config: &Path) -> (Child, nix::unistd::Pid) {
+    let child = daemon(config, &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    (child, pid)
+}
+
 fn frame_count(spool: &Path) -> usize {
     names(&spool.join("out")).len()
 }
@@ -664,12 +675,7 @@ fn sigterm_stops_cleanly_and_inotify_wakes_the_daemon() {
              [[model]]\npath = {det:?}\n"
         ),
     );
-    let child = daemon(&config, &[])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (child, pid) = watch(&config);
     std::thread::sleep(Duration::from_millis(500));
     for k in 0..3 {
         drop_frame(
@@ -748,12 +754,7 @@ fn sigterm_puts_the_frame_in_flight_back() {
         "[spool]\nroot = \"spool\"\nrescan_secs = 60\nstop_grace_secs = 0\n\
          [run]\nthreads = 1\n[models]\ndir = \"models\"\n",
     );
-    let child = daemon(&config, &[])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (child, pid) = watch(&config);
     for k in 0..2 {
         drop_frame(
             &spool,

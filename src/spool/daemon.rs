@@ -9,7 +9,7 @@
 use super::config::{Config, DonePolicy};
 use super::layout::Spool;
 use super::pipeline::{self, Model, Outcome, unix_now};
-use super::status::{LastError, Status};
+use super::status::{LastError, State, Status};
 use crate::memory::SystemMemory;
 use anyhow::{Context, Result, anyhow};
 use nix::errno::Errno;
@@ -70,7 +70,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     let status = Status {
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION"),
-        state: "running",
+        state: State::Running,
         board: config.board.clone(),
         started_unix: unix_now(),
         updated_unix: 0.0,
@@ -104,7 +104,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
             d.watch()?;
         }
     }
-    d.status.state = "stopped";
+    d.status.state = State::Stopped;
     d.write_status()?;
     log::info!(
         "stopped: {} frames done, {} failed",
@@ -172,7 +172,7 @@ impl Daemon {
                 log::info!("{s}: stopping (no more frames are claimed)");
             }
             self.stop = true;
-            self.status.state = "stopping";
+            self.status.state = State::Stopping;
         }
     }
 
@@ -260,7 +260,7 @@ impl Daemon {
         let worker = std::thread::Builder::new()
             .name("frame".into())
             .spawn(move || {
-                let cx = pipeline::Context {
+                let cx = pipeline::Setup {
                     models: &models,
                     run: &run,
                     max_frame_bytes: limit,
@@ -290,7 +290,7 @@ impl Daemon {
         }
         let outcome = worker.join().unwrap_or_else(|_| {
             Outcome::Failed(pipeline::FrameError {
-                stage: "internal",
+                stage: pipeline::FrameStage::Internal,
                 reason: "processing panicked (a bug: please report it with the frame)".into(),
                 models: vec![],
             })
@@ -323,10 +323,10 @@ impl Daemon {
                     .fail(name, &bytes)
                     .with_context(|| format!("{name}: recording the failure"))?;
                 self.status.frames_failed += 1;
-                log::warn!("{name}: failed ({}): {}", e.stage, e.reason);
+                log::warn!("{name}: failed ({}): {}", e.stage.name(), e.reason);
                 self.status.last_error = Some(LastError {
                     frame: name.to_string(),
-                    stage: e.stage.to_string(),
+                    stage: e.stage,
                     reason: e.reason,
                     at_unix: unix_now(),
                 });
