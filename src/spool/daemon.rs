@@ -23,12 +23,13 @@ use std::ffi::OsString;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 /// How often the status file is refreshed while idle.
 const STATUS_EVERY: Duration = Duration::from_secs(60);
 /// How often signals are checked while a frame is being processed.
-const TICK_MS: u16 = 50;
+const TICK: Duration = Duration::from_millis(50);
 
 pub struct RunOptions {
     pub config: PathBuf,
@@ -257,7 +258,8 @@ impl Daemon {
         );
         let limit = self.config.spool.max_frame_bytes;
         let frame = name.clone();
-        let worker = std::thread::Builder::new()
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
             .name("frame".into())
             .spawn(move || {
                 let cx = pipeline::Setup {
@@ -266,35 +268,36 @@ impl Daemon {
                     max_frame_bytes: limit,
                     system: &system,
                 };
-                pipeline::process(&frame, &path, &cx)
+                // The receiver is gone only if the daemon stopped waiting for this frame.
+                let _ = done.send(pipeline::process(&frame, &path, &cx));
             })
             .context("starting the frame's thread")?;
         let mut deadline = None;
-        while !worker.is_finished() {
-            let fd = self.signals.fd.as_fd();
-            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::from(TICK_MS)) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => return Err(e).context("waiting for the frame"),
+        let outcome = loop {
+            match outcome.recv_timeout(TICK) {
+                Ok(outcome) => break outcome,
+                // The sender is dropped without sending only when processing panicked.
+                Err(RecvTimeoutError::Disconnected) => {
+                    break Outcome::Failed(pipeline::FrameError {
+                        stage: pipeline::FrameStage::Internal,
+                        reason: "processing panicked (a bug: please report it with the frame)"
+                            .into(),
+                        models: vec![],
+                    });
+                }
+                Err(RecvTimeoutError::Timeout) => {}
             }
             let signal = self.signals.take()?;
             self.note_signal(signal);
             if self.stop {
                 let grace = self.config.spool.stop_grace;
                 let at = *deadline.get_or_insert_with(|| Instant::now() + grace);
-                if Instant::now() >= at && !worker.is_finished() {
+                if Instant::now() >= at {
                     log::info!("{name}: not finished in {grace:?}; put back into incoming/");
                     return self.spool.requeue(&name);
                 }
             }
-        }
-        let outcome = worker.join().unwrap_or_else(|_| {
-            Outcome::Failed(pipeline::FrameError {
-                stage: pipeline::FrameStage::Internal,
-                reason: "processing panicked (a bug: please report it with the frame)".into(),
-                models: vec![],
-            })
-        });
+        };
         self.record(&name, outcome)
     }
 
