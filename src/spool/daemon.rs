@@ -217,7 +217,12 @@ impl Daemon {
         if self.models.is_empty() {
             return Ok(scan);
         }
-        for entry in self.spool.incoming()? {
+        let entries = self.spool.incoming()?;
+        // Forget names no longer there, so neither set grows over a long run.
+        let present: HashSet<&OsString> = entries.iter().map(|e| &e.name).collect();
+        announced.retain(|n| present.contains(n));
+        self.unclaimable.retain(|n| present.contains(n));
+        for entry in entries {
             let signal = self.signals.take()?;
             self.note_signal(signal);
             if self.stop {
@@ -390,7 +395,10 @@ impl Daemon {
                                 AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE,
                             );
                             if let (true, Some(name)) = (complete, ev.name) {
-                                announced.insert(name);
+                                // Hidden names are producers' temp files, never claimed.
+                                if !name.as_encoded_bytes().starts_with(b".") {
+                                    announced.insert(name);
+                                }
                             }
                         }
                     }
