@@ -859,3 +859,46 @@ fn restart_finishes_work_without_running_a_frame_twice() {
         "no temp file left"
     );
 }
+
+#[test]
+fn a_frame_written_in_place_is_taken_once_complete() {
+    let dir = scratch("spool-settle");
+    let det = import_shared(DETECTOR, &dir.join("models"));
+    let spool = dir.join("spool");
+    std::fs::create_dir_all(spool.join("incoming")).unwrap();
+    let config = dir.join("memaflow.toml");
+    write_config(
+        &config,
+        &format!(
+            "[spool]\nroot = \"spool\"\nrescan_secs = 0.2\nsettle_secs = 5\n\
+             [[model]]\npath = {det:?}\n"
+        ),
+    );
+    let (child, pid) = watch(&config);
+    // A producer writing straight into incoming/: half now, the rest a second later.
+    let png = frame_bytes(3, image::ImageFormat::Png);
+    let path = spool.join("incoming/slow.png");
+    let mut f = std::fs::File::create(&path).unwrap();
+    std::io::Write::write_all(&mut f, &png[..png.len() / 2]).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(path.exists(), "a file still being written was taken");
+    std::io::Write::write_all(&mut f, &png[png.len() / 2..]).unwrap();
+    drop(f);
+    let t = Instant::now();
+    let result = spool.join("out/slow.png.json");
+    while !result.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "the closed file was not taken on IN_CLOSE_WRITE"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = json(&result);
+    assert_eq!(
+        (r["width"].as_u64(), r["height"].as_u64()),
+        (Some(48), Some(36))
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = wait_output(child, Duration::from_secs(5));
+    assert!(out.status.success());
+}
