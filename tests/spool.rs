@@ -93,6 +93,29 @@ fn write_config(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
+/// A scratch directory with the shared face detector imported, an empty spool, and a
+/// configuration running the detector on it: `[spool]` keys beyond the root, and `[run]`.
+struct Fixture {
+    spool: PathBuf,
+    config: PathBuf,
+}
+
+fn detector_spool(test: &str, spool_keys: &str, run_keys: &str) -> Fixture {
+    let dir = scratch(test);
+    let det = import_shared(DETECTOR, &dir.join("models"));
+    let spool = dir.join("spool");
+    std::fs::create_dir_all(spool.join("incoming")).unwrap();
+    let config = dir.join("memaflow.toml");
+    write_config(
+        &config,
+        &format!(
+            "[spool]\nroot = \"spool\"\n{spool_keys}\n[run]\n{run_keys}\n\
+             [[model]]\npath = {det:?}\n"
+        ),
+    );
+    Fixture { spool, config }
+}
+
 /// A small deterministic frame, encoded as `format`.
 fn frame_bytes(seed: u32, format: image::ImageFormat) -> Vec<u8> {
     let img = RgbImage::from_fn(48, 36, |x, y| {
@@ -544,25 +567,13 @@ impl Rng {
     }
 }
 
-fn watch_config(dir: &Path, det: &Path) -> PathBuf {
-    let config = dir.join("memaflow.toml");
-    write_config(
-        &config,
-        &format!(
-            "[spool]\nroot = \"spool\"\nrescan_secs = 0.2\nsettle_secs = 0\n\
-             [run]\nthreads = 1\n[[model]]\npath = {det:?}\n"
-        ),
-    );
-    config
-}
-
 #[test]
 fn sigkill_at_random_moments_loses_nothing() {
-    let dir = scratch("spool-sigkill");
-    let det = import_shared(DETECTOR, &dir.join("models"));
-    let spool = dir.join("spool");
-    std::fs::create_dir_all(spool.join("incoming")).unwrap();
-    let config = watch_config(&dir, &det);
+    let Fixture { spool, config } = detector_spool(
+        "spool-sigkill",
+        "rescan_secs = 0.2\nsettle_secs = 0",
+        "threads = 1",
+    );
     let mut rng = Rng(4);
     let mut sent: Vec<(String, bool)> = vec![];
     let formats = [
@@ -662,19 +673,9 @@ fn frame_count(spool: &Path) -> usize {
 
 #[test]
 fn sigterm_stops_cleanly_and_inotify_wakes_the_daemon() {
-    let dir = scratch("spool-sigterm");
-    let det = import_shared(DETECTOR, &dir.join("models"));
-    let spool = dir.join("spool");
-    std::fs::create_dir_all(spool.join("incoming")).unwrap();
     // A rescan only every minute: frames are seen through inotify or not at all.
-    let config = dir.join("memaflow.toml");
-    write_config(
-        &config,
-        &format!(
-            "[spool]\nroot = \"spool\"\nrescan_secs = 60\ndone = \"delete\"\n\
-             [[model]]\npath = {det:?}\n"
-        ),
-    );
+    let Fixture { spool, config } =
+        detector_spool("spool-sigterm", "rescan_secs = 60\ndone = \"delete\"", "");
     let (child, pid) = watch(&config);
     std::thread::sleep(Duration::from_millis(500));
     for k in 0..3 {
@@ -799,10 +800,8 @@ fn sigterm_puts_the_frame_in_flight_back() {
 
 #[test]
 fn restart_finishes_work_without_running_a_frame_twice() {
-    let dir = scratch("spool-recovery");
-    let det = import_shared(DETECTOR, &dir.join("models"));
-    let spool = dir.join("spool");
-    for d in ["incoming", "work", "out", "failed"] {
+    let Fixture { spool, config } = detector_spool("spool-recovery", "", "");
+    for d in ["work", "out", "failed"] {
         std::fs::create_dir_all(spool.join(d)).unwrap();
     }
     let png = frame_bytes(5, image::ImageFormat::Png);
@@ -823,11 +822,6 @@ fn restart_finishes_work_without_running_a_frame_twice() {
         "{\"frame\": \"bad.png\", \"stage\": \"decode\", \"reason\": \"earlier\"}",
     )
     .unwrap();
-    let config = dir.join("memaflow.toml");
-    write_config(
-        &config,
-        &format!("[spool]\nroot = \"spool\"\n[[model]]\npath = {det:?}\n"),
-    );
     let log = once_ok(&config);
     assert_eq!(
         std::fs::read_to_string(spool.join("out/done-already.png.json")).unwrap(),
@@ -862,18 +856,8 @@ fn restart_finishes_work_without_running_a_frame_twice() {
 
 #[test]
 fn a_frame_written_in_place_is_taken_once_complete() {
-    let dir = scratch("spool-settle");
-    let det = import_shared(DETECTOR, &dir.join("models"));
-    let spool = dir.join("spool");
-    std::fs::create_dir_all(spool.join("incoming")).unwrap();
-    let config = dir.join("memaflow.toml");
-    write_config(
-        &config,
-        &format!(
-            "[spool]\nroot = \"spool\"\nrescan_secs = 0.2\nsettle_secs = 5\n\
-             [[model]]\npath = {det:?}\n"
-        ),
-    );
+    let Fixture { spool, config } =
+        detector_spool("spool-settle", "rescan_secs = 0.2\nsettle_secs = 5", "");
     let (child, pid) = watch(&config);
     // A producer writing straight into incoming/: half now, the rest a second later.
     let png = frame_bytes(3, image::ImageFormat::Png);
