@@ -93,6 +93,29 @@ fn write_config(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
+/// A scratch directory with the shared face detector imported, an empty spool, and a
+/// configuration running the detector on it: `[spool]` keys beyond the root, and `[run]`.
+struct Fixture {
+    spool: PathBuf,
+    config: PathBuf,
+}
+
+fn detector_spool(test: &str, spool_keys: &str, run_keys: &str) -> Fixture {
+    let dir = scratch(test);
+    let det = import_shared(DETECTOR, &dir.join("models"));
+    let spool = dir.join("spool");
+    std::fs::create_dir_all(spool.join("incoming")).unwrap();
+    let config = dir.join("memaflow.toml");
+    write_config(
+        &config,
+        &format!(
+            "[spool]\nroot = \"spool\"\n{spool_keys}\n[run]\n{run_keys}\n\
+             [[model]]\npath = {det:?}\n"
+        ),
+    );
+    Fixture { spool, config }
+}
+
 /// A small deterministic frame, encoded as `format`.
 fn frame_bytes(seed: u32, format: image::ImageFormat) -> Vec<u8> {
     let img = RgbImage::from_fn(48, 36, |x, y| {
@@ -316,7 +339,14 @@ fn bad_inputs_get_a_reason_and_never_stop_the_daemon() {
         "c-truncated.jpg",
         Some(&jpg[..jpg.len() / 2]),
         "decode",
-        "decoding jpeg",
+        "jpeg",
+    );
+    // Cut inside the scan: the decoder alone would grey the missing rows and succeed.
+    add(
+        "c-cut-scan.jpg",
+        Some(&jpg[..jpg.len() - 40]),
+        "decode",
+        "end-of-image",
     );
     add(
         "c-truncated.png",
@@ -330,11 +360,17 @@ fn bad_inputs_get_a_reason_and_never_stop_the_daemon() {
         "decode",
         "decoding png",
     );
+    // Whole in structure (segments, scan, end marker), but its Huffman table counts more
+    // codes than exist: the decoder itself must refuse it.
+    let mut corrupt = jpg.clone();
+    let dht = corrupt.windows(2).position(|w| w == [0xFF, 0xC4]).unwrap();
+    corrupt[dht + 5..dht + 21].fill(0xFF);
+    add("d-corrupt.jpg", Some(&corrupt), "decode", "decoding jpeg");
     let mut corrupt = jpg.clone();
     for b in corrupt.iter_mut().skip(200).step_by(3) {
         *b = 0xFF;
     }
-    add("d-corrupt.jpg", Some(&corrupt), "decode", "decoding jpeg");
+    add("d-scrambled.jpg", Some(&corrupt), "decode", "jpeg");
     let mut corrupt = png.clone();
     for b in corrupt.iter_mut().skip(40) {
         *b ^= 0x5A;
@@ -344,7 +380,7 @@ fn bad_inputs_get_a_reason_and_never_stop_the_daemon() {
         "d-soi-eoi.jpg",
         Some(b"\xFF\xD8\xFF\xD9"),
         "decode",
-        "decoding jpeg",
+        "end-of-image",
     );
     add(
         "e-huge.png",
@@ -531,25 +567,13 @@ impl Rng {
     }
 }
 
-fn watch_config(dir: &Path, det: &Path) -> PathBuf {
-    let config = dir.join("memaflow.toml");
-    write_config(
-        &config,
-        &format!(
-            "[spool]\nroot = \"spool\"\nrescan_secs = 0.2\nsettle_secs = 0\n\
-             [run]\nthreads = 1\n[[model]]\npath = {det:?}\n"
-        ),
-    );
-    config
-}
-
 #[test]
 fn sigkill_at_random_moments_loses_nothing() {
-    let dir = scratch("spool-sigkill");
-    let det = import_shared(DETECTOR, &dir.join("models"));
-    let spool = dir.join("spool");
-    std::fs::create_dir_all(spool.join("incoming")).unwrap();
-    let config = watch_config(&dir, &det);
+    let Fixture { spool, config } = detector_spool(
+        "spool-sigkill",
+        "rescan_secs = 0.2\nsettle_secs = 0",
+        "threads = 1",
+    );
     let mut rng = Rng(4);
     let mut sent: Vec<(String, bool)> = vec![];
     let formats = [
@@ -632,31 +656,27 @@ fn sigkill_at_random_moments_loses_nothing() {
     assert_eq!(failed, expected_failed);
 }
 
+/// The daemon watching its spool, its output captured.
+fn watch(config: &Path) -> (Child, nix::unistd::Pid) {
+    let child = daemon(config, &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    (child, pid)
+}
+
 fn frame_count(spool: &Path) -> usize {
     names(&spool.join("out")).len()
 }
 
 #[test]
 fn sigterm_stops_cleanly_and_inotify_wakes_the_daemon() {
-    let dir = scratch("spool-sigterm");
-    let det = import_shared(DETECTOR, &dir.join("models"));
-    let spool = dir.join("spool");
-    std::fs::create_dir_all(spool.join("incoming")).unwrap();
     // A rescan only every minute: frames are seen through inotify or not at all.
-    let config = dir.join("memaflow.toml");
-    write_config(
-        &config,
-        &format!(
-            "[spool]\nroot = \"spool\"\nrescan_secs = 60\ndone = \"delete\"\n\
-             [[model]]\npath = {det:?}\n"
-        ),
-    );
-    let child = daemon(&config, &[])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let Fixture { spool, config } =
+        detector_spool("spool-sigterm", "rescan_secs = 60\ndone = \"delete\"", "");
+    let (child, pid) = watch(&config);
     std::thread::sleep(Duration::from_millis(500));
     for k in 0..3 {
         drop_frame(
@@ -735,12 +755,7 @@ fn sigterm_puts_the_frame_in_flight_back() {
         "[spool]\nroot = \"spool\"\nrescan_secs = 60\nstop_grace_secs = 0\n\
          [run]\nthreads = 1\n[models]\ndir = \"models\"\n",
     );
-    let child = daemon(&config, &[])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (child, pid) = watch(&config);
     for k in 0..2 {
         drop_frame(
             &spool,
@@ -785,10 +800,8 @@ fn sigterm_puts_the_frame_in_flight_back() {
 
 #[test]
 fn restart_finishes_work_without_running_a_frame_twice() {
-    let dir = scratch("spool-recovery");
-    let det = import_shared(DETECTOR, &dir.join("models"));
-    let spool = dir.join("spool");
-    for d in ["incoming", "work", "out", "failed"] {
+    let Fixture { spool, config } = detector_spool("spool-recovery", "", "");
+    for d in ["work", "out", "failed"] {
         std::fs::create_dir_all(spool.join(d)).unwrap();
     }
     let png = frame_bytes(5, image::ImageFormat::Png);
@@ -809,11 +822,6 @@ fn restart_finishes_work_without_running_a_frame_twice() {
         "{\"frame\": \"bad.png\", \"stage\": \"decode\", \"reason\": \"earlier\"}",
     )
     .unwrap();
-    let config = dir.join("memaflow.toml");
-    write_config(
-        &config,
-        &format!("[spool]\nroot = \"spool\"\n[[model]]\npath = {det:?}\n"),
-    );
     let log = once_ok(&config);
     assert_eq!(
         std::fs::read_to_string(spool.join("out/done-already.png.json")).unwrap(),
@@ -844,4 +852,37 @@ fn restart_finishes_work_without_running_a_frame_twice() {
         ]),
         "no temp file left"
     );
+}
+
+#[test]
+fn a_frame_written_in_place_is_taken_once_complete() {
+    let Fixture { spool, config } =
+        detector_spool("spool-settle", "rescan_secs = 0.2\nsettle_secs = 5", "");
+    let (child, pid) = watch(&config);
+    // A producer writing straight into incoming/: half now, the rest a second later.
+    let png = frame_bytes(3, image::ImageFormat::Png);
+    let path = spool.join("incoming/slow.png");
+    let mut f = std::fs::File::create(&path).unwrap();
+    std::io::Write::write_all(&mut f, &png[..png.len() / 2]).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(path.exists(), "a file still being written was taken");
+    std::io::Write::write_all(&mut f, &png[png.len() / 2..]).unwrap();
+    drop(f);
+    let t = Instant::now();
+    let result = spool.join("out/slow.png.json");
+    while !result.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "the closed file was not taken on IN_CLOSE_WRITE"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = json(&result);
+    assert_eq!(
+        (r["width"].as_u64(), r["height"].as_u64()),
+        (Some(48), Some(36))
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = wait_output(child, Duration::from_secs(5));
+    assert!(out.status.success());
 }

@@ -9,7 +9,7 @@
 use super::config::{Config, DonePolicy};
 use super::layout::Spool;
 use super::pipeline::{self, Model, Outcome, unix_now};
-use super::status::{LastError, Status};
+use super::status::{LastError, State, Status};
 use crate::memory::SystemMemory;
 use anyhow::{Context, Result, anyhow};
 use nix::errno::Errno;
@@ -23,12 +23,13 @@ use std::ffi::OsString;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 /// How often the status file is refreshed while idle.
 const STATUS_EVERY: Duration = Duration::from_secs(60);
 /// How often signals are checked while a frame is being processed.
-const TICK_MS: u16 = 50;
+const TICK: Duration = Duration::from_millis(50);
 
 pub struct RunOptions {
     pub config: PathBuf,
@@ -70,7 +71,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     let status = Status {
         pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION"),
-        state: "running",
+        state: State::Running,
         board: config.board.clone(),
         started_unix: unix_now(),
         updated_unix: 0.0,
@@ -104,7 +105,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
             d.watch()?;
         }
     }
-    d.status.state = "stopped";
+    d.status.state = State::Stopped;
     d.write_status()?;
     log::info!(
         "stopped: {} frames done, {} failed",
@@ -172,7 +173,7 @@ impl Daemon {
                 log::info!("{s}: stopping (no more frames are claimed)");
             }
             self.stop = true;
-            self.status.state = "stopping";
+            self.status.state = State::Stopping;
         }
     }
 
@@ -216,7 +217,12 @@ impl Daemon {
         if self.models.is_empty() {
             return Ok(scan);
         }
-        for entry in self.spool.incoming()? {
+        let entries = self.spool.incoming()?;
+        // Forget names no longer there, so neither set grows over a long run.
+        let present: HashSet<&OsString> = entries.iter().map(|e| &e.name).collect();
+        announced.retain(|n| present.contains(n));
+        self.unclaimable.retain(|n| present.contains(n));
+        for entry in entries {
             let signal = self.signals.take()?;
             self.note_signal(signal);
             if self.stop {
@@ -257,44 +263,46 @@ impl Daemon {
         );
         let limit = self.config.spool.max_frame_bytes;
         let frame = name.clone();
-        let worker = std::thread::Builder::new()
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
             .name("frame".into())
             .spawn(move || {
-                let cx = pipeline::Context {
+                let cx = pipeline::Setup {
                     models: &models,
                     run: &run,
                     max_frame_bytes: limit,
                     system: &system,
                 };
-                pipeline::process(&frame, &path, &cx)
+                // The receiver is gone only if the daemon stopped waiting for this frame.
+                let _ = done.send(pipeline::process(&frame, &path, &cx));
             })
             .context("starting the frame's thread")?;
         let mut deadline = None;
-        while !worker.is_finished() {
-            let fd = self.signals.fd.as_fd();
-            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::from(TICK_MS)) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => return Err(e).context("waiting for the frame"),
+        let outcome = loop {
+            match outcome.recv_timeout(TICK) {
+                Ok(outcome) => break outcome,
+                // The sender is dropped without sending only when processing panicked.
+                Err(RecvTimeoutError::Disconnected) => {
+                    break Outcome::Failed(pipeline::FrameError {
+                        stage: pipeline::FrameStage::Internal,
+                        reason: "processing panicked (a bug: please report it with the frame)"
+                            .into(),
+                        models: vec![],
+                    });
+                }
+                Err(RecvTimeoutError::Timeout) => {}
             }
             let signal = self.signals.take()?;
             self.note_signal(signal);
             if self.stop {
                 let grace = self.config.spool.stop_grace;
                 let at = *deadline.get_or_insert_with(|| Instant::now() + grace);
-                if Instant::now() >= at && !worker.is_finished() {
+                if Instant::now() >= at {
                     log::info!("{name}: not finished in {grace:?}; put back into incoming/");
                     return self.spool.requeue(&name);
                 }
             }
-        }
-        let outcome = worker.join().unwrap_or_else(|_| {
-            Outcome::Failed(pipeline::FrameError {
-                stage: "internal",
-                reason: "processing panicked (a bug: please report it with the frame)".into(),
-                models: vec![],
-            })
-        });
+        };
         self.record(&name, outcome)
     }
 
@@ -323,10 +331,10 @@ impl Daemon {
                     .fail(name, &bytes)
                     .with_context(|| format!("{name}: recording the failure"))?;
                 self.status.frames_failed += 1;
-                log::warn!("{name}: failed ({}): {}", e.stage, e.reason);
+                log::warn!("{name}: failed ({}): {}", e.stage.name(), e.reason);
                 self.status.last_error = Some(LastError {
                     frame: name.to_string(),
-                    stage: e.stage.to_string(),
+                    stage: e.stage,
                     reason: e.reason,
                     at_unix: unix_now(),
                 });
@@ -387,7 +395,10 @@ impl Daemon {
                                 AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE,
                             );
                             if let (true, Some(name)) = (complete, ev.name) {
-                                announced.insert(name);
+                                // Hidden names are producers' temp files, never claimed.
+                                if !name.as_encoded_bytes().starts_with(b".") {
+                                    announced.insert(name);
+                                }
                             }
                         }
                     }

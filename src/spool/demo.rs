@@ -53,11 +53,21 @@ pub fn run(dir: &Path) -> Result<()> {
                 .with_context(|| format!("copying {}", f.display()))?;
         }
     }
+    // A damaged frame too, to show where frames that cannot be processed go.
+    if let Some(jpeg) = frames
+        .iter()
+        .find(|f| f.extension().is_some_and(|e| e == "jpg"))
+    {
+        let bytes = std::fs::read(jpeg).with_context(|| format!("reading {}", jpeg.display()))?;
+        std::fs::write(incoming.join("truncated.jpg"), &bytes[..bytes.len() / 3])
+            .context("writing the damaged frame")?;
+    }
     let config = dir.join("memaflow.toml");
     std::fs::write(&config, config_text(&spool, &models))
         .with_context(|| format!("writing {}", config.display()))?;
     println!(
-        "demo: {} models × {} frames through the spool daemon: memaflow run --config {} --once",
+        "demo: {} models × {} frames (and a damaged one) through the spool daemon: \
+         memaflow run --config {} --once",
         models.len(),
         frames.len(),
         config.display()
@@ -123,9 +133,10 @@ fn print_results(spool: &Path) -> Result<()> {
         if name.ends_with(".error.json") {
             let r: Value = serde_json::from_str(&std::fs::read_to_string(e.path())?)?;
             println!(
-                "{:<16} failed: {}",
+                "{:<16} failed ({}): {}",
                 r["frame"].as_str().unwrap_or("?"),
-                r["reason"]
+                r["stage"].as_str().unwrap_or("?"),
+                r["reason"].as_str().unwrap_or("?")
             );
         }
     }

@@ -21,11 +21,22 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Where a model failed.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelStage {
+    /// The start-up check of the package.
+    Package,
+    Preprocess,
+    Inference,
+    /// Rendering the outputs as configured.
+    Report,
+}
+
 /// Why a model produced no outputs for a frame.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ModelError {
-    /// `package` (failed the start-up check), `preprocess`, or `inference`.
-    pub stage: &'static str,
+    pub stage: ModelStage,
     pub reason: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layer: Option<usize>,
@@ -78,7 +89,7 @@ impl Model {
 
 fn check_package(config: &ModelConfig) -> Result<Ready, ModelError> {
     let broken = |reason: String, layer| ModelError {
-        stage: "package",
+        stage: ModelStage::Package,
         reason,
         layer,
     };
@@ -123,12 +134,34 @@ fn check_package(config: &ModelConfig) -> Result<Ready, ModelError> {
     })
 }
 
+/// Where a frame failed as a whole.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FrameStage {
+    /// Refused (not a plain file, too large) or unreadable.
+    Read,
+    Decode,
+    /// No model produced outputs.
+    Inference,
+    /// Processing panicked: a bug.
+    Internal,
+}
+
+impl FrameStage {
+    pub fn name(self) -> &'static str {
+        match self {
+            FrameStage::Read => "read",
+            FrameStage::Decode => "decode",
+            FrameStage::Inference => "inference",
+            FrameStage::Internal => "internal",
+        }
+    }
+}
+
 /// Why a frame failed as a whole.
 #[derive(Clone, Debug, Serialize)]
 pub struct FrameError {
-    /// `read` (refused or unreadable file), `decode`, or `inference` (no model produced
-    /// outputs).
-    pub stage: &'static str,
+    pub stage: FrameStage,
     pub reason: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<Value>,
@@ -139,7 +172,7 @@ pub enum Outcome {
     Failed(FrameError),
 }
 
-pub struct Context<'a> {
+pub struct Setup<'a> {
     pub models: &'a [Model],
     pub run: &'a RunConfig,
     pub max_frame_bytes: u64,
@@ -150,13 +183,13 @@ fn ms(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-pub fn process(frame: &str, path: &Path, cx: &Context) -> Outcome {
+pub fn process(frame: &str, path: &Path, cx: &Setup) -> Outcome {
     let t0 = Instant::now();
     let bytes = match read_frame(path, cx.max_frame_bytes) {
         Ok(b) => b,
         Err(e) => {
             return Outcome::Failed(FrameError {
-                stage: "read",
+                stage: FrameStage::Read,
                 reason: format!("{e:#}"),
                 models: vec![],
             });
@@ -166,7 +199,7 @@ pub fn process(frame: &str, path: &Path, cx: &Context) -> Outcome {
         Ok(img) => img,
         Err(e) => {
             return Outcome::Failed(FrameError {
-                stage: "decode",
+                stage: FrameStage::Decode,
                 reason: format!("{e:#}"),
                 models: vec![],
             });
@@ -195,7 +228,7 @@ pub fn process(frame: &str, path: &Path, cx: &Context) -> Outcome {
                     )),
                     Err(e) => {
                         let err = ModelError {
-                            stage: "preprocess",
+                            stage: ModelStage::Preprocess,
                             reason: format!("{e:#}"),
                             layer: None,
                         };
@@ -236,7 +269,7 @@ pub fn process(frame: &str, path: &Path, cx: &Context) -> Outcome {
                     Err(e) => error_entry(
                         m,
                         &ModelError {
-                            stage: "report",
+                            stage: ModelStage::Report,
                             reason: format!("{e:#}"),
                             layer: None,
                         },
@@ -261,7 +294,7 @@ pub fn process(frame: &str, path: &Path, cx: &Context) -> Outcome {
             })
             .collect();
         return Outcome::Failed(FrameError {
-            stage: "inference",
+            stage: FrameStage::Inference,
             reason: if reasons.is_empty() {
                 "no models are configured".into()
             } else {
@@ -316,7 +349,7 @@ fn options(run: &RunConfig) -> BatchOptions {
 /// Runs the frame's jobs together; if that fails, each alone, so that the failure is
 /// attributed to its model and the others' outputs are kept. Returns one result per job
 /// and the memory figures of the run.
-fn run_jobs(jobs: &[(usize, Job)], cx: &Context) -> (Vec<Result<ModelRun, ModelError>>, Value) {
+fn run_jobs(jobs: &[(usize, Job)], cx: &Setup) -> (Vec<Result<ModelRun, ModelError>>, Value) {
     let opts = options(cx.run);
     let all: Vec<Job> = jobs.iter().map(|(_, j)| j.clone()).collect();
     let all_costs: Vec<Arc<[LayerCost]>> = all.iter().map(|j| j.costs.clone()).collect();
@@ -348,13 +381,13 @@ fn run_jobs(jobs: &[(usize, Job)], cx: &Context) -> (Vec<Result<ModelRun, ModelE
                             split_report(report, std::slice::from_ref(&job.costs))
                                 .pop()
                                 .ok_or_else(|| ModelError {
-                                    stage: "inference",
+                                    stage: ModelStage::Inference,
                                     reason: "the run returned no outputs".into(),
                                     layer: None,
                                 })
                         }
                         Err(e) => Err(ModelError {
-                            stage: "inference",
+                            stage: ModelStage::Inference,
                             reason: format!("{e:#}"),
                             layer: None,
                         }),

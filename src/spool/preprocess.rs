@@ -38,6 +38,10 @@ pub fn decode(bytes: &[u8]) -> Result<DynamicImage> {
         ),
         "{format:?} images are not supported (JPEG, PNG, PPM/PGM, BMP are)"
     );
+    ensure!(
+        format != image::ImageFormat::Jpeg || jpeg_is_complete(bytes),
+        "the JPEG has no end-of-image marker after its scan (cut short, still being written, or corrupt)"
+    );
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
@@ -51,6 +55,28 @@ pub fn decode(bytes: &[u8]) -> Result<DynamicImage> {
         "the image has no pixels"
     );
     Ok(img)
+}
+
+/// Whether a JPEG stream reaches its end-of-image marker. Decoders fill a truncated scan
+/// with grey and report success, so a frame cut short would be analysed as if whole.
+/// The marker segments are walked up to the first start-of-scan (an EXIF thumbnail before
+/// it has its own end-of-image); after it, entropy-coded data never holds FF D9 (an FF
+/// there is followed by 00 or a restart marker), so any FF D9 is the end.
+fn jpeg_is_complete(b: &[u8]) -> bool {
+    let mut i = 2;
+    loop {
+        while i + 1 < b.len() && b[i] == 0xFF && b[i + 1] == 0xFF {
+            i += 1;
+        }
+        if i + 4 > b.len() || b[i] != 0xFF || b[i + 1] == 0xD9 {
+            return false;
+        }
+        let end = i + 2 + u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize;
+        if b[i + 1] == 0xDA {
+            return end <= b.len() && b[end..].windows(2).any(|w| w == [0xFF, 0xD9]);
+        }
+        i = end;
+    }
 }
 
 /// The model input for one frame: NHWC, `shape` = [1, H, W, C] with C of 1 or 3.
@@ -273,5 +299,29 @@ mod tests {
             .unwrap();
         assert!(decode(&png).is_ok());
         assert!(decode(&png[..png.len() / 2]).is_err());
+    }
+
+    #[test]
+    fn a_jpeg_cut_short_is_refused() {
+        let img = RgbImage::from_fn(64, 64, |x, y| {
+            Rgb([(x * 4) as u8, (y * 4) as u8, (x ^ y) as u8])
+        });
+        let mut jpg = vec![];
+        DynamicImage::ImageRgb8(img)
+            .write_to(
+                &mut std::io::Cursor::new(&mut jpg),
+                image::ImageFormat::Jpeg,
+            )
+            .unwrap();
+        assert!(decode(&jpg).is_ok());
+        // The decoder alone accepts the cut file, greying the missing rows.
+        let cut = &jpg[..jpg.len() * 3 / 4];
+        assert!(image::load_from_memory(cut).is_ok());
+        let err = format!("{:#}", decode(cut).unwrap_err());
+        assert!(err.contains("end-of-image"), "{err}");
+        // Bytes after the end (camera trailers) are fine.
+        let mut trailer = jpg.clone();
+        trailer.extend_from_slice(b"trailer");
+        assert!(decode(&trailer).is_ok());
     }
 }

@@ -2,7 +2,7 @@
 //! replaced atomically so a reader never sees half of it.
 
 use super::config::RunConfig;
-use super::pipeline::unix_now;
+use super::pipeline::{FrameStage, unix_now};
 use crate::memory::{self, SystemMemory};
 use serde::Serialize;
 use serde_json::Value;
@@ -11,8 +11,7 @@ use serde_json::Value;
 pub struct Status {
     pub pid: u32,
     pub version: &'static str,
-    /// `running`, `stopping` or `stopped`.
-    pub state: &'static str,
+    pub state: State,
     pub board: Option<String>,
     pub started_unix: f64,
     pub updated_unix: f64,
@@ -25,10 +24,19 @@ pub struct Status {
     pub memory: Option<MemoryNow>,
 }
 
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Running,
+    /// A stop signal arrived: nothing more is claimed.
+    Stopping,
+    Stopped,
+}
+
 #[derive(Debug, Serialize)]
 pub struct LastError {
     pub frame: String,
-    pub stage: String,
+    pub stage: FrameStage,
     pub reason: String,
     pub at_unix: f64,
 }
