@@ -6,7 +6,7 @@
 use super::results::{BoxDecoder, BoxSpec, Report};
 use crate::memory::Bytes;
 use crate::model::{ColorOrder, ResizeMode, package::read_labels};
-use crate::runtime::{LoadingPolicy, SchedulingPolicy};
+use crate::runtime::{LoadingPolicy, MAX_PARALLEL, SchedulingPolicy};
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -33,8 +33,6 @@ const DEFAULT_SETTLE_SECS: f64 = 2.0;
 const DEFAULT_TOP_K: usize = 5;
 /// SIGTERM to exit: systemd's and the 5 s, less a margin for the last writes.
 const DEFAULT_STOP_GRACE_SECS: f64 = 4.0;
-/// The scheduler tracks at most this many inferences in flight.
-const MAX_PARALLEL: usize = 16;
 
 /// A size written as `"256M"` or as a plain number of bytes.
 #[derive(Clone, Copy, Debug)]
