@@ -8,9 +8,11 @@ use common::*;
 use memaflow::model::Package;
 use memaflow::model::graph::*;
 use memaflow::model::tflite::{WriteOptions, write_graph};
-use memaflow::runtime::{FloatTensor, Plan, run_layerwise};
+use memaflow::runtime::{FloatTensor, Plan, npy, run_layerwise};
 use memaflow::tiling::execute::{TiledStats, batches, run_group};
 use memaflow::tiling::group::Group;
+use memaflow::tiling::predictor::{CALIBRATION, Model};
+use memaflow::tiling::search::{Space, search};
 use memaflow::tiling::{Config, load_group, run_tiled};
 use std::sync::OnceLock;
 
@@ -168,7 +170,10 @@ fn synthetic_group_tiles_equal_the_whole_graph() {
     let graph = synthetic();
     let plan = Plan::from_tflite(&write_graph(&graph, WriteOptions::default()).unwrap()).unwrap();
     let input = random_tensor(&[1, 23, 19, 5], 5, -1.0, 1.0);
-    let want = plan.run_floats(std::slice::from_ref(&input)).unwrap().remove(0);
+    let want = plan
+        .run_floats(std::slice::from_ref(&input))
+        .unwrap()
+        .remove(0);
     let group = Group::new(graph).unwrap();
     let [_, h, w, _] = group.output_shape();
     for (rows, cols) in [(1, 1), (2, 2), (3, 2), (h, 1), (2, w), (5, 4)] {
@@ -195,4 +200,83 @@ fn inner_tiles_share_a_plan() {
     let b = batches(&group, 4, 4).unwrap();
     assert_eq!(b.len(), 9, "4×4 over 104×104: 3 row kinds × 3 column kinds");
     assert_eq!(b.iter().map(|b| b.len()).sum::<usize>(), 16);
+}
+
+/// The search's choice fits the budget the untiled run exceeds, `infer --tiling auto`
+/// runs it and matches the untiled outputs, and impossible budgets are errors.
+#[test]
+fn search_and_cli_pick_a_fitting_configuration() {
+    let pkg = yolo();
+    let model = Model::new(pkg, CALIBRATION).unwrap();
+    let untiled = model.predict(&Config::untiled()).unwrap();
+    let budget = untiled.peak_bytes * 4 / 5;
+    let choice = search(&model, budget, Space::default()).unwrap();
+    assert!(!choice.config.groups.is_empty(), "{}", choice.config);
+    assert!(choice.estimate.peak_bytes <= budget);
+    let again = model.predict(&choice.config).unwrap();
+    assert_eq!(
+        (again.peak_bytes, again.flops, again.tiles),
+        (
+            choice.estimate.peak_bytes,
+            choice.estimate.flops,
+            choice.estimate.tiles
+        )
+    );
+    assert!((again.secs / choice.estimate.secs - 1.0).abs() < 1e-9);
+    let err = search(&model, 1 << 20, Space::default()).unwrap_err();
+    assert!(err.to_string().contains("no configuration"), "{err:#}");
+
+    let dir = scratch("tiling-cli");
+    let p = pkg.dir.to_str().unwrap();
+    let input = dir.join("in.npy");
+    let x = random_tensor(&pkg.manifest.inputs[0].shape, 9, 0.0, 1.0);
+    npy::write(&input, &x.shape, &x.data).unwrap();
+    let budget = budget.to_string();
+    let plan = cli_ok(&["tile", "plan", p, "--budget", &budget]);
+    assert!(
+        plan.contains(&format!("--tiling {}", choice.config)),
+        "{plan}"
+    );
+    let infer = |extra: &[&str], out: &str| -> serde_json::Value {
+        let out = dir.join(out);
+        let mut args = vec![
+            "infer",
+            "--model",
+            p,
+            "--input-npy",
+            input.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--npy-out", out.to_str().unwrap()]);
+        serde_json::from_str(&cli_ok(&args)).unwrap()
+    };
+    let auto = infer(&["--tiling", "auto", "--budget", &budget], "auto");
+    assert_eq!(auto["mode"], "tiled");
+    assert_eq!(auto["tiling"]["config"], choice.config.to_string());
+    // A budget alone tiles only when the untiled run would not fit it.
+    let implicit = infer(&["--budget", &budget], "implicit");
+    assert_eq!(implicit["tiling"]["config"], choice.config.to_string());
+    let roomy = infer(&["--budget", "1G"], "roomy");
+    assert_eq!(roomy["mode"], "layers");
+    let off = infer(&["--tiling", "off"], "off");
+    assert_eq!(off["mode"], "layers");
+    let read = |d: &str| FloatTensor::from(npy::read(&dir.join(d).join("00.npy")).unwrap());
+    let err = relative_error(&read("auto"), &read("off"));
+    assert!(err <= TOLERANCE, "auto vs off: {err:e}");
+    assert!(read("roomy").bit_identical(&read("off")));
+
+    let out = run_cli(
+        &[
+            "infer",
+            "--model",
+            p,
+            "--input-npy",
+            input.to_str().unwrap(),
+            "--tiling",
+            "auto",
+        ],
+        std::time::Duration::from_secs(60),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --budget"));
 }

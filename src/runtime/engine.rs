@@ -22,6 +22,18 @@ impl Plan {
         })
     }
 
+    /// As [`Plan::from_tflite`], dropping the file's bytes once tract has parsed them: tract
+    /// copies the weights while optimising, and the file need not add a copy to that peak.
+    pub fn from_tflite_owned(bytes: bytes::Bytes) -> Result<Plan> {
+        guard("loading", || {
+            let mut model = tract_tflite::tflite().model_for_read(&mut &bytes[..])?;
+            drop(bytes);
+            declutter_within_layers().optimize(&mut model)?;
+            model.optimize()?;
+            Ok(Plan(model.into_runnable()?))
+        })
+    }
+
     pub fn run(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>> {
         guard("running", || self.0.run(inputs))
     }
@@ -86,7 +98,7 @@ pub fn load_layer(pkg: &Package, index: usize) -> Result<LoadedLayer> {
     let (bytes, graph) = pkg.read_layer(index)?;
     drop(graph);
     let plan =
-        Plan::from_tflite(&bytes).with_context(|| format!("{}: layer {index}", pkg.name()))?;
+        Plan::from_tflite_owned(bytes).with_context(|| format!("{}: layer {index}", pkg.name()))?;
     Ok(LoadedLayer { index, plan })
 }
 

@@ -140,9 +140,8 @@ pub fn run_group(
         let graph = group.tile_graph(&batch[0].1)?;
         let bytes = write_graph(&graph, WriteOptions::default())?;
         drop(graph);
-        let plan =
-            Plan::from_tflite(&bytes).with_context(|| format!("planning tile {:?}", batch[0].0))?;
-        drop(bytes);
+        let plan = Plan::from_tflite_owned(bytes.into())
+            .with_context(|| format!("planning tile {:?}", batch[0].0))?;
         stats.run.load += t.elapsed();
         stats.tile_plans += 1;
         let t = Instant::now();
@@ -157,6 +156,8 @@ pub fn run_group(
             stats.tiles += 1;
         }
         stats.run.exec += t.elapsed();
+        drop(plan);
+        crate::memory::release_free_heap();
     }
     Ok(out)
 }
@@ -273,6 +274,16 @@ pub fn run_tiled(pkg: &Package, input: FloatTensor, config: &Config) -> Result<T
             index += 1;
         }
         retire(&mut live, index);
+        crate::memory::release_free_heap();
+        if let Ok(mem) = crate::memory::process_memory() {
+            log::debug!(
+                "{}: through layer {}: RSS {}, peak {}",
+                pkg.name(),
+                index - 1,
+                crate::memory::Bytes(mem.rss),
+                crate::memory::Bytes(mem.peak_rss)
+            );
+        }
     }
     let outputs = m
         .outputs

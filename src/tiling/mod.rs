@@ -9,7 +9,9 @@
 
 pub mod execute;
 pub mod group;
+pub mod predictor;
 pub mod region;
+pub mod search;
 
 pub use execute::{load_group, run_tiled};
 
@@ -119,6 +121,29 @@ impl std::str::FromStr for Config {
     }
 }
 
+/// How an inference uses tiling, as the user asked for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Tiling {
+    Off,
+    /// The configuration the search picks for the budget.
+    Auto,
+    Fixed(Config),
+}
+
+impl std::str::FromStr for Tiling {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Tiling> {
+        Ok(match s.trim() {
+            "off" => Tiling::Off,
+            "auto" => Tiling::Auto,
+            other => Tiling::Fixed(other.parse().context(
+                "--tiling takes off, auto or groups FIRST-LAST:ROWSxCOLS separated by commas",
+            )?),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +180,12 @@ mod tests {
             assert!(bad.parse::<Config>().is_err(), "{bad}");
         }
         assert!("0-12:2x2".parse::<Config>().unwrap().check(12).is_err());
+        assert_eq!("auto".parse::<Tiling>().unwrap(), Tiling::Auto);
+        assert_eq!("off".parse::<Tiling>().unwrap(), Tiling::Off);
+        assert_eq!(
+            "0-1:2x2".parse::<Tiling>().unwrap(),
+            Tiling::Fixed("0-1:2x2".parse().unwrap())
+        );
+        assert!("sometimes".parse::<Tiling>().is_err());
     }
 }
