@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -62,20 +63,24 @@ def setup(work):
 
 
 def measure(pkg, npy, config, prefix=()):
+    """(peak delta bytes, wall ms of the run, CPU ms of the whole process)."""
     args = list(prefix) + [BIN, "infer", "--model", pkg, "--input-npy", npy, "--tiling", config]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     d = json.loads(sh(args))
-    return d["run_peak_delta_bytes"], d["time_ms"]["total"]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1e3
+    return d["run_peak_delta_bytes"], d["time_ms"]["total"], cpu
 
 
 def rounds(pkg, npy, configs, runs):
-    got = {c: ([], []) for c in configs}
+    """Per config, medians of (peak, wall ms, CPU ms)."""
+    got = {c: ([], [], []) for c in configs}
     for r in range(runs):
         for c in configs:
-            peak, ms = measure(pkg, npy, c)
-            got[c][0].append(peak)
-            got[c][1].append(ms)
+            for into, v in zip(got[c], measure(pkg, npy, c)):
+                into.append(v)
         print(f"round {r + 1}/{runs} done", file=sys.stderr)
-    return {c: (statistics.median(p), statistics.median(t)) for c, (p, t) in got.items()}
+    return {c: tuple(statistics.median(v) for v in got[c]) for c in configs}
 
 
 def predict(pkg, configs):
@@ -90,9 +95,9 @@ def cmd_predictor(a, pkg, npy):
     configs = a.configs or PREDICTOR_CONFIGS
     pred = predict(pkg, configs)
     meas = rounds(pkg, npy, configs, a.runs)
-    base_peak, base_ms = meas["off"] if "off" in meas else (None, None)
-    print("| config | predicted peak | measured peak | error | predicted ms | measured ms | peak / untiled | ms / untiled |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    base_peak, base_ms = meas["off"][:2] if "off" in meas else (None, None)
+    print("| config | predicted peak | measured peak | error | predicted ms | wall ms | CPU ms | peak / untiled | wall / untiled |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     within = 0
     for c in configs:
         p, m = pred[c], meas[c]
@@ -100,7 +105,7 @@ def cmd_predictor(a, pkg, npy):
         within += abs(err) <= 0.10
         rel = (f"{m[0] / base_peak:.2f}", f"{m[1] / base_ms:.2f}") if base_peak else ("", "")
         print(f"| `{c}` | {p['peak_bytes'] / MIB:.1f} MiB | {m[0] / MIB:.1f} MiB | {err:+.1%} "
-              f"| {p['secs'] * 1e3:.0f} | {m[1]:.0f} | {rel[0]} | {rel[1]} |")
+              f"| {p['secs'] * 1e3:.0f} | {m[1]:.0f} | {m[2]:.0f} | {rel[0]} | {rel[1]} |")
     print(f"\n{within} of {len(configs)} predictions within 10% of the measured peak "
           f"(medians of {a.runs} runs)")
 
@@ -112,12 +117,16 @@ CALIBRATION_CONFIGS = [
 
 
 def cmd_calibrate(a, pkg, npy):
-    """Least-squares latency constants: secs = flops·a + tiles·b + planned weight bytes·c."""
+    """Least-squares latency constants: secs = flops·a + tiles·b + plans·c + planned weight
+    bytes·d + a constant, fitted to the process's CPU time (user + sys): on a shared machine it
+    varies far less than wall-clock time, and tract runs on one thread. The constant is
+    the process's own start-up and input reading, outside the run the predictor models."""
     configs = a.configs or CALIBRATION_CONFIGS
     pred = predict(pkg, configs)
     meas = rounds(pkg, npy, configs, a.runs)
-    rows = [[pred[c]["flops"], pred[c]["tiles"], pred[c]["plan_weight_bytes"]] for c in configs]
-    ys = [meas[c][1] / 1e3 for c in configs]
+    rows = [[pred[c]["flops"], pred[c]["tiles"], pred[c]["plans"], pred[c]["plan_weight_bytes"], 1]
+            for c in configs]
+    ys = [meas[c][2] / 1e3 for c in configs]
     # Non-negative least squares by elimination: a feature whose fitted cost comes out
     # negative (noise on a shared machine) is dropped and the rest refitted.
     active = list(range(len(rows[0])))
@@ -128,8 +137,9 @@ def cmd_calibrate(a, pkg, npy):
             break
         active.remove(negative[0])
     coef = [coef.get(i, 0.0) for i in range(len(rows[0]))]
-    names = ["secs_per_flop", "secs_per_tile", "plan_secs_per_weight_byte"]
-    print("| config | measured ms | fitted ms |\n|---|---:|---:|")
+    names = ["secs_per_flop", "secs_per_tile", "secs_per_plan", "plan_secs_per_weight_byte",
+             "(process start-up, s)"]
+    print("| config | CPU ms | fitted ms |\n|---|---:|---:|")
     for c, r, y in zip(configs, rows, ys):
         print(f"| `{c}` | {y * 1e3:.0f} | {sum(k * x for k, x in zip(coef, r)) * 1e3:.0f} |")
     print()
@@ -183,47 +193,50 @@ def cmd_sweep(a, pkg, npy):
           file=sys.stderr)
     meas = rounds(pkg, npy, fitting, a.runs)
     really = {c: m for c, m in meas.items() if m[0] <= budget}
-    best = min(really, key=lambda c: really[c][1])
-    print("| config | predicted peak | measured peak | predicted ms | measured ms |")
-    print("|---|---:|---:|---:|---:|")
-    for c in sorted(meas, key=lambda c: meas[c][1]):
+    print("| config | predicted peak | measured peak | predicted ms | wall ms | CPU ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for c in sorted(meas, key=lambda c: meas[c][2]):
         mark = " (search)" if c == chosen else ""
         print(f"| `{c}`{mark} | {pred[c]['peak_bytes'] / MIB:.1f} MiB | {meas[c][0] / MIB:.1f} MiB "
-              f"| {pred[c]['secs'] * 1e3:.0f} | {meas[c][1]:.0f} |")
-    print(f"\nsearch chose `{chosen}`: {meas[chosen][1]:.0f} ms, peak {meas[chosen][0] / MIB:.1f} MiB; "
-          f"best measured within the budget: `{best}` {really[best][1]:.0f} ms; "
-          f"ratio {meas[chosen][1] / really[best][1]:.3f} (medians of {a.runs} runs)")
+              f"| {pred[c]['secs'] * 1e3:.0f} | {meas[c][1]:.0f} | {meas[c][2]:.0f} |")
+    for k, what in ((1, "wall"), (2, "CPU")):
+        best = min(really, key=lambda c: really[c][k])
+        print(f"\n{what}: search chose `{chosen}` {meas[chosen][k]:.0f} ms (peak {meas[chosen][0] / MIB:.1f} MiB); "
+              f"best measured within the budget `{best}` {really[best][k]:.0f} ms; "
+              f"ratio {meas[chosen][k] / really[best][k]:.3f} (medians of {a.runs} runs)")
 
 
 def cmd_cgroup(a, pkg, npy):
+    """Each run in a fresh memory cgroup (v1) with `memory.limit_in_bytes` = --limit; no swap
+    on the machine, so a run that needs more is killed by the cgroup's OOM killer. The
+    cgroup charges the process's anonymous memory and the file pages it faults in first;
+    the binary's pages already cached elsewhere are not charged, so the charged peak is
+    below the RSS peak."""
     root = "/sys/fs/cgroup/memory"
-    cg = os.path.join(root, f"memaflow-tiling-{os.getpid()}")
-    os.mkdir(cg)
-    try:
-        with open(os.path.join(cg, "memory.limit_in_bytes"), "w") as f:
-            f.write(str(parse_size(a.limit)))
-        enter = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"]
-        print(f"| config | memory.limit_in_bytes {a.limit} | ms (median of {a.runs}) | peak delta |")
-        print("|---|---|---:|---:|")
-        for c in a.configs:
-            results = []
-            for _ in range(a.runs):
+    print(f"| config | runs completed under {a.limit} | ms (median) | charged peak (max) | failcnt (max) |")
+    print("|---|---|---:|---:|---:|")
+    for c in a.configs:
+        done, times, charged, fails = 0, [], [], []
+        for _ in range(a.runs):
+            cg = os.path.join(root, f"memaflow-tiling-{os.getpid()}")
+            os.mkdir(cg)
+            try:
+                with open(os.path.join(cg, "memory.limit_in_bytes"), "w") as f:
+                    f.write(str(parse_size(a.limit)))
+                enter = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh"]
                 try:
-                    peak, ms = measure(pkg, npy, c, prefix=enter)
-                    results.append(("ok", ms, peak))
-                except RuntimeError as e:
-                    results.append((f"failed: {str(e)[-80:]}", None, None))
-            ok = [r for r in results if r[0] == "ok"]
-            status = f"{len(ok)}/{len(results)} completed"
-            if len(ok) < len(results):
-                status += "; " + next(r[0] for r in results if r[0] != "ok")
-            ms = f"{statistics.median(r[1] for r in ok):.0f}" if ok else "–"
-            peak = f"{statistics.median(r[2] for r in ok) / MIB:.1f} MiB" if ok else "–"
-            print(f"| `{c}` | {status} | {ms} | {peak} |")
-        with open(os.path.join(cg, "memory.failcnt")) as f:
-            print(f"\nmemory.failcnt after the runs: {f.read().strip()}")
-    finally:
-        os.rmdir(cg)
+                    _, ms, _ = measure(pkg, npy, c, prefix=enter)
+                    done += 1
+                    times.append(ms)
+                except RuntimeError:
+                    pass
+                for name, into in (("memory.max_usage_in_bytes", charged), ("memory.failcnt", fails)):
+                    with open(os.path.join(cg, name)) as f:
+                        into.append(int(f.read()))
+            finally:
+                os.rmdir(cg)
+        ms = f"{statistics.median(times):.0f}" if times else "killed"
+        print(f"| `{c}` | {done}/{a.runs} | {ms} | {max(charged) / MIB:.1f} MiB | {max(fails)} |")
 
 
 def parse_size(s):

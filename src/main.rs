@@ -95,6 +95,9 @@ enum TileCommand {
         /// Largest grid side (grids up to N×N).
         #[arg(long, default_value_t = 8, value_name = "N")]
         max_grid: usize,
+        /// Most output-channel slices of a layer outside the groups (1: never slice).
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        max_slices: usize,
     },
     /// Print the predicted peak memory and latency of configurations, one JSON line each.
     Predict {
@@ -405,7 +408,7 @@ fn infer(a: InferArgs) -> Result<()> {
     let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
     let summary = serde_json::json!({
         "model": pkg.name(),
-        "mode": if a.whole { "whole" } else if tiled.is_some_and(|(c, _)| !c.groups.is_empty()) { "tiled" } else { "layers" },
+        "mode": if a.whole { "whole" } else if tiled.is_some_and(|(c, _)| !c.is_untiled()) { "tiled" } else { "layers" },
         "layers": pkg.manifest.layers.len(),
         "input": source,
         "outputs": outputs,
@@ -418,7 +421,7 @@ fn infer(a: InferArgs) -> Result<()> {
         "tiling": tiled.map(|(config, stats)| serde_json::json!({
             "config": config.to_string(),
             "tiles": stats.tiles,
-            "tile_plans": stats.tile_plans,
+            "plans": stats.plans,
         })),
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -649,12 +652,14 @@ fn tile(command: TileCommand) -> Result<()> {
             budget,
             max_groups,
             max_grid,
+            max_slices,
         } => {
             let pkg = Package::open(&package)?;
             let model = tiling::predictor::Model::new(&pkg, tiling::predictor::CALIBRATION)?;
             let space = tiling::search::Space {
                 max_groups,
                 max_grid,
+                max_slices,
             };
             let t = Instant::now();
             let choice = tiling::search::search(&model, budget.0, space)?;

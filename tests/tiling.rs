@@ -38,6 +38,10 @@ fn check_configs(pkg: &Package, input: &FloatTensor, configs: &[&str]) {
             config.groups.is_empty() || got.stats.tiles > 1,
             "{text}: nothing was tiled"
         );
+        assert!(
+            got.stats.plans >= config.slices.values().sum::<usize>(),
+            "{text}: fewer plans than slices"
+        );
         assert_eq!(got.outputs.len(), want.len());
         for (k, (g, w)) in got.outputs.iter().zip(&want).enumerate() {
             assert_eq!(g.shape, w.shape, "{} {text}: output {k}", pkg.name());
@@ -66,8 +70,22 @@ fn yolov2_tiles_equal_untiled() {
             // Two groups, the second after an untiled layer.
             "0-1:4x4,3-6:2x3",
             "0-4:8x8",
+            // Output-channel slices, alone (256 channels in 3: uneven) and with groups.
+            "8/3",
+            "0-1:4x4,2/2,5/4,8/3,10/2",
         ],
     );
+}
+
+/// Slicing refuses layers whose ops after the convolution mix channels or hold constants.
+#[test]
+fn slicing_refuses_what_it_cannot_slice() {
+    use memaflow::tiling::slice::sliceable_channels;
+    let g = synthetic();
+    let err = sliceable_channels(&g).unwrap_err().to_string();
+    assert!(err.contains("does not work per channel"), "{err}");
+    let (_, layer) = yolo().read_layer(2).unwrap();
+    assert_eq!(sliceable_channels(&layer).unwrap(), 128);
 }
 
 /// A shared real model with stride-2 and depthwise convs, residual adds, channel padding
@@ -223,6 +241,20 @@ fn search_and_cli_pick_a_fitting_configuration() {
         )
     );
     assert!((again.secs / choice.estimate.secs - 1.0).abs() < 1e-9);
+    // Below what tiling alone reaches (tract planning layers 8 and 10 whole), the search
+    // slices them.
+    let tight = search(&model, 16 << 20, Space::default()).unwrap();
+    assert!(tight.estimate.peak_bytes <= 16 << 20);
+    assert!(
+        [8, 10].iter().all(|l| tight.config.slices.contains_key(l)),
+        "{}",
+        tight.config
+    );
+    let no_slices = Space {
+        max_slices: 1,
+        ..Space::default()
+    };
+    assert!(search(&model, 16 << 20, no_slices).is_err());
     let err = search(&model, 1 << 20, Space::default()).unwrap_err();
     assert!(err.to_string().contains("no configuration"), "{err:#}");
 

@@ -5,6 +5,7 @@
 
 use super::group::{Geometry, Group, Region};
 use super::region::split;
+use super::slice::{channel_slice, sliceable_channels};
 use super::{Config, GroupConfig};
 use crate::model::Package;
 use crate::model::split::stitch;
@@ -19,8 +20,9 @@ use std::time::Instant;
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct TiledStats {
     pub run: RunStats,
-    /// Tract plans built for tiles (distinct tile geometries, summed over groups).
-    pub tile_plans: usize,
+    /// Tract plans built for tiles (distinct tile geometries, summed over groups) and
+    /// channel slices.
+    pub plans: usize,
     pub tiles: usize,
 }
 
@@ -143,7 +145,7 @@ pub fn run_group(
         let plan = Plan::from_tflite_owned(bytes.into())
             .with_context(|| format!("planning tile {:?}", batch[0].0))?;
         stats.run.load += t.elapsed();
-        stats.tile_plans += 1;
+        stats.plans += 1;
         let t = Instant::now();
         for (tile, geo) in &batch {
             let region = geo.regions[group.input].context("the input has no region")?;
@@ -154,6 +156,58 @@ pub fn run_group(
             ensure!(y.len() == 1, "a tile plan gave {} outputs", y.len());
             paste(&mut out, &y.remove(0), *tile)?;
             stats.tiles += 1;
+        }
+        stats.run.exec += t.elapsed();
+        drop(plan);
+        crate::memory::release_free_heap();
+    }
+    Ok(out)
+}
+
+/// Runs layer `index` as `parts` plans over slices of its output channels. Each slice is
+/// cut from a fresh read of the layer file, which is dropped before tract plans the slice:
+/// at no time is more than the file and one slice's plan resident.
+fn run_sliced(
+    pkg: &Package,
+    index: usize,
+    parts: usize,
+    input: &FloatTensor,
+    stats: &mut TiledStats,
+) -> Result<FloatTensor> {
+    let (_, graph) = pkg.read_layer(index)?;
+    let channels = sliceable_channels(&graph)?;
+    let mut shape = graph.tensors[graph.outputs[0]].shape.clone();
+    drop(graph);
+    let mut out = FloatTensor::filled(shape.clone(), 0.0);
+    for span in split(channels, parts)? {
+        let t = Instant::now();
+        let (file, graph) = pkg.read_layer(index)?;
+        let part = channel_slice(&graph, span)?;
+        drop((file, graph));
+        let bytes = write_graph(&part, WriteOptions::default())?;
+        drop(part);
+        let plan = Plan::from_tflite_owned(bytes.into())?;
+        stats.run.load += t.elapsed();
+        stats.plans += 1;
+        let t = Instant::now();
+        let y = plan
+            .run_owned(vec![input.clone()])?
+            .pop()
+            .context("a slice gave no output")?;
+        shape[3] = span.len();
+        ensure!(
+            y.shape == shape,
+            "slice output {:?}, expected {:?}",
+            y.shape,
+            shape
+        );
+        // Channels are innermost: each pixel's slice is one contiguous run.
+        for (dst, src) in out
+            .data
+            .chunks_exact_mut(channels)
+            .zip(y.data.chunks_exact(span.len()))
+        {
+            dst[span.start..span.end].copy_from_slice(src);
         }
         stats.run.exec += t.elapsed();
         drop(plan);
@@ -238,6 +292,16 @@ pub fn run_tiled(pkg: &Package, input: FloatTensor, config: &Config) -> Result<T
             live.insert(group.graph.tensors[group.output].name.clone(), y);
             drop(group);
             index = g.layers.end;
+        } else if let Some(&parts) = config.slices.get(&index) {
+            let entry = &m.layers[index];
+            let name = &entry.inputs[0].name;
+            let x = live
+                .get(name)
+                .with_context(|| format!("layer {index} needs '{name}', not available"))?;
+            let y = run_sliced(pkg, index, parts, x, &mut stats)
+                .with_context(|| format!("{}: layer {index} in {parts} slices", pkg.name()))?;
+            live.insert(entry.outputs[0].name.clone(), y);
+            index += 1;
         } else {
             let t = Instant::now();
             let layer = load_layer(pkg, index)?;

@@ -12,6 +12,7 @@ pub mod group;
 pub mod predictor;
 pub mod region;
 pub mod search;
+pub mod slice;
 
 pub use execute::{load_group, run_tiled};
 
@@ -27,17 +28,25 @@ pub struct GroupConfig {
     pub cols: usize,
 }
 
-/// Which layers are fused into tiled groups; every other layer runs whole. Groups are in
-/// layer order and do not overlap.
+/// Which layers are fused into tiled groups; every other layer runs whole, or, if listed
+/// in `slices`, as that many plans over slices of its output channels (so that tract
+/// never holds more than a slice of a large kernel). Groups are in layer order and do not
+/// overlap.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Config {
     pub groups: Vec<GroupConfig>,
+    /// Untiled layer → number of output-channel slices (at least 2).
+    pub slices: std::collections::BTreeMap<usize, usize>,
 }
 
 impl Config {
     /// The configuration that tiles nothing.
     pub fn untiled() -> Config {
         Config::default()
+    }
+
+    pub fn is_untiled(&self) -> bool {
+        self.groups.is_empty() && self.slices.is_empty()
     }
 
     /// Checks the groups against a package of `layers` layers.
@@ -58,6 +67,17 @@ impl Config {
             ensure!(g.rows > 0 && g.cols > 0, "group {} has an empty grid", g);
             next = g.layers.end;
         }
+        for (&layer, &parts) in &self.slices {
+            ensure!(layer < layers, "layer {layer} does not exist");
+            ensure!(
+                parts >= 2,
+                "layer {layer} sliced into {parts}: use at least 2"
+            );
+            ensure!(
+                !self.groups.iter().any(|g| g.layers.contains(&layer)),
+                "layer {layer} is both in a group and sliced"
+            );
+        }
         Ok(())
     }
 }
@@ -77,10 +97,15 @@ impl std::fmt::Display for GroupConfig {
 
 impl std::fmt::Display for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.groups.is_empty() {
+        if self.groups.is_empty() && self.slices.is_empty() {
             return write!(f, "off");
         }
-        let parts: Vec<String> = self.groups.iter().map(|g| g.to_string()).collect();
+        let parts: Vec<String> = self
+            .groups
+            .iter()
+            .map(|g| g.to_string())
+            .chain(self.slices.iter().map(|(l, k)| format!("{l}/{k}")))
+            .collect();
         write!(f, "{}", parts.join(","))
     }
 }
@@ -88,34 +113,44 @@ impl std::fmt::Display for Config {
 impl std::str::FromStr for Config {
     type Err = anyhow::Error;
 
-    /// `off`, or groups `FIRST-LAST:ROWSxCOLS` (layer indices inclusive) separated by
-    /// commas, e.g. `0-2:4x4,3-5:2x2`.
+    /// `off`, or groups `FIRST-LAST:ROWSxCOLS` (layer indices inclusive) and sliced layers
+    /// `LAYER/SLICES` separated by commas, e.g. `0-2:4x4,3-5:2x2,8/3`.
     fn from_str(s: &str) -> Result<Config> {
         let s = s.trim();
         if s == "off" {
             return Ok(Config::untiled());
         }
-        let groups = s
-            .split(',')
-            .map(|part| {
-                let ctx = || format!("'{part}' is not a group FIRST-LAST:ROWSxCOLS (e.g. 0-2:4x4)");
-                let (layers, grid) = part.trim().split_once(':').with_context(ctx)?;
-                let (first, last) = match layers.split_once('-') {
-                    Some((a, b)) => (a, b),
-                    None => (layers, layers),
-                };
-                let (rows, cols) = grid.split_once(['x', 'X']).with_context(ctx)?;
-                let num = |v: &str| v.trim().parse::<usize>().with_context(ctx);
-                let (first, last) = (num(first)?, num(last)?);
-                ensure!(first <= last, "group '{part}' ends before it starts");
-                Ok(GroupConfig {
-                    layers: first..last + 1,
-                    rows: num(rows)?,
-                    cols: num(cols)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let config = Config { groups };
+        let mut config = Config::default();
+        for part in s.split(',') {
+            let part = part.trim();
+            let num = |v: &str, ctx: &str| {
+                v.trim()
+                    .parse::<usize>()
+                    .with_context(|| format!("'{part}' is not {ctx}"))
+            };
+            if let Some((layer, parts)) = part.split_once('/') {
+                let sliced = "a sliced layer LAYER/SLICES (e.g. 8/3)";
+                config
+                    .slices
+                    .insert(num(layer, sliced)?, num(parts, sliced)?);
+                continue;
+            }
+            let group = "a group FIRST-LAST:ROWSxCOLS (e.g. 0-2:4x4)";
+            let (layers, grid) = part
+                .split_once(':')
+                .with_context(|| format!("'{part}' is not {group}"))?;
+            let (first, last) = layers.split_once('-').unwrap_or((layers, layers));
+            let (rows, cols) = grid
+                .split_once(['x', 'X'])
+                .with_context(|| format!("'{part}' is not {group}"))?;
+            let (first, last) = (num(first, group)?, num(last, group)?);
+            ensure!(first <= last, "group '{part}' ends before it starts");
+            config.groups.push(GroupConfig {
+                layers: first..last + 1,
+                rows: num(rows, group)?,
+                cols: num(cols, group)?,
+            });
+        }
         config.check(usize::MAX)?;
         Ok(config)
     }
@@ -167,6 +202,12 @@ mod tests {
             ]
         );
         assert_eq!(c.to_string(), "0-2:4x4,3-5:2x3");
+        let c: Config = "0-4:4x4,10/4,8/3".parse().unwrap();
+        assert_eq!(c.slices, [(8, 3), (10, 4)].into_iter().collect());
+        assert_eq!(c.to_string(), "0-4:4x4,8/3,10/4");
+        for bad in ["8/1", "8/x", "2/2,0-3:2x2"] {
+            assert!(bad.parse::<Config>().is_err(), "{bad}");
+        }
         assert_eq!("4:1x2".parse::<Config>().unwrap().groups[0].layers, 4..5);
         assert_eq!("off".parse::<Config>().unwrap(), Config::untiled());
         for bad in [

@@ -7,6 +7,8 @@
 
 use super::execute::{batches, group_io};
 use super::group::Group;
+use super::region::split;
+use super::slice::{channel_slice, sliceable_channels};
 use super::{Config, GroupConfig};
 use crate::model::Package;
 use crate::model::graph::{Graph, Op};
@@ -31,21 +33,25 @@ pub struct Calibration {
     pub secs_per_flop: f64,
     /// Fixed cost of running one tile: cropping, tract's per-run set-up, pasting.
     pub secs_per_tile: f64,
-    /// Planning time per byte of a plan's weights (tract repacks them for every plan;
-    /// with this, a fixed cost per plan was not distinguishable from noise).
+    /// Planning time per plan (writing, parsing, optimising; a sliced layer also reads
+    /// its file again) and per byte of its weights (tract repacks them for every plan).
+    pub secs_per_plan: f64,
     pub plan_secs_per_weight_byte: f64,
 }
 
-/// Fitted by `python3 benches/tiling.py calibrate` on the development machine (x86-64, 2
-/// cores shared with other jobs, load average about 6); the memory terms are tract's and
-/// glibc's, measured as `docs/tiling.md` describes.
+/// Latency terms fitted to CPU time by `python3 benches/tiling.py calibrate` on the
+/// development machine (x86-64, 2 cores shared with other jobs), except `secs_per_plan`,
+/// from the CPU time of configurations with 10–19 extra plans (channel slices; the fit
+/// over few-plan configurations could not separate it from noise); the memory terms are
+/// tract's and glibc's, measured as `docs/tiling.md` describes.
 pub const CALIBRATION: Calibration = Calibration {
     runtime_bytes: 5 << 20,
     parse_copies: 3.0,
     optimise_copies: 3.0,
-    secs_per_flop: 6.3e-11,
+    secs_per_flop: 3.2e-11,
     secs_per_tile: 0.0,
-    plan_secs_per_weight_byte: 1.8e-8,
+    secs_per_plan: 6.0e-3,
+    plan_secs_per_weight_byte: 1.0e-8,
 };
 
 /// Prediction for one step or a whole configuration.
@@ -228,6 +234,40 @@ impl<'a> Model<'a> {
             .with_context(|| format!("{}: layer {index}", self.pkg.name()))
     }
 
+    /// Layer `index` in `parts` output-channel slices, or why it cannot be sliced: its
+    /// input and its whole output held throughout; per slice, the layer file (read again
+    /// to cut the slice) and then tract planning and running the slice with a copy of the
+    /// input.
+    pub fn sliced_estimate(&self, index: usize, parts: usize) -> Result<Estimate> {
+        let c = &self.calibration;
+        let g = &self.layers[index];
+        let channels = sliceable_channels(g)?;
+        let entry = &self.pkg.manifest.layers[index];
+        let reads: Vec<String> = entry.inputs.iter().map(|t| t.name.clone()).collect();
+        let held = self.live_across(&(index..index + 1), &reads)
+            + entry.input_bytes()
+            + entry.output_bytes();
+        let file = entry.file_bytes;
+        let mut est = Estimate::default();
+        for span in split(channels, parts)? {
+            let part = channel_slice(g, span)?;
+            let weights = weight_bytes(&part);
+            let flops: u64 = part.nodes.iter().map(|n| part.flops(n)).sum();
+            let reading = held + file + weights;
+            let planning = held + planning_peak(c, &part);
+            let running = held + weights + exec_peak(&part);
+            est = est.then(Estimate {
+                peak_bytes: c.runtime_bytes + reading.max(planning).max(running),
+                secs: plan_secs(c, &part) + flops as f64 * c.secs_per_flop,
+                flops,
+                plans: 1,
+                plan_weight_bytes: weights,
+                tiles: 0,
+            });
+        }
+        Ok(est)
+    }
+
     /// The whole run under `config`.
     pub fn predict(&self, config: &Config) -> Result<Estimate> {
         config.check(self.layers.len())?;
@@ -240,6 +280,10 @@ impl<'a> Model<'a> {
                 i = g.layers.end;
                 self.group_estimate(&g.layers, g.rows, g.cols)
                     .with_context(|| format!("group {g}"))?
+            } else if let Some(&parts) = config.slices.get(&i) {
+                i += 1;
+                self.sliced_estimate(i - 1, parts)
+                    .with_context(|| format!("layer {} in {parts} slices", i - 1))?
             } else {
                 i += 1;
                 self.layer_estimate(i - 1)?
@@ -272,7 +316,7 @@ fn planning_peak(c: &Calibration, g: &Graph) -> u64 {
 }
 
 fn plan_secs(c: &Calibration, g: &Graph) -> f64 {
-    weight_bytes(g) as f64 * c.plan_secs_per_weight_byte
+    c.secs_per_plan + weight_bytes(g) as f64 * c.plan_secs_per_weight_byte
 }
 
 /// Peak bytes of activations while tract runs `g`: its input, then each op's output
