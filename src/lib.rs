@@ -8,3 +8,4 @@ pub mod model;
 pub mod profile;
 pub mod runtime;
 pub mod spool;
+pub mod tiling;

@@ -7,6 +7,7 @@ use memaflow::memory::{self, Bytes};
 use memaflow::model::{self, ColorOrder, Package, Preprocess, ResizeMode, zoo};
 use memaflow::runtime::{self, FloatTensor, npy};
 use memaflow::spool::{self, demo, preprocess, results};
+use memaflow::tiling;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -74,11 +75,44 @@ enum Command {
     /// the run's limit; writes runs.csv, table.md (speed-ups vs bulk+fcfs) and SVG plots.
     #[cfg(feature = "bench")]
     Bench(BenchArgs),
+    /// Fused tiling of the early conv layers: search and predictions.
+    #[command(subcommand)]
+    Tile(TileCommand),
     /// Run the built-in demonstration: generated models on sample frames.
     Demo {
         /// Working directory for generated models and frames (kept between runs).
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TileCommand {
+    /// Print the fastest tiling configuration predicted to fit the budget, with its
+    /// predicted peak memory and latency.
+    Plan {
+        /// Package directory.
+        package: PathBuf,
+        /// Memory budget for the inference (e.g. 16M).
+        #[arg(long, value_name = "SIZE")]
+        budget: Bytes,
+        /// Most groups of layers tiled.
+        #[arg(long, default_value_t = 2)]
+        max_groups: usize,
+        /// Largest grid side (grids up to N×N).
+        #[arg(long, default_value_t = 8, value_name = "N")]
+        max_grid: usize,
+        /// Most output-channel slices of a layer outside the groups (1: never slice).
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        max_slices: usize,
+    },
+    /// Print the predicted peak memory and latency of configurations, one JSON line each.
+    Predict {
+        /// Package directory.
+        package: PathBuf,
+        /// `off` or groups FIRST-LAST:ROWSxCOLS separated by commas.
+        #[arg(required = true, value_name = "CONFIG")]
+        configs: Vec<tiling::Config>,
     },
 }
 
@@ -247,6 +281,15 @@ struct InferArgs {
     /// Also write the preprocessed input tensor to this .npy file.
     #[arg(long, value_name = "FILE")]
     save_input: Option<PathBuf>,
+    /// Fused tiling of the early conv layers: `off`, `auto` (the fastest configuration
+    /// predicted to fit --budget), or groups FIRST-LAST:ROWSxCOLS of layer indices, e.g.
+    /// `0-2:4x4,3-5:2x2`. Unset: `auto` when --budget is given and the untiled run is
+    /// predicted not to fit it, otherwise off.
+    #[arg(long, value_name = "MODE", conflicts_with = "whole")]
+    tiling: Option<tiling::Tiling>,
+    /// Memory budget for the inference's activations and weights, for tiling.
+    #[arg(long, value_name = "SIZE", conflicts_with = "whole")]
+    budget: Option<Bytes>,
 }
 
 fn main() {
@@ -293,6 +336,7 @@ fn main() {
         }),
         #[cfg(feature = "bench")]
         Command::Bench(args) => bench(args),
+        Command::Tile(command) => tile(command),
         Command::Demo { dir } => demo::run(&dir.unwrap_or_else(demo::default_dir)),
     };
     if let Err(e) = result {
@@ -390,13 +434,37 @@ fn infer(a: InferArgs) -> Result<()> {
     if let Some(path) = &a.save_input {
         npy::write(path, &input.shape, &input.data)?;
     }
+    // An explicit `--tiling off` runs the tiled executor without groups, so that it
+    // differs from a tiled run by the tiling alone (benchmarks compare the two).
+    let config = match (&a.tiling, a.budget) {
+        _ if a.whole => None,
+        (None, None) => None,
+        (Some(tiling::Tiling::Off), _) => Some(tiling::Config::untiled()),
+        (Some(tiling::Tiling::Fixed(c)), _) => Some(c.clone()),
+        (Some(tiling::Tiling::Auto), budget) | (None, budget @ Some(_)) => {
+            let auto = a.tiling.is_some();
+            tiling::search::for_inference(&pkg, budget.map(|b| b.0), auto)?
+        }
+    };
+    // The run's own peak: VmHWM restarts from the current resident set here.
+    let before = memory::process_memory().ok();
+    let reset = memory::reset_peak().is_ok();
     let t = Instant::now();
-    let run = if a.whole {
-        runtime::run_whole(&pkg, &input)?
-    } else {
-        runtime::run_layerwise(&pkg, &input)?
+    let (run, tiled) = match &config {
+        _ if a.whole => (runtime::run_whole(&pkg, &input)?, None),
+        None => (runtime::run_layerwise(&pkg, &input)?, None),
+        Some(config) => {
+            let run = tiling::run_tiled(&pkg, input, config)?;
+            let stats = run.stats;
+            let result = runtime::RunResult {
+                outputs: run.outputs,
+                stats: stats.run,
+            };
+            (result, Some((config, stats)))
+        }
     };
     let total = t.elapsed();
+    let after = memory::process_memory().ok();
     if let Some(dir) = &a.npy_out {
         write_npy_outputs(dir, &pkg, &run.outputs)?;
     }
@@ -410,12 +478,21 @@ fn infer(a: InferArgs) -> Result<()> {
     let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
     let summary = serde_json::json!({
         "model": pkg.name(),
-        "mode": if a.whole { "whole" } else { "layers" },
+        "mode": if a.whole { "whole" } else if tiled.is_some_and(|(c, _)| !c.is_untiled()) { "tiled" } else { "layers" },
         "layers": pkg.manifest.layers.len(),
         "input": source,
         "outputs": outputs,
         "time_ms": { "load": ms(run.stats.load), "exec": ms(run.stats.exec), "total": ms(total) },
-        "peak_rss_bytes": memory::process_memory().map(|m| m.peak_rss).ok(),
+        "peak_rss_bytes": after.map(|m| m.peak_rss.max(before.map_or(0, |b| b.peak_rss))),
+        "run_peak_delta_bytes": match (before, after) {
+            (Some(b), Some(a)) if reset => Some(a.peak_rss.saturating_sub(b.rss)),
+            _ => None,
+        },
+        "tiling": tiled.map(|(config, stats)| serde_json::json!({
+            "config": config.to_string(),
+            "tiles": stats.tiles,
+            "plans": stats.plans,
+        })),
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
@@ -725,6 +802,58 @@ fn inspect(dir: &Path, json: bool) -> Result<()> {
         Bytes(m.layers.iter().map(|l| l.weight_bytes).max().unwrap_or(0)),
     );
     Ok(())
+}
+
+fn tile(command: TileCommand) -> Result<()> {
+    match command {
+        TileCommand::Plan {
+            package,
+            budget,
+            max_groups,
+            max_grid,
+            max_slices,
+        } => {
+            let pkg = Package::open(&package)?;
+            let model = tiling::predictor::Model::new(&pkg, tiling::predictor::CALIBRATION)?;
+            let space = tiling::search::Space {
+                max_groups,
+                max_grid,
+                max_slices,
+            };
+            let t = Instant::now();
+            let choice = tiling::search::search(&model, budget.0, space)?;
+            let (e, u) = (choice.estimate, choice.untiled);
+            println!(
+                "{}: --tiling {}\n  predicted peak {} ({:.2}× untiled {}), latency {:.0} ms ({:.2}× untiled {:.0} ms)\n  {} plans, {} tiles, {:.2} GFLOPs; {} configurations considered in {:.1} s",
+                pkg.name(),
+                choice.config,
+                Bytes(e.peak_bytes),
+                e.peak_bytes as f64 / u.peak_bytes as f64,
+                Bytes(u.peak_bytes),
+                e.secs * 1e3,
+                e.secs / u.secs,
+                u.secs * 1e3,
+                e.plans,
+                e.tiles,
+                e.flops as f64 / 1e9,
+                choice.considered,
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        TileCommand::Predict { package, configs } => {
+            let pkg = Package::open(&package)?;
+            let model = tiling::predictor::Model::new(&pkg, tiling::predictor::CALIBRATION)?;
+            for config in configs {
+                let e = model.predict(&config)?;
+                println!(
+                    "{}",
+                    serde_json::json!({ "config": config.to_string(), "estimate": e })
+                );
+            }
+            Ok(())
+        }
+    }
 }
 
 fn zoo_cmd(out: &Path, only: &[String], force: bool, list: bool) -> Result<()> {

@@ -61,6 +61,18 @@ pub fn return_freed_memory_promptly() {
     }
 }
 
+/// Hands free pages inside glibc's heap back to the kernel. Buffers under the mmap
+/// threshold (tiles, small activations) come from the heap, and a heap fragmented by many
+/// of them keeps its free pages resident until trimmed; musl returns them on its own.
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the kernel; it takes the allocator's
+    // own locks and touches no live allocation.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
+}
+
 /// Resets `VmHWM` to the current RSS (Linux ≥ 4.0), so a later reading is the peak of
 /// what happened in between.
 pub fn reset_peak() -> Result<()> {

@@ -32,6 +32,19 @@ impl Plan {
         let inputs = inputs.iter().map(to_tvalue).collect::<Result<TVec<_>>>()?;
         self.run(inputs)?.iter().map(from_tvalue).collect()
     }
+
+    /// Runs on float tensors given up by the caller: their buffers move into tract instead
+    /// of being copied, so an input is never held twice (tiled execution's memory bound).
+    pub fn run_owned(&self, inputs: Vec<FloatTensor>) -> Result<Vec<FloatTensor>> {
+        let inputs = inputs
+            .into_iter()
+            .map(|t| {
+                let array = tract_ndarray::ArrayD::from_shape_vec(t.shape, t.data)?;
+                Ok(array.into_tensor().into_tvalue())
+            })
+            .collect::<Result<TVec<_>>>()?;
+        self.run(inputs)?.iter().map(from_tvalue).collect()
+    }
 }
 
 /// A reader that gives its whole buffer away. tract reads a model with `read_to_end` into

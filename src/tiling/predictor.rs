@@ -1,0 +1,430 @@
+//! Peak memory and latency of a tiling configuration, predicted from shapes: no layer is
+//! planned or run. The run is a sequence of steps (an untiled layer, or a group); a step's
+//! peak is the activations alive across it plus what the step itself holds at its worst
+//! moment, and the configuration's peak is the largest step's. The terms follow
+//! `execute.rs` allocation by allocation; the constants in [`Calibration`] are measured
+//! (see `docs/tiling.md` for how).
+
+use super::execute::{batches, group_io};
+use super::group::Group;
+use super::region::split;
+use super::slice::{channel_slice, sliceable_channels};
+use super::{Config, GroupConfig};
+use crate::model::Package;
+use crate::model::graph::{Graph, Op};
+use crate::model::split::stitch;
+use anyhow::{Context, Result};
+use std::collections::HashMap;
+use std::ops::Range;
+
+/// Machine- and tract-dependent constants of the model.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Calibration {
+    /// What the process keeps resident once tract has planned and run anything (its
+    /// kernels' scratch space, the allocator's arenas): paid once per run.
+    pub runtime_bytes: u64,
+    /// Peak while tract parses a plan, in multiples of its weights (the file and two
+    /// copies).
+    pub parse_copies: f64,
+    /// Extra copies of one op's weights while tract optimises it (the kernel folded
+    /// through layouts before the packed one remains); ops are optimised one by one.
+    pub optimise_copies: f64,
+    /// Execution time per floating-point operation (multiply-add = 2).
+    pub secs_per_flop: f64,
+    /// Fixed cost of running one tile: cropping, tract's per-run set-up, pasting.
+    pub secs_per_tile: f64,
+    /// Planning time per plan (writing, parsing, optimising; a sliced layer also reads
+    /// its file again) and per byte of its weights (tract repacks them for every plan).
+    pub secs_per_plan: f64,
+    pub plan_secs_per_weight_byte: f64,
+}
+
+/// Latency terms fitted to CPU time by `python3 benches/tiling.py calibrate` on the
+/// development machine (x86-64, 2 cores shared with other jobs), except `secs_per_plan`,
+/// from the CPU time of configurations with 10–19 extra plans (channel slices; the fit
+/// over few-plan configurations could not separate it from noise); the memory terms are
+/// tract's and glibc's, measured as `docs/tiling.md` describes.
+pub const CALIBRATION: Calibration = Calibration {
+    runtime_bytes: 5 << 20,
+    parse_copies: 3.0,
+    optimise_copies: 3.0,
+    secs_per_flop: 3.2e-11,
+    secs_per_tile: 0.0,
+    secs_per_plan: 6.0e-3,
+    plan_secs_per_weight_byte: 1.0e-8,
+};
+
+/// Prediction for one step or a whole configuration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Estimate {
+    /// Peak resident bytes above the process's resident set before the run.
+    pub peak_bytes: u64,
+    pub secs: f64,
+    /// Floating-point operations, halos recomputed included.
+    pub flops: u64,
+    /// Plans tract builds (layers and distinct tile geometries) and their weights: the
+    /// planning-time terms.
+    pub plans: usize,
+    pub plan_weight_bytes: u64,
+    pub tiles: usize,
+}
+
+impl Estimate {
+    pub fn then(self, o: Estimate) -> Estimate {
+        Estimate {
+            peak_bytes: self.peak_bytes.max(o.peak_bytes),
+            secs: self.secs + o.secs,
+            flops: self.flops + o.flops,
+            plans: self.plans + o.plans,
+            plan_weight_bytes: self.plan_weight_bytes + o.plan_weight_bytes,
+            tiles: self.tiles + o.tiles,
+        }
+    }
+}
+
+/// A group's layers and grid.
+type StepKey = (Range<usize>, usize, usize);
+
+/// A package read for prediction: its layer graphs (kept, so that groups can be formed
+/// from any range of them) and its activations' lifetimes.
+pub struct Model<'a> {
+    pub pkg: &'a Package,
+    layers: Vec<Graph>,
+    pub calibration: Calibration,
+    steps: std::cell::RefCell<HashMap<StepKey, Result<Estimate, String>>>,
+}
+
+impl<'a> Model<'a> {
+    pub fn new(pkg: &'a Package, calibration: Calibration) -> Result<Model<'a>> {
+        let layers = (0..pkg.manifest.layers.len())
+            .map(|i| pkg.read_layer(i).map(|(_, g)| g))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Model {
+            pkg,
+            layers,
+            calibration,
+            steps: Default::default(),
+        })
+    }
+
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Layers `range` as a tileable group, or why they are not one.
+    pub fn group(&self, range: &Range<usize>) -> Result<Group> {
+        let (inputs, outputs) = group_io(self.pkg, range);
+        let graph = stitch(&self.layers[range.clone()], &inputs, &outputs)?;
+        Group::new(graph)
+    }
+
+    /// Bytes of the activations in `execute`'s live map while layers `range` run, beyond
+    /// those the step reads: produced before it and read after it (or a model output).
+    fn live_across(&self, range: &Range<usize>, reads: &[String]) -> u64 {
+        let m = &self.pkg.manifest;
+        let last = m.last_reader();
+        let mut total = 0;
+        let produced_before = m
+            .inputs
+            .iter()
+            .map(|t| {
+                (
+                    t.name.as_str(),
+                    t.shape.iter().product::<usize>() as u64 * 4,
+                )
+            })
+            .chain(
+                m.layers[..range.start]
+                    .iter()
+                    .flat_map(|l| l.outputs.iter().map(|t| (t.name.as_str(), t.bytes))),
+            );
+        for (name, bytes) in produced_before {
+            let later = last.get(name).is_some_and(|&l| l >= range.end)
+                || m.outputs.iter().any(|o| o.name == name);
+            if later && !reads.iter().any(|r| r == name) {
+                total += bytes;
+            }
+        }
+        total
+    }
+
+    /// One untiled layer: planning (weights × factor), then running it with its inputs
+    /// moved into tract, its plan resident, and its outputs copied out.
+    fn layer_step(&self, index: usize) -> Result<Estimate> {
+        let c = &self.calibration;
+        let g = &self.layers[index];
+        let entry = &self.pkg.manifest.layers[index];
+        // Inputs also read later stay in the live map (tract gets a clone); the others
+        // move into tract, which holds them as its graph inputs.
+        let across = self.live_across(&(index..index + 1), &[]);
+        let reads: Vec<String> = entry.inputs.iter().map(|t| t.name.clone()).collect();
+        let kept = across - self.live_across(&(index..index + 1), &reads);
+        let weights = weight_bytes(g);
+        let planning = across + entry.input_bytes() - kept + planning_peak(c, g);
+        let running = across + weights + exec_peak(g).max(2 * entry.output_bytes());
+        let flops: u64 = g.nodes.iter().map(|n| g.flops(n)).sum();
+        Ok(Estimate {
+            peak_bytes: c.runtime_bytes + planning.max(running),
+            secs: plan_secs(c, g) + flops as f64 * c.secs_per_flop,
+            flops,
+            plans: 1,
+            plan_weight_bytes: weights,
+            tiles: 0,
+        })
+    }
+
+    /// One group tile by tile: its input and whole output alive throughout with the layer
+    /// files it was built from; per distinct tile geometry a plan (planning peak as for a
+    /// layer); per tile the cropped input, the tile graph's own peak and the output copy.
+    fn group_step(&self, range: &Range<usize>, rows: usize, cols: usize) -> Result<Estimate> {
+        let c = &self.calibration;
+        let group = self.group(range)?;
+        let reads = vec![group.graph.tensors[group.input].name.clone()];
+        let across = self.live_across(range, &reads);
+        let input = group.graph.tensors[group.input].bytes() as u64;
+        let output = group.graph.tensors[group.output].bytes() as u64;
+        let files: u64 = range
+            .clone()
+            .map(|i| self.pkg.manifest.layers[i].file_bytes)
+            .sum();
+        let held = across + input + files;
+        let mut est = Estimate::default();
+        for batch in batches(&group, rows, cols)? {
+            let tile = group.tile_graph(&batch[0].1)?;
+            let weights = weight_bytes(&tile);
+            let tile_out = tile.tensors[tile.outputs[0]].bytes() as u64;
+            // The whole output is zeroed memory the kernel maps on first write: at the
+            // worst moment, the last tile, all other tiles are in it.
+            let planning = held + output - tile_out + planning_peak(c, &tile);
+            let running = held + output - tile_out + weights + exec_peak(&tile).max(2 * tile_out);
+            let flops: u64 = tile.nodes.iter().map(|n| tile.flops(n)).sum();
+            est = est.then(Estimate {
+                peak_bytes: c.runtime_bytes + planning.max(running),
+                secs: plan_secs(c, &tile)
+                    + batch.len() as f64 * (flops as f64 * c.secs_per_flop + c.secs_per_tile),
+                flops: flops * batch.len() as u64,
+                plans: 1,
+                plan_weight_bytes: weights,
+                tiles: batch.len(),
+            });
+        }
+        Ok(est)
+    }
+
+    /// A group's estimate (cached: the search asks for each many times).
+    pub fn group_estimate(
+        &self,
+        range: &Range<usize>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Estimate> {
+        let key = (range.clone(), rows, cols);
+        if let Some(r) = self.steps.borrow().get(&key) {
+            return r.clone().map_err(anyhow::Error::msg);
+        }
+        let r = self
+            .group_step(range, rows, cols)
+            .map_err(|e| format!("{e:#}"));
+        self.steps.borrow_mut().insert(key, r.clone());
+        r.map_err(anyhow::Error::msg)
+    }
+
+    pub fn layer_estimate(&self, index: usize) -> Result<Estimate> {
+        self.layer_step(index)
+            .with_context(|| format!("{}: layer {index}", self.pkg.name()))
+    }
+
+    /// Layer `index` in `parts` output-channel slices, or why it cannot be sliced: its
+    /// input and its whole output held throughout; per slice, the layer file (read again
+    /// to cut the slice) and then tract planning and running the slice with a copy of the
+    /// input.
+    pub fn sliced_estimate(&self, index: usize, parts: usize) -> Result<Estimate> {
+        let c = &self.calibration;
+        let g = &self.layers[index];
+        let channels = sliceable_channels(g)?;
+        let entry = &self.pkg.manifest.layers[index];
+        let reads: Vec<String> = entry.inputs.iter().map(|t| t.name.clone()).collect();
+        let held = self.live_across(&(index..index + 1), &reads)
+            + entry.input_bytes()
+            + entry.output_bytes();
+        let file = entry.file_bytes;
+        let mut est = Estimate::default();
+        for span in split(channels, parts)? {
+            let part = channel_slice(g, span)?;
+            let weights = weight_bytes(&part);
+            let flops: u64 = part.nodes.iter().map(|n| part.flops(n)).sum();
+            let reading = held + file + weights;
+            let planning = held + planning_peak(c, &part);
+            let running = held + weights + exec_peak(&part);
+            est = est.then(Estimate {
+                peak_bytes: c.runtime_bytes + reading.max(planning).max(running),
+                secs: plan_secs(c, &part) + flops as f64 * c.secs_per_flop,
+                flops,
+                plans: 1,
+                plan_weight_bytes: weights,
+                tiles: 0,
+            });
+        }
+        Ok(est)
+    }
+
+    /// The whole run under `config`.
+    pub fn predict(&self, config: &Config) -> Result<Estimate> {
+        config.check(self.layers.len())?;
+        let starts: HashMap<usize, &GroupConfig> =
+            config.groups.iter().map(|g| (g.layers.start, g)).collect();
+        let mut est = Estimate::default();
+        let mut i = 0;
+        while i < self.layers.len() {
+            let step = if let Some(g) = starts.get(&i) {
+                i = g.layers.end;
+                self.group_estimate(&g.layers, g.rows, g.cols)
+                    .with_context(|| format!("group {g}"))?
+            } else if let Some(&parts) = config.slices.get(&i) {
+                i += 1;
+                self.sliced_estimate(i - 1, parts)
+                    .with_context(|| format!("layer {} in {parts} slices", i - 1))?
+            } else {
+                i += 1;
+                self.layer_estimate(i - 1)?
+            };
+            log::debug!(
+                "{}: through layer {}: predicted peak {}",
+                self.pkg.name(),
+                i - 1,
+                crate::memory::Bytes(step.peak_bytes)
+            );
+            est = est.then(step);
+        }
+        Ok(est)
+    }
+}
+
+fn weight_bytes(g: &Graph) -> u64 {
+    g.tensors
+        .iter()
+        .filter(|t| t.is_const())
+        .map(|t| t.bytes() as u64)
+        .sum()
+}
+
+/// Peak bytes while tract parses and optimises `g`.
+fn planning_peak(c: &Calibration, g: &Graph) -> u64 {
+    let weights = weight_bytes(g) as f64;
+    let largest = g.nodes.iter().map(|n| g.weight_bytes(n)).max().unwrap_or(0) as f64;
+    (c.parse_copies * weights).max(weights + c.optimise_copies * largest) as u64
+}
+
+fn plan_secs(c: &Calibration, g: &Graph) -> f64 {
+    c.secs_per_plan + weight_bytes(g) as f64 * c.plan_secs_per_weight_byte
+}
+
+/// Peak bytes of activations while tract runs `g`: its input, then each op's output
+/// allocated while its inputs are alive, and every value freed after its last reader.
+/// Pointwise ops whose input dies with them write in place (tract fuses them into the
+/// op before, or reuses the buffer); a zero PAD read only by convolutions is folded into
+/// them (its input lives on until they run).
+pub fn exec_peak(g: &Graph) -> u64 {
+    let mut free_at = g.last_readers();
+    let mut size: Vec<u64> = g.tensors.iter().map(|t| t.bytes() as u64).collect();
+    for (ix, node) in g.nodes.iter().enumerate() {
+        let folded = node.op == Op::Pad
+            && g.nodes.iter().all(|n| {
+                !n.inputs.contains(&node.outputs[0])
+                    || matches!(n.op, Op::Conv2d(_) | Op::DepthwiseConv2d { .. })
+            });
+        if folded {
+            let (from, to) = (node.inputs[0], node.outputs[0]);
+            size[to] = 0;
+            free_at[from] = free_at[from].max(free_at[to]).max(Some(ix));
+        }
+    }
+    for &t in &g.outputs {
+        free_at[t] = None;
+    }
+    let mut live: u64 = g.inputs.iter().map(|&t| size[t]).sum();
+    let mut peak = live;
+    for (ix, node) in g.nodes.iter().enumerate() {
+        let out: u64 = node.outputs.iter().map(|&t| size[t]).sum();
+        let in_place = matches!(
+            node.op,
+            Op::Unary(_) | Op::LeakyRelu { .. } | Op::Binary { .. }
+        ) && node
+            .inputs
+            .iter()
+            .any(|&t| !g.tensors[t].is_const() && free_at[t] == Some(ix) && size[t] == out);
+        live += out;
+        if !in_place {
+            peak = peak.max(live);
+        }
+        for (t, at) in free_at.iter().enumerate() {
+            if *at == Some(ix) && !g.tensors[t].is_const() {
+                live -= size[t];
+            }
+        }
+    }
+    peak
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::graph::*;
+
+    fn conv_chain() -> Graph {
+        let mut g = Graph::default();
+        let x = g.add_tensor(Tensor::activation("x", vec![1, 8, 8, 4], DType::F32));
+        g.inputs = vec![x];
+        let pads = g.add_tensor(Tensor::i32_constant("pads", &[0, 0, 1, 1, 1, 1, 0, 0]));
+        let p = g.add_node(Op::Pad, vec![x, pads], &["pad"]).unwrap()[0];
+        let w = g.add_tensor(Tensor::f32_constant("w", vec![16, 3, 3, 4], &[0.0; 576]));
+        let b = g.add_tensor(Tensor::f32_constant("b", vec![16], &[0.0; 16]));
+        let conv = ConvParams {
+            padding: Padding::Valid,
+            stride: [1, 1],
+            dilation: [1, 1],
+            activation: Activation::None,
+        };
+        let c = g
+            .add_node(Op::Conv2d(conv), vec![p, w, b], &["conv"])
+            .unwrap()[0];
+        let l = g
+            .add_node(Op::LeakyRelu { alpha: 0.1 }, vec![c], &["leaky"])
+            .unwrap()[0];
+        let pool = PoolParams {
+            padding: Padding::Valid,
+            stride: [2, 2],
+            filter: [2, 2],
+            activation: Activation::None,
+        };
+        let y = g.add_node(Op::MaxPool2d(pool), vec![l], &["pool"]).unwrap()[0];
+        g.outputs = vec![y];
+        g
+    }
+
+    /// Input 1 KiB, conv output 4 KiB, pool output 1 KiB: the PAD folds into the conv,
+    /// the leaky ReLU works in place, and the peak is at the pool, with the input freed
+    /// after the conv.
+    #[test]
+    fn exec_peak_follows_lifetimes() {
+        let g = conv_chain();
+        assert_eq!(exec_peak(&g), 4096 + 1024);
+        // Its input read by the pool too, the input stays alive to the end.
+        let mut g = conv_chain();
+        let (x, pool) = (g.inputs[0], g.nodes.len() - 1);
+        g.nodes[pool].inputs = vec![x];
+        g.tensors[g.nodes[pool].outputs[0]].shape = vec![1, 4, 4, 4];
+        assert_eq!(exec_peak(&g), 1024 + 4096 + 256);
+    }
+
+    #[test]
+    fn planning_peak_is_parse_or_the_largest_op_optimised() {
+        let g = conv_chain();
+        // The conv's weights and bias, and the PAD's 8 integers.
+        let conv = (576 + 16) * 4;
+        assert_eq!(
+            planning_peak(&CALIBRATION, &g),
+            (conv + 32 + 3 * conv) as u64
+        );
+    }
+}
