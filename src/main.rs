@@ -110,7 +110,8 @@ enum TileCommand {
     Predict {
         /// Package directory.
         package: PathBuf,
-        /// `off` or groups FIRST-LAST:ROWSxCOLS separated by commas.
+        /// `off`, or groups FIRST-LAST:ROWSxCOLS and sliced layers LAYER/SLICES separated
+        /// by commas.
         #[arg(required = true, value_name = "CONFIG")]
         configs: Vec<tiling::Config>,
     },
@@ -282,9 +283,10 @@ struct InferArgs {
     #[arg(long, value_name = "FILE")]
     save_input: Option<PathBuf>,
     /// Fused tiling of the early conv layers: `off`, `auto` (the fastest configuration
-    /// predicted to fit --budget), or groups FIRST-LAST:ROWSxCOLS of layer indices, e.g.
-    /// `0-2:4x4,3-5:2x2`. Unset: `auto` when --budget is given and the untiled run is
-    /// predicted not to fit it, otherwise off.
+    /// predicted to fit --budget), or groups FIRST-LAST:ROWSxCOLS of layer indices and
+    /// layers in output-channel slices LAYER/SLICES, e.g. `0-2:4x4,3-5:2x2,8/3`. Unset:
+    /// `auto` when --budget is given and the untiled run is predicted not to fit it,
+    /// otherwise off.
     #[arg(long, value_name = "MODE", conflicts_with = "whole")]
     tiling: Option<tiling::Tiling>,
     /// Memory budget for the inference's activations and weights, for tiling.

@@ -3,9 +3,10 @@
 //! field covers, so that the huge early activations never exist whole inside tract.
 //!
 //! `region` is the receptive-field arithmetic, `group` turns layers into a tileable graph
-//! and a tile into its own small graph, `execute` runs a package under a [`Config`],
-//! `predictor` gives a configuration's peak memory and latency from shapes, `search` picks
-//! the fastest configuration that fits a budget. See `docs/tiling.md`.
+//! and a tile into its own small graph, `slice` cuts a conv layer into output-channel
+//! slices, `execute` runs a package under a [`Config`], `predictor` gives a
+//! configuration's peak memory and latency from shapes, `search` picks the fastest
+//! configuration that fits a budget. See `docs/tiling.md`.
 
 pub mod execute;
 pub mod group;
@@ -173,7 +174,7 @@ impl std::str::FromStr for Tiling {
             "off" => Tiling::Off,
             "auto" => Tiling::Auto,
             other => Tiling::Fixed(other.parse().context(
-                "--tiling takes off, auto or groups FIRST-LAST:ROWSxCOLS separated by commas",
+                "--tiling takes off, auto, or groups FIRST-LAST:ROWSxCOLS and sliced layers LAYER/SLICES separated by commas",
             )?),
         })
     }
