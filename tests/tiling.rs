@@ -186,7 +186,7 @@ fn synthetic() -> Graph {
 #[test]
 fn synthetic_group_tiles_equal_the_whole_graph() {
     let graph = synthetic();
-    let plan = Plan::from_tflite(&write_graph(&graph, WriteOptions::default()).unwrap()).unwrap();
+    let plan = Plan::from_tflite(write_graph(&graph, WriteOptions::default()).unwrap()).unwrap();
     let input = random_tensor(&[1, 23, 19, 5], 5, -1.0, 1.0);
     let want = plan
         .run_floats(std::slice::from_ref(&input))
