@@ -494,6 +494,35 @@ mod tests {
             include_str!("../../yocto/meta-memaflow/recipes-memaflow/memaflow/files/paths.env");
         assert!(paths.contains(&format!("MEMAFLOW_CONFIG={DEFAULT_CONFIG}\n")));
         assert!(paths.contains(&format!("MEMAFLOW_SPOOL={DEFAULT_SPOOL}\n")));
+        // The unit runs the daemon on that configuration, may write only the spool, and
+        // runs as the user that owns the spool.
+        let unit = include_str!(
+            "../../yocto/meta-memaflow/recipes-memaflow/memaflow/files/memaflow.service"
+        );
+        let key = |k: &str| -> Vec<&str> {
+            unit.lines()
+                .filter_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+                .collect()
+        };
+        assert_eq!(
+            key("ExecStart"),
+            [format!("/usr/bin/memaflow run --config {DEFAULT_CONFIG}")]
+        );
+        assert_eq!(key("ReadWritePaths"), [DEFAULT_SPOOL]);
+        let user = key("User");
+        assert_eq!(user.len(), 1);
+        let tmpfiles = include_str!(
+            "../../yocto/meta-memaflow/recipes-memaflow/memaflow/files/memaflow-tmpfiles.conf"
+        );
+        let spool_entry = tmpfiles
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() >= 5 && f[0] == "d" && f[1] == DEFAULT_SPOOL)
+            .expect("tmpfiles creates the spool");
+        assert_eq!(
+            spool_entry[3], user[0],
+            "the spool's owner is the unit's user"
+        );
     }
 
     #[test]
