@@ -594,30 +594,14 @@ fn batch(a: BatchArgs) -> Result<()> {
     let system = memory::SystemMemory::detect();
     let report = runtime::run_batch(jobs.clone(), &options, &system)?;
     if let Some(dir) = &a.npy_out {
-        let width = jobs.len().to_string().len().max(2);
-        for (k, (job, outs)) in jobs.iter().zip(&report.outputs).enumerate() {
-            write_npy_outputs(
-                &dir.join(format!("{k:0width$}-{}", job.package.name())),
-                &job.package,
-                outs,
-            )?;
-        }
+        write_batch_outputs(dir, &jobs, &report.outputs)?;
     }
     if let Some(path) = &a.report {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    let inferences: Vec<serde_json::Value> = jobs
-        .iter()
-        .zip(&report.outputs)
-        .zip(&labels)
-        .zip(&report.inferences)
-        .map(|(((job, outs), input), rec)| {
-            let summaries: Vec<results::OutputSummary> =
-                job.package.manifest.outputs.iter().zip(outs).map(|(spec, t)| results::summarise(&spec.name, t, spec.labels.as_deref())).collect();
-            serde_json::json!({ "model": job.package.name(), "input": input, "start_ms": rec.start_ms, "end_ms": rec.end_ms, "outputs": summaries })
-        })
-        .collect();
+    let spans = report.inferences.iter().map(|r| (r.start_ms, r.end_ms));
+    let inferences = inference_summaries(&jobs, &report.outputs, &labels, spans);
     let summary = serde_json::json!({
         "loading": report.loading,
         "scheduling": report.scheduling,
@@ -633,6 +617,49 @@ fn batch(a: BatchArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--npy-out DIR` of a batch: `DIR/KK-MODEL/NN.npy` per job, in submission order.
+fn write_batch_outputs(
+    dir: &Path,
+    jobs: &[runtime::Job],
+    outputs: &[Vec<runtime::FloatTensor>],
+) -> Result<()> {
+    let width = jobs.len().to_string().len().max(2);
+    for (k, (job, outs)) in jobs.iter().zip(outputs).enumerate() {
+        write_npy_outputs(
+            &dir.join(format!("{k:0width$}-{}", job.package.name())),
+            &job.package,
+            outs,
+        )?;
+    }
+    Ok(())
+}
+
+/// The per-inference part of a batch's printed summary: model, input, start/end (ms) and
+/// every output summarised as `infer` prints it.
+fn inference_summaries(
+    jobs: &[runtime::Job],
+    outputs: &[Vec<runtime::FloatTensor>],
+    labels: &[String],
+    spans: impl Iterator<Item = (f64, f64)>,
+) -> Vec<serde_json::Value> {
+    jobs.iter()
+        .zip(outputs)
+        .zip(labels)
+        .zip(spans)
+        .map(|(((job, outs), input), (start_ms, end_ms))| {
+            let summaries: Vec<results::OutputSummary> = job
+                .package
+                .manifest
+                .outputs
+                .iter()
+                .zip(outs)
+                .map(|(spec, t)| results::summarise(&spec.name, t, spec.labels.as_deref()))
+                .collect();
+            serde_json::json!({ "model": job.package.name(), "input": input, "start_ms": start_ms, "end_ms": end_ms, "outputs": summaries })
+        })
+        .collect()
+}
+
 /// `batch --status-quo`: the same jobs, each whole in tract, one after another.
 fn batch_status_quo(
     jobs: &[runtime::Job],
@@ -642,30 +669,14 @@ fn batch_status_quo(
 ) -> Result<()> {
     let report = memaflow::bench::status_quo::run(jobs)?;
     if let Some(dir) = npy_out {
-        let width = jobs.len().to_string().len().max(2);
-        for (k, (job, outs)) in jobs.iter().zip(&report.outputs).enumerate() {
-            write_npy_outputs(
-                &dir.join(format!("{k:0width$}-{}", job.package.name())),
-                &job.package,
-                outs,
-            )?;
-        }
+        write_batch_outputs(dir, jobs, &report.outputs)?;
     }
     if let Some(path) = report_path {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    let inferences: Vec<serde_json::Value> = jobs
-        .iter()
-        .zip(&report.outputs)
-        .zip(labels)
-        .zip(&report.inferences)
-        .map(|(((job, outs), input), rec)| {
-            let summaries: Vec<results::OutputSummary> =
-                job.package.manifest.outputs.iter().zip(outs).map(|(spec, t)| results::summarise(&spec.name, t, spec.labels.as_deref())).collect();
-            serde_json::json!({ "model": job.package.name(), "input": input, "start_ms": rec.start_ms, "end_ms": rec.end_ms, "outputs": summaries })
-        })
-        .collect();
+    let spans = report.inferences.iter().map(|r| (r.start_ms, r.end_ms));
+    let inferences = inference_summaries(jobs, &report.outputs, labels, spans);
     let summary = serde_json::json!({
         "mode": report.mode,
         "makespan_ms": report.makespan_ms,
