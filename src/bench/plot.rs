@@ -14,6 +14,43 @@ fn plot_error<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> anyhow::Error + 
     move |e| anyhow!("drawing {}: {e:?}", path.display())
 }
 
+/// A chart on `root` (filled white) whose x axis is the memory levels, one category per
+/// label at 0, 1, …, and whose y axis runs from 0 to `ymax`.
+fn level_chart<'a, 'b: 'a>(
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    caption: &str,
+    labels: &[String],
+    ymax: f64,
+    y_desc: &str,
+    path: &Path,
+) -> Result<
+    ChartContext<
+        'a,
+        SVGBackend<'b>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+> {
+    let err = plot_error(path);
+    root.fill(&WHITE).map_err(&err)?;
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.3f64..(labels.len() as f64 - 0.7), 0f64..ymax)
+        .map_err(&err)?;
+    chart
+        .configure_mesh()
+        .light_line_style(WHITE)
+        .x_labels(labels.len() * 2 + 1)
+        .x_label_formatter(&|x| category(labels, *x))
+        .x_desc("memory level")
+        .y_desc(y_desc)
+        .draw()
+        .map_err(&err)?;
+    Ok(chart)
+}
+
 /// Labels for a categorical axis drawn on f64 coordinates: the category at each integer,
 /// nothing between.
 fn category(labels: &[String], x: f64) -> String {
@@ -237,26 +274,14 @@ fn speedup_by_memory(records: &[RunRecord], levels: &[MemoryLevel], path: &Path)
         * 1.15;
     let err = plot_error(path);
     let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
-    root.fill(&WHITE).map_err(&err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Speed-up relative to bulk+fcfs by memory level",
-            ("sans-serif", 20),
-        )
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.3f64..(levels.len() as f64 - 0.7), 0f64..ymax)
-        .map_err(&err)?;
-    chart
-        .configure_mesh()
-        .light_line_style(WHITE)
-        .x_labels(levels.len() * 2 + 1)
-        .x_label_formatter(&|x| category(&labels, *x))
-        .x_desc("memory level")
-        .y_desc("speed-up (×)")
-        .draw()
-        .map_err(&err)?;
+    let mut chart = level_chart(
+        &root,
+        "Speed-up relative to bulk+fcfs by memory level",
+        &labels,
+        ymax,
+        "speed-up (×)",
+        path,
+    )?;
     for (k, (combo, cells)) in table.rows.iter().enumerate() {
         let color = Palette99::pick(k).to_rgba();
         let pts: Vec<(f64, f64)> = cells
@@ -329,26 +354,14 @@ fn peak_rss_by_memory(records: &[RunRecord], levels: &[MemoryLevel], path: &Path
         * 1.15;
     let err = plot_error(path);
     let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
-    root.fill(&WHITE).map_err(&err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Peak RSS of finished runs by memory level",
-            ("sans-serif", 20),
-        )
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.3f64..(levels.len() as f64 - 0.7), 0f64..ymax)
-        .map_err(&err)?;
-    chart
-        .configure_mesh()
-        .light_line_style(WHITE)
-        .x_labels(levels.len() * 2 + 1)
-        .x_label_formatter(&|x| category(&labels, *x))
-        .x_desc("memory level")
-        .y_desc("peak RSS (MiB)")
-        .draw()
-        .map_err(&err)?;
+    let mut chart = level_chart(
+        &root,
+        "Peak RSS of finished runs by memory level",
+        &labels,
+        ymax,
+        "peak RSS (MiB)",
+        path,
+    )?;
     if !limits.is_empty() {
         chart
             .draw_series(limits.iter().map(|&(x, y)| {
