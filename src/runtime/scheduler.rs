@@ -375,14 +375,12 @@ impl Scheduler {
                     State::Running | State::Done
                 )
             });
-            if let Some(l) = next_load {
-                let task = super::tasks::load_index(l);
-                if ready_here(task) {
-                    let State::Ready { since } = inf.state[task] else {
-                        unreachable!()
-                    };
-                    let _ = out.push(Candidate::Load(at(task), l, since));
-                }
+            if let Some(l) = next_load
+                && let task = super::tasks::load_index(l)
+                && let State::Ready { since } = inf.state[task]
+                && inf.tasks[task].pool == pool
+            {
+                let _ = out.push(Candidate::Load(at(task), l, since));
             }
             if let Some(l) = (0..n).find(|&l| ready_here(super::tasks::exec_index(n, l))) {
                 let _ = out.push(Candidate::Exec(at(super::tasks::exec_index(n, l)), l));
