@@ -209,6 +209,11 @@ struct BatchArgs {
     /// Memory kept free below MemAvailable and the cgroup limit.
     #[arg(long, value_name = "SIZE", default_value = "16M")]
     reserve: Bytes,
+    /// Fused tiling: `needed` runs a model tiled when one of its layers does not fit the
+    /// budget (`--budget`, else the memory free at the start) on its own; `auto` whenever
+    /// the search predicts a faster tiled run within it; `off` never.
+    #[arg(long, value_enum, default_value = "needed")]
+    tiling: tiling::Mode,
     /// Worker threads (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
@@ -224,7 +229,7 @@ struct BatchArgs {
     report: Option<PathBuf>,
     /// The status quo instead: each model run whole in tract, one inference after another
     /// (no layers, no scheduler, no budget).
-    #[arg(long, conflicts_with_all = ["loading", "scheduling", "parallel", "budget", "workers", "profile"])]
+    #[arg(long, conflicts_with_all = ["loading", "scheduling", "parallel", "budget", "workers", "profile", "tiling"])]
     status_quo: bool,
 }
 
@@ -564,15 +569,28 @@ fn batch(a: BatchArgs) -> Result<()> {
         .iter()
         .map(|p| profile.costs_for(p).into())
         .collect();
+    let system = memory::SystemMemory::detect();
+    let tiled = if a.status_quo {
+        vec![None; packages.len()]
+    } else {
+        let budget = a
+            .budget
+            .map(|b| b.0)
+            .or_else(|| system.read().ok().and_then(|r| r.headroom(a.reserve.0)));
+        packages
+            .iter()
+            .zip(&costs)
+            .map(|(p, c)| tiling::TiledModel::plan(p, c, a.tiling, budget))
+            .collect::<Result<Vec<_>>>()?
+    };
     let mut jobs = vec![];
     let mut labels = vec![];
     for (image, npy_file, name) in &sources {
-        for (pkg, costs) in packages.iter().zip(&costs) {
+        for ((pkg, costs), tiled) in packages.iter().zip(&costs).zip(&tiled) {
             let input = input_for(pkg, *image, *npy_file).with_context(|| name.clone())?;
-            jobs.push(runtime::Job {
-                package: pkg.clone(),
-                input,
-                costs: costs.clone(),
+            jobs.push(match tiled {
+                Some(t) => t.job(input),
+                None => runtime::Job::layered(pkg.clone(), input, costs.clone()),
             });
             labels.push(name.clone());
         }
@@ -591,7 +609,6 @@ fn batch(a: BatchArgs) -> Result<()> {
         reserve: a.reserve.0,
         workers,
     };
-    let system = memory::SystemMemory::detect();
     let report = runtime::run_batch(jobs.clone(), &options, &system)?;
     if let Some(dir) = &a.npy_out {
         write_batch_outputs(dir, &jobs, &report.outputs)?;
@@ -611,6 +628,11 @@ fn batch(a: BatchArgs) -> Result<()> {
         "ledger_high_water_bytes": report.ledger_high_water,
         "overdrafts": report.overdrafts,
         "peak_rss_bytes": report.peak_rss,
+        "tiled": packages
+            .iter()
+            .zip(&tiled)
+            .filter_map(|(p, t)| Some((p.name().to_string(), t.as_ref()?.config.to_string().into())))
+            .collect::<serde_json::Map<_, _>>(),
         "inferences": inferences,
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);

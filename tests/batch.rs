@@ -51,11 +51,7 @@ fn every_policy_and_scheduler_equals_whole() {
             );
             expected.push(run_whole(pkg, &input).unwrap().outputs);
             let costs = memaflow::profile::estimate(&pkg.manifest).into();
-            jobs.push(Job {
-                package: pkg.clone(),
-                input,
-                costs,
-            });
+            jobs.push(Job::layered(pkg.clone(), input, costs));
         }
     }
     let system = SystemMemory::detect();
@@ -106,11 +102,7 @@ fn mema_under_a_tight_budget_stays_within_it() {
     let input = FloatTensor::filled(agenet.manifest.inputs[0].shape.clone(), 0.5);
     let want = run_whole(&agenet, &input).unwrap().outputs;
     let jobs: Vec<Job> = (0..3)
-        .map(|_| Job {
-            package: agenet.clone(),
-            input: input.clone(),
-            costs: costs.clone(),
-        })
+        .map(|_| Job::layered(agenet.clone(), input.clone(), costs.clone()))
         .collect();
     for loading in [
         LoadingPolicy::Linear,
@@ -145,11 +137,7 @@ fn mema_under_a_tight_budget_stays_within_it() {
         reserve: 0,
         workers: 1,
     };
-    let jobs = vec![Job {
-        package: agenet.clone(),
-        input,
-        costs,
-    }];
+    let jobs = vec![Job::layered(agenet.clone(), input, costs)];
     let err = format!(
         "{:#}",
         run_batch(jobs, &options, &SystemMemory::detect()).unwrap_err()

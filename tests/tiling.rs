@@ -312,3 +312,102 @@ fn search_and_cli_pick_a_fitting_configuration() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs --budget"));
 }
+
+/// `batch` and the spool daemon tile a package when one of its layers does not fit the
+/// budget on its own (the default, `--tiling needed`), with outputs equal to the untiled
+/// run; with `--tiling off` the same budget is refused, naming the layer.
+#[test]
+fn batch_and_daemon_tile_what_does_not_fit_the_budget() {
+    let pkg = yolo();
+    let p = pkg.dir.to_str().unwrap();
+    let dir = scratch("tiling-batch");
+    let shape = &pkg.manifest.inputs[0].shape;
+    let x = random_tensor(shape, 11, 0.0, 1.0);
+    let input = dir.join("in.npy");
+    npy::write(&input, &x.shape, &x.data).unwrap();
+    let want = run_layerwise(pkg, &x).unwrap().outputs;
+    let budget = "20M";
+    let batch = |extra: &[&str]| {
+        let mut args = vec!["batch", "--models", p, "--input-npy"];
+        args.extend([input.to_str().unwrap(); 2]);
+        args.extend(["--budget", budget, "--parallel", "2"]);
+        args.extend_from_slice(extra);
+        run_cli(&args, std::time::Duration::from_secs(120))
+    };
+    let off = batch(&["--tiling", "off"]);
+    assert!(!off.status.success());
+    let err = String::from_utf8_lossy(&off.stderr);
+    assert!(err.contains("more than the whole budget"), "{err}");
+
+    let out = dir.join("out");
+    let run = batch(&["--npy-out", out.to_str().unwrap()]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let config: Config = summary["tiled"]["yolov2_16"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(!config.is_untiled());
+    assert!(summary["ledger_high_water_bytes"].as_u64().unwrap() <= 20 << 20);
+    for k in ["00", "01"] {
+        let got = FloatTensor::from(npy::read(&out.join(format!("{k}-yolov2_16/00.npy"))).unwrap());
+        let err = relative_error(&got, &want[0]);
+        assert!(err <= TOLERANCE, "inference {k}: {err:e}");
+    }
+
+    // The daemon decides once, at start-up, and says so in status.json.
+    let spool = dir.join("spool");
+    std::fs::create_dir_all(spool.join("incoming")).unwrap();
+    let (h, w) = (shape[1] as u32, shape[2] as u32);
+    let frame = image::RgbImage::from_fn(w, h, |c, r| {
+        image::Rgb([
+            (c * 7 % 256) as u8,
+            (r * 5 % 256) as u8,
+            ((c + r) % 256) as u8,
+        ])
+    });
+    let frame_path = dir.join("frame.png");
+    frame.save(&frame_path).unwrap();
+    std::fs::copy(&frame_path, spool.join("incoming/frame.png")).unwrap();
+    let config_path = dir.join("memaflow.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[spool]\nroot = \"spool\"\n[run]\nbudget = \"{budget}\"\nthreads = 1\n\
+             [[model]]\npath = {p:?}\nreport = \"raw\"\n"
+        ),
+    )
+    .unwrap();
+    cli_ok(&["run", "--config", config_path.to_str().unwrap(), "--once"]);
+    let status: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(spool.join("status.json")).unwrap()).unwrap();
+    assert_eq!(status["models"][0]["tiling"], summary["tiled"]["yolov2_16"]);
+    let result: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(spool.join("out/frame.png.json")).unwrap()).unwrap();
+    let want_dir = dir.join("want");
+    cli_ok(&[
+        "infer",
+        "--model",
+        p,
+        frame_path.to_str().unwrap(),
+        "--tiling",
+        "off",
+        "--npy-out",
+        want_dir.to_str().unwrap(),
+    ]);
+    let want = FloatTensor::from(npy::read(&want_dir.join("00.npy")).unwrap());
+    let values: Vec<f32> = result["models"][0]["outputs"][0]["values"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no raw values: {result}"))
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let got = FloatTensor::new(want.shape.clone(), values).unwrap();
+    let err = relative_error(&got, &want);
+    assert!(err <= TOLERANCE, "daemon vs infer: {err:e}");
+}

@@ -26,12 +26,31 @@ pub struct BatchOptions {
     pub workers: usize,
 }
 
+/// Runs a whole inference as one step instead of layer by layer (tiled execution is one:
+/// `tiling::TiledModel`). Given the job's input, returns the package's outputs.
+pub type WholeRun = Arc<dyn Fn(FloatTensor) -> Result<Vec<FloatTensor>> + Send + Sync>;
+
 /// One input through one package.
 #[derive(Clone)]
 pub struct Job {
     pub package: Arc<Package>,
     pub input: FloatTensor,
+    /// Per layer; for a `whole` job one entry, the whole run's cost.
     pub costs: Arc<[LayerCost]>,
+    /// Run as one step, scheduled and budgeted as a single layer costing `costs[0]`.
+    pub whole: Option<WholeRun>,
+}
+
+impl Job {
+    /// The package layer by layer.
+    pub fn layered(package: Arc<Package>, input: FloatTensor, costs: Arc<[LayerCost]>) -> Job {
+        Job {
+            package,
+            input,
+            costs,
+            whole: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -81,7 +100,7 @@ pub struct BatchReport {
 
 struct Flight {
     walk: Option<Activations>,
-    layers: Vec<Option<LoadedLayer>>,
+    layers: Vec<Option<Staged>>,
     outputs: Option<Vec<FloatTensor>>,
     start: Option<Instant>,
     end: Option<Instant>,
@@ -99,6 +118,13 @@ struct Shared {
     error: Option<anyhow::Error>,
 }
 
+/// A layer between its load and its exec.
+enum Staged {
+    Layer(LoadedLayer),
+    /// A whole job has nothing to load ahead: its run plans what it needs.
+    Whole(WholeRun),
+}
+
 /// What a worker does with one task, outside the lock.
 enum Work {
     Init,
@@ -106,10 +132,15 @@ enum Work {
         package: Arc<Package>,
         layer: usize,
     },
+    Stage(usize, WholeRun),
     Exec {
         package: Arc<Package>,
         layer: LoadedLayer,
         inputs: tract_core::prelude::TVec<tract_core::prelude::TValue>,
+    },
+    Whole {
+        run: WholeRun,
+        input: FloatTensor,
     },
 }
 
@@ -130,13 +161,23 @@ pub fn run_batch(
         options.parallel,
     );
     for job in &jobs {
+        let steps = match job.whole {
+            Some(_) => 1,
+            None => job.package.manifest.layers.len(),
+        };
+        ensure!(
+            job.costs.len() == steps,
+            "{}: {} layer costs for {steps} steps",
+            job.package.name(),
+            job.costs.len()
+        );
         scheduler.submit(job.package.name(), job.costs.clone())?;
     }
     let flights = jobs
         .iter()
         .map(|j| Flight {
             walk: None,
-            layers: (0..j.package.manifest.layers.len()).map(|_| None).collect(),
+            layers: (0..j.costs.len()).map(|_| None).collect(),
             outputs: None,
             start: None,
             end: None,
@@ -256,32 +297,43 @@ fn worker_loop(
             TaskKind::Init => Work::Init,
             TaskKind::Load(l) => {
                 guard.unseen_bytes += job.costs[l].footprint();
-                Work::Load {
-                    package: job.package.clone(),
-                    layer: l,
+                match &job.whole {
+                    Some(run) => Work::Stage(l, run.clone()),
+                    None => Work::Load {
+                        package: job.package.clone(),
+                        layer: l,
+                    },
                 }
             }
             TaskKind::Exec(l) => {
                 let flight = &mut guard.flights[task.inference];
-                let layer = flight.layers[l]
+                match flight.layers[l]
                     .take()
-                    .expect("exec scheduled before its load");
-                let inputs = match flight
-                    .walk
-                    .as_ref()
-                    .expect("exec before init")
-                    .inputs_for(&job.package, l)
+                    .expect("exec scheduled before its load")
                 {
-                    Ok(i) => i,
-                    Err(e) => {
-                        guard.error = Some(e);
-                        continue;
+                    Staged::Whole(run) => Work::Whole {
+                        run,
+                        input: job.input.clone(),
+                    },
+                    Staged::Layer(layer) => {
+                        let inputs = match flight
+                            .walk
+                            .as_ref()
+                            .expect("exec before init")
+                            .inputs_for(&job.package, l)
+                        {
+                            Ok(i) => i,
+                            Err(e) => {
+                                guard.error = Some(e);
+                                continue;
+                            }
+                        };
+                        Work::Exec {
+                            package: job.package.clone(),
+                            layer,
+                            inputs,
+                        }
                     }
-                };
-                Work::Exec {
-                    package: job.package.clone(),
-                    layer,
-                    inputs,
                 }
             }
         };
@@ -311,18 +363,29 @@ fn worker_loop(
 }
 
 enum Done {
-    Init(Result<Activations>),
-    Loaded(LoadedLayer),
+    /// `None` for a whole job, which keeps no activations between steps.
+    Init(Result<Option<Activations>>),
+    Loaded(usize, Staged),
     Ran(
         usize,
         tract_core::prelude::TVec<tract_core::prelude::TValue>,
     ),
+    RanWhole(Vec<FloatTensor>),
 }
 
 fn perform(work: Work, job: &Job) -> Result<Done> {
     Ok(match work {
-        Work::Init => Done::Init(Activations::new(&job.package, &job.input)),
-        Work::Load { package, layer } => Done::Loaded(load_layer(&package, layer)?),
+        Work::Init => Done::Init(match job.whole {
+            Some(_) => Ok(None),
+            None => Activations::new(&job.package, &job.input).map(Some),
+        }),
+        Work::Load { package, layer } => {
+            Done::Loaded(layer, Staged::Layer(load_layer(&package, layer)?))
+        }
+        Work::Stage(layer, run) => Done::Loaded(layer, Staged::Whole(run)),
+        Work::Whole { run, input } => Done::RanWhole(
+            run(input).with_context(|| format!("{}: whole run", job.package.name()))?,
+        ),
         Work::Exec {
             package,
             layer,
@@ -348,15 +411,14 @@ fn apply(
     let flight = &mut shared.flights[task.inference];
     match done {
         Done::Init(walk) => {
-            flight.walk = Some(walk?);
+            flight.walk = walk?;
             flight.start = Some(start);
         }
-        Done::Loaded(layer) => {
+        Done::Loaded(index, staged) => {
             // Weights are resident now, and planner copies gone: only the exec is unseen.
-            let c = &job.costs[layer.index];
+            let c = &job.costs[index];
             shared.unseen_bytes -= c.load_bytes + c.plan_bytes;
-            let index = layer.index;
-            flight.layers[index] = Some(layer);
+            flight.layers[index] = Some(staged);
         }
         Done::Ran(index, outs) => {
             shared.unseen_bytes -= job.costs[index].exec_bytes;
@@ -367,6 +429,11 @@ fn apply(
                 flight.outputs = Some(walk.finish(&job.package)?);
                 flight.end = Some(end);
             }
+        }
+        Done::RanWhole(outs) => {
+            shared.unseen_bytes -= job.costs[0].exec_bytes;
+            flight.outputs = Some(outs);
+            flight.end = Some(end);
         }
     }
     Ok(())

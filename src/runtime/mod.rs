@@ -7,7 +7,7 @@ pub mod scheduler;
 mod sequential;
 pub mod tasks;
 
-pub use batch::{BatchOptions, BatchReport, Job, run_batch};
+pub use batch::{BatchOptions, BatchReport, Job, WholeRun, run_batch};
 pub use engine::{LoadedLayer, Plan, load_layer};
 pub use scheduler::{MAX_PARALLEL, Scheduler, SchedulingPolicy, TaskRef};
 pub use sequential::{

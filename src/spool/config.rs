@@ -7,6 +7,7 @@ use super::results::{BoxDecoder, BoxSpec, Report};
 use crate::memory::Bytes;
 use crate::model::{ColorOrder, ResizeMode, package::read_labels};
 use crate::runtime::{LoadingPolicy, MAX_PARALLEL, SchedulingPolicy};
+use crate::tiling;
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -65,6 +66,7 @@ struct RawRun {
     scheduling: Option<SchedulingPolicy>,
     parallel: Option<usize>,
     threads: Option<usize>,
+    tiling: Option<tiling::Mode>,
 }
 
 impl RawRun {
@@ -77,6 +79,7 @@ impl RawRun {
             scheduling: self.scheduling.or(under.scheduling),
             parallel: self.parallel.or(under.parallel),
             threads: self.threads.or(under.threads),
+            tiling: self.tiling.or(under.tiling),
         }
     }
 }
@@ -284,6 +287,7 @@ pub struct RunConfig {
     pub scheduling: SchedulingPolicy,
     pub parallel: usize,
     pub threads: usize,
+    pub tiling: tiling::Mode,
 }
 
 #[derive(Clone, Debug)]
@@ -334,6 +338,7 @@ impl Config {
             scheduling: run.scheduling.unwrap_or(SchedulingPolicy::Mema),
             parallel,
             threads,
+            tiling: run.tiling.unwrap_or_default(),
         };
         let secs = |v: Option<f64>, default: f64, key: &str| -> Result<Duration> {
             let v = v.unwrap_or(default);

@@ -61,7 +61,12 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         config.run.parallel,
         config.run.threads,
     );
-    let models: Vec<Model> = config.models.iter().map(Model::load).collect();
+    let system = SystemMemory::detect();
+    let models: Vec<Model> = config
+        .models
+        .iter()
+        .map(|m| Model::load(m, &config.run, &system))
+        .collect();
     let usable = models.iter().filter(|m| m.error().is_none()).count();
     if models.is_empty() {
         log::warn!("no models configured: frames wait in incoming/ until there are some");
@@ -81,7 +86,14 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         run: config.run.clone(),
         models: models
             .iter()
-            .map(|m| json!({ "name": m.name, "path": m.path, "error": m.error() }))
+            .map(|m| {
+                json!({
+                    "name": m.name,
+                    "path": m.path,
+                    "error": m.error(),
+                    "tiling": m.tiling().map(|c| c.to_string()),
+                })
+            })
             .collect(),
         memory: None,
     };
@@ -89,7 +101,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         config,
         spool,
         models: Arc::new(models),
-        system: SystemMemory::detect(),
+        system,
         status,
         signals,
         stop: false,

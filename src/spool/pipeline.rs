@@ -15,6 +15,7 @@ use super::results::Report;
 use crate::memory::{self, SystemMemory};
 use crate::model::{Package, Preprocess};
 use crate::runtime::{self, BatchOptions, BatchReport, FloatTensor, Job, LayerCost, TaskKind};
+use crate::tiling::TiledModel;
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -52,18 +53,23 @@ pub struct Model {
 struct Ready {
     package: Arc<Package>,
     costs: Arc<[LayerCost]>,
+    /// Set when the package runs tiled (a layer too large for the budget, or `tiling =
+    /// "auto"`).
+    tiled: Option<TiledModel>,
     preprocess: Preprocess,
     report: Report,
 }
 
 impl Model {
-    /// Opens and checks a configured model; a broken one is kept, with the reason.
-    pub fn load(config: &ModelConfig) -> Model {
+    /// Opens and checks a configured model and decides whether it runs tiled under `run`
+    /// (without a budget, under the memory `system` has free now); a broken one is kept,
+    /// with the reason.
+    pub fn load(config: &ModelConfig, run: &RunConfig, system: &SystemMemory) -> Model {
         let fallback = config.path.file_name().map_or_else(
             || config.path.display().to_string(),
             |n| n.to_string_lossy().into(),
         );
-        let ready = check_package(config);
+        let ready = check_package(config, run, system);
         let name = match &ready {
             Ok(r) => r.package.name().to_string(),
             Err(_) => fallback,
@@ -85,9 +91,18 @@ impl Model {
     pub fn error(&self) -> Option<&ModelError> {
         self.ready.as_ref().err()
     }
+
+    /// The tiling configuration it runs under, if it runs tiled.
+    pub fn tiling(&self) -> Option<&crate::tiling::Config> {
+        self.ready.as_ref().ok()?.tiled.as_ref().map(|t| &t.config)
+    }
 }
 
-fn check_package(config: &ModelConfig) -> Result<Ready, ModelError> {
+fn check_package(
+    config: &ModelConfig,
+    run: &RunConfig,
+    system: &SystemMemory,
+) -> Result<Ready, ModelError> {
     let broken = |reason: String, layer| ModelError {
         stage: ModelStage::Package,
         reason,
@@ -125,10 +140,17 @@ fn check_package(config: &ModelConfig) -> Result<Ready, ModelError> {
         .report
         .check(&package.manifest.outputs)
         .map_err(|e| broken(format!("{e:#}"), None))?;
-    let costs = crate::profile::estimate(&package.manifest).into();
+    let costs: Arc<[LayerCost]> = crate::profile::estimate(&package.manifest).into();
+    let package = Arc::new(package);
+    let budget = run
+        .budget
+        .or_else(|| system.read().ok().and_then(|r| r.headroom(run.reserve)));
+    let tiled = TiledModel::plan(&package, &costs, run.tiling, budget)
+        .map_err(|e| broken(format!("{e:#}"), None))?;
     Ok(Ready {
-        package: Arc::new(package),
+        package,
         costs,
+        tiled,
         preprocess,
         report: config.report.clone(),
     })
@@ -220,10 +242,9 @@ pub fn process(frame: &str, path: &Path, cx: &Setup) -> Outcome {
                 match preprocess::to_input(&img, &r.preprocess, shape) {
                     Ok(input) => jobs.push((
                         k,
-                        Job {
-                            package: r.package.clone(),
-                            input,
-                            costs: r.costs.clone(),
+                        match &r.tiled {
+                            Some(t) => t.job(input),
+                            None => Job::layered(r.package.clone(), input, r.costs.clone()),
                         },
                     )),
                     Err(e) => {

@@ -6,16 +6,19 @@
 //! and a tile into its own small graph, `slice` cuts a conv layer into output-channel
 //! slices, `execute` runs a package under a [`Config`], `predictor` gives a
 //! configuration's peak memory and latency from shapes, `search` picks the fastest
-//! configuration that fits a budget. See `docs/tiling.md`.
+//! configuration that fits a budget, `job` runs a package tiled inside a batch. See
+//! `docs/tiling.md`.
 
 pub mod execute;
 pub mod group;
+pub mod job;
 pub mod predictor;
 pub mod region;
 pub mod search;
 pub mod slice;
 
 pub use execute::{load_group, run_tiled};
+pub use job::{Mode, TiledModel};
 
 use anyhow::{Context, Result, ensure};
 use std::ops::Range;

@@ -1,0 +1,126 @@
+//! Tiling inside a batch (`memaflow batch`, the spool daemon): a package whose layers do
+//! not fit the budget one at a time — or any package, with `auto` — runs tiled as one
+//! step of the schedule, budgeted at its predicted peak.
+
+use super::Config;
+use super::predictor::{CALIBRATION, Model};
+use super::search::{Space, search};
+use crate::memory::Bytes;
+use crate::model::Package;
+use crate::runtime::{FloatTensor, Job, LayerCost, WholeRun};
+use anyhow::{Context, Result};
+use std::sync::Arc;
+
+/// When a batch tiles a package.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Never: a layer that does not fit the budget is an error.
+    Off,
+    /// Only a package with a layer that does not fit the budget on its own.
+    #[default]
+    Needed,
+    /// Whenever the search finds a tiled configuration faster than the untiled run
+    /// within the budget.
+    Auto,
+}
+
+/// A package that runs tiled: its configuration, and the one-step cost the scheduler
+/// reserves for it.
+#[derive(Clone)]
+pub struct TiledModel {
+    pub config: Config,
+    package: Arc<Package>,
+    /// One entry, shared by every job of this model so that the scheduler learns from
+    /// one run's timing for the next.
+    costs: Arc<[LayerCost]>,
+    run: WholeRun,
+}
+
+impl TiledModel {
+    /// Whether `pkg`, whose layers cost `layers`, runs tiled under `mode` and `budget`
+    /// (`None`: no limit known, nothing to tile for). `Ok(None)`: run it layer by layer.
+    pub fn plan(
+        pkg: &Arc<Package>,
+        layers: &[LayerCost],
+        mode: Mode,
+        budget: Option<u64>,
+    ) -> Result<Option<TiledModel>> {
+        let Some(budget) = budget else {
+            return Ok(None);
+        };
+        let largest = layers.iter().map(LayerCost::footprint).max().unwrap_or(0);
+        let wanted = match mode {
+            Mode::Off => false,
+            Mode::Needed => largest > budget,
+            Mode::Auto => true,
+        };
+        if !wanted {
+            return Ok(None);
+        }
+        let name = pkg.name();
+        // The batch hands the run a copy of its input, on top of what the predictor counts.
+        let input_bytes = pkg.manifest.inputs[0]
+            .shape
+            .iter()
+            .product::<usize>()
+            .saturating_mul(4) as u64;
+        let model = Model::new(pkg, CALIBRATION).with_context(|| format!("{name}: tiling"))?;
+        let choice = search(&model, budget.saturating_sub(input_bytes), Space::default())
+            .with_context(|| {
+                format!(
+                    "{name}: its largest layer needs {} and does not fit the budget of {}; tiling",
+                    Bytes(largest),
+                    Bytes(budget)
+                )
+            })?;
+        if choice.config.is_untiled() {
+            log::info!("{name}: tiling would not help within {}", Bytes(budget));
+            return Ok(None);
+        }
+        log::info!(
+            "{name}: runs tiled as {} (predicted peak {}, {:.0} ms; budget {})",
+            choice.config,
+            Bytes(choice.estimate.peak_bytes),
+            choice.estimate.secs * 1e3,
+            Bytes(budget)
+        );
+        let cost = LayerCost {
+            kind: crate::model::LayerKind::Other,
+            load_bytes: 0,
+            plan_bytes: 0,
+            exec_bytes: choice.estimate.peak_bytes + input_bytes,
+            load_secs: 0.0,
+            exec_secs: choice.estimate.secs,
+        };
+        let (package, config) = (pkg.clone(), choice.config.clone());
+        let run: WholeRun =
+            Arc::new(move |input| Ok(super::run_tiled(&package, input, &config)?.outputs));
+        Ok(Some(TiledModel {
+            config: choice.config,
+            package: pkg.clone(),
+            costs: Arc::new([cost]),
+            run,
+        }))
+    }
+
+    /// One input through the package, tiled.
+    pub fn job(&self, input: FloatTensor) -> Job {
+        Job {
+            package: self.package.clone(),
+            input,
+            costs: self.costs.clone(),
+            whole: Some(self.run.clone()),
+        }
+    }
+}
