@@ -32,6 +32,12 @@ inherit cargo cargo-update-recipe-crates externalsrc ptest systemd update-rc.d u
 # with a git SRC_URI and SRCREV in a bbappend to build a released commit.
 EXTERNALSRC ?= "${@os.path.normpath(os.path.join(d.getVar('FILE_DIRNAME'), '../../../..'))}"
 
+# As board/build-firmware: without the default `bench` feature (memaflow bench and its
+# cgroups-rs, plotters and indicatif: 0.9 MiB the appliance does not need).
+# EXTRA_CARGO_FLAGS is oe-core cargo.bbclass's; oelint-adv's variable list lacks it.
+# nooelint: oelint.vars.mispell
+EXTRA_CARGO_FLAGS = "--no-default-features"
+
 # systemd MemoryMax of the service: a size (1536M) or a share of physical memory, so
 # that one value suits every RAM size of a board. memaflow reads it as the cgroup limit.
 MEMAFLOW_MEMORY_MAX ??= "85%"
