@@ -360,6 +360,29 @@ fn batch_and_daemon_tile_what_does_not_fit_the_budget() {
         assert!(err <= TOLERANCE, "inference {k}: {err:e}");
     }
 
+    // At 28M every layer fits on its own (layer 8: 22.7 MiB), so `needed` runs layer by
+    // layer, while `auto` still tiles: the untiled run is predicted at 31 MiB.
+    let tiled_at = |mode: &str| -> serde_json::Value {
+        let out = run_cli(
+            &[
+                "batch",
+                "--models",
+                p,
+                "--input-npy",
+                input.to_str().unwrap(),
+                "--budget",
+                "28M",
+                "--tiling",
+                mode,
+            ],
+            std::time::Duration::from_secs(120),
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["tiled"].clone()
+    };
+    assert_eq!(tiled_at("needed"), serde_json::json!({}));
+    assert!(tiled_at("auto")["yolov2_16"].is_string());
+
     // The daemon decides once, at start-up, and says so in status.json.
     let spool = dir.join("spool");
     std::fs::create_dir_all(spool.join("incoming")).unwrap();

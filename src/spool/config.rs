@@ -578,6 +578,7 @@ mod tests {
         assert_eq!(c.run.budget, Some(160 << 20));
         assert_eq!(c.run.parallel, 2);
         assert_eq!(c.run.threads, 4);
+        assert_eq!(c.run.tiling, tiling::Mode::Needed);
         assert_eq!(c.spool.root, Path::new("/etc/x/spool"));
         assert_eq!(c.spool.done, DonePolicy::Delete);
         assert_eq!(c.spool.max_frame_bytes, 1 << 20);
@@ -588,6 +589,9 @@ mod tests {
         // --board wins over the file's board.
         let c = Config::parse(text, Path::new("/"), Some("pi4-2g")).unwrap();
         assert_eq!(c.run.budget, Some(1 << 30));
+        let auto = text.replace("parallel = 2", "tiling = \"auto\"");
+        let c = Config::parse(&auto, Path::new("/"), None).unwrap();
+        assert_eq!(c.run.tiling, tiling::Mode::Auto);
 
         for bad in [
             "[spool]\nroot = 3\n[[model]]\npath = \"m\"",
@@ -596,6 +600,7 @@ mod tests {
             "[run]\nloading = \"eager\"\n[[model]]\npath = \"m\"",
             "[run]\nparallel = 0\n[[model]]\npath = \"m\"",
             "[run]\nparallel = 17\n[[model]]\npath = \"m\"",
+            "[run]\ntiling = \"sometimes\"\n[[model]]\npath = \"m\"",
             "[spool]\nstop_grace_secs = -1\n[[model]]\npath = \"m\"",
             "board = \"pi9\"\n[[model]]\npath = \"m\"",
             "[[model]]\npath = \"m\"\ntop_k = 3",
