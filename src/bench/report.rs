@@ -609,7 +609,8 @@ pub fn detail_markdown(records: &[RunRecord]) -> String {
         "| memory | workload | parallel | loading+scheduling | runs | finished | OOM-killed | failed | mean makespan (s) | speed-up vs bulk+fcfs | mean peak RSS (MiB) |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for ((level, workload, p), g) in &groups {
-        let base = g.get(&ComboKey(BASELINE)).and_then(|o| o.mean_ms());
+        let baseline = g.get(&ComboKey(BASELINE));
+        let base = baseline.and_then(|o| o.mean_ms());
         for (ComboKey(combo), o) in g {
             let m = o.mean_ms();
             let rss = mean(&o.peak_rss.iter().map(|&b| b as f64).collect::<Vec<_>>());
@@ -623,6 +624,7 @@ pub fn detail_markdown(records: &[RunRecord]) -> String {
                 m.map(|v| format!("{:.2}", v / 1e3)).unwrap_or("–".into()),
                 match (base, m) {
                     (Some(b), Some(c)) => format!("{:.2}", b / c),
+                    (None, Some(_)) if baseline.is_none() => "no bulk+fcfs in this workload".into(),
                     (None, Some(_)) => "bulk+fcfs did not finish".into(),
                     _ => "–".into(),
                 },
@@ -866,5 +868,10 @@ mod tests {
 
         let detail = detail_markdown(&records);
         assert!(detail.contains("| 256M | w | 2 | partial+mema | 1 | 1 | 0 | 0 | 1.80 | bulk+fcfs did not finish | 100 |"), "{detail}");
+        // A workload that never runs bulk+fcfs (the paper's large batches) says so.
+        let mut lone = record(9, m256, PM, 2, Status::Ok, Some(900.0));
+        lone.workload = "large".into();
+        let detail = detail_markdown(&[lone]);
+        assert!(detail.contains("| no bulk+fcfs in this workload |"), "{detail}");
     }
 }
