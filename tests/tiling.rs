@@ -377,7 +377,11 @@ fn batch_and_daemon_tile_what_does_not_fit_the_budget() {
             ],
             std::time::Duration::from_secs(120),
         );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["tiled"].clone()
     };
     assert_eq!(tiled_at("needed"), serde_json::json!({}));

@@ -872,6 +872,9 @@ mod tests {
         let mut lone = record(9, m256, PM, 2, Status::Ok, Some(900.0));
         lone.workload = "large".into();
         let detail = detail_markdown(&[lone]);
-        assert!(detail.contains("| no bulk+fcfs in this workload |"), "{detail}");
+        assert!(
+            detail.contains("| no bulk+fcfs in this workload |"),
+            "{detail}"
+        );
     }
 }
