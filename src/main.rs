@@ -313,9 +313,12 @@ fn main() {
     memaflow::memory::return_freed_memory_promptly();
     let cli = Cli::parse();
     // The daemon lowers the level to its configuration's `log_level` when RUST_LOG is unset.
+    // tract_linalg logs its CPU detection on aarch64 at info and warn ("Could not find
+    // Features" under QEMU user mode): noise before every command's output, and under
+    // emulation it describes the host, so only its errors pass by default.
     let default_level = match cli.command {
-        Command::Run(_) => "trace",
-        _ => "info",
+        Command::Run(_) => "trace,tract_linalg=error",
+        _ => "info,tract_linalg=error",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
         .format_timestamp(None)
