@@ -18,14 +18,7 @@ const LANDMARKS: &str = "face_landmark_f32";
 
 /// The daemon's command line, through the cross-test runner when CI sets one.
 fn daemon(config: &Path, extra: &[&str]) -> Command {
-    let mut c = match std::env::var("MEMAFLOW_TEST_RUNNER") {
-        Ok(runner) if !runner.is_empty() => {
-            let mut c = Command::new(runner);
-            c.arg(bin());
-            c
-        }
-        _ => Command::new(bin()),
-    };
+    let mut c = cli_command();
     c.args(["run", "--config", config.to_str().unwrap()])
         .args(extra)
         .env("RUST_LOG", "info")
@@ -44,6 +37,7 @@ fn finish(mut c: Command, limit: Duration) -> Output {
 }
 
 fn wait_output(mut child: Child, limit: Duration) -> Output {
+    let limit = hang_limit(limit);
     let start = Instant::now();
     while child.try_wait().unwrap().is_none() {
         if start.elapsed() > limit {
@@ -688,7 +682,7 @@ fn sigterm_stops_cleanly_and_inotify_wakes_the_daemon() {
     let seen = Instant::now();
     while frame_count(&spool) < 3 {
         assert!(
-            seen.elapsed() < Duration::from_secs(20),
+            seen.elapsed() < hang_limit(Duration::from_secs(20)),
             "inotify did not wake the daemon"
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -696,7 +690,7 @@ fn sigterm_stops_cleanly_and_inotify_wakes_the_daemon() {
     // Same name again: a second result, the first kept.
     drop_frame(&spool, "w0.png", &frame_bytes(9, image::ImageFormat::Png));
     while frame_count(&spool) < 4 {
-        assert!(seen.elapsed() < Duration::from_secs(20));
+        assert!(seen.elapsed() < hang_limit(Duration::from_secs(20)));
         std::thread::sleep(Duration::from_millis(20));
     }
     // A stream of frames, then SIGTERM in the middle of it.
@@ -775,7 +769,7 @@ fn sigterm_puts_the_frame_in_flight_back() {
             break name.file_name().to_string_lossy().into_owned();
         }
         assert!(
-            t.elapsed() < Duration::from_secs(20),
+            t.elapsed() < hang_limit(Duration::from_secs(20)),
             "no frame was claimed"
         );
         std::thread::sleep(Duration::from_millis(5));
@@ -872,7 +866,7 @@ fn a_frame_written_in_place_is_taken_once_complete() {
     let result = spool.join("out/slow.png.json");
     while !result.exists() {
         assert!(
-            t.elapsed() < Duration::from_secs(4),
+            t.elapsed() < hang_limit(Duration::from_secs(4)),
             "the closed file was not taken on IN_CLOSE_WRITE"
         );
         std::thread::sleep(Duration::from_millis(20));

@@ -37,20 +37,41 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// Runs the CLI and kills it after `limit`: a hang is a failure, not a stuck test run.
-pub fn run_cli(args: &[&str], limit: Duration) -> Output {
-    // Cross-target runs (`cargo test --target aarch64-unknown-linux-musl` under QEMU user
-    // mode): cargo wraps the test binary in its runner, not the binary the tests start, so
-    // CI names the runner here too.
-    let mut command = match std::env::var("MEMAFLOW_TEST_RUNNER") {
-        Ok(runner) if !runner.is_empty() => {
+/// The runner of cross-target runs (`cargo test --target aarch64-unknown-linux-musl`
+/// under QEMU user mode): cargo wraps the test binary in its runner, not the binary the
+/// tests start, so CI names the runner here too.
+fn runner() -> Option<String> {
+    std::env::var("MEMAFLOW_TEST_RUNNER")
+        .ok()
+        .filter(|r| !r.is_empty())
+}
+
+/// A command running the CLI, through the cross-target runner when there is one.
+pub fn cli_command() -> Command {
+    match runner() {
+        Some(runner) => {
             let mut c = Command::new(runner);
             c.arg(bin());
             c
         }
-        _ => Command::new(bin()),
-    };
-    let mut child = command
+        None => Command::new(bin()),
+    }
+}
+
+/// A hang guard's time limit: emulated, the CLI runs 20–50× slower (tract's kernels under
+/// TCG), and the guard must still catch a hang, not a slow machine.
+pub fn hang_limit(limit: Duration) -> Duration {
+    if runner().is_some() {
+        limit * 50
+    } else {
+        limit
+    }
+}
+
+/// Runs the CLI and kills it after `limit`: a hang is a failure, not a stuck test run.
+pub fn run_cli(args: &[&str], limit: Duration) -> Output {
+    let limit = hang_limit(limit);
+    let mut child = cli_command()
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
