@@ -11,6 +11,9 @@ use crate::runtime::{FloatTensor, Job, LayerCost, WholeRun};
 use anyhow::{Context, Result};
 use std::sync::Arc;
 
+/// Share of the budget kept spare for the predictor's known under-prediction.
+const MARGIN_PERCENT: u64 = 18;
+
 /// When a batch tiles a package.
 #[derive(
     Clone,
@@ -76,7 +79,12 @@ impl TiledModel {
             .product::<usize>()
             .saturating_mul(4) as u64;
         let model = Model::new(pkg, CALIBRATION).with_context(|| format!("{name}: tiling"))?;
-        let choice = search(&model, budget.saturating_sub(input_bytes), Space::default())
+        let room = budget.saturating_sub(input_bytes);
+        // The predictor under-predicts coarse groups of several convolutions by up to 18 %
+        // (docs/tiling.md, known gap): search within that margin first, and use the whole
+        // room only when nothing fits the margin.
+        let choice = search(&model, room / 100 * (100 - MARGIN_PERCENT), Space::default())
+            .or_else(|_| search(&model, room, Space::default()))
             .with_context(|| {
                 format!(
                     "{name}: its largest layer needs {} and does not fit the budget of {}; tiling",
