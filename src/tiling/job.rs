@@ -83,15 +83,19 @@ impl TiledModel {
         // The predictor under-predicts coarse groups of several convolutions by up to 18 %
         // (docs/tiling.md, known gap): search within that margin first, and use the whole
         // room only when nothing fits the margin.
-        let choice = search(&model, room / 100 * (100 - MARGIN_PERCENT), Space::default())
-            .or_else(|_| search(&model, room, Space::default()))
-            .with_context(|| {
-                format!(
-                    "{name}: its largest layer needs {} and does not fit the budget of {}; tiling",
-                    Bytes(largest),
-                    Bytes(budget)
-                )
-            })?;
+        let choice = search(
+            &model,
+            room / 100 * (100 - MARGIN_PERCENT),
+            Space::default(),
+        )
+        .or_else(|_| search(&model, room, Space::default()))
+        .with_context(|| {
+            format!(
+                "{name}: its largest layer needs {} and does not fit the budget of {}; tiling",
+                Bytes(largest),
+                Bytes(budget)
+            )
+        })?;
         if choice.config.is_untiled() {
             log::info!("{name}: tiling would not help within {}", Bytes(budget));
             return Ok(None);
