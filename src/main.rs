@@ -244,7 +244,7 @@ struct BenchArgs {
     out: Option<PathBuf>,
     /// Rewrite table.md and the plots of a bench's output DIR from its runs.csv and
     /// plan.toml, running nothing.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["plan", "out", "dry_run"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["plan", "out", "dry_run", "workloads"])]
     replot: Option<PathBuf>,
     /// Print how many runs the plan expands to, and run nothing.
     #[arg(long)]
@@ -264,6 +264,10 @@ struct BenchArgs {
     /// Do not use cgroups: pass each memory level as --budget (rows marked budget-only).
     #[arg(long)]
     no_cgroup: bool,
+    /// Run only this workload of the plan (repeat for several); with --dry-run, count
+    /// only its runs.
+    #[arg(long = "workload", value_name = "NAME")]
+    workloads: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -720,7 +724,11 @@ fn bench(a: BenchArgs) -> Result<()> {
                 println!("wrote {}", f.display());
             }
         } else if let Some(plan) = &a.plan {
-            print!("{}", memaflow::bench::plan::Plan::read(plan)?.summary());
+            let mut plan = memaflow::bench::plan::Plan::read(plan)?;
+            if !a.workloads.is_empty() {
+                plan = plan.only_workloads(&a.workloads)?;
+            }
+            print!("{}", plan.summary());
         }
         return Ok(());
     };
@@ -731,6 +739,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         frames: a.frames,
         cgroup_parent: a.cgroup_parent,
         no_cgroup: a.no_cgroup,
+        workloads: a.workloads,
         program: std::env::current_exe().context("locating the memaflow binary")?,
     };
     let summary = memaflow::bench::run(&options)?;

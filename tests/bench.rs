@@ -17,6 +17,7 @@ use std::time::Duration;
 /// level whose speed-ups are the CSV's; non-empty SVGs for every level. Returns the rows
 /// and the bench's stderr.
 fn bench_checked(plan_path: &Path, out: &Path, extra: &[&str]) -> (Vec<RunRecord>, String) {
+    require_child_exec();
     let mut args = vec![
         "bench",
         "--plan",
@@ -278,4 +279,39 @@ fn quick_plan_produces_consistent_outputs() {
     let _ = std::fs::remove_dir_all(out.join("runs"));
     let (records, _) = bench_checked(&repo().join("benches/quick.toml"), &out, &[]);
     assert!(records.iter().any(|r| r.status == Status::Ok));
+}
+
+#[test]
+fn workload_flag_selects_one_part_of_the_plan() {
+    let plan = repo().join("benches/paper.toml");
+    let plan = plan.to_str().unwrap();
+    let part = cli_ok(&[
+        "bench",
+        "--plan",
+        plan,
+        "--dry-run",
+        "--workload",
+        "large-8",
+    ]);
+    assert!(
+        part.starts_with("large-8 ") && part.lines().count() == 2,
+        "only large-8 and the total: {part}"
+    );
+    assert!(part.contains("64 runs:"), "{part}");
+    let wrong = run_cli(
+        &[
+            "bench",
+            "--plan",
+            plan,
+            "--dry-run",
+            "--workload",
+            "large-16",
+        ],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        !wrong.status.success() && stderr.contains("no workload 'large-16' (it has: small-3"),
+        "{stderr}"
+    );
 }

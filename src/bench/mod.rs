@@ -50,6 +50,8 @@ mod run {
         pub cgroup_parent: Option<PathBuf>,
         /// Do not use cgroups at all: every limited level becomes a `--budget`.
         pub no_cgroup: bool,
+        /// Run only these workloads of the plan (all when empty).
+        pub workloads: Vec<String>,
         /// The `memaflow` binary the children run.
         pub program: PathBuf,
     }
@@ -73,7 +75,10 @@ mod run {
     }
 
     pub fn run(o: &BenchOptions) -> Result<BenchSummary> {
-        let plan = Plan::read(&o.plan)?;
+        let mut plan = Plan::read(&o.plan)?;
+        if !o.workloads.is_empty() {
+            plan = plan.only_workloads(&o.workloads)?;
+        }
         let runs = plan.expand();
         std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
         std::fs::copy(&o.plan, o.out.join("plan.toml"))

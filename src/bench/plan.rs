@@ -367,6 +367,24 @@ impl Plan {
         runs
     }
 
+    /// The plan narrowed to the named workloads (`bench --workload`): re-running one part
+    /// of a plan, or adding a workload's rows to an earlier run's CSV.
+    pub fn only_workloads(mut self, names: &[String]) -> Result<Plan> {
+        for name in names {
+            ensure!(
+                self.workloads.iter().any(|w| &w.name == name),
+                "the plan has no workload '{name}' (it has: {})",
+                self.workloads
+                    .iter()
+                    .map(|w| w.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        self.workloads.retain(|w| names.contains(&w.name));
+        Ok(self)
+    }
+
     /// Every model name any workload uses, once, in first-use order.
     pub fn models(&self) -> Vec<&str> {
         let mut out: Vec<&str> = vec![];
@@ -517,6 +535,21 @@ mod tests {
             &base("").replace("name = \"w\"", "name = \"a b\""),
             "workload name 'a b'",
         );
+    }
+
+    #[test]
+    fn narrows_to_named_workloads() {
+        let text = "memory = [\"none\"]\nloading = [\"bulk\"]\nscheduling = [\"fcfs\"]\nparallel = [1, 2]\n\
+                    [[workload]]\nname = \"a\"\nmodels = [\"agenet\"]\n\
+                    [[workload]]\nname = \"b\"\nmodels = [\"gendernet\"]\nframes = 3\n";
+        let plan = Plan::parse(text).unwrap();
+        let b = plan.clone().only_workloads(&["b".to_string()]).unwrap();
+        assert_eq!(b.workloads.len(), 1);
+        assert_eq!(b.workloads[0].name, "b");
+        assert_eq!(b.models(), vec!["gendernet"]);
+        assert_eq!(b.expand().len(), 2);
+        let e = format!("{:#}", plan.only_workloads(&["c".to_string()]).unwrap_err());
+        assert!(e.contains("no workload 'c' (it has: a, b)"), "{e}");
     }
 
     #[test]
