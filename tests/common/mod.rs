@@ -68,6 +68,22 @@ pub fn hang_limit(limit: Duration) -> Duration {
     }
 }
 
+/// Under a cross-target runner, a command that starts memaflow again (`bench` runs every
+/// run as a child `memaflow batch`) needs the kernel to run the emulated binary itself: a
+/// binfmt_misc entry (`tests/qemu/binfmt` registers QEMU's). Without one every child
+/// fails with "Exec format error", which says nothing about memaflow.
+pub fn require_child_exec() {
+    if runner().is_none() {
+        return;
+    }
+    let entry = "/proc/sys/fs/binfmt_misc/qemu-aarch64";
+    let enabled = std::fs::read_to_string(entry).is_ok_and(|s| s.starts_with("enabled"));
+    assert!(
+        enabled,
+        "{entry} is not enabled: emulated memaflow cannot start its children; run tests/qemu/binfmt (as root)"
+    );
+}
+
 /// Runs the CLI and kills it after `limit`: a hang is a failure, not a stuck test run.
 pub fn run_cli(args: &[&str], limit: Duration) -> Output {
     let limit = hang_limit(limit);
