@@ -10,8 +10,9 @@ use super::group::Group;
 use super::region::split;
 use super::slice::{channel_slice, sliceable_channels};
 use super::{Config, GroupConfig};
+use crate::memory::Bytes;
 use crate::model::Package;
-use crate::model::graph::{Graph, Op};
+use crate::model::graph::{Graph, Op, Padding};
 use crate::model::split::stitch;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -23,6 +24,10 @@ pub struct Calibration {
     /// What the process keeps resident once tract has planned and run anything (its
     /// kernels' scratch space, the allocator's arenas): paid once per run.
     pub runtime_bytes: u64,
+    /// What a plan allocates while it runs beyond the values [`exec_peak`] follows (the
+    /// matrix products' per-thread panel scratch, state built on a plan's first run):
+    /// the residual of running steps once their values are modelled.
+    pub run_bytes: u64,
     /// Peak while tract parses a plan, in multiples of its weights (the file and two
     /// copies).
     pub parse_copies: f64,
@@ -46,6 +51,7 @@ pub struct Calibration {
 /// tract's and glibc's, measured as `docs/tiling.md` describes.
 pub const CALIBRATION: Calibration = Calibration {
     runtime_bytes: 5 << 20,
+    run_bytes: 1 << 20,
     parse_copies: 3.0,
     optimise_copies: 3.0,
     secs_per_flop: 3.2e-11,
@@ -161,7 +167,7 @@ impl<'a> Model<'a> {
         let kept = across - self.live_across(&(index..index + 1), &reads);
         let weights = weight_bytes(g);
         let planning = across + entry.input_bytes() - kept + planning_peak(c, g);
-        let running = across + weights + exec_peak(g).max(2 * entry.output_bytes());
+        let running = across + weights + c.run_bytes + exec_peak(g).max(2 * entry.output_bytes());
         let flops: u64 = g.nodes.iter().map(|n| g.flops(n)).sum();
         Ok(Estimate {
             peak_bytes: c.runtime_bytes + planning.max(running),
@@ -196,9 +202,23 @@ impl<'a> Model<'a> {
             // The whole output is zeroed memory the kernel maps on first write: at the
             // worst moment, the last tile, all other tiles are in it.
             let planning = held + output - tile_out + planning_peak(c, &tile);
-            let running =
-                held + output - tile_out + weights + tile_exec_peak(&tile).max(2 * tile_out);
+            let running = held + output - tile_out
+                + weights
+                + c.run_bytes
+                + exec_peak(&tile).max(2 * tile_out);
             let flops: u64 = tile.nodes.iter().map(|n| tile.flops(n)).sum();
+            log::trace!(
+                "group {range:?} {rows}x{cols}, tile {:?}: held {} (input {}, files {}), \
+                 output less the tile {}, planning {}, weights {}, tile run {}",
+                batch[0].0,
+                Bytes(held),
+                Bytes(input),
+                Bytes(files),
+                Bytes(output - tile_out),
+                Bytes(planning_peak(c, &tile)),
+                Bytes(weights),
+                Bytes(exec_peak(&tile).max(2 * tile_out))
+            );
             est = est.then(Estimate {
                 peak_bytes: c.runtime_bytes + planning.max(running),
                 secs: plan_secs(c, &tile)
@@ -256,7 +276,7 @@ impl<'a> Model<'a> {
             let flops: u64 = part.nodes.iter().map(|n| part.flops(n)).sum();
             let reading = held + file + weights;
             let planning = held + planning_peak(c, &part);
-            let running = held + weights + exec_peak(&part);
+            let running = held + weights + c.run_bytes + exec_peak(&part);
             est = est.then(Estimate {
                 peak_bytes: c.runtime_bytes + reading.max(planning).max(running),
                 secs: plan_secs(c, &part) + flops as f64 * c.secs_per_flop,
@@ -293,7 +313,7 @@ impl<'a> Model<'a> {
                 "{}: through layer {}: predicted peak {}",
                 self.pkg.name(),
                 i - 1,
-                crate::memory::Bytes(step.peak_bytes)
+                Bytes(step.peak_bytes)
             );
             est = est.then(step);
         }
@@ -320,26 +340,77 @@ fn plan_secs(c: &Calibration, g: &Graph) -> f64 {
     c.secs_per_plan + weight_bytes(g) as f64 * c.plan_secs_per_weight_byte
 }
 
-/// Peak bytes of activations while tract runs `g`: its input, then each op's output
-/// allocated while its inputs are alive, and every value freed after its last reader.
-/// Pointwise ops whose input dies with them write in place (tract fuses them into the
-/// op before, or reuses the buffer); a zero PAD read only by convolutions is folded into
-/// them (its input lives on until they run).
+/// tract 0.23's ceiling on an eager im2col buffer on native targets, above which it reads
+/// the input in place instead (`DEFAULT_LAZY_IM2COL_MAX_EAGER_BYTES`).
+const EAGER_IM2COL_MAX_BYTES: u64 = 4 << 20;
+
+/// The buffer tract's optimised convolution builds from its input before the matrix
+/// product (`tract-core` 0.23, `ops/cnn/conv/conv.rs`): allocated while the input is
+/// alive, alive with the output while the product runs. `padded` is the input's bytes
+/// with its padding (a folded PAD's output, or SAME padding) if it has any padding.
+///
+/// - 1×1, stride 1, no padding: the conv becomes a matrix product (`declutter_as_einsum`)
+///   whose activation operand is packed into panels at run time (`OptMatMulPack`): a copy
+///   of the input, k·n values (k = input channels, n = output positions).
+/// - kernel of ≥ 6 taps, or an im2col of ≥ 4 MiB (`should_use_lazy`): lazy im2col, which
+///   gathers from the input in place; with padding, tract first materialises the padded
+///   input (`wire_as_lazy_im2col` adds a PAD).
+/// - otherwise eager im2col: a packed [k·taps, n] matrix. (tract also goes lazy for 2–5
+///   taps when the output channels fit one register panel; counting the matrix instead
+///   over-predicts, never under.)
+///
+/// Depthwise convolutions read their input in place.
+fn conv_buffer(g: &Graph, node: &crate::model::graph::Node, padded: Option<u64>) -> u64 {
+    let Op::Conv2d(p) = &node.op else { return 0 };
+    let x = &g.tensors[node.inputs[0]];
+    let kernel = &g.tensors[node.inputs[1]].shape;
+    let y = &g.tensors[node.outputs[0]].shape;
+    let taps = (kernel[1] * kernel[2]) as u64;
+    let positions = (y[0] * y[1] * y[2]) as u64;
+    let size = x.dtype.size() as u64;
+    let matrix = x.shape[3] as u64 * taps * positions * size;
+    if taps == 1 && p.stride == [1, 1] && padded.is_none() {
+        matrix
+    } else if taps >= 6 || matrix >= EAGER_IM2COL_MAX_BYTES {
+        padded.unwrap_or(0)
+    } else {
+        matrix
+    }
+}
+
+/// Bytes of a convolution's input with its SAME padding, if that pads.
+fn same_padded_bytes(g: &Graph, node: &crate::model::graph::Node) -> Option<u64> {
+    let Op::Conv2d(p) = &node.op else { return None };
+    if p.padding != Padding::Same {
+        return None;
+    }
+    let x = &g.tensors[node.inputs[0]];
+    let kernel = &g.tensors[node.inputs[1]].shape;
+    let y = &g.tensors[node.outputs[0]].shape;
+    let extent = |axis: usize| {
+        let e = (kernel[axis] - 1) * p.dilation[axis - 1] + 1;
+        let n = x.shape[axis];
+        n.max((y[axis] - 1) * p.stride[axis - 1] + e)
+    };
+    let bytes = (x.shape[0] * extent(1) * extent(2) * x.shape[3] * x.dtype.size()) as u64;
+    (bytes > x.bytes() as u64).then_some(bytes)
+}
+
+/// Peak bytes of activations while tract runs `g`: its inputs, then each op's output
+/// allocated while its inputs are alive, and every value freed after its last reader
+/// (tract's flush lists). Pointwise ops whose input dies with them write in place (tract
+/// fuses them into the op before, or reuses the buffer); a zero PAD read only by
+/// convolutions is folded into them, and each convolution adds the buffer tract builds
+/// from its input ([`conv_buffer`]).
+///
+/// A tile's input is a region cropped for it and handed to tract, which flushes it after
+/// its last reader like any other value: run alone, the tile graph of `2-7:1x1` peaks at
+/// 11.1 MiB against 10.6 predicted (the 2.6 MiB input is not held to the end).
 pub fn exec_peak(g: &Graph) -> u64 {
-    activation_peak(g, false)
-}
-
-/// [`exec_peak`] of a tile graph: its input, a region cropped for it and moved into
-/// tract, stays resident until the tile has run. Freeing it after its last reader
-/// under-predicted coarse tiles of several convolutions by 3–6 MiB on YOLOv2-16 (the input
-/// of `2-7:1x1` alone is 5.3 MiB); holding it matches them within 10 %.
-pub fn tile_exec_peak(g: &Graph) -> u64 {
-    activation_peak(g, true)
-}
-
-fn activation_peak(g: &Graph, inputs_held: bool) -> u64 {
     let mut free_at = g.last_readers();
     let mut size: Vec<u64> = g.tensors.iter().map(|t| t.bytes() as u64).collect();
+    // Per node, its input's bytes with the padding of a PAD folded into it.
+    let mut padded: Vec<Option<u64>> = g.nodes.iter().map(|n| same_padded_bytes(g, n)).collect();
     for (ix, node) in g.nodes.iter().enumerate() {
         let folded = node.op == Op::Pad
             && g.nodes.iter().all(|n| {
@@ -348,6 +419,11 @@ fn activation_peak(g: &Graph, inputs_held: bool) -> u64 {
             });
         if folded {
             let (from, to) = (node.inputs[0], node.outputs[0]);
+            for (reader, n) in g.nodes.iter().enumerate() {
+                if n.inputs.first() == Some(&to) && size[to] > size[from] {
+                    padded[reader] = Some(size[to]);
+                }
+            }
             size[to] = 0;
             free_at[from] = free_at[from].max(free_at[to]).max(Some(ix));
         }
@@ -355,15 +431,27 @@ fn activation_peak(g: &Graph, inputs_held: bool) -> u64 {
     for &t in &g.outputs {
         free_at[t] = None;
     }
-    if inputs_held {
-        for &t in &g.inputs {
-            free_at[t] = None;
-        }
-    }
+    // `Plan::run_owned` copies each input into a tract tensor before dropping it.
     let mut live: u64 = g.inputs.iter().map(|&t| size[t]).sum();
-    let mut peak = live;
+    let mut peak = live + g.inputs.iter().map(|&t| size[t]).max().unwrap_or(0);
+    let mut freed = vec![false; g.tensors.len()];
+    let free_dead = |live: &mut u64, ix: usize, freed: &mut Vec<bool>| {
+        for (t, at) in free_at.iter().enumerate() {
+            if *at == Some(ix) && !g.tensors[t].is_const() && !freed[t] {
+                freed[t] = true;
+                *live -= size[t];
+            }
+        }
+    };
     for (ix, node) in g.nodes.iter().enumerate() {
         let out: u64 = node.outputs.iter().map(|&t| size[t]).sum();
+        let buffer = conv_buffer(g, node, padded[ix]);
+        if buffer > 0 {
+            // The buffer is built while the input is alive; the input is then flushed.
+            live += buffer;
+            peak = peak.max(live);
+            free_dead(&mut live, ix, &mut freed);
+        }
         let in_place = matches!(
             node.op,
             Op::Unary(_) | Op::LeakyRelu { .. } | Op::Binary { .. }
@@ -375,11 +463,8 @@ fn activation_peak(g: &Graph, inputs_held: bool) -> u64 {
         if !in_place {
             peak = peak.max(live);
         }
-        for (t, at) in free_at.iter().enumerate() {
-            if *at == Some(ix) && !g.tensors[t].is_const() {
-                live -= size[t];
-            }
-        }
+        live -= buffer;
+        free_dead(&mut live, ix, &mut freed);
     }
     peak
 }
@@ -420,21 +505,72 @@ mod tests {
         g
     }
 
-    /// Input 1 KiB, conv output 4 KiB, pool output 1 KiB: the PAD folds into the conv,
-    /// the leaky ReLU works in place, and the peak is at the pool, with the input freed
-    /// after the conv.
+    /// Input 1 KiB (padded 10×10×4: 1600 B), conv output 4 KiB, pool output 1 KiB. The
+    /// PAD folds into the 3×3 conv, which tract runs as lazy im2col over the padded input
+    /// it materialises again: the peak is the padded input and the conv output. The leaky
+    /// ReLU works in place.
     #[test]
     fn exec_peak_follows_lifetimes() {
         let g = conv_chain();
-        assert_eq!(exec_peak(&g), 4096 + 1024);
-        // As a tile graph the input is held to the end: input + conv output + pool output.
-        assert_eq!(tile_exec_peak(&g), 1024 + 4096 + 1024);
+        assert_eq!(exec_peak(&g), 1600 + 4096);
         // Its input read by the pool too, the input stays alive to the end.
         let mut g = conv_chain();
         let (x, pool) = (g.inputs[0], g.nodes.len() - 1);
         g.nodes[pool].inputs = vec![x];
         g.tensors[g.nodes[pool].outputs[0]].shape = vec![1, 4, 4, 4];
-        assert_eq!(exec_peak(&g), 1024 + 4096 + 256);
+        assert_eq!(exec_peak(&g), 1024 + 1600 + 4096);
+    }
+
+    fn conv(g: &mut Graph, x: TensorId, k: usize, co: usize, padding: Padding) -> TensorId {
+        let ci = g.tensors[x].shape[3];
+        let n = co * k * k * ci;
+        let w = g.add_tensor(Tensor::f32_constant("w", vec![co, k, k, ci], &vec![0.0; n]));
+        let b = g.add_tensor(Tensor::f32_constant("b", vec![co], &vec![0.0; co]));
+        let params = ConvParams {
+            padding,
+            stride: [1, 1],
+            dilation: [1, 1],
+            activation: Activation::None,
+        };
+        let y = g
+            .add_node(Op::Conv2d(params), vec![x, w, b], &["c"])
+            .unwrap()[0];
+        g.add_node(Op::LeakyRelu { alpha: 0.1 }, vec![y], &["l"])
+            .unwrap()[0]
+    }
+
+    /// The 1×2 tile of YOLOv2-16's layers 2–3 (`2-3:1x2`): PAD, 3×3 conv 64→128, leaky,
+    /// 1×1 conv 128→64, leaky, on a 104×52 tile. tract packs the 1×1 conv's input
+    /// (k = 128 channels × n = 104·52 positions) into a copy before its matrix product,
+    /// while that input is alive: the peak is the 3×3 conv's output twice. Without the
+    /// packed copy it would be the tile input and that output (1.32 + 2.64 MiB).
+    #[test]
+    fn pointwise_conv_packs_a_copy_of_its_input() {
+        let mut g = Graph::default();
+        let x = g.add_tensor(Tensor::activation("x", vec![1, 104, 52, 64], DType::F32));
+        g.inputs = vec![x];
+        let pads = g.add_tensor(Tensor::i32_constant("pads", &[0, 0, 1, 1, 1, 1, 0, 0]));
+        let p = g.add_node(Op::Pad, vec![x, pads], &["pad"]).unwrap()[0];
+        let y = conv(&mut g, p, 3, 128, Padding::Valid);
+        let z = conv(&mut g, y, 1, 64, Padding::Valid);
+        g.outputs = vec![z];
+        let wide = 104 * 52 * 128 * 4;
+        assert_eq!(exec_peak(&g), 2 * wide);
+        // The buffer alone: k·n·4 bytes, as large as the conv's input.
+        assert_eq!(conv_buffer(&g, &g.nodes[3], None), wide);
+    }
+
+    /// A SAME 3×3 conv: tract pads its input into a new tensor (10×10×4 floats) and runs
+    /// lazy im2col over it, so the peak is the padded input and the output, not the
+    /// input and the output.
+    #[test]
+    fn same_conv_materialises_its_padded_input() {
+        let mut g = Graph::default();
+        let x = g.add_tensor(Tensor::activation("x", vec![1, 8, 8, 4], DType::F32));
+        g.inputs = vec![x];
+        let y = conv(&mut g, x, 3, 16, Padding::Same);
+        g.outputs = vec![y];
+        assert_eq!(exec_peak(&g), 10 * 10 * 4 * 4 + 8 * 8 * 16 * 4);
     }
 
     #[test]
