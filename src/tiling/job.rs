@@ -11,12 +11,13 @@ use crate::runtime::{FloatTensor, Job, LayerCost, WholeRun};
 use anyhow::{Context, Result};
 use std::sync::Arc;
 
-/// Share of the budget kept spare for the predictor's under-prediction. On `yolov2_16` the
-/// worst measured is 7.8 % below a run's peak (`0-1:1x8,5-7:1x1,8/2,10/2`: predicted 17.4
-/// MiB, one run at 18.8; its sliced layer 8 peaks 2 MiB higher in about one run in
-/// five), the median of every other configuration within 5 % (docs/tiling.md): a
-/// configuration predicted within 92 % of the budget then runs within it.
-const MARGIN_PERCENT: u64 = 8;
+/// Share of the budget kept spare for the predictor's under-prediction. On `yolov2_16`
+/// the worst measured is 15.5 % below a run's peak (`0-4:4x4,8/3,10/3`: predicted 13.0
+/// MiB, one of seven runs at 15.4, its median 14.9): a layer run in channel slices
+/// sometimes peaks about 2 MiB above its prediction, not explained yet; every
+/// configuration without slices is within 5 % (docs/tiling.md). A configuration
+/// predicted within 84 % of the budget then runs within it.
+const MARGIN_PERCENT: u64 = 16;
 
 /// When a batch tiles a package.
 #[derive(
