@@ -724,10 +724,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 println!("wrote {}", f.display());
             }
         } else if let Some(plan) = &a.plan {
-            let mut plan = memaflow::bench::plan::Plan::read(plan)?;
-            if !a.workloads.is_empty() {
-                plan = plan.only_workloads(&a.workloads)?;
-            }
+            let plan = memaflow::bench::plan::Plan::read(plan)?.only_workloads(&a.workloads)?;
             print!("{}", plan.summary());
         }
         return Ok(());

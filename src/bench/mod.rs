@@ -75,10 +75,7 @@ mod run {
     }
 
     pub fn run(o: &BenchOptions) -> Result<BenchSummary> {
-        let mut plan = Plan::read(&o.plan)?;
-        if !o.workloads.is_empty() {
-            plan = plan.only_workloads(&o.workloads)?;
-        }
+        let plan = Plan::read(&o.plan)?.only_workloads(&o.workloads)?;
         let runs = plan.expand();
         std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
         std::fs::copy(&o.plan, o.out.join("plan.toml"))

@@ -368,8 +368,11 @@ impl Plan {
     }
 
     /// The plan narrowed to the named workloads (`bench --workload`): re-running one part
-    /// of a plan, or adding a workload's rows to an earlier run's CSV.
+    /// of a plan, or adding a workload's rows to an earlier run's CSV. No names: all.
     pub fn only_workloads(mut self, names: &[String]) -> Result<Plan> {
+        if names.is_empty() {
+            return Ok(self);
+        }
         for name in names {
             ensure!(
                 self.workloads.iter().any(|w| &w.name == name),
@@ -548,6 +551,7 @@ mod tests {
         assert_eq!(b.workloads[0].name, "b");
         assert_eq!(b.models(), vec!["gendernet"]);
         assert_eq!(b.expand().len(), 2);
+        assert_eq!(plan.clone().only_workloads(&[]).unwrap(), plan);
         let e = format!("{:#}", plan.only_workloads(&["c".to_string()]).unwrap_err());
         assert!(e.contains("no workload 'c' (it has: a, b)"), "{e}");
     }
