@@ -480,20 +480,7 @@ mod tests {
         g.inputs = vec![x];
         let pads = g.add_tensor(Tensor::i32_constant("pads", &[0, 0, 1, 1, 1, 1, 0, 0]));
         let p = g.add_node(Op::Pad, vec![x, pads], &["pad"]).unwrap()[0];
-        let w = g.add_tensor(Tensor::f32_constant("w", vec![16, 3, 3, 4], &[0.0; 576]));
-        let b = g.add_tensor(Tensor::f32_constant("b", vec![16], &[0.0; 16]));
-        let conv = ConvParams {
-            padding: Padding::Valid,
-            stride: [1, 1],
-            dilation: [1, 1],
-            activation: Activation::None,
-        };
-        let c = g
-            .add_node(Op::Conv2d(conv), vec![p, w, b], &["conv"])
-            .unwrap()[0];
-        let l = g
-            .add_node(Op::LeakyRelu { alpha: 0.1 }, vec![c], &["leaky"])
-            .unwrap()[0];
+        let l = conv(&mut g, p, 3, 16, Padding::Valid);
         let pool = PoolParams {
             padding: Padding::Valid,
             stride: [2, 2],
