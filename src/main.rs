@@ -217,6 +217,13 @@ struct BatchArgs {
     /// Worker threads (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
+    /// `keep`: a loaded layer stays resident for the next inference of its model while
+    /// memory allows; `off`: every inference loads its own layers (the paper's runs).
+    #[arg(long, value_enum, default_value = "keep")]
+    cache: runtime::LayerCache,
+    /// Which resident layer makes room first when a load needs it.
+    #[arg(long, value_enum, default_value = "furthest-ahead")]
+    eviction: runtime::Eviction,
     /// Per-layer costs measured by `memaflow profile` (estimated from the manifest for
     /// packages it does not cover).
     #[arg(long, value_name = "FILE")]
@@ -229,7 +236,7 @@ struct BatchArgs {
     report: Option<PathBuf>,
     /// The status quo instead: each model run whole in tract, one inference after another
     /// (no layers, no scheduler, no budget).
-    #[arg(long, conflicts_with_all = ["loading", "scheduling", "parallel", "budget", "workers", "profile", "tiling"])]
+    #[arg(long, conflicts_with_all = ["loading", "scheduling", "parallel", "budget", "workers", "profile", "tiling", "cache", "eviction"])]
     status_quo: bool,
 }
 
@@ -615,6 +622,8 @@ fn batch(a: BatchArgs) -> Result<()> {
         budget: a.budget.map(|b| b.0),
         reserve: a.reserve.0,
         workers,
+        cache: a.cache,
+        eviction: a.eviction,
     };
     let report = runtime::run_batch(jobs.clone(), &options, &system)?;
     if let Some(dir) = &a.npy_out {
@@ -634,6 +643,8 @@ fn batch(a: BatchArgs) -> Result<()> {
         "makespan_ms": report.makespan_ms,
         "ledger_high_water_bytes": report.ledger_high_water,
         "overdrafts": report.overdrafts,
+        "cache": report.cache,
+        "layers": report.cache_stats,
         "peak_rss_bytes": report.peak_rss,
         "tiled": packages
             .iter()

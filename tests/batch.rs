@@ -6,7 +6,8 @@ use common::*;
 use memaflow::memory::SystemMemory;
 use memaflow::model::{ImportOptions, Package, import, zoo};
 use memaflow::runtime::{
-    BatchOptions, FloatTensor, Job, LoadingPolicy, SchedulingPolicy, run_batch, run_whole,
+    BatchOptions, Eviction, FloatTensor, Job, LayerCache, LoadingPolicy, SchedulingPolicy,
+    run_batch, run_whole,
 };
 use std::sync::Arc;
 
@@ -55,30 +56,35 @@ fn every_policy_and_scheduler_equals_whole() {
         }
     }
     let system = SystemMemory::detect();
-    for loading in LOADINGS {
-        for scheduling in SCHEDULERS {
-            for parallel in 1..=3 {
-                let options = BatchOptions {
-                    loading,
-                    scheduling,
-                    parallel,
-                    budget: Some(256 << 20),
-                    reserve: 0,
-                    workers: 2,
-                };
-                let report = run_batch(jobs.clone(), &options, &system)
-                    .unwrap_or_else(|e| panic!("{loading:?}/{scheduling:?}/{parallel}: {e:#}"));
-                for (k, (got, want)) in report.outputs.iter().zip(&expected).enumerate() {
-                    for (a, b) in got.iter().zip(want) {
-                        assert!(
-                            a.bit_identical(b),
-                            "{loading:?}/{scheduling:?}/parallel {parallel}: inference {k} differs from whole"
-                        );
+    for cache in [LayerCache::Off, LayerCache::Keep] {
+        for loading in LOADINGS {
+            for scheduling in SCHEDULERS {
+                for parallel in 1..=3 {
+                    let options = BatchOptions {
+                        loading,
+                        scheduling,
+                        parallel,
+                        budget: Some(256 << 20),
+                        reserve: 0,
+                        workers: 2,
+                        cache,
+                        eviction: Eviction::FurthestAhead,
+                    };
+                    let what = format!("{cache:?}/{loading:?}/{scheduling:?}/parallel {parallel}");
+                    let report = run_batch(jobs.clone(), &options, &system)
+                        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+                    for (k, (got, want)) in report.outputs.iter().zip(&expected).enumerate() {
+                        for (a, b) in got.iter().zip(want) {
+                            assert!(
+                                a.bit_identical(b),
+                                "{what}: inference {k} differs from whole"
+                            );
+                        }
                     }
-                }
-                assert_eq!(report.inferences.len(), jobs.len());
-                if scheduling == SchedulingPolicy::Mema && loading != LoadingPolicy::Bulk {
-                    assert!(report.ledger_high_water <= 256 << 20);
+                    assert_eq!(report.inferences.len(), jobs.len());
+                    if scheduling == SchedulingPolicy::Mema && loading != LoadingPolicy::Bulk {
+                        assert!(report.ledger_high_water <= 256 << 20, "{what}");
+                    }
                 }
             }
         }
@@ -96,19 +102,24 @@ fn mema_under_a_tight_budget_stays_within_it() {
     let costs: Arc<[_]> = memaflow::profile::estimate(&agenet.manifest).into();
     let largest = costs.iter().map(|c| c.footprint()).max().unwrap();
     let total: u64 = costs.iter().map(|c| c.load_bytes).sum();
-    // Room for the largest layer and a little more: less than the model.
-    let budget = largest + (2 << 20);
+    // Room for the largest layer with the activations and a little more: less than the
+    // model.
+    let budget = largest + memaflow::runtime::held_bytes(&agenet)[0] + (2 << 20);
     assert!(budget < total);
     let input = FloatTensor::filled(agenet.manifest.inputs[0].shape.clone(), 0.5);
     let want = run_whole(&agenet, &input).unwrap().outputs;
     let jobs: Vec<Job> = (0..3)
         .map(|_| Job::layered(agenet.clone(), input.clone(), costs.clone()))
         .collect();
-    for loading in [
+    let loadings = [
         LoadingPolicy::Linear,
         LoadingPolicy::DeepEye,
         LoadingPolicy::Partial,
-    ] {
+    ];
+    for (cache, loading) in [LayerCache::Off, LayerCache::Keep]
+        .into_iter()
+        .flat_map(|c| loadings.map(|l| (c, l)))
+    {
         let options = BatchOptions {
             loading,
             scheduling: SchedulingPolicy::Mema,
@@ -116,11 +127,13 @@ fn mema_under_a_tight_budget_stays_within_it() {
             budget: Some(budget),
             reserve: 0,
             workers: 2,
+            cache,
+            eviction: Eviction::FurthestAhead,
         };
         let report = run_batch(jobs.clone(), &options, &SystemMemory::detect()).unwrap();
         assert!(
             report.ledger_high_water <= budget,
-            "{loading:?}: ledger {} over budget {budget}",
+            "{cache:?}/{loading:?}: ledger {} over budget {budget}",
             report.ledger_high_water
         );
         assert_eq!(report.overdrafts, 0);
@@ -136,6 +149,8 @@ fn mema_under_a_tight_budget_stays_within_it() {
         budget: Some(largest - 1),
         reserve: 0,
         workers: 1,
+        cache: LayerCache::Keep,
+        eviction: Eviction::FurthestAhead,
     };
     let jobs = vec![Job::layered(agenet.clone(), input, costs)];
     let err = format!(
@@ -183,7 +198,18 @@ fn batch_cli_writes_outputs_and_report() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert!(report["makespan_ms"].as_f64().unwrap() > 0.0);
-    assert!(report["tasks"].as_array().unwrap().len() >= 2 * (1 + 2 * 33));
+    // Every Init, load and exec is in the timeline; the second inference's layers were
+    // kept from the first (its loads served by the cache are not tasks).
+    let (hits, misses) = (
+        summary["layers"]["hits"].as_u64().unwrap(),
+        summary["layers"]["misses"].as_u64().unwrap(),
+    );
+    assert_eq!(hits + misses, 2 * 33, "{summary}");
+    assert!(hits > 0, "{summary}");
+    assert_eq!(
+        report["tasks"].as_array().unwrap().len() as u64,
+        2 * (1 + 33) + misses
+    );
     // The batch outputs equal `infer` on the same frame.
     for (k, frame) in frames.iter().enumerate() {
         let single = dir.join(format!("single{k}"));
@@ -320,8 +346,5 @@ fn measured_profiles_drive_the_scheduler() {
     // A profile of another version of the package is not used.
     let mut stale = measured.clone();
     stale.models.get_mut("hand_recrop").unwrap().weight_bytes += 1;
-    assert_eq!(
-        stale.costs_for(&p),
-        memaflow::profile::estimate(&p.manifest)
-    );
+    assert_eq!(stale.costs_for(&p), memaflow::profile::estimate_package(&p));
 }

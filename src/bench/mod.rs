@@ -319,7 +319,12 @@ mod run {
         args.extend(frames[..w.frames].iter().map(|f| f.display().to_string()));
         match spec.combo {
             Combo::StatusQuo => args.push("--status-quo".into()),
-            Combo::Layerwise(l, s) => {
+            Combo::Layerwise(l, s) | Combo::Cached(l, s) => {
+                let cache = if matches!(spec.combo, Combo::Cached(..)) {
+                    "keep"
+                } else {
+                    "off"
+                };
                 args.extend([
                     "--loading".into(),
                     loading_name(l).into(),
@@ -329,6 +334,8 @@ mod run {
                     spec.parallel.to_string(),
                     "--workers".into(),
                     workers.to_string(),
+                    "--cache".into(),
+                    cache.into(),
                 ]);
                 if let Some(r) = plan.reserve {
                     args.extend(["--reserve".into(), r.0.to_string()]);
@@ -342,7 +349,7 @@ mod run {
                 // The gate must find the cgroup limit by itself; only where no cgroup can
                 // be limited does the level become a budget (layer-wise runs only: the
                 // status quo has no scheduler to hold it).
-                if matches!(spec.combo, Combo::Layerwise(..)) {
+                if spec.combo.policies().is_some() {
                     args.extend(["--budget".into(), b.to_string()]);
                 }
                 LimitMode::BudgetOnly

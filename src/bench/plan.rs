@@ -61,11 +61,14 @@ impl std::str::FromStr for MemoryLevel {
     }
 }
 
-/// What runs: one of the 16 layer-wise combinations, or the status quo (each model run
-/// whole in tract, one after another).
+/// What runs: one of the 16 layer-wise combinations as the paper ran them (every
+/// inference loads its own layers), the same with layers kept resident across inferences
+/// (`LOADING+SCHEDULING+cache`), or the status quo (each model run whole in tract, one
+/// after another).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Combo {
     Layerwise(LoadingPolicy, SchedulingPolicy),
+    Cached(LoadingPolicy, SchedulingPolicy),
     StatusQuo,
 }
 
@@ -91,17 +94,33 @@ pub fn scheduling_name(s: SchedulingPolicy) -> &'static str {
 }
 
 impl Combo {
-    /// Status quo first, then the paper's table order (loading, then scheduling).
+    /// Status quo first, then the paper's table order (loading, then scheduling), then
+    /// the cached rows in the same order.
     pub fn sort_key(self) -> (usize, usize) {
-        match self {
-            Combo::StatusQuo => (0, 0),
-            Combo::Layerwise(l, s) => (
+        let position = |l: LoadingPolicy, s: SchedulingPolicy| {
+            (
                 1 + LoadingPolicy::ALL.iter().position(|x| *x == l).unwrap_or(0),
                 SchedulingPolicy::ALL
                     .iter()
                     .position(|x| *x == s)
                     .unwrap_or(0),
-            ),
+            )
+        };
+        match self {
+            Combo::StatusQuo => (0, 0),
+            Combo::Layerwise(l, s) => position(l, s),
+            Combo::Cached(l, s) => {
+                let (row, column) = position(l, s);
+                (row + LoadingPolicy::ALL.len(), column)
+            }
+        }
+    }
+
+    /// The policies of a layer-wise combination.
+    pub fn policies(self) -> Option<(LoadingPolicy, SchedulingPolicy)> {
+        match self {
+            Combo::Layerwise(l, s) | Combo::Cached(l, s) => Some((l, s)),
+            Combo::StatusQuo => None,
         }
     }
 }
@@ -111,6 +130,9 @@ impl fmt::Display for Combo {
         match self {
             Combo::StatusQuo => write!(f, "status-quo"),
             Combo::Layerwise(l, s) => write!(f, "{}+{}", loading_name(*l), scheduling_name(*s)),
+            Combo::Cached(l, s) => {
+                write!(f, "{}+{}+cache", loading_name(*l), scheduling_name(*s))
+            }
         }
     }
 }
@@ -121,8 +143,12 @@ impl std::str::FromStr for Combo {
         if s == "status-quo" {
             return Ok(Combo::StatusQuo);
         }
-        let Some((l, sch)) = s.split_once('+') else {
-            bail!("'{s}' is not LOADING+SCHEDULING or status-quo");
+        let (policies, cached) = match s.strip_suffix("+cache") {
+            Some(p) => (p, true),
+            None => (s, false),
+        };
+        let Some((l, sch)) = policies.split_once('+') else {
+            bail!("'{s}' is not LOADING+SCHEDULING[+cache] or status-quo");
         };
         let loading = LoadingPolicy::ALL
             .into_iter()
@@ -132,7 +158,11 @@ impl std::str::FromStr for Combo {
             .into_iter()
             .find(|p| scheduling_name(*p) == sch)
             .with_context(|| format!("unknown scheduling policy '{sch}' in '{s}'"))?;
-        Ok(Combo::Layerwise(loading, scheduling))
+        Ok(if cached {
+            Combo::Cached(loading, scheduling)
+        } else {
+            Combo::Layerwise(loading, scheduling)
+        })
     }
 }
 

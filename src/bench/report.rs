@@ -133,12 +133,12 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 
 impl RunRecord {
     pub fn csv_line(&self) -> String {
-        let (loading, scheduling) = match self.combo {
-            Combo::Layerwise(l, s) => (
+        let (loading, scheduling) = match self.combo.policies() {
+            Some((l, s)) => (
                 super::plan::loading_name(l),
                 super::plan::scheduling_name(s),
             ),
-            Combo::StatusQuo => ("", ""),
+            None => ("", ""),
         };
         let fields: Vec<String> = vec![
             self.run.to_string(),

@@ -74,6 +74,26 @@ impl Reading {
         }
     }
 
+    /// Like `headroom`, but signed: negative when a cgroup's working set (or the system's
+    /// use) is already beyond its limit less `reserve` — by how much the holder of the
+    /// memory must shrink.
+    pub fn room(&self, reserve: u64) -> Option<i64> {
+        let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let system = self.mem_available.map(|a| signed(a) - signed(reserve));
+        let cgroup = self
+            .cgroup_levels
+            .iter()
+            .filter_map(|l| {
+                l.limit
+                    .map(|lim| signed(lim) - signed(l.working_set()) - signed(reserve))
+            })
+            .min();
+        match (system, cgroup) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// The tightest cgroup limit, if any.
     pub fn cgroup_limit(&self) -> Option<u64> {
         self.cgroup_levels.iter().filter_map(|l| l.limit).min()

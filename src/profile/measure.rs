@@ -51,9 +51,9 @@ impl Profile {
                     "{}: the profile was made for another version of this package; estimating",
                     pkg.name()
                 );
-                super::estimate(&pkg.manifest)
+                super::estimate_package(pkg)
             }
-            None => super::estimate(&pkg.manifest),
+            None => super::estimate_package(pkg),
         }
     }
 }

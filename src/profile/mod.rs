@@ -5,7 +5,7 @@
 mod measure;
 pub use measure::{ModelProfile, Profile, profile_package};
 
-use crate::model::{LayerKind, Manifest};
+use crate::model::{LayerKind, Manifest, Package};
 use crate::runtime::LayerCost;
 
 /// Parsing and planning a layer file, bytes per second (tract's optimiser dominates).
@@ -43,4 +43,26 @@ pub fn estimate(manifest: &Manifest) -> Vec<LayerCost> {
             }
         })
         .collect()
+}
+
+/// `estimate`, with each layer's execution bytes from its graph: the outputs, the buffers
+/// tract builds for convolutions, and its kernels' scratch (`tiling::predictor`'s model
+/// of tract 0.23, measured in docs/tiling.md), beyond the inputs the inference already
+/// holds. A layer that cannot be read keeps the manifest's estimate (its load will fail
+/// with the reason).
+pub fn estimate_package(pkg: &Package) -> Vec<LayerCost> {
+    let mut costs = estimate(&pkg.manifest);
+    for (i, cost) in costs.iter_mut().enumerate() {
+        if let Ok((_, graph)) = pkg.read_layer(i) {
+            let inputs: u64 = graph
+                .inputs
+                .iter()
+                .map(|&t| graph.tensors[t].bytes() as u64)
+                .sum();
+            let peak = crate::tiling::predictor::exec_peak(&graph);
+            cost.exec_bytes =
+                peak.saturating_sub(inputs) + crate::tiling::predictor::CALIBRATION.run_bytes;
+        }
+    }
+    costs
 }

@@ -2,16 +2,25 @@
 
 pub mod batch;
 mod engine;
+pub mod executor;
 pub mod npy;
+mod residency;
 pub mod scheduler;
 mod sequential;
 pub mod tasks;
 
-pub use batch::{BatchOptions, BatchReport, Job, WholeRun, run_batch};
+pub use batch::{BatchOptions, BatchReport, Job, run_batch};
 pub use engine::{LoadedLayer, Plan, load_layer};
-pub use scheduler::{MAX_PARALLEL, Scheduler, SchedulingPolicy, TaskRef};
+pub use executor::{
+    Executor, ExecutorOptions, ExecutorSnapshot, InferenceOutput, InferenceTiming, WholeRun,
+};
+pub use residency::{Eviction, LayerCache};
+pub use scheduler::{
+    Decision, MAX_PARALLEL, ModelId, Scheduler, SchedulerOptions, SchedulingPolicy, TaskRef,
+};
 pub use sequential::{
-    Activations, RunResult, RunStats, Value, run_layers_preloaded, run_layerwise, run_whole,
+    Activations, RunResult, RunStats, Value, held_bytes, run_layers_preloaded, run_layerwise,
+    run_whole,
 };
 pub use tasks::{LayerCost, LoadingPolicy, TaskKind};
 

@@ -1,11 +1,24 @@
 //! Which ready task runs next: FCFS, SJF, LJF, or MEMA (the paper's Algorithm 1) with a
-//! ledger of expected resident bytes held within a budget.
+//! ledger of expected resident bytes held within a budget and the live memory reading,
+//! and which resident layers make room when something needs it.
 //!
 //! The scheduler is pure bookkeeping: no threads, no clock, no I/O. Workers ask `next`
 //! for a task of their pool and report `complete`; the live memory reading comes in as an
 //! argument. That makes every decision reproducible in tests.
+//!
+//! Invariants:
+//! - The ledger is the sum of: resident layers (counted once per layer under
+//!   `LayerCache::Keep`, once per inference under `Off`), the reservations of loads in
+//!   flight (planner copies, weights, the exec's bytes), the exec bytes of loaded layers not
+//!   yet run, every started inference's activations (the most it will hold from its next
+//!   layer on, shrinking as it progresses), and reservations taken
+//!   outside tasks (`reserve`, e.g. a frame being decoded).
+//! - What the live reading cannot show yet is the ledger less resident layers: it is taken
+//!   off the reading's headroom, so memory promised is never handed out twice.
+//! - A resident layer some inference has loaded and not yet run is pinned: never evicted.
 
-use super::tasks::{LayerCost, LoadingPolicy, TaskKind, TaskSpec, plan_inference};
+use super::residency::{Eviction, LayerCache, Residency, Victims};
+use super::tasks::{LayerCost, LoadingPolicy, TaskKind, TaskSpec, exec_index, load_index};
 use anyhow::{Result, ensure};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -43,10 +56,80 @@ pub const MAX_PARALLEL: usize = 16;
 /// (low indices) starve an old one (high indices).
 const AGEING_ROUNDS: u64 = 8;
 
+/// Weight of the newest observation in the running estimate of a duration.
+const OBSERVATION_WEIGHT: f64 = 0.3;
+
+/// A model registered with the scheduler: its layers' costs and what is resident of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModelId(pub usize);
+
+/// One layer of one model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LayerKey {
+    pub model: ModelId,
+    pub layer: usize,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TaskRef {
     pub inference: usize,
     pub task: usize,
+}
+
+/// What a free worker is told to do.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Decision {
+    Run(TaskRef),
+    /// The inference cannot run within the memory there is: it has been ended and its
+    /// reservations released. Its loaded layers must be dropped.
+    Refuse(usize, Refusal),
+}
+
+/// Why an inference was refused: a layer (of it, or of an older inference it made room
+/// for) needs more than can be made free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub model: ModelId,
+    pub layer: usize,
+    /// The layer's footprint with what its inference holds (activations, reservations).
+    pub needs: u64,
+    /// The most that could be made free for it with every other inference's memory kept.
+    pub available: u64,
+    /// The refused inference is not the one that needed the room: it was the youngest in
+    /// flight, refused so that an older one can go on.
+    pub displaced: bool,
+}
+
+/// A live memory reading as the scheduler uses it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Live {
+    /// What the reading allowed beyond what the process held then (negative: over).
+    pub headroom: i64,
+    /// The ledger's bytes the reading already showed when it was taken (`Scheduler::seen`
+    /// then): everything the ledger holds beyond them is not in it.
+    pub seen_then: u64,
+}
+
+/// What a load measured (only when it ran alone, so that the process's counters are its).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadMeasure {
+    /// Bytes the loaded layer keeps resident.
+    pub resident: Option<u64>,
+    /// Bytes above `resident` at the load's peak (the planner's transient copies).
+    pub transient: Option<u64>,
+}
+
+/// Counters of the layer cache since the scheduler was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheStats {
+    /// Loads served by a resident layer.
+    pub hits: u64,
+    /// Loads that read and planned a layer.
+    pub misses: u64,
+    pub evictions: u64,
+    pub evicted_bytes: u64,
+    /// Inferences ended because they could not fit.
+    pub refusals: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,136 +140,305 @@ enum State {
     Done,
 }
 
+/// What a load reserved in the ledger, so that its release matches it exactly even if the
+/// estimates were refined meanwhile.
+#[derive(Clone, Copy, Debug, Default)]
+struct Reserved {
+    transient: u64,
+    resident: u64,
+    exec: u64,
+    /// The layer was loaded (its bytes are the inference's own, or pinned in the cache).
+    loaded: bool,
+}
+
 struct Inference {
-    costs: Arc<[LayerCost]>,
-    /// Index into the scheduler's observed timings, shared by inferences of one package.
-    group: usize,
-    tasks: Vec<TaskSpec>,
+    model: usize,
     state: Vec<State>,
-    dependents: Vec<Vec<usize>>,
-    /// Bytes it needs at least to make progress: its largest layer, loaded and running.
-    footprint: u64,
+    reserved: Vec<Reserved>,
     started: bool,
     left: usize,
+    /// Layers executed so far: the position its next exec is at.
+    executed: usize,
+    /// Bytes of this inference's own reservations in the ledger now.
+    own: u64,
+    /// Of its reserved activations, the bytes that exist now (the reading shows them).
+    active: u64,
+    /// High-water mark of `own` plus the model's resident layers.
+    share_high_water: u64,
+    /// High-water mark of the whole ledger while it was in flight.
+    ledger_high_water: u64,
+    hits: u32,
+    misses: u32,
+    refused: bool,
+    /// A slot of a finished inference may be reused once the caller retires it.
+    retired: bool,
 }
 
-/// Durations observed so far for the layers of one package (one cost table).
+/// Per layer: refined durations and bytes.
+#[derive(Clone, Copy, Debug, Default)]
 struct Observed {
-    costs: Arc<[LayerCost]>,
-    load_secs: Vec<Option<f64>>,
-    exec_secs: Vec<Option<f64>>,
+    load_secs: Option<f64>,
+    exec_secs: Option<f64>,
+    resident: Option<u64>,
+    transient: Option<u64>,
 }
 
-/// Weight of the newest observation in the running estimate.
-const OBSERVATION_WEIGHT: f64 = 0.3;
-
-pub struct Scheduler {
-    policy: SchedulingPolicy,
+pub(super) struct ModelEntry {
+    pub(super) name: String,
+    pub(super) costs: Arc<[LayerCost]>,
+    /// `held[l]`: the most activation bytes an inference holds from layer `l` on (`held[n]`
+    /// = 0), reserved from Init and released as it passes each layer.
+    held: Vec<u64>,
+    tasks: Arc<[TaskSpec]>,
+    dependents: Arc<[Vec<usize>]>,
     observed: Vec<Observed>,
-    loading: LoadingPolicy,
-    budget: Option<u64>,
-    parallel: usize,
-    inferences: Vec<Inference>,
-    waiting: VecDeque<usize>,
-    /// Started and unfinished inferences, oldest first: the only ones with ready tasks.
-    in_flight: heapless::Vec<usize, MAX_PARALLEL>,
-    ledger: u64,
-    high_water: u64,
-    round: u64,
-    overdrafts: u64,
+    pub(super) residency: Vec<Residency>,
+    /// Bytes of its layers resident in the cache (`LayerCache::Keep`).
+    pub(super) resident_bytes: u64,
+    /// Whether its layers are kept across inferences (`LayerCache::Keep`, and a model run
+    /// layer by layer: a whole run has nothing to keep).
+    keep: bool,
 }
 
-impl Scheduler {
-    /// `budget` bounds the ledger under MEMA (`None`: only live readings bound it);
-    /// `parallel` bounds the inferences in flight (1 to `MAX_PARALLEL`).
-    pub fn new(
+impl ModelEntry {
+    /// The bytes a load of `layer` reserves now: measured where known, never below the
+    /// estimate for what only lasts during the load or the exec.
+    pub(super) fn cost(&self, layer: usize) -> LayerCost {
+        let mut c = self.costs[layer];
+        let o = &self.observed[layer];
+        if let Some(r) = o.resident {
+            c.load_bytes = r;
+        }
+        if let Some(t) = o.transient {
+            c.plan_bytes = c.plan_bytes.max(t);
+        }
+        c
+    }
+
+    pub(super) fn exec_secs(&self, layer: usize) -> f64 {
+        self.observed[layer]
+            .exec_secs
+            .unwrap_or(self.costs[layer].exec_secs)
+    }
+
+    pub(super) fn load_secs(&self, layer: usize) -> f64 {
+        self.observed[layer]
+            .load_secs
+            .unwrap_or(self.costs[layer].load_secs)
+    }
+
+    /// The least an inference needs to make progress at its worst layer: the activations
+    /// reserved for it there and the layer being loaded.
+    fn footprint(&self) -> u64 {
+        (0..self.costs.len())
+            .map(|l| self.held[l] + self.cost(l).footprint())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// How the scheduler runs: policies, bounds and the layer cache.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SchedulerOptions {
+    pub policy: SchedulingPolicy,
+    pub loading: LoadingPolicy,
+    /// Bounds the ledger (`None`: only live readings bound it).
+    pub budget: Option<u64>,
+    /// Inferences in flight at once (1 to `MAX_PARALLEL`).
+    pub parallel: usize,
+    pub cache: LayerCache,
+    pub eviction: Eviction,
+}
+
+impl SchedulerOptions {
+    /// The paper's setting: no layer outlives its inference.
+    pub fn paper(
         policy: SchedulingPolicy,
         loading: LoadingPolicy,
         budget: Option<u64>,
         parallel: usize,
-    ) -> Scheduler {
-        Scheduler {
+    ) -> SchedulerOptions {
+        SchedulerOptions {
             policy,
-            observed: vec![],
             loading,
             budget,
-            parallel: parallel.clamp(1, MAX_PARALLEL),
+            parallel,
+            cache: LayerCache::Off,
+            eviction: Eviction::default(),
+        }
+    }
+}
+
+pub struct Scheduler {
+    opts: SchedulerOptions,
+    pub(super) models: Vec<ModelEntry>,
+    inferences: Vec<Inference>,
+    free_slots: Vec<usize>,
+    waiting: VecDeque<usize>,
+    /// Started and unfinished inferences, oldest first: the only ones with ready tasks.
+    in_flight: heapless::Vec<usize, MAX_PARALLEL>,
+    ledger: u64,
+    /// Bytes in the ledger the live reading shows: loaded layers.
+    seen: u64,
+    /// Reservations outside tasks, and how many are held.
+    external: u64,
+    external_count: usize,
+    high_water: u64,
+    round: u64,
+    overdrafts: u64,
+    stats: CacheStats,
+    evicted: Victims,
+}
+
+impl Scheduler {
+    pub fn new(opts: SchedulerOptions) -> Scheduler {
+        Scheduler {
+            opts: SchedulerOptions {
+                parallel: opts.parallel.clamp(1, MAX_PARALLEL),
+                ..opts
+            },
+            models: vec![],
             inferences: vec![],
+            free_slots: vec![],
             waiting: VecDeque::new(),
             in_flight: heapless::Vec::new(),
             ledger: 0,
+            seen: 0,
+            external: 0,
+            external_count: 0,
             high_water: 0,
             round: 0,
             overdrafts: 0,
+            stats: CacheStats::default(),
+            evicted: Victims::new(),
         }
     }
 
-    /// Queues an inference; returns its id. Fails when one of its layers alone exceeds the
-    /// budget: no schedule can run it.
-    pub fn submit(&mut self, name: &str, costs: Arc<[LayerCost]>) -> Result<usize> {
-        let footprint = costs.iter().map(LayerCost::footprint).max().unwrap_or(0);
-        if let Some(budget) = self.budget {
+    pub fn options(&self) -> &SchedulerOptions {
+        &self.opts
+    }
+
+    /// Registers a model. Fails when one of its layers alone exceeds the budget: no
+    /// schedule can run it. `held[l]`: the most activation bytes an inference holds from
+    /// layer `l` on, one entry per layer and a last one (0) after the last.
+    pub fn add_model(
+        &mut self,
+        name: &str,
+        costs: Arc<[LayerCost]>,
+        held: Vec<u64>,
+        cacheable: bool,
+    ) -> Result<ModelId> {
+        ensure!(
+            held.len() == costs.len() + 1,
+            "{name}: {} activation sizes for {} layers",
+            held.len(),
+            costs.len()
+        );
+        if let Some(budget) = self.opts.budget {
             for (i, c) in costs.iter().enumerate() {
                 ensure!(
-                    c.footprint() <= budget,
-                    "{name}: layer {i} needs {} ({} weights + {} to plan + {} to run), more than the whole budget of {}",
-                    crate::memory::Bytes(c.footprint()),
+                    held[i] + c.footprint() <= budget,
+                    "{name}: layer {i} needs {} ({} weights + {} to plan + {} to run + {} of activations), more than the whole budget of {}",
+                    crate::memory::Bytes(held[i] + c.footprint()),
                     crate::memory::Bytes(c.load_bytes),
                     crate::memory::Bytes(c.plan_bytes),
                     crate::memory::Bytes(c.exec_bytes),
+                    crate::memory::Bytes(held[i]),
                     crate::memory::Bytes(budget)
                 );
             }
         }
-        let tasks = plan_inference(self.loading, &costs);
+        let tasks: Arc<[TaskSpec]> = super::tasks::plan_inference(self.opts.loading, &costs).into();
         let mut dependents = vec![vec![]; tasks.len()];
         for (i, t) in tasks.iter().enumerate() {
             for &d in &t.deps {
                 dependents[d].push(i);
             }
         }
-        let state = tasks.iter().map(|t| State::Waiting(t.deps.len())).collect();
-        let id = self.inferences.len();
-        let left = tasks.len();
-        // Inferences submitted with the same cost table learn from each other's timings.
-        let group = match self
-            .observed
-            .iter()
-            .position(|o| Arc::ptr_eq(&o.costs, &costs))
-        {
-            Some(g) => g,
+        self.models.push(ModelEntry {
+            name: name.to_string(),
+            observed: vec![Observed::default(); costs.len()],
+            residency: vec![Residency::Absent; costs.len()],
+            resident_bytes: 0,
+            costs,
+            held,
+            keep: cacheable && self.opts.cache == LayerCache::Keep,
+            tasks,
+            dependents: dependents.into(),
+        });
+        Ok(ModelId(self.models.len() - 1))
+    }
+
+    /// Queues an inference of `model`; returns its id (a slot reused after `retire`).
+    pub fn submit(&mut self, model: ModelId) -> usize {
+        let entry = &self.models[model.0];
+        let n = entry.costs.len();
+        let inference = Inference {
+            model: model.0,
+            state: entry
+                .tasks
+                .iter()
+                .map(|t| State::Waiting(t.deps.len()))
+                .collect(),
+            reserved: vec![Reserved::default(); n],
+            started: false,
+            left: entry.tasks.len(),
+            executed: 0,
+            own: 0,
+            active: 0,
+            share_high_water: 0,
+            ledger_high_water: 0,
+            hits: 0,
+            misses: 0,
+            refused: false,
+            retired: false,
+        };
+        let id = match self.free_slots.pop() {
+            Some(slot) => {
+                self.inferences[slot] = inference;
+                slot
+            }
             None => {
-                self.observed.push(Observed {
-                    costs: costs.clone(),
-                    load_secs: vec![None; costs.len()],
-                    exec_secs: vec![None; costs.len()],
-                });
-                self.observed.len() - 1
+                self.inferences.push(inference);
+                self.inferences.len() - 1
             }
         };
-        self.inferences.push(Inference {
-            group,
-            costs,
-            tasks,
-            state,
-            dependents,
-            footprint,
-            started: false,
-            left,
-        });
         self.waiting.push_back(id);
-        Ok(id)
+        id
+    }
+
+    /// Frees a finished inference's slot for reuse.
+    pub fn retire(&mut self, inference: usize) {
+        let inf = &mut self.inferences[inference];
+        debug_assert_eq!(inf.left, 0);
+        if !inf.retired {
+            inf.retired = true;
+            self.free_slots.push(inference);
+        }
+    }
+
+    pub fn model_of(&self, inference: usize) -> ModelId {
+        ModelId(self.inferences[inference].model)
+    }
+
+    /// Whether the model's layers stay resident across its inferences.
+    pub fn keeps(&self, model: ModelId) -> bool {
+        self.models[model.0].keep
+    }
+
+    pub fn model_name(&self, model: ModelId) -> &str {
+        &self.models[model.0].name
     }
 
     /// Refines the expected duration of a task's layer with one it just took: the estimate
-    /// (or profile) only starts the running average.
+    /// (or profile) only starts the running average. Shared by all inferences of a model.
     pub fn observe(&mut self, t: TaskRef, secs: f64) {
         let inf = &self.inferences[t.inference];
-        let observed = &mut self.observed[inf.group];
-        let slot = match inf.tasks[t.task].kind {
+        let model = &mut self.models[inf.model];
+        let slot = match model.tasks[t.task].kind {
             TaskKind::Init => return,
-            TaskKind::Load(l) => &mut observed.load_secs[l],
-            TaskKind::Exec(l) => &mut observed.exec_secs[l],
+            TaskKind::Load(l) => &mut model.observed[l].load_secs,
+            TaskKind::Exec(l) => &mut model.observed[l].exec_secs,
         };
         *slot = Some(match *slot {
             Some(old) => old + OBSERVATION_WEIGHT * (secs - old),
@@ -197,19 +449,19 @@ impl Scheduler {
     /// Expected duration: observed if the layer has run before, else the given cost.
     pub fn expected_secs(&self, t: TaskRef) -> f64 {
         let inf = &self.inferences[t.inference];
-        let observed = &self.observed[inf.group];
-        match inf.tasks[t.task].kind {
+        let model = &self.models[inf.model];
+        match model.tasks[t.task].kind {
             TaskKind::Init => 0.0,
-            TaskKind::Load(l) => observed.load_secs[l].unwrap_or(inf.costs[l].load_secs),
-            TaskKind::Exec(l) => observed.exec_secs[l].unwrap_or(inf.costs[l].exec_secs),
+            TaskKind::Load(l) => model.load_secs(l),
+            TaskKind::Exec(l) => model.exec_secs(l),
         }
     }
 
     pub fn kind(&self, t: TaskRef) -> TaskKind {
-        self.inferences[t.inference].tasks[t.task].kind
+        self.models[self.inferences[t.inference].model].tasks[t.task].kind
     }
 
-    /// Expected resident bytes of everything loaded or running.
+    /// Expected resident bytes of everything loaded, running or reserved.
     pub fn ledger(&self) -> u64 {
         self.ledger
     }
@@ -218,88 +470,502 @@ impl Scheduler {
         self.high_water
     }
 
-    /// How often a load was admitted beyond the budget because nothing else was resident
-    /// (the one-layer-ahead allowance that keeps progress going).
+    /// How often a load was admitted beyond the budget because nothing else could run
+    /// (the one-layer-ahead allowance that keeps progress going; never beyond the live
+    /// reading, where the inference is refused instead).
     pub fn overdrafts(&self) -> u64 {
         self.overdrafts
     }
 
-    pub fn is_done(&self) -> bool {
-        self.inferences.iter().all(|i| i.left == 0)
+    pub fn cache_stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    /// Resident layers and their bytes, of one model (`LayerCache::Keep`).
+    pub fn resident(&self, model: ModelId) -> (usize, u64) {
+        let m = &self.models[model.0];
+        let layers = m
+            .residency
+            .iter()
+            .filter(|r| matches!(r, Residency::Resident { .. }))
+            .count();
+        (layers, m.resident_bytes)
+    }
+
+    /// Bytes of the ledger a reading taken now shows: loaded layers, activations made.
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
+    /// Bytes of the ledger the live reading shows: loaded layers.
+    pub fn resident_total(&self) -> u64 {
+        self.seen
+    }
+
+    /// Nothing waiting or in flight.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.in_flight.is_empty()
     }
 
     pub fn is_finished(&self, inference: usize) -> bool {
         self.inferences[inference].left == 0
     }
 
-    /// The next task for a free worker of `pool`, or `None` if it should wait for a
-    /// completion. `headroom` is what the live reading still allows beyond the ledger
-    /// (bytes), `None` if unbounded.
-    pub fn next(&mut self, pool: usize, headroom: Option<u64>) -> Option<TaskRef> {
-        self.round += 1;
-        let cap = match (self.budget, headroom) {
-            (Some(b), Some(h)) => Some(b.saturating_sub(self.ledger).min(h)),
-            (Some(b), None) => Some(b.saturating_sub(self.ledger)),
-            (None, h) => h,
-        };
-        self.start_inferences(cap);
-        let pick = match self.policy {
-            SchedulingPolicy::Mema => self.pick_mema(pool, cap),
-            _ => self.pick_greedy(pool),
-        }?;
-        let inf = &mut self.inferences[pick.inference];
-        inf.state[pick.task] = State::Running;
-        let cost = match inf.tasks[pick.task].kind {
-            TaskKind::Init => 0,
-            // A layer's whole footprint, its exec's transient bytes included, is reserved
-            // from the start of its load to the end of its exec: an exec is never held
-            // back (it frees memory), so its bytes must already be accounted for. The
-            // planner's transient copies are reserved until the load ends.
-            TaskKind::Load(l) => inf.costs[l].footprint(),
-            TaskKind::Exec(_) => 0,
-        };
-        self.ledger += cost;
-        self.high_water = self.high_water.max(self.ledger);
-        Some(pick)
+    /// Per finished inference: whether it was refused, its cache hits and misses, and the
+    /// high-water mark of its share of the ledger (its reservations and its model's
+    /// resident layers).
+    pub fn inference_summary(&self, inference: usize) -> InferenceSummary {
+        let inf = &self.inferences[inference];
+        InferenceSummary {
+            hits: inf.hits,
+            misses: inf.misses,
+            share_high_water: inf.share_high_water,
+            ledger_high_water: inf.ledger_high_water,
+        }
     }
 
-    /// Records a finished task: frees a layer's bytes when its exec ends, readies dependents.
+    /// Layers evicted since the last call: their plans must be dropped.
+    pub fn take_evicted(&mut self) -> impl Iterator<Item = LayerKey> + '_ {
+        self.evicted.drain()
+    }
+
+    /// A fresh reading: one taken now, with the ledger as it is.
+    pub fn fresh(&self, headroom: i64) -> Live {
+        Live {
+            headroom,
+            seen_then: self.seen,
+        }
+    }
+
+    /// What a reading still allows beyond what the ledger promised that it cannot show:
+    /// everything in the ledger except what the reading already saw.
+    fn live_room(&self, live: Option<Live>) -> Option<i64> {
+        live.map(|l| l.headroom - (self.ledger as i64 - l.seen_then as i64))
+    }
+
+    /// What the reading and the budget still allow: the budget less the ledger, and the
+    /// live room. Negative when the ledger is already beyond either.
+    fn room(&self, live: Option<Live>) -> Option<i64> {
+        let live = self.live_room(live);
+        let budget = self.opts.budget.map(|b| b as i64 - self.ledger as i64);
+        match (live, budget) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// `next_live` with a reading taken now: what the live reading still allows beyond what
+    /// the process holds now (bytes, negative when over), `None` if unbounded.
+    pub fn next(&mut self, pool: usize, live: Option<i64>) -> Option<Decision> {
+        let live = live.map(|h| self.fresh(h));
+        self.next_live(pool, live)
+    }
+
+    /// The next task for a free worker of `pool`, or `None` if it should wait for a
+    /// completion (or a change of the reading). A reading may be a few milliseconds old:
+    /// what the ledger promised since is taken off it.
+    pub fn next_live(&mut self, pool: usize, live: Option<Live>) -> Option<Decision> {
+        self.round += 1;
+        let mut room = self.room(live);
+        if let Some(r) = room
+            && r < 0
+        {
+            // The reading dropped below what is held: shrink the cache before anything
+            // else is admitted.
+            room = Some(r + self.evict((-r) as u64) as i64);
+        }
+        self.start_inferences(room);
+        let decision = loop {
+            let pick = match self.opts.policy {
+                SchedulingPolicy::Mema => self.pick_mema(pool),
+                _ => self.pick_greedy(pool),
+            }?;
+            match self.admit(pick, &mut room, live) {
+                Admit::Run => break Decision::Run(pick),
+                // A load served by the cache is done at once: look again (its exec may be
+                // ready now).
+                Admit::Hit => continue,
+                Admit::Wait => return None,
+                Admit::Refuse(inference, refusal) => break Decision::Refuse(inference, refusal),
+            }
+        };
+        self.update_shares();
+        Some(decision)
+    }
+
+    /// Reserves what `pick` needs, making room from the cache if it must; says whether it
+    /// may run.
+    fn admit(&mut self, pick: TaskRef, room: &mut Option<i64>, live: Option<Live>) -> Admit {
+        let model_index = self.inferences[pick.inference].model;
+        match self.models[model_index].tasks[pick.task].kind {
+            TaskKind::Init => {
+                let held = self.models[model_index].held[0];
+                self.reserve_for(pick.inference, held, room);
+                self.set_running(pick);
+                Admit::Run
+            }
+            TaskKind::Exec(_) => {
+                self.set_running(pick);
+                Admit::Run
+            }
+            TaskKind::Load(layer) => self.admit_load(pick, layer, room, live),
+        }
+    }
+
+    fn admit_load(
+        &mut self,
+        pick: TaskRef,
+        layer: usize,
+        room: &mut Option<i64>,
+        live: Option<Live>,
+    ) -> Admit {
+        let inf = &self.inferences[pick.inference];
+        let model = &self.models[inf.model];
+        let cost = model.cost(layer);
+        let hit = model.keep && matches!(model.residency[layer], Residency::Resident { .. });
+        let bytes = if hit {
+            cost.exec_bytes
+        } else {
+            cost.footprint()
+        };
+        let mut freed = 0;
+        if room.is_some_and(|r| r < bytes as i64) {
+            let short = bytes as i64 - room.unwrap_or(0);
+            freed = self.evict(short as u64);
+            *room = room.map(|r| r + freed as i64);
+        }
+        if room.is_none_or(|r| r >= bytes as i64) || self.opts.policy != SchedulingPolicy::Mema {
+            return self.start_load(pick, layer, cost, hit, room);
+        }
+        // It does not fit. Wait for what is running to free memory, and for the reading to
+        // show the layers just evicted gone (they may have held more than was counted).
+        if freed > 0 || self.any_running() || self.any_ready_exec() || self.external_count > 0 {
+            return Admit::Wait;
+        }
+        // Nothing running will free memory: waiting would wait forever.
+        let live_room = self.live_room(live);
+        if live_room.is_none_or(|r| r >= bytes as i64) {
+            // Only the configured budget is short (not the memory there is): load one
+            // layer ahead anyway, the documented allowance. With in-order loads this
+            // happens only with nothing resident, except under `bulk`, which must hold a
+            // whole model before its first exec.
+            self.overdrafts += 1;
+            return self.start_load(pick, layer, cost, hit, room);
+        }
+        // Make room by ending the youngest inference in flight (this one, if it is alone):
+        // the layer cannot fit beside what the others hold, and never will by waiting.
+        let victim = self.youngest_in_flight().unwrap_or(pick.inference);
+        let own = self.inferences[pick.inference].own;
+        let refusal = Refusal {
+            layer,
+            model: ModelId(self.inferences[pick.inference].model),
+            needs: bytes + own,
+            available: (live_room.unwrap_or(0).max(0) as u64) + own,
+            displaced: victim != pick.inference,
+        };
+        self.refuse(victim);
+        Admit::Refuse(victim, refusal)
+    }
+
+    fn start_load(
+        &mut self,
+        pick: TaskRef,
+        layer: usize,
+        cost: LayerCost,
+        hit: bool,
+        room: &mut Option<i64>,
+    ) -> Admit {
+        let model_index = self.inferences[pick.inference].model;
+        if hit {
+            self.reserve_for(pick.inference, cost.exec_bytes, room);
+            let inf = &mut self.inferences[pick.inference];
+            inf.reserved[layer] = Reserved {
+                exec: cost.exec_bytes,
+                loaded: true,
+                ..Reserved::default()
+            };
+            inf.hits += 1;
+            self.models[model_index].residency[layer].pin();
+            self.stats.hits += 1;
+            self.set_running(pick);
+            self.finish_task(pick);
+            return Admit::Hit;
+        }
+        self.reserve_for(pick.inference, cost.footprint(), room);
+        let inf = &mut self.inferences[pick.inference];
+        inf.reserved[layer] = Reserved {
+            transient: cost.plan_bytes,
+            resident: cost.load_bytes,
+            exec: cost.exec_bytes,
+            loaded: false,
+        };
+        inf.misses += 1;
+        self.stats.misses += 1;
+        if self.models[model_index].keep {
+            self.models[model_index].residency[layer] = Residency::Loading;
+        }
+        self.set_running(pick);
+        Admit::Run
+    }
+
+    fn reserve_for(&mut self, inference: usize, bytes: u64, room: &mut Option<i64>) {
+        self.ledger += bytes;
+        self.high_water = self.high_water.max(self.ledger);
+        self.inferences[inference].own += bytes;
+        *room = room.map(|r| r - bytes as i64);
+    }
+
+    fn release_for(&mut self, inference: usize, bytes: u64) {
+        self.ledger -= bytes;
+        self.inferences[inference].own -= bytes;
+    }
+
+    fn set_running(&mut self, t: TaskRef) {
+        self.inferences[t.inference].state[t.task] = State::Running;
+    }
+
+    /// Records a finished task: releases what it reserved, readies its dependents.
     pub fn complete(&mut self, t: TaskRef) {
+        self.complete_measured(t, LoadMeasure::default());
+    }
+
+    /// `complete`, with what a load measured of its layer: the ledger and every later
+    /// load of the layer use the measured bytes.
+    pub fn complete_measured(&mut self, t: TaskRef, measured: LoadMeasure) {
+        let model_index = self.inferences[t.inference].model;
+        match self.models[model_index].tasks[t.task].kind {
+            TaskKind::Init => {}
+            TaskKind::Load(l) => self.loaded(t.inference, l, measured),
+            TaskKind::Exec(l) => self.executed(t.inference, l),
+        }
+        self.finish_task(t);
+        self.update_shares();
+    }
+
+    fn loaded(&mut self, inference: usize, layer: usize, measured: LoadMeasure) {
+        let model_index = self.inferences[inference].model;
+        let r = self.inferences[inference].reserved[layer];
+        // A measured size only ever lowers the estimate: RSS grown during the first load
+        // of a process also holds tract's lazily built tables, and evicting the layer
+        // must never be credited with more than it frees.
+        let resident = measured.resident.map_or(r.resident, |m| m.min(r.resident));
+        let observed = &mut self.models[model_index].observed[layer];
+        if measured.resident.is_some() {
+            observed.resident = Some(resident);
+        }
+        if measured.transient.is_some() {
+            observed.transient = measured.transient;
+        }
+        self.release_for(inference, r.transient);
+        self.ledger = self.ledger - r.resident + resident;
+        self.high_water = self.high_water.max(self.ledger);
+        self.seen += resident;
+        let inf = &mut self.inferences[inference];
+        inf.reserved[layer].loaded = true;
+        inf.reserved[layer].transient = 0;
+        inf.own -= r.resident;
+        if self.models[model_index].keep {
+            // Resident bytes now belong to the cache, not to the inference.
+            let model = &mut self.models[model_index];
+            model.residency[layer] = Residency::Resident {
+                bytes: resident,
+                pins: 1,
+            };
+            model.resident_bytes += resident;
+            inf.reserved[layer].resident = 0;
+        } else {
+            inf.own += resident;
+            inf.reserved[layer].resident = resident;
+        }
+    }
+
+    fn executed(&mut self, inference: usize, layer: usize) {
+        let r = self.inferences[inference].reserved[layer];
+        let model_index = self.inferences[inference].model;
+        let held = &self.models[model_index].held;
+        // Past this layer, the activations it will hold at most are fewer.
+        let passed = held[layer] - held[layer + 1];
+        self.release_for(inference, r.exec + r.resident + passed);
+        self.seen -= r.resident;
+        self.inferences[inference].reserved[layer] = Reserved::default();
+        self.inferences[inference].executed = layer + 1;
+        if self.models[model_index].keep {
+            self.models[model_index].residency[layer].unpin();
+        }
+    }
+
+    /// Marks a task done, readies its dependents, and ends the inference after its last.
+    fn finish_task(&mut self, t: TaskRef) {
+        let model_index = self.inferences[t.inference].model;
+        let dependents = self.models[model_index].dependents.clone();
+        let round = self.round;
         let inf = &mut self.inferences[t.inference];
         debug_assert_eq!(inf.state[t.task], State::Running);
         inf.state[t.task] = State::Done;
         inf.left -= 1;
-        match inf.tasks[t.task].kind {
-            TaskKind::Init => {}
-            TaskKind::Load(l) => self.ledger -= inf.costs[l].plan_bytes,
-            TaskKind::Exec(l) => self.ledger -= inf.costs[l].loaded(),
-        }
-        for k in 0..inf.dependents[t.task].len() {
-            let d = inf.dependents[t.task][k];
+        for &d in &dependents[t.task] {
             if let State::Waiting(n) = inf.state[d] {
                 inf.state[d] = if n == 1 {
-                    State::Ready { since: self.round }
+                    State::Ready { since: round }
                 } else {
                     State::Waiting(n - 1)
                 };
             }
         }
         if inf.left == 0 {
+            let (own, active) = (inf.own, inf.active);
+            inf.active = 0;
+            self.seen -= active;
+            self.release_for(t.inference, own);
             self.in_flight.retain(|&i| i != t.inference);
         }
     }
 
+    /// The bytes of activations an inference holds now (at most its reservation): they
+    /// exist, so the reading shows them and they are no longer unseen.
+    pub fn set_activations(&mut self, inference: usize, bytes: u64) {
+        let model_index = self.inferences[inference].model;
+        let inf = &mut self.inferences[inference];
+        if inf.left == 0 {
+            return;
+        }
+        let bytes = bytes.min(self.models[model_index].held[inf.executed]);
+        self.seen = self.seen - inf.active + bytes;
+        inf.active = bytes;
+    }
+
+    /// Whether a load of this layer should measure it: the first time, and only when the
+    /// cache keeps it (a measured size then stands for every later load).
+    pub fn needs_measure(&self, model: ModelId, layer: usize) -> bool {
+        self.models[model.0].observed[layer].resident.is_none()
+    }
+
+    /// Ends the inference of a task that failed (its own reservations released, the
+    /// layer it was loading not resident); the others go on.
+    pub fn abort(&mut self, t: TaskRef) {
+        if self.inferences[t.inference].left > 0 {
+            self.end(t.inference);
+        }
+    }
+
+    /// Ends an inference that cannot fit: releases everything it holds.
+    fn refuse(&mut self, inference: usize) {
+        self.end(inference);
+        self.stats.refusals += 1;
+    }
+
+    fn end(&mut self, inference: usize) {
+        let model_index = self.inferences[inference].model;
+        let keep = self.models[model_index].keep;
+        for layer in 0..self.inferences[inference].reserved.len() {
+            let r = self.inferences[inference].reserved[layer];
+            let residency = &mut self.models[model_index].residency[layer];
+            if r.loaded {
+                self.seen -= r.resident;
+                if keep {
+                    residency.unpin();
+                }
+            } else if keep && r.resident > 0 && *residency == Residency::Loading {
+                *residency = Residency::Absent;
+            }
+        }
+        let inf = &mut self.inferences[inference];
+        let own = inf.own;
+        self.seen -= inf.active;
+        inf.active = 0;
+        for s in inf.state.iter_mut() {
+            *s = State::Done;
+        }
+        inf.left = 0;
+        inf.refused = true;
+        inf.reserved
+            .iter_mut()
+            .for_each(|r| *r = Reserved::default());
+        self.release_for(inference, own);
+        self.in_flight.retain(|&i| i != inference);
+        self.waiting.retain(|&i| i != inference);
+    }
+}
+
+/// A finished inference, as the scheduler saw it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct InferenceSummary {
+    /// Loads served by resident layers.
+    pub hits: u32,
+    /// Loads that read and planned their layer.
+    pub misses: u32,
+    /// High-water mark of its reservations plus its model's resident layers.
+    pub share_high_water: u64,
+    /// High-water mark of the whole ledger (every inference's) while it was in flight.
+    pub ledger_high_water: u64,
+}
+
+enum Admit {
+    Run,
+    Hit,
+    Wait,
+    Refuse(usize, Refusal),
+}
+
+/// What `reserve` decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    Granted,
+    /// Not now: memory will be freed by what is in flight.
+    Wait,
+    /// Not even with nothing else in flight: at most this many bytes could be had.
+    Never {
+        available: u64,
+    },
+}
+
+impl Scheduler {
+    /// Reserves bytes outside any task (a frame being decoded), making room from the
+    /// cache if it must. Release them with `release`.
+    pub fn reserve(&mut self, bytes: u64, live: Option<Live>) -> Reservation {
+        let mut room = self.room(live);
+        if room.is_some_and(|r| r < bytes as i64) {
+            let short = bytes as i64 - room.unwrap_or(0);
+            room = room.map(|r| r + self.evict(short as u64) as i64);
+        }
+        if room.is_none_or(|r| r >= bytes as i64) {
+            self.ledger += bytes;
+            self.high_water = self.high_water.max(self.ledger);
+            self.external += bytes;
+            self.external_count += 1;
+            return Reservation::Granted;
+        }
+        if !self.in_flight.is_empty() || self.external_count > 0 {
+            return Reservation::Wait;
+        }
+        Reservation::Never {
+            available: room.unwrap_or(0).max(0) as u64,
+        }
+    }
+
+    pub fn release(&mut self, bytes: u64) {
+        debug_assert!(self.external >= bytes && self.external_count > 0);
+        self.ledger -= bytes;
+        self.external -= bytes;
+        self.external_count -= 1;
+    }
+
     /// Starts queued inferences while fewer than `parallel` run and, under MEMA, while the
-    /// next one's footprint fits (or nothing runs at all).
-    fn start_inferences(&mut self, cap: Option<u64>) {
-        while self.in_flight.len() < self.parallel {
+    /// next one's footprint fits what is left and what the cache could give up (or
+    /// nothing runs at all).
+    fn start_inferences(&mut self, room: Option<i64>) {
+        let evictable = match room {
+            Some(_) if self.opts.policy == SchedulingPolicy::Mema => self.evictable_bytes(),
+            _ => 0,
+        };
+        while self.in_flight.len() < self.opts.parallel {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
-            let inf = &mut self.inferences[id];
-            if self.policy == SchedulingPolicy::Mema
+            let footprint = self.models[self.inferences[id].model].footprint();
+            if self.opts.policy == SchedulingPolicy::Mema
                 && !self.in_flight.is_empty()
-                && cap.is_some_and(|c| inf.footprint > c)
+                && room.is_some_and(|r| (footprint as i64) > r + evictable as i64)
             {
                 break;
             }
@@ -307,8 +973,22 @@ impl Scheduler {
                 break; // unreachable: parallel <= MAX_PARALLEL
             }
             self.waiting.pop_front();
+            let round = self.round;
+            let inf = &mut self.inferences[id];
             inf.started = true;
-            inf.state[0] = State::Ready { since: self.round };
+            inf.state[0] = State::Ready { since: round };
+        }
+    }
+
+    /// Whether the load task `task` of an inference of `model` may be picked now: not
+    /// while another inference is loading the same layer into the cache (it will be a
+    /// hit once that load ends).
+    fn load_pickable(&self, model: usize, task: usize) -> bool {
+        match self.models[model].tasks[task].kind {
+            TaskKind::Load(l) => {
+                !self.models[model].keep || self.models[model].residency[l] != Residency::Loading
+            }
+            _ => true,
         }
     }
 
@@ -316,17 +996,22 @@ impl Scheduler {
     fn ready(&self, pool: usize) -> impl Iterator<Item = (TaskRef, u64)> + '_ {
         self.in_flight.iter().flat_map(move |&i| {
             let inf = &self.inferences[i];
+            let model = &self.models[inf.model];
             inf.state
                 .iter()
                 .enumerate()
                 .filter_map(move |(t, s)| match s {
-                    State::Ready { since } if inf.tasks[t].pool == pool => Some((
-                        TaskRef {
-                            inference: i,
-                            task: t,
-                        },
-                        *since,
-                    )),
+                    State::Ready { since }
+                        if model.tasks[t].pool == pool && self.load_pickable(inf.model, t) =>
+                    {
+                        Some((
+                            TaskRef {
+                                inference: i,
+                                task: t,
+                            },
+                            *since,
+                        ))
+                    }
                     _ => None,
                 })
         })
@@ -335,7 +1020,7 @@ impl Scheduler {
     fn pick_greedy(&self, pool: usize) -> Option<TaskRef> {
         let dur = |t: &TaskRef| self.expected_secs(*t);
         let ready = self.ready(pool).map(|(t, _)| t);
-        match self.policy {
+        match self.opts.policy {
             SchedulingPolicy::Sjf => ready.min_by(|a, b| {
                 dur(a)
                     .total_cmp(&dur(b))
@@ -357,42 +1042,41 @@ impl Scheduler {
         let mut out = heapless::Vec::new();
         for &i in &self.in_flight {
             let inf = &self.inferences[i];
+            let model = &self.models[inf.model];
             let at = |task| TaskRef { inference: i, task };
             let ready_here = |task: usize| {
-                matches!(inf.state[task], State::Ready { .. }) && inf.tasks[task].pool == pool
+                matches!(inf.state[task], State::Ready { .. }) && model.tasks[task].pool == pool
             };
             if ready_here(0) {
                 let _ = out.push(Candidate::Init(at(0)));
                 continue;
             }
-            let n = inf.costs.len();
+            let n = model.costs.len();
             // Within an inference, loads go strictly in layer order: the layer its next
             // exec needs is always loaded before any later one, so resident layers never
             // block their own progress (DeepEye's fc preloads wait for the convs before them).
-            let next_load = (0..n).find(|&l| {
-                !matches!(
-                    inf.state[super::tasks::load_index(l)],
-                    State::Running | State::Done
-                )
-            });
+            let next_load =
+                (0..n).find(|&l| !matches!(inf.state[load_index(l)], State::Running | State::Done));
             if let Some(l) = next_load
-                && let task = super::tasks::load_index(l)
+                && let task = load_index(l)
                 && let State::Ready { since } = inf.state[task]
-                && inf.tasks[task].pool == pool
+                && model.tasks[task].pool == pool
+                && self.load_pickable(inf.model, task)
             {
                 let _ = out.push(Candidate::Load(at(task), l, since));
             }
-            if let Some(l) = (0..n).find(|&l| ready_here(super::tasks::exec_index(n, l))) {
-                let _ = out.push(Candidate::Exec(at(super::tasks::exec_index(n, l)), l));
+            if let Some(l) = (0..n).find(|&l| ready_here(exec_index(n, l))) {
+                let _ = out.push(Candidate::Exec(at(exec_index(n, l)), l));
             }
         }
         out
     }
 
-    fn pick_mema(&mut self, pool: usize, cap: Option<u64>) -> Option<TaskRef> {
+    fn pick_mema(&self, pool: usize) -> Option<TaskRef> {
         let candidates = self.mema_candidates(pool);
-        // Inits cost nothing; execs free memory: they go first, highest memory throughput
-        // (bytes freed per second of work) first.
+        // Inits reserve only activations the start already allowed for; execs free
+        // memory: they go first, highest memory throughput (bytes freed per second of
+        // work) first.
         if let Some(t) = candidates.iter().find_map(|c| match c {
             Candidate::Init(t) => Some(*t),
             _ => None,
@@ -400,7 +1084,8 @@ impl Scheduler {
             return Some(t);
         }
         let throughput = |t: TaskRef, l: usize| {
-            self.inferences[t.inference].costs[l].loaded() as f64 / self.expected_secs(t).max(1e-9)
+            let model = &self.models[self.inferences[t.inference].model];
+            model.cost(l).loaded() as f64 / self.expected_secs(t).max(1e-9)
         };
         let exec = candidates
             .iter()
@@ -416,7 +1101,7 @@ impl Scheduler {
             return Some(t);
         }
         let round = self.round;
-        let (t, _, l) = candidates
+        candidates
             .iter()
             .filter_map(|c| match *c {
                 Candidate::Load(t, l, since) => Some((
@@ -426,30 +1111,16 @@ impl Scheduler {
                 )),
                 _ => None,
             })
-            .min_by_key(|&(t, key, l)| (key, t.inference, l))?;
-        let bytes = self.inferences[t.inference].costs[l].footprint();
-        match cap {
-            Some(cap) if bytes > cap => {
-                // Nothing running and no exec ready: waiting would wait forever. Load one
-                // layer ahead anyway (the documented allowance). With in-order loads this
-                // happens only with nothing resident, except under `bulk`, which must hold
-                // a whole model before its first exec.
-                if !self.any_running() && !self.any_ready_exec() {
-                    self.overdrafts += 1;
-                    Some(t)
-                } else {
-                    None
-                }
-            }
-            _ => Some(t),
-        }
+            .min_by_key(|&(t, key, l)| (key, t.inference, l))
+            .map(|(t, _, _)| t)
     }
 
     /// A ready exec in any pool: a worker of another pool is about to free memory.
     fn any_ready_exec(&self) -> bool {
         self.in_flight.iter().any(|&i| {
             let inf = &self.inferences[i];
-            inf.tasks.iter().zip(&inf.state).any(|(t, s)| {
+            let model = &self.models[inf.model];
+            model.tasks.iter().zip(&inf.state).any(|(t, s)| {
                 matches!(t.kind, TaskKind::Exec(_)) && matches!(s, State::Ready { .. })
             })
         })
@@ -459,6 +1130,75 @@ impl Scheduler {
         self.in_flight
             .iter()
             .any(|&i| self.inferences[i].state.contains(&State::Running))
+    }
+
+    fn youngest_in_flight(&self) -> Option<usize> {
+        self.in_flight.last().copied()
+    }
+
+    fn update_shares(&mut self) {
+        for &i in &self.in_flight {
+            let inf = &mut self.inferences[i];
+            let share = inf.own + self.models[inf.model].resident_bytes;
+            inf.share_high_water = inf.share_high_water.max(share);
+            inf.ledger_high_water = inf.ledger_high_water.max(self.ledger);
+        }
+    }
+
+    /// Bytes of resident layers no inference has pinned.
+    fn evictable_bytes(&self) -> u64 {
+        self.models
+            .iter()
+            .flat_map(|m| &m.residency)
+            .filter_map(|r| match *r {
+                Residency::Resident { bytes, pins: 0 } => Some(bytes),
+                _ => None,
+            })
+            .sum()
+    }
+
+    /// Evicts unpinned resident layers, the policy's choice first, until `bytes` are
+    /// freed or none is left (or the list of evictions to hand over is full); returns the
+    /// bytes freed.
+    fn evict(&mut self, bytes: u64) -> u64 {
+        let mut freed = 0;
+        while freed < bytes && !self.evicted.is_full() {
+            let Some(key) = super::residency::choose_victim(self) else {
+                break;
+            };
+            let model = &mut self.models[key.model.0];
+            let Residency::Resident { bytes: size, .. } = model.residency[key.layer] else {
+                break; // unreachable: victims are resident
+            };
+            model.residency[key.layer] = Residency::Absent;
+            model.resident_bytes -= size;
+            self.ledger -= size;
+            self.seen -= size;
+            self.stats.evictions += 1;
+            self.stats.evicted_bytes += size;
+            self.evicted.push(key, size);
+            freed += size;
+        }
+        freed
+    }
+
+    /// Inferences in flight with the next layer each will execute, for eviction choices.
+    pub(super) fn cursors(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.in_flight.iter().map(|&i| {
+            let inf = &self.inferences[i];
+            (inf.model, inf.executed)
+        })
+    }
+
+    /// Models with inferences queued but not started.
+    pub(super) fn queued(&self, model: usize) -> bool {
+        self.waiting
+            .iter()
+            .any(|&i| self.inferences[i].model == model)
+    }
+
+    pub(super) fn eviction(&self) -> Eviction {
+        self.opts.eviction
     }
 }
 
@@ -494,6 +1234,38 @@ mod tests {
             .collect()
     }
 
+    /// Registers a model whose inferences hold `held` bytes of activations throughout.
+    fn model(s: &mut Scheduler, costs: Arc<[LayerCost]>, held: u64) -> ModelId {
+        let mut profile = vec![held; costs.len()];
+        profile.push(0);
+        s.add_model("net", costs, profile, true).unwrap()
+    }
+
+    fn scheduler(
+        policy: SchedulingPolicy,
+        loading: LoadingPolicy,
+        budget: Option<u64>,
+        parallel: usize,
+        cache: LayerCache,
+    ) -> Scheduler {
+        Scheduler::new(SchedulerOptions {
+            policy,
+            loading,
+            budget,
+            parallel,
+            cache,
+            eviction: Eviction::FurthestAhead,
+        })
+    }
+
+    fn run(s: &mut Scheduler, pool: usize, live: Option<i64>) -> Option<TaskRef> {
+        match s.next(pool, live) {
+            Some(Decision::Run(t)) => Some(t),
+            Some(Decision::Refuse(i, r)) => panic!("inference {i} refused: {r:?}"),
+            None => None,
+        }
+    }
+
     /// Simulated run: `workers` per pool take tasks, each lasting its expected duration.
     /// Checks dependencies and exec order; returns (makespan, per-inference finish times).
     fn simulate(
@@ -507,17 +1279,19 @@ mod tests {
         let mut finished = vec![f64::NAN; s.inferences.len()];
         let mut executed: Vec<Vec<usize>> = vec![vec![]; s.inferences.len()];
         let mut steps = 0;
-        while !s.is_done() {
+        while !s.is_idle() {
             steps += 1;
             assert!(steps < 1_000_000, "no progress");
             for (pool, &count) in workers.iter().enumerate() {
                 while busy.iter().filter(|b| b.1 == pool).count() < count {
-                    let Some(t) = s.next(pool, None) else { break };
+                    let Some(t) = run(s, pool, None) else { break };
+                    s.take_evicted().for_each(drop);
                     let inf = &s.inferences[t.inference];
-                    for &d in &inf.tasks[t.task].deps {
+                    let model = &s.models[inf.model];
+                    for &d in &model.tasks[t.task].deps {
                         assert_eq!(inf.state[d], State::Done, "dependency not done");
                     }
-                    if let TaskKind::Exec(l) = inf.tasks[t.task].kind {
+                    if let TaskKind::Exec(l) = model.tasks[t.task].kind {
                         executed[t.inference].push(l);
                     }
                     if check_budget && s.overdrafts == 0 {
@@ -543,29 +1317,38 @@ mod tests {
             }
         }
         for (i, e) in executed.iter().enumerate() {
+            let n = s.models[s.inferences[i].model].costs.len();
             assert_eq!(
                 *e,
-                (0..s.inferences[i].costs.len()).collect::<Vec<_>>(),
+                (0..n).collect::<Vec<_>>(),
                 "inference {i} ran its layers out of order"
             );
         }
-        assert_eq!(s.ledger, 0, "everything freed at the end");
+        assert_eq!(
+            s.ledger,
+            s.models.iter().map(|m| m.resident_bytes).sum::<u64>()
+        );
         (now, finished)
     }
 
     const LOADINGS: [LoadingPolicy; 4] = LoadingPolicy::ALL;
     const SCHEDULERS: [SchedulingPolicy; 4] = SchedulingPolicy::ALL;
+    const CACHES: [LayerCache; 2] = [LayerCache::Off, LayerCache::Keep];
 
     #[test]
     fn every_combination_completes_in_dependency_order() {
-        for loading in LOADINGS {
-            for policy in SCHEDULERS {
-                for parallel in 1..=3 {
-                    let mut s = Scheduler::new(policy, loading, Some(64 << 20), parallel);
-                    for k in 0..5 {
-                        s.submit("net", costs(4 + k, 4, 2 + k)).unwrap();
+        for cache in CACHES {
+            for loading in LOADINGS {
+                for policy in SCHEDULERS {
+                    for parallel in 1..=3 {
+                        let mut s = scheduler(policy, loading, Some(64 << 20), parallel, cache);
+                        for k in 0..5 {
+                            let m = model(&mut s, costs(4 + k, 4, 2 + k), 0);
+                            s.submit(m);
+                            s.submit(m);
+                        }
+                        simulate(&mut s, [parallel, 1], Some(64 << 20), false);
                     }
-                    simulate(&mut s, [parallel, 1], Some(64 << 20), false);
                 }
             }
         }
@@ -573,32 +1356,43 @@ mod tests {
 
     #[test]
     fn mema_keeps_the_ledger_within_the_budget() {
-        for loading in [
-            LoadingPolicy::Linear,
-            LoadingPolicy::DeepEye,
-            LoadingPolicy::Partial,
-        ] {
-            let budget = 24 << 20;
-            let mut s = Scheduler::new(SchedulingPolicy::Mema, loading, Some(budget), 3);
-            for k in 0..6 {
-                s.submit("net", costs(6 + k, 5, 4)).unwrap();
+        for cache in CACHES {
+            for loading in [
+                LoadingPolicy::Linear,
+                LoadingPolicy::DeepEye,
+                LoadingPolicy::Partial,
+            ] {
+                let budget = 24 << 20;
+                let mut s = scheduler(SchedulingPolicy::Mema, loading, Some(budget), 3, cache);
+                for k in 0..6 {
+                    let m = model(&mut s, costs(6 + k, 5, 4), 1 << 20);
+                    s.submit(m);
+                    s.submit(m);
+                }
+                simulate(&mut s, [3, 1], Some(budget), true);
+                assert!(
+                    s.high_water() <= budget,
+                    "{cache:?}/{loading:?}: high water {}",
+                    s.high_water()
+                );
+                assert_eq!(s.overdrafts(), 0);
             }
-            simulate(&mut s, [3, 1], Some(budget), true);
-            assert!(
-                s.high_water() <= budget,
-                "{loading:?}: high water {}",
-                s.high_water()
-            );
-            assert_eq!(s.overdrafts(), 0);
         }
     }
 
     #[test]
     fn bulk_under_a_small_budget_overdraws_rather_than_deadlocks() {
         let budget = 24 << 20;
-        let mut s = Scheduler::new(SchedulingPolicy::Mema, LoadingPolicy::Bulk, Some(budget), 2);
+        let mut s = scheduler(
+            SchedulingPolicy::Mema,
+            LoadingPolicy::Bulk,
+            Some(budget),
+            2,
+            LayerCache::Off,
+        );
         for k in 0..3 {
-            s.submit("net", costs(6 + k, 5, 4)).unwrap();
+            let m = model(&mut s, costs(6 + k, 5, 4), 0);
+            s.submit(m);
         }
         simulate(&mut s, [2, 1], Some(budget), false);
         assert!(s.overdrafts() > 0 && s.high_water() > budget);
@@ -606,39 +1400,47 @@ mod tests {
 
     #[test]
     fn a_shrinking_live_limit_makes_mema_wait() {
-        let mut s = Scheduler::new(
+        let mut s = scheduler(
             SchedulingPolicy::Mema,
             LoadingPolicy::Partial,
             Some(1 << 30),
             1,
+            LayerCache::Off,
         );
-        s.submit("net", costs(3, 4, 3)).unwrap();
-        let init = s.next(0, Some(1 << 30)).unwrap();
+        let m = model(&mut s, costs(3, 4, 3), 0);
+        s.submit(m);
+        let init = run(&mut s, 0, Some(1 << 30)).unwrap();
         s.complete(init);
-        let load = s.next(0, Some(1 << 30)).unwrap();
+        let load = run(&mut s, 0, Some(1 << 30)).unwrap();
         assert_eq!(s.kind(load), TaskKind::Load(0));
         // The cgroup limit drops: 1 MiB left. Layer 1 (5 MiB) must wait, though the
-        // budget flag would allow it.
+        // budget would allow it: the load in flight will free room when its exec ends.
         assert_eq!(s.next(0, Some(1 << 20)), None);
         s.complete(load);
-        let exec = s.next(0, Some(1 << 20)).unwrap();
+        let exec = run(&mut s, 0, Some(1 << 20)).unwrap();
         assert_eq!(s.kind(exec), TaskKind::Exec(0));
         assert_eq!(s.next(0, Some(1 << 20)), None);
         s.complete(exec);
         // Room again.
-        let next = s.next(0, Some(1 << 30)).unwrap();
+        let next = run(&mut s, 0, Some(1 << 30)).unwrap();
         assert_eq!(s.kind(next), TaskKind::Load(1));
     }
 
     #[test]
     fn observed_durations_refine_the_estimates() {
-        let mut s = Scheduler::new(SchedulingPolicy::Sjf, LoadingPolicy::Partial, None, 2);
-        let shared = costs(2, 1, 2);
-        let a = s.submit("net", shared.clone()).unwrap();
-        let b = s.submit("net", shared).unwrap();
+        let mut s = scheduler(
+            SchedulingPolicy::Sjf,
+            LoadingPolicy::Partial,
+            None,
+            2,
+            LayerCache::Off,
+        );
+        let net = model(&mut s, costs(2, 1, 2), 0);
+        let a = s.submit(net);
+        let b = s.submit(net);
         let load = TaskRef {
             inference: a,
-            task: super::super::tasks::load_index(1),
+            task: load_index(1),
         };
         let twin = TaskRef {
             inference: b,
@@ -646,20 +1448,17 @@ mod tests {
         };
         assert_eq!(s.expected_secs(twin), 0.004);
         s.observe(load, 1.0);
-        assert_eq!(
-            s.expected_secs(twin),
-            1.0,
-            "same package, same cost table: learnt"
-        );
+        assert_eq!(s.expected_secs(twin), 1.0, "same model: learnt");
         s.observe(load, 0.0);
         assert!(
             (s.expected_secs(twin) - 0.7).abs() < 1e-12,
             "a running average, not the last value"
         );
-        let other = s.submit("net", costs(2, 1, 2)).unwrap();
+        let other = model(&mut s, costs(2, 1, 2), 0);
+        let c = s.submit(other);
         assert_eq!(
             s.expected_secs(TaskRef {
-                inference: other,
+                inference: c,
                 task: load.task
             }),
             0.004
@@ -667,33 +1466,70 @@ mod tests {
     }
 
     #[test]
-    fn one_layer_ahead_when_nothing_is_resident() {
-        // The live reading says nothing fits, but nothing of ours is resident either:
-        // waiting would never end. One load goes ahead; the next waits.
-        let mut s = Scheduler::new(
+    fn a_short_budget_with_memory_there_overdraws_rather_than_refuses() {
+        // `bulk` must hold the whole model (15 MiB) before its first exec; the budget (a
+        // setting) allows 12 MiB but the reading has plenty: the loads go ahead.
+        let mut s = scheduler(
+            SchedulingPolicy::Mema,
+            LoadingPolicy::Bulk,
+            Some(12 << 20),
+            1,
+            LayerCache::Keep,
+        );
+        let m = model(&mut s, costs(3, 4, 3), 0);
+        let i = s.submit(m);
+        run_serially(&mut s, Some(1 << 30));
+        assert!(s.overdrafts() > 0);
+        assert_eq!(s.inference_summary(i).misses, 3);
+        assert_eq!(s.cache_stats().refusals, 0);
+    }
+
+    #[test]
+    fn a_layer_beyond_the_live_limit_is_refused_not_overdrawn() {
+        // Nothing of ours is resident and the reading allows less than the layer: loading
+        // it anyway would take the process past its cgroup limit. The inference is ended
+        // with the numbers, and nothing is left in the ledger.
+        let mut s = scheduler(
             SchedulingPolicy::Mema,
             LoadingPolicy::Partial,
-            Some(1 << 30),
+            None,
             1,
+            LayerCache::Keep,
         );
-        s.submit("net", costs(3, 4, 3)).unwrap();
-        let init = s.next(0, Some(0)).unwrap();
+        let m = model(&mut s, costs(3, 4, 3), 1 << 20);
+        let i = s.submit(m);
+        let init = run(&mut s, 0, Some(3 << 20)).unwrap();
         s.complete(init);
-        let load = s.next(0, Some(0)).unwrap();
-        assert_eq!(s.kind(load), TaskKind::Load(0));
-        assert_eq!(s.overdrafts(), 1);
-        assert_eq!(s.next(0, Some(0)), None);
+        match s.next(0, Some(3 << 20)) {
+            Some(Decision::Refuse(refused, r)) => {
+                assert_eq!(refused, i);
+                assert_eq!(r.layer, 0);
+                assert!(!r.displaced);
+                // The layer (5 MiB) and the activations reserved for the inference (1 MiB),
+                // against 3 MiB live.
+                assert_eq!(r.needs, 6 << 20);
+                assert_eq!(r.available, 3 << 20);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.is_finished(i) && s.is_idle());
+        assert_eq!(s.ledger(), 0);
+        assert_eq!(s.cache_stats().refusals, 1);
     }
 
     #[test]
     fn a_layer_larger_than_the_budget_is_refused() {
-        let mut s = Scheduler::new(
+        let mut s = scheduler(
             SchedulingPolicy::Mema,
             LoadingPolicy::Partial,
             Some(8 << 20),
             1,
+            LayerCache::Keep,
         );
-        let err = s.submit("facenet", costs(3, 9, 3)).unwrap_err().to_string();
+        let err = s
+            .add_model("facenet", costs(3, 9, 3), vec![0; 4], true)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("facenet: layer 0") && err.contains("budget"),
             "{err}"
@@ -702,38 +1538,174 @@ mod tests {
 
     #[test]
     fn no_starvation_under_a_stream_of_200_mixed_inferences() {
-        for policy in SCHEDULERS {
-            let budget = 40 << 20;
-            let mut s = Scheduler::new(policy, LoadingPolicy::Partial, Some(budget), 3);
-            let mut sizes = vec![];
-            for k in 0..200 {
-                let n = 2 + (k * 13) % 9;
-                sizes.push(n);
-                s.submit("net", costs(n, 2 + (k as u64 % 4), n - 1))
-                    .unwrap();
-            }
-            let (makespan, finished) = simulate(
-                &mut s,
-                [3, 1],
-                Some(budget),
-                policy == SchedulingPolicy::Mema,
-            );
-            assert!(finished.iter().all(|f| f.is_finite()));
-            // Inferences start in submission order, at most 3 at a time, so none can finish
-            // later than a bounded window after those submitted just after it.
-            for (k, f) in finished.iter().enumerate().skip(10) {
-                let later = finished[k + 1..]
-                    .iter()
-                    .take(10)
-                    .cloned()
-                    .fold(f64::INFINITY, f64::min);
-                if later.is_finite() {
-                    assert!(
-                        *f <= later + makespan / 20.0,
-                        "{policy:?}: inference {k} starved ({f} vs {later})"
-                    );
+        for cache in CACHES {
+            for policy in SCHEDULERS {
+                let budget = 40 << 20;
+                let mut s = scheduler(policy, LoadingPolicy::Partial, Some(budget), 3, cache);
+                let models: Vec<ModelId> = (0..9)
+                    .map(|n| model(&mut s, costs(2 + n, 2 + (n as u64 % 4), 1 + n), 0))
+                    .collect();
+                for k in 0..200 {
+                    s.submit(models[(k * 13) % 9]);
+                }
+                let (makespan, finished) = simulate(
+                    &mut s,
+                    [3, 1],
+                    Some(budget),
+                    policy == SchedulingPolicy::Mema,
+                );
+                assert!(finished.iter().all(|f| f.is_finite()));
+                // Inferences start in submission order, at most 3 at a time, so none can
+                // finish later than a bounded window after those submitted just after it.
+                for (k, f) in finished.iter().enumerate().skip(10) {
+                    let later = finished[k + 1..]
+                        .iter()
+                        .take(10)
+                        .cloned()
+                        .fold(f64::INFINITY, f64::min);
+                    if later.is_finite() {
+                        assert!(
+                            *f <= later + makespan / 20.0,
+                            "{cache:?}/{policy:?}: inference {k} starved ({f} vs {later})"
+                        );
+                    }
                 }
             }
         }
+    }
+
+    /// Runs inferences one after another on one worker, completing tasks in order.
+    fn run_serially(s: &mut Scheduler, live: Option<i64>) {
+        while !s.is_idle() {
+            let t = run(s, 0, live).expect("a task");
+            s.take_evicted().for_each(drop);
+            s.complete(t);
+        }
+    }
+
+    #[test]
+    fn with_room_the_second_inference_loads_nothing() {
+        let mut s = scheduler(
+            SchedulingPolicy::Mema,
+            LoadingPolicy::Partial,
+            Some(256 << 20),
+            1,
+            LayerCache::Keep,
+        );
+        let m = model(&mut s, costs(8, 2, 8), 1 << 20);
+        let first = s.submit(m);
+        run_serially(&mut s, None);
+        let second = s.submit(m);
+        run_serially(&mut s, None);
+        assert_eq!(s.inference_summary(first).misses, 8);
+        assert_eq!(s.inference_summary(second).misses, 0);
+        assert_eq!(s.inference_summary(second).hits, 8);
+        let resident: u64 = (0..8).map(|l| costs(8, 2, 8)[l].load_bytes).sum();
+        assert_eq!(s.resident(m), (8, resident));
+        assert_eq!(
+            s.ledger(),
+            resident,
+            "only the resident layers stay in the ledger"
+        );
+    }
+
+    #[test]
+    fn under_a_budget_the_cache_keeps_a_fixed_part_and_stays_within() {
+        // 8 layers of 2-4 MiB (23 MiB in all) in a 16 MiB budget: each inference reloads
+        // some layers, never more than the budget is reserved. Furthest ahead goes first:
+        // a cyclic order keeps part of itself resident instead of thrashing, as
+        // least-recently-used would (8 reloads every time).
+        let budget = 16 << 20;
+        let mut s = scheduler(
+            SchedulingPolicy::Mema,
+            LoadingPolicy::Partial,
+            Some(budget),
+            1,
+            LayerCache::Keep,
+        );
+        let m = model(&mut s, costs(8, 2, 8), 0);
+        let mut misses = vec![];
+        for _ in 0..6 {
+            let i = s.submit(m);
+            run_serially(&mut s, None);
+            assert!(s.high_water() <= budget);
+            misses.push(s.inference_summary(i).misses);
+        }
+        // About 10 MiB of the 23 stay resident beside the layer being loaded and run.
+        assert_eq!(misses[0], 8);
+        assert!(
+            misses[1..].iter().all(|&n| (1..=5).contains(&n)),
+            "reloads per inference: {misses:?}"
+        );
+        assert!(s.cache_stats().evictions > 0);
+    }
+
+    #[test]
+    fn a_reading_below_what_is_held_shrinks_the_cache_first() {
+        let mut s = scheduler(
+            SchedulingPolicy::Mema,
+            LoadingPolicy::Partial,
+            None,
+            1,
+            LayerCache::Keep,
+        );
+        let m = model(&mut s, costs(6, 2, 6), 0);
+        s.submit(m);
+        run_serially(&mut s, None);
+        let (layers, bytes) = s.resident(m);
+        assert_eq!(layers, 6);
+        // Another process grew: the reading is 5 MiB below nothing. Before anything else
+        // is admitted, at least 5 MiB of layers go.
+        s.submit(m);
+        let t = run(&mut s, 0, Some(-(5 << 20))).unwrap();
+        assert_eq!(s.kind(t), TaskKind::Init);
+        let evicted: Vec<LayerKey> = s.take_evicted().collect();
+        let (_, left) = s.resident(m);
+        assert!(bytes - left >= 5 << 20, "{} freed", bytes - left);
+        assert_eq!(evicted.len(), 6 - s.resident(m).0);
+    }
+
+    #[test]
+    fn two_inferences_in_flight_load_a_layer_once() {
+        let mut s = scheduler(
+            SchedulingPolicy::Mema,
+            LoadingPolicy::Partial,
+            None,
+            2,
+            LayerCache::Keep,
+        );
+        let m = model(&mut s, costs(5, 2, 5), 0);
+        let a = s.submit(m);
+        let b = s.submit(m);
+        simulate(&mut s, [2, 0], None, false);
+        let misses = s.inference_summary(a).misses + s.inference_summary(b).misses;
+        assert_eq!(misses, 5, "each layer loaded once between the two");
+        assert_eq!(s.cache_stats().hits, 5);
+    }
+
+    #[test]
+    fn reservations_wait_for_memory_and_refuse_what_can_never_fit() {
+        let mut s = scheduler(
+            SchedulingPolicy::Mema,
+            LoadingPolicy::Partial,
+            None,
+            1,
+            LayerCache::Keep,
+        );
+        assert_eq!(
+            s.reserve(4 << 20, Some(s.fresh(8 << 20))),
+            Reservation::Granted
+        );
+        // 4 MiB promised and not yet seen: 4 more do not fit 8 MiB of room... yet.
+        assert_eq!(
+            s.reserve(5 << 20, Some(s.fresh(8 << 20))),
+            Reservation::Wait
+        );
+        s.release(4 << 20);
+        assert_eq!(
+            s.reserve(9 << 20, Some(s.fresh(8 << 20))),
+            Reservation::Never { available: 8 << 20 }
+        );
+        assert_eq!(s.ledger(), 0);
     }
 }

@@ -113,7 +113,35 @@ pub fn run_whole(pkg: &Package, input: &FloatTensor) -> Result<RunResult> {
     })
 }
 
-/// The activations alive between layers of one inference.
+/// Per layer `l` of `pkg`, the most activation bytes an inference holds from layer `l` to
+/// its end (the values alive while a layer runs: what it reads and what it produces), and
+/// a last entry of 0. The first also counts the input twice (the caller's tensor and the
+/// copy the walk starts from). What the scheduler reserves for an inference, released
+/// as it passes each layer.
+pub fn held_bytes(pkg: &Package) -> Vec<u64> {
+    let manifest = &pkg.manifest;
+    let input = manifest.inputs[0].shape.iter().product::<usize>() as u64 * 4;
+    let last_reader = manifest.last_reader();
+    let is_output = |name: &str| manifest.outputs.iter().any(|o| o.name == name);
+    let mut live: HashMap<&str, u64> = HashMap::from([(manifest.inputs[0].name.as_str(), input)]);
+    let mut during = vec![];
+    for layer in &manifest.layers {
+        for t in &layer.outputs {
+            live.insert(t.name.as_str(), t.bytes);
+        }
+        during.push(live.values().sum::<u64>());
+        live.retain(|name, _| {
+            last_reader.get(name).is_some_and(|&l| l > layer.index) || is_output(name)
+        });
+    }
+    let mut held = vec![0; during.len() + 1];
+    for l in (0..during.len()).rev() {
+        held[l] = held[l + 1].max(during[l]);
+    }
+    held[0] += input;
+    held
+}
+
 /// The activations alive between layers of one inference: owned, so that a scheduler can
 /// keep one per inference in flight and run its layers on any worker.
 pub struct Activations {
@@ -132,6 +160,14 @@ impl Activations {
             .map(|(k, v)| (k.to_string(), v))
             .collect();
         Ok(Activations { live, last_reader })
+    }
+
+    /// Bytes of the values alive now.
+    pub fn live_bytes(&self) -> u64 {
+        self.live
+            .values()
+            .map(|v| (v.len() * v.datum_type().size_of()) as u64)
+            .sum()
     }
 
     /// The values layer `index` reads (cheap: shared tensors).

@@ -6,7 +6,7 @@
 use super::results::{BoxDecoder, BoxSpec, Report};
 use crate::memory::Bytes;
 use crate::model::{ColorOrder, ResizeMode, package::read_labels};
-use crate::runtime::{LoadingPolicy, MAX_PARALLEL, SchedulingPolicy};
+use crate::runtime::{Eviction, LayerCache, LoadingPolicy, MAX_PARALLEL, SchedulingPolicy};
 use crate::tiling;
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
@@ -32,6 +32,8 @@ const DEFAULT_MAX_FRAME: u64 = 64 << 20;
 const DEFAULT_RESCAN_SECS: f64 = 10.0;
 const DEFAULT_SETTLE_SECS: f64 = 2.0;
 const DEFAULT_TOP_K: usize = 5;
+/// Most frames processed at once: each holds its decoded image while it is preprocessed.
+pub const MAX_FRAMES_IN_FLIGHT: usize = 64;
 /// SIGTERM to exit: systemd's and the 5 s, less a margin for the last writes.
 const DEFAULT_STOP_GRACE_SECS: f64 = 4.0;
 
@@ -67,6 +69,9 @@ struct RawRun {
     parallel: Option<usize>,
     threads: Option<usize>,
     tiling: Option<tiling::Mode>,
+    cache: Option<LayerCache>,
+    eviction: Option<Eviction>,
+    frames_in_flight: Option<usize>,
 }
 
 impl RawRun {
@@ -80,6 +85,9 @@ impl RawRun {
             parallel: self.parallel.or(under.parallel),
             threads: self.threads.or(under.threads),
             tiling: self.tiling.or(under.tiling),
+            cache: self.cache.or(under.cache),
+            eviction: self.eviction.or(under.eviction),
+            frames_in_flight: self.frames_in_flight.or(under.frames_in_flight),
         }
     }
 }
@@ -288,6 +296,11 @@ pub struct RunConfig {
     pub parallel: usize,
     pub threads: usize,
     pub tiling: tiling::Mode,
+    /// Whether layers stay resident across frames (docs/runtime.md).
+    pub cache: LayerCache,
+    pub eviction: Eviction,
+    /// Frames claimed and processed at once; all their inferences share the one gate.
+    pub frames_in_flight: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -331,6 +344,12 @@ impl Config {
             "run.parallel must be 1 to {MAX_PARALLEL}"
         );
         ensure!(threads >= 1, "run.threads must be at least 1");
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let frames_in_flight = run.frames_in_flight.unwrap_or(cpus);
+        ensure!(
+            (1..=MAX_FRAMES_IN_FLIGHT).contains(&frames_in_flight),
+            "run.frames_in_flight must be 1 to {MAX_FRAMES_IN_FLIGHT}"
+        );
         let run = RunConfig {
             budget: run.budget.map(|s| s.0),
             reserve: run.reserve.map_or(DEFAULT_RESERVE, |s| s.0),
@@ -339,6 +358,9 @@ impl Config {
             parallel,
             threads,
             tiling: run.tiling.unwrap_or_default(),
+            cache: run.cache.unwrap_or_default(),
+            eviction: run.eviction.unwrap_or_default(),
+            frames_in_flight,
         };
         let secs = |v: Option<f64>, default: f64, key: &str| -> Result<Duration> {
             let v = v.unwrap_or(default);

@@ -12,9 +12,9 @@ use super::config::{ModelConfig, RunConfig};
 use super::fsutil::read_frame;
 use super::preprocess::{self, Geometry};
 use super::results::Report;
-use crate::memory::{self, SystemMemory};
+use crate::memory::SystemMemory;
 use crate::model::{Package, Preprocess};
-use crate::runtime::{self, BatchOptions, BatchReport, FloatTensor, Job, LayerCost, TaskKind};
+use crate::runtime::{Executor, InferenceOutput, LayerCost, ModelId};
 use crate::tiling::TiledModel;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -52,7 +52,8 @@ pub struct Model {
 
 struct Ready {
     package: Arc<Package>,
-    costs: Arc<[LayerCost]>,
+    /// Its registration with the executor: inferences of it share resident layers.
+    id: ModelId,
     /// Set when the package runs tiled (a layer too large for the budget, or `tiling =
     /// "auto"`).
     tiled: Option<TiledModel>,
@@ -61,15 +62,20 @@ struct Ready {
 }
 
 impl Model {
-    /// Opens and checks a configured model and decides whether it runs tiled under `run`
-    /// (without a budget, under the memory `system` has free now); a broken one is kept,
-    /// with the reason.
-    pub fn load(config: &ModelConfig, run: &RunConfig, system: &SystemMemory) -> Model {
+    /// Opens and checks a configured model, decides whether it runs tiled under `run`
+    /// (without a budget, under the memory `system` has free now) and registers it with
+    /// the executor; a broken one is kept, with the reason.
+    pub fn load(
+        config: &ModelConfig,
+        run: &RunConfig,
+        system: &SystemMemory,
+        executor: &Executor,
+    ) -> Model {
         let fallback = config.path.file_name().map_or_else(
             || config.path.display().to_string(),
             |n| n.to_string_lossy().into(),
         );
-        let ready = check_package(config, run, system);
+        let ready = check_package(config, run, system, executor);
         let name = match &ready {
             Ok(r) => r.package.name().to_string(),
             Err(_) => fallback,
@@ -102,6 +108,7 @@ fn check_package(
     config: &ModelConfig,
     run: &RunConfig,
     system: &SystemMemory,
+    executor: &Executor,
 ) -> Result<Ready, ModelError> {
     let broken = |reason: String, layer| ModelError {
         stage: ModelStage::Package,
@@ -140,16 +147,21 @@ fn check_package(
         .report
         .check(&package.manifest.outputs)
         .map_err(|e| broken(format!("{e:#}"), None))?;
-    let costs: Arc<[LayerCost]> = crate::profile::estimate(&package.manifest).into();
+    let costs: Arc<[LayerCost]> = crate::profile::estimate_package(&package).into();
     let package = Arc::new(package);
     let budget = run
         .budget
         .or_else(|| system.read().ok().and_then(|r| r.headroom(run.reserve)));
     let tiled = TiledModel::plan(&package, &costs, run.tiling, budget)
         .map_err(|e| broken(format!("{e:#}"), None))?;
+    let id = match &tiled {
+        Some(t) => executor.add_model(package.clone(), t.costs(), Some(t.run())),
+        None => executor.add_model(package.clone(), costs, None),
+    }
+    .map_err(|e| broken(format!("{e:#}"), None))?;
     Ok(Ready {
         package,
-        costs,
+        id,
         tiled,
         preprocess,
         report: config.report.clone(),
@@ -198,34 +210,48 @@ pub struct Setup<'a> {
     pub models: &'a [Model],
     pub run: &'a RunConfig,
     pub max_frame_bytes: u64,
-    pub system: &'a SystemMemory,
+    pub executor: &'a Executor,
 }
 
 fn ms(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
+fn frame_error(stage: FrameStage, e: anyhow::Error) -> Outcome {
+    Outcome::Failed(FrameError {
+        stage,
+        reason: format!("{e:#}"),
+        models: vec![],
+    })
+}
+
 pub fn process(frame: &str, path: &Path, cx: &Setup) -> Outcome {
     let t0 = Instant::now();
     let bytes = match read_frame(path, cx.max_frame_bytes) {
         Ok(b) => b,
-        Err(e) => {
-            return Outcome::Failed(FrameError {
-                stage: FrameStage::Read,
-                reason: format!("{e:#}"),
-                models: vec![],
-            });
-        }
+        Err(e) => return frame_error(FrameStage::Read, e),
+    };
+    // The decoded frame, its converted copy and the models' inputs made from it are
+    // counted in the memory gate before they exist: a frame too large to decode within
+    // the limit fails, it does not kill. Once the inputs are made and submitted, the
+    // reading shows them (and their inferences reserve them again when they start).
+    let inputs_bytes: u64 = cx
+        .models
+        .iter()
+        .filter_map(|m| m.ready.as_ref().ok())
+        .map(|r| r.package.manifest.inputs[0].shape.iter().product::<usize>() as u64 * 4)
+        .sum();
+    let decoding = match preprocess::decoded_bytes(&bytes).and_then(|need| {
+        cx.executor
+            .reserve(need + inputs_bytes)
+            .map_err(|e| e.context("decoding the frame"))
+    }) {
+        Ok(r) => r,
+        Err(e) => return frame_error(FrameStage::Decode, e),
     };
     let img = match preprocess::decode(&bytes) {
         Ok(img) => img,
-        Err(e) => {
-            return Outcome::Failed(FrameError {
-                stage: FrameStage::Decode,
-                reason: format!("{e:#}"),
-                models: vec![],
-            });
-        }
+        Err(e) => return frame_error(FrameStage::Decode, e),
     };
     let n_bytes = bytes.len();
     drop(bytes);
@@ -233,20 +259,15 @@ pub fn process(frame: &str, path: &Path, cx: &Setup) -> Outcome {
     let (fw, fh) = (img.width(), img.height());
 
     let mut entries: Vec<Option<Value>> = vec![None; cx.models.len()];
-    let mut jobs: Vec<(usize, Job)> = vec![];
+    let submitted_ms = cx.executor.now_ms();
+    let mut running: Vec<(usize, usize)> = vec![];
     for (k, m) in cx.models.iter().enumerate() {
         match &m.ready {
             Err(e) => entries[k] = Some(error_entry(m, e)),
             Ok(r) => {
                 let shape = &r.package.manifest.inputs[0].shape;
                 match preprocess::to_input(&img, &r.preprocess, shape) {
-                    Ok(input) => jobs.push((
-                        k,
-                        match &r.tiled {
-                            Some(t) => t.job(input),
-                            None => Job::layered(r.package.clone(), input, r.costs.clone()),
-                        },
-                    )),
+                    Ok(input) => running.push((k, cx.executor.submit(r.id, input))),
                     Err(e) => {
                         let err = ModelError {
                             stage: ModelStage::Preprocess,
@@ -260,69 +281,19 @@ pub fn process(frame: &str, path: &Path, cx: &Setup) -> Outcome {
         }
     }
     drop(img);
+    drop(decoding);
     let t_run = Instant::now();
-    let _ = memory::reset_peak();
-    let (runs, batch) = run_jobs(&jobs, cx);
-    let inference = t_run.elapsed();
-    for ((k, _), run) in jobs.iter().zip(runs) {
-        let m = &cx.models[*k];
-        entries[*k] = Some(match (&m.ready, run) {
-            (Ok(r), Ok(run)) => {
-                let shape = &r.package.manifest.inputs[0].shape;
-                let geometry = Geometry::new(
-                    r.preprocess.resize,
-                    fw,
-                    fh,
-                    shape[2] as u32,
-                    shape[1] as u32,
-                );
-                match r
-                    .report
-                    .render(&r.package.manifest.outputs, &run.outputs, &geometry)
-                {
-                    Ok(outputs) => json!({
-                        "name": m.name,
-                        "report": r.report.name(),
-                        "outputs": outputs,
-                        "time_ms": run.time_ms,
-                        "memory": { "ledger_high_water_bytes": run.ledger_high_water },
-                    }),
-                    Err(e) => error_entry(
-                        m,
-                        &ModelError {
-                            stage: ModelStage::Report,
-                            reason: format!("{e:#}"),
-                            layer: None,
-                        },
-                    ),
-                }
-            }
-            (Err(e), _) => error_entry(m, e),
-            (_, Err(e)) => error_entry(m, &e),
-        });
+    let mut high_water = 0;
+    for (k, id) in running {
+        let out = cx.executor.wait(id);
+        high_water = high_water.max(out.summary.ledger_high_water);
+        entries[k] = Some(model_entry(&cx.models[k], out, submitted_ms, (fw, fh)));
     }
+    let inference = t_run.elapsed();
     let models: Vec<Value> = entries.into_iter().flatten().collect();
     let succeeded = models.iter().filter(|m| m.get("error").is_none()).count();
     if succeeded == 0 {
-        let reasons: Vec<String> = models
-            .iter()
-            .map(|m| {
-                format!(
-                    "{}: {}",
-                    m["name"].as_str().unwrap_or("?"),
-                    m["error"]["reason"].as_str().unwrap_or("?")
-                )
-            })
-            .collect();
-        return Outcome::Failed(FrameError {
-            stage: FrameStage::Inference,
-            reason: if reasons.is_empty() {
-                "no models are configured".into()
-            } else {
-                format!("no model produced outputs: {}", reasons.join("; "))
-            },
-            models,
-        });
+        return Outcome::Failed(no_model_succeeded(models));
     }
     Outcome::Done(json!({
         "frame": frame,
@@ -336,8 +307,89 @@ pub fn process(frame: &str, path: &Path, cx: &Setup) -> Outcome {
             "inference": ms(inference),
             "total": ms(t0.elapsed()),
         },
-        "memory": batch,
+        "memory": {
+            "budget_bytes": cx.run.budget,
+            "ledger_high_water_bytes": high_water,
+            "peak_rss_bytes": cx.executor.peak_rss(),
+        },
     }))
+}
+
+fn no_model_succeeded(models: Vec<Value>) -> FrameError {
+    let reasons: Vec<String> = models
+        .iter()
+        .map(|m| {
+            format!(
+                "{}: {}",
+                m["name"].as_str().unwrap_or("?"),
+                m["error"]["reason"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    FrameError {
+        stage: FrameStage::Inference,
+        reason: if reasons.is_empty() {
+            "no models are configured".into()
+        } else {
+            format!("no model produced outputs: {}", reasons.join("; "))
+        },
+        models,
+    }
+}
+
+/// One model's entry in a frame's result: its outputs as configured, or why there are none.
+fn model_entry(m: &Model, out: InferenceOutput, submitted_ms: f64, (fw, fh): (u32, u32)) -> Value {
+    let r = match &m.ready {
+        Ok(r) => r,
+        Err(e) => return error_entry(m, e),
+    };
+    let outputs = match out.outputs {
+        Ok(o) => o,
+        Err(e) => {
+            let err = ModelError {
+                stage: ModelStage::Inference,
+                reason: format!("{e:#}"),
+                layer: None,
+            };
+            return error_entry(m, &err);
+        }
+    };
+    let shape = &r.package.manifest.inputs[0].shape;
+    let geometry = Geometry::new(
+        r.preprocess.resize,
+        fw,
+        fh,
+        shape[2] as u32,
+        shape[1] as u32,
+    );
+    let round = |v: f64| (v * 1e3).round() / 1e3;
+    let t = out.timing;
+    match r
+        .report
+        .render(&r.package.manifest.outputs, &outputs, &geometry)
+    {
+        Ok(rendered) => json!({
+            "name": m.name,
+            "report": r.report.name(),
+            "outputs": rendered,
+            "time_ms": {
+                "start": round(t.start_ms - submitted_ms),
+                "end": round(t.end_ms - submitted_ms),
+                "load": round(t.load_ms),
+                "exec": round(t.exec_ms),
+            },
+            "layers": { "loaded": out.summary.misses, "resident": out.summary.hits },
+            "memory": { "ledger_high_water_bytes": out.summary.share_high_water },
+        }),
+        Err(e) => error_entry(
+            m,
+            &ModelError {
+                stage: ModelStage::Report,
+                reason: format!("{e:#}"),
+                layer: None,
+            },
+        ),
+    }
 }
 
 fn error_entry(m: &Model, e: &ModelError) -> Value {
@@ -348,150 +400,4 @@ pub fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| (d.as_secs_f64() * 1e3).round() / 1e3)
-}
-
-struct ModelRun {
-    outputs: Vec<FloatTensor>,
-    time_ms: Value,
-    ledger_high_water: u64,
-}
-
-fn options(run: &RunConfig) -> BatchOptions {
-    BatchOptions {
-        loading: run.loading,
-        scheduling: run.scheduling,
-        parallel: run.parallel,
-        budget: run.budget,
-        reserve: run.reserve,
-        workers: run.threads,
-    }
-}
-
-/// Runs the frame's jobs together; if that fails, each alone, so that the failure is
-/// attributed to its model and the others' outputs are kept. Returns one result per job
-/// and the memory figures of the run.
-fn run_jobs(jobs: &[(usize, Job)], cx: &Setup) -> (Vec<Result<ModelRun, ModelError>>, Value) {
-    let opts = options(cx.run);
-    let all: Vec<Job> = jobs.iter().map(|(_, j)| j.clone()).collect();
-    let all_costs: Vec<Arc<[LayerCost]>> = all.iter().map(|j| j.costs.clone()).collect();
-    if all.is_empty() {
-        return (vec![], Value::Null);
-    }
-    match runtime::run_batch(all, &opts, cx.system) {
-        Ok(report) => {
-            let memory = memory_of(&report, cx.run);
-            (
-                split_report(report, &all_costs)
-                    .into_iter()
-                    .map(Ok)
-                    .collect(),
-                memory,
-            )
-        }
-        Err(together) => {
-            log::warn!("the frame's batch failed ({together:#}); running each model alone");
-            let mut high_water = 0;
-            let mut peak_rss = 0;
-            let runs = jobs
-                .iter()
-                .map(
-                    |(_, job)| match runtime::run_batch(vec![job.clone()], &opts, cx.system) {
-                        Ok(report) => {
-                            high_water = high_water.max(report.ledger_high_water);
-                            peak_rss = peak_rss.max(report.peak_rss);
-                            split_report(report, std::slice::from_ref(&job.costs))
-                                .pop()
-                                .ok_or_else(|| ModelError {
-                                    stage: ModelStage::Inference,
-                                    reason: "the run returned no outputs".into(),
-                                    layer: None,
-                                })
-                        }
-                        Err(e) => Err(ModelError {
-                            stage: ModelStage::Inference,
-                            reason: format!("{e:#}"),
-                            layer: None,
-                        }),
-                    },
-                )
-                .collect();
-            let memory = json!({
-                "budget_bytes": cx.run.budget,
-                "ledger_high_water_bytes": high_water,
-                "peak_rss_bytes": peak_rss,
-                "models_run_alone": true,
-            });
-            (runs, memory)
-        }
-    }
-}
-
-fn memory_of(report: &BatchReport, run: &RunConfig) -> Value {
-    json!({
-        "budget_bytes": run.budget,
-        "ledger_high_water_bytes": report.ledger_high_water,
-        "overdrafts": report.overdrafts,
-        "peak_rss_bytes": report.peak_rss,
-    })
-}
-
-/// Per inference of a batch: outputs, timings, and the high-water mark of its share of
-/// the scheduler's ledger.
-fn split_report(report: BatchReport, costs: &[Arc<[LayerCost]>]) -> Vec<ModelRun> {
-    let n = costs.len();
-    let mut load = vec![0.0; n];
-    let mut exec = vec![0.0; n];
-    // The scheduler reserves a layer's whole footprint when its load starts and releases
-    // it when its exec ends; replaying the timeline gives each inference's share.
-    let mut events: Vec<Vec<(f64, i64)>> = vec![vec![]; n];
-    for t in &report.tasks {
-        let d = t.end_ms - t.start_ms;
-        let Some(layers) = costs.get(t.inference) else {
-            continue;
-        };
-        let footprint = |l: usize| {
-            layers
-                .get(l)
-                .map_or(0, |c| (c.load_bytes + c.exec_bytes) as i64)
-        };
-        match t.kind {
-            TaskKind::Load(l) => {
-                load[t.inference] += d;
-                events[t.inference].push((t.start_ms, footprint(l)));
-            }
-            TaskKind::Exec(l) => {
-                exec[t.inference] += d;
-                events[t.inference].push((t.end_ms, -footprint(l)));
-            }
-            TaskKind::Init => {}
-        }
-    }
-    let high_water = |mut ev: Vec<(f64, i64)>| {
-        // At equal times releases go first, as the scheduler completes before it admits.
-        ev.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        let (mut now, mut peak) = (0i64, 0i64);
-        for (_, delta) in ev {
-            now += delta;
-            peak = peak.max(now);
-        }
-        peak as u64
-    };
-    let round = |v: f64| (v * 1e3).round() / 1e3;
-    report
-        .outputs
-        .into_iter()
-        .zip(&report.inferences)
-        .zip(events)
-        .enumerate()
-        .map(|(k, ((outputs, rec), ev))| ModelRun {
-            outputs,
-            time_ms: json!({
-                "start": round(rec.start_ms),
-                "end": round(rec.end_ms),
-                "load": round(load[k]),
-                "exec": round(exec[k]),
-            }),
-            ledger_high_water: high_water(ev),
-        })
-        .collect()
 }

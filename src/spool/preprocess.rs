@@ -21,6 +21,38 @@ pub fn decode_file(path: &Path) -> Result<DynamicImage> {
 
 /// Decodes by content, not by file name, with size limits.
 pub fn decode(bytes: &[u8]) -> Result<DynamicImage> {
+    let (reader, format) = reader(bytes)?;
+    let img = reader
+        .decode()
+        .with_context(|| format!("decoding {format:?}"))?;
+    ensure!(
+        img.width() > 0 && img.height() > 0,
+        "the image has no pixels"
+    );
+    Ok(img)
+}
+
+/// Bytes decoding `bytes` will allocate: the decoded pixels at their colour type, and the
+/// 8-bit RGB copy models are resized from. Reads only the header; fails as `decode` would
+/// on what `decode` refuses before decoding.
+pub fn decoded_bytes(bytes: &[u8]) -> Result<u64> {
+    use image::ImageDecoder;
+    let (reader, format) = reader(bytes)?;
+    let decoder = reader
+        .into_decoder()
+        .with_context(|| format!("decoding {format:?}"))?;
+    let (w, h) = decoder.dimensions();
+    let pixels = u64::from(w) * u64::from(h);
+    Ok(pixels * (decoder.color_type().bytes_per_pixel() as u64 + 3) + (64 << 10))
+}
+
+/// A reader for a supported, complete image, with the decoder's limits set.
+fn reader(
+    bytes: &[u8],
+) -> Result<(
+    image::ImageReader<std::io::Cursor<&[u8]>>,
+    image::ImageFormat,
+)> {
     ensure!(!bytes.is_empty(), "the file is empty");
     let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
@@ -47,14 +79,7 @@ pub fn decode(bytes: &[u8]) -> Result<DynamicImage> {
     limits.max_image_height = Some(MAX_SIDE);
     limits.max_alloc = Some(MAX_DECODE_ALLOC);
     reader.limits(limits);
-    let img = reader
-        .decode()
-        .with_context(|| format!("decoding {format:?}"))?;
-    ensure!(
-        img.width() > 0 && img.height() > 0,
-        "the image has no pixels"
-    );
-    Ok(img)
+    Ok((reader, format))
 }
 
 /// Whether a JPEG stream reaches its end-of-image marker. Decoders fill a truncated scan

@@ -1,11 +1,13 @@
 //! `status.json` in the spool's root: what the daemon has done and how memory stands,
 //! replaced atomically so a reader never sees half of it.
 
-use super::config::RunConfig;
-use super::pipeline::{FrameStage, unix_now};
+use super::config::{Config, RunConfig};
+use super::pipeline::{FrameStage, Model, unix_now};
 use crate::memory::{self, SystemMemory};
+use crate::runtime::ExecutorSnapshot;
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::json;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -22,6 +24,8 @@ pub struct Status {
     pub run: RunConfig,
     pub models: Vec<Value>,
     pub memory: Option<MemoryNow>,
+    /// The ledger and the layer cache: per model, its resident layers and bytes.
+    pub cache: Option<ExecutorSnapshot>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
@@ -52,6 +56,35 @@ pub struct MemoryNow {
 }
 
 impl Status {
+    /// A running daemon's status before its first frame.
+    pub fn new(config: &Config, models: &[Model]) -> Status {
+        Status {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION"),
+            state: State::Running,
+            board: config.board.clone(),
+            started_unix: unix_now(),
+            updated_unix: 0.0,
+            frames_done: 0,
+            frames_failed: 0,
+            last_error: None,
+            run: config.run.clone(),
+            models: models
+                .iter()
+                .map(|m| {
+                    json!({
+                        "name": m.name,
+                        "path": m.path,
+                        "error": m.error(),
+                        "tiling": m.tiling().map(|c| c.to_string()),
+                    })
+                })
+                .collect(),
+            memory: None,
+            cache: None,
+        }
+    }
+
     /// Fresh timestamps and memory readings, as JSON.
     pub fn render(&mut self, system: &SystemMemory) -> serde_json::Result<Vec<u8>> {
         self.updated_unix = unix_now();

@@ -67,7 +67,15 @@ impl TiledModel {
         let Some(budget) = budget else {
             return Ok(None);
         };
-        let largest = layers.iter().map(LayerCost::footprint).max().unwrap_or(0);
+        // What the scheduler will reserve for the layer: its footprint with the
+        // activations the inference holds there.
+        let held = crate::runtime::held_bytes(pkg);
+        let largest = layers
+            .iter()
+            .zip(&held)
+            .map(|(c, h)| c.footprint() + h)
+            .max()
+            .unwrap_or(0);
         let wanted = match mode {
             Mode::Off => false,
             Mode::Needed => largest > budget,
@@ -128,6 +136,16 @@ impl TiledModel {
             costs: Arc::new([cost]),
             run,
         }))
+    }
+
+    /// The one-step cost the scheduler reserves for a tiled run.
+    pub fn costs(&self) -> Arc<[LayerCost]> {
+        self.costs.clone()
+    }
+
+    /// The tiled run of one input.
+    pub fn run(&self) -> WholeRun {
+        self.run.clone()
     }
 
     /// One input through the package, tiled.

@@ -4,6 +4,8 @@
 //! `MEMAFLOW_REQUIRE_REFERENCE=1` (set by CI) a missing reference fails instead.
 #![allow(dead_code)]
 
+pub mod cgroup;
+
 use memaflow::runtime::{FloatTensor, npy};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -44,6 +46,15 @@ fn runner() -> Option<String> {
     std::env::var("MEMAFLOW_TEST_RUNNER")
         .ok()
         .filter(|r| !r.is_empty())
+}
+
+/// The program and leading arguments that run the CLI (the cross-target runner first,
+/// when there is one), for commands built by other means than `cli_command`.
+pub fn cli_argv() -> Vec<String> {
+    runner()
+        .into_iter()
+        .chain(std::iter::once(bin().to_string()))
+        .collect()
 }
 
 /// A command running the CLI, through the cross-target runner when there is one.

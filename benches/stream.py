@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Throughput on a stream of frames: the spool daemon over N frames with four real
+MediaPipe models (face detection short range, face landmarks, palm detection full, hand
+landmarks full), against the ceiling and the status quo, at several memory levels.
+
+Rows (each a fresh process; levels in interleaved rounds, medians over --rounds):
+- daemon: `memaflow run --once` on a spool of N frames, layer cache kept (`cache = keep`)
+  or not (`cache = off`: every frame loads every layer, as before the cache), with
+  `threads` workers, as many frames in flight and inferences in parallel. Levels: no
+  budget, or `[run] budget` at 50 % / 25 % of the working set (the ledger's high-water
+  mark with every layer resident, read from an unlimited run's status.json), each in a
+  memory cgroup (v1 or v2, needs root) at the budget + CGROUP_SLACK for the process's own
+  baseline (binary, tract, allocator: about 10 MiB idle) and the frame being decoded.
+- ceiling: `cargo bench --bench stream_ceiling`, every layer planned once and kept, one
+  frame after another in one process and thread (no spool, no scheduler).
+- status quo: `memaflow batch --status-quo`, each model whole in tract, loaded per
+  inference.
+- litert ref / xnnpack: ai-edge-litert, each model loaded once, inputs prepared up front,
+  `invoke()` per model per frame (no decoding); reference kernels and XNNPACK.
+
+frames/s counts the whole run (start-up included for the daemon); latency is a result's
+`time_ms.total` (read, decode, preprocess, inference). Usage (from the repository, after
+`bash tests/fetch-fixtures` and `cargo build --release`):
+
+    sudo python3 benches/stream.py --frames 30 --rounds 3
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(REPO, "target/release/memaflow")
+FIXTURES = os.path.join(REPO, "target/fixtures/mediapipe")
+SHARED_FRAMES = os.path.join(REPO, "../shared/frames")
+MODELS = [
+    "face_detection/face_detection_short_range",
+    "face_landmark/face_landmark",
+    "palm_detection/palm_detection_full",
+    "hand_landmark/hand_landmark_full",
+]
+MIB = 1 << 20
+CGROUP_SLACK = 24 * MIB
+
+
+def sh(args, **kw):
+    out = subprocess.run(args, capture_output=True, text=True, **kw)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+    return out.stdout
+
+
+def packages(work):
+    pkgs = []
+    for m in MODELS:
+        dest = os.path.join(work, "models", os.path.basename(m))
+        if not os.path.exists(dest):
+            sh([BIN, "import", os.path.join(FIXTURES, m + ".tflite"), "--out", dest])
+        pkgs.append(dest)
+    return pkgs
+
+
+def frame_list(n):
+    frames = sorted(os.path.join(SHARED_FRAMES, f) for f in os.listdir(SHARED_FRAMES))
+    return [frames[k % len(frames)] for k in range(n)]
+
+
+class Cgroup:
+    """A memory cgroup of our own (v1 or v2), or None where there is none to make."""
+
+    def __init__(self, name, limit):
+        v1 = "/sys/fs/cgroup/memory"
+        self.v2 = not os.path.exists(os.path.join(v1, "memory.limit_in_bytes"))
+        root = "/sys/fs/cgroup" if self.v2 else v1
+        if self.v2:
+            with open(os.path.join(root, "cgroup.subtree_control"), "w") as f:
+                f.write("+memory")
+        self.dir = os.path.join(root, f"memaflow-stream-{name}-{os.getpid()}")
+        os.mkdir(self.dir)
+        with open(os.path.join(self.dir, "memory.max" if self.v2 else "memory.limit_in_bytes"), "w") as f:
+            f.write(str(limit))
+
+    def wrap(self, argv):
+        return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', os.path.join(self.dir, "cgroup.procs")] + argv
+
+    def oom_kills(self):
+        name = "memory.events" if self.v2 else "memory.oom_control"
+        with open(os.path.join(self.dir, name)) as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+        return 0
+
+    def peak(self):
+        name = "memory.peak" if self.v2 else "memory.max_usage_in_bytes"
+        try:
+            with open(os.path.join(self.dir, name)) as f:
+                return int(f.read())
+        except OSError:
+            return None
+
+    def remove(self):
+        for _ in range(50):
+            try:
+                os.rmdir(self.dir)
+                return
+            except OSError:
+                time.sleep(0.05)
+
+
+def run_daemon(work, pkgs, frames, threads, cache, budget, limit, tag):
+    """One `memaflow run --once` over `frames`; returns its figures."""
+    root = os.path.join(work, "spool-" + tag)
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(os.path.join(root, "incoming"))
+    for k, f in enumerate(frames):
+        shutil.copy(f, os.path.join(root, "incoming", f"{k:04d}-{os.path.basename(f)}"))
+    config = os.path.join(work, f"{tag}.toml")
+    models = "\n".join(f'[[model]]\npath = "{p}"' for p in pkgs)
+    run = f'threads = {threads}\nparallel = {threads}\nframes_in_flight = {threads}\nreserve = "4M"\ncache = "{cache}"\n'
+    if budget:
+        run += f"budget = {budget}\n"
+    with open(config, "w") as f:
+        f.write(f'[spool]\nroot = "{root}"\nrescan_secs = 60\n[run]\n{run}{models}\n')
+    argv = [BIN, "run", "--config", config, "--once"]
+    cg = Cgroup(tag, limit) if limit else None
+    env = dict(os.environ, RUST_LOG="warn")
+    t0 = time.monotonic()
+    proc = subprocess.run(cg.wrap(argv) if cg else argv, capture_output=True, text=True, env=env)
+    secs = time.monotonic() - t0
+    oom = cg.oom_kills() if cg else 0
+    peak = cg.peak() if cg else None
+    if cg:
+        cg.remove()
+    out = os.path.join(root, "out")
+    results = [json.load(open(os.path.join(out, n))) for n in os.listdir(out)] if os.path.isdir(out) else []
+    lat = sorted(r["time_ms"]["total"] for r in results)
+    status = json.load(open(os.path.join(root, "status.json")))
+    failed_models = sum(1 for r in results for m in r["models"] if "error" in m)
+    return {
+        "exit": proc.returncode,
+        "oom_kills": oom,
+        "frames": len(results),
+        "secs": secs,
+        "fps": len(results) / secs,
+        "p50_ms": lat[len(lat) // 2] if lat else None,
+        "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+        "peak_rss": max((r["memory"]["peak_rss_bytes"] for r in results), default=None),
+        "cgroup_peak": peak,
+        "ledger_high_water": status["cache"]["ledger_high_water_bytes"],
+        "loaded": sum(m.get("layers", {}).get("loaded", 0) for r in results for m in r["models"]),
+        "model_errors": failed_models,
+        "stderr": proc.stderr.strip().splitlines()[-1:] if proc.returncode else [],
+    }
+
+
+def run_ceiling(pkgs, frames):
+    out = sh(["cargo", "bench", "-q", "--bench", "stream_ceiling", "--", "--frames", str(len(frames))]
+             + pkgs + ["--"] + sorted(set(frames)), cwd=REPO)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_status_quo(pkgs, frames):
+    t0 = time.monotonic()
+    sh([BIN, "batch", "--status-quo", "--models", ",".join(pkgs), "--images"] + frames)
+    secs = time.monotonic() - t0
+    return {"frames": len(frames), "secs": secs, "fps": len(frames) / secs}
+
+
+def run_litert(frames_count, resolver):
+    """Each original model loaded once; `invoke` per model per frame on prepared inputs."""
+    code = f"""
+import json, time, numpy as np
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+models = {[os.path.join(FIXTURES, m + '.tflite') for m in MODELS]!r}
+kind = OpResolverType.{resolver}
+its = []
+for m in models:
+    it = Interpreter(model_path=m, experimental_op_resolver_type=kind, num_threads=1)
+    it.allocate_tensors()
+    d = it.get_input_details()[0]
+    it.set_tensor(d["index"], np.random.default_rng(0).uniform(-1, 1, d["shape"]).astype(np.float32))
+    its.append(it)
+for it in its:
+    it.invoke()
+t0 = time.perf_counter()
+for _ in range({frames_count}):
+    for it in its:
+        it.invoke()
+secs = time.perf_counter() - t0
+print(json.dumps({{"frames": {frames_count}, "secs": secs, "fps": {frames_count} / secs}}))
+"""
+    return json.loads(sh([sys.executable, "-c", code]).strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--frames", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--levels", default="none,0.5,0.25", help="fractions of the working set, or none")
+    ap.add_argument("--out", default=os.path.join(REPO, "target/bench-stream"))
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    pkgs = packages(a.out)
+    frames = frame_list(a.frames)
+    # The working set: the ledger's high-water mark of an unlimited run that keeps every layer.
+    ws = run_daemon(a.out, pkgs, frames[:4], 1, "keep", None, None, "ws")["ledger_high_water"]
+    print(f"working set (ledger high water, every layer resident): {ws / MIB:.1f} MiB", flush=True)
+    threads = [int(t) for t in a.threads.split(",")]
+    levels = [None if l == "none" else float(l) for l in a.levels.split(",")]
+    rows = {}
+    for r in range(a.rounds):
+        for t in threads:
+            for level in levels:
+                for cache in ("keep", "off"):
+                    budget = int(level * ws) if level else None
+                    limit = budget + CGROUP_SLACK if budget else None
+                    name = f"daemon {cache} t{t} {'none' if level is None else f'{level:.0%}'}"
+                    res = run_daemon(a.out, pkgs, frames, t, cache, budget, limit, f"{cache}-{t}-{level}")
+                    res.update(budget=budget, limit=limit)
+                    rows.setdefault(name, []).append(res)
+                    print(f"round {r} {name}: {res['fps']:.2f} frames/s, p50 {res['p50_ms']} ms, "
+                          f"exit {res['exit']}, OOM {res['oom_kills']}, loaded {res['loaded']}, "
+                          f"model errors {res['model_errors']}", flush=True)
+        rows.setdefault("ceiling (in-process, every layer kept)", []).append(run_ceiling(pkgs, frames))
+        rows.setdefault("status quo (batch --status-quo)", []).append(run_status_quo(pkgs, frames))
+        for resolver, label in (("BUILTIN_REF", "litert reference kernels"), ("BUILTIN", "litert XNNPACK")):
+            try:
+                rows.setdefault(label, []).append(run_litert(a.frames, resolver))
+            except RuntimeError as e:
+                print(f"{label}: {e}", file=sys.stderr)
+    with open(os.path.join(a.out, "stream.json"), "w") as f:
+        json.dump({"working_set": ws, "rows": rows}, f, indent=1)
+    print(f"\n{a.frames} frames, {a.rounds} rounds (medians); working set {ws / MIB:.1f} MiB\n")
+    print("| run | frames/s | p50 ms | p99 ms | peak RSS MiB | cgroup peak MiB | layer loads | OOM kills |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    med = lambda rs, k: statistics.median(x[k] for x in rs) if all(x.get(k) is not None for x in rs) else None
+    fmt = lambda v, d=1: "–" if v is None else f"{v:.{d}f}"
+    for name, rs in rows.items():
+        mib = lambda k: (med(rs, k) / MIB) if med(rs, k) is not None else None
+        print(f"| {name} | {fmt(med(rs, 'fps'), 2)} | {fmt(med(rs, 'p50_ms'), 0)} | {fmt(med(rs, 'p99_ms'), 0)} | "
+              f"{fmt(mib('peak_rss'))} | {fmt(mib('cgroup_peak'))} | {fmt(med(rs, 'loaded'), 0)} | "
+              f"{sum(x.get('oom_kills', 0) for x in rs)} |")
+
+
+if __name__ == "__main__":
+    main()

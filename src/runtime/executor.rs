@@ -1,0 +1,900 @@
+//! The long-lived executor: worker threads that run the scheduler's tasks for whatever
+//! inferences are submitted, with the memory gate consulted before every decision and a
+//! cache of loaded layers that outlives inferences (`LayerCache::Keep`).
+//!
+//! Callers register models once (`add_model`), then `submit` inputs and `wait` for their
+//! outputs, from any thread, at any time: a batch submits everything at once, the spool
+//! daemon submits each frame's inferences as frames arrive, several frames in flight.
+
+use super::FloatTensor;
+use super::engine::{LoadedLayer, load_layer};
+use super::scheduler::{
+    CacheStats, Decision, InferenceSummary, Live, LoadMeasure, ModelId, Refusal, Reservation,
+    Scheduler, SchedulerOptions, TaskRef,
+};
+use super::sequential::{Activations, held_bytes, run_layer};
+use super::tasks::{LayerCost, LoadingPolicy, TaskKind};
+use crate::memory::{self, Bytes, SystemMemory};
+use crate::model::Package;
+use anyhow::{Context, Result, anyhow, bail};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Runs a whole inference as one step instead of layer by layer (tiled execution is one:
+/// `tiling::TiledModel`). Given the job's input, returns the package's outputs.
+pub type WholeRun = Arc<dyn Fn(FloatTensor) -> Result<Vec<FloatTensor>> + Send + Sync>;
+
+#[derive(Clone, Debug)]
+pub struct ExecutorOptions {
+    pub scheduler: SchedulerOptions,
+    /// Kept free below MemAvailable and below the cgroup limit.
+    pub reserve: u64,
+    /// Workers of the main pool (loads and execs). DeepEye adds one for fc preloads.
+    pub workers: usize,
+    /// Keep every task's timing and every memory reading (for batch reports; a daemon
+    /// running for months keeps none).
+    pub record: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TaskRecord {
+    pub inference: usize,
+    #[serde(flatten)]
+    pub kind: TaskKind,
+    pub worker: usize,
+    pub start_ms: f64,
+    pub end_ms: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BudgetSample {
+    pub at_ms: f64,
+    pub ledger: u64,
+    /// What the live reading allowed beyond what is resident (`None`: unbounded).
+    pub headroom: Option<u64>,
+    pub mem_available: Option<u64>,
+    pub cgroup_limit: Option<u64>,
+}
+
+/// When an inference ran and what it cost, in ms since the executor started.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct InferenceTiming {
+    pub arrival_ms: f64,
+    pub start_ms: f64,
+    pub end_ms: f64,
+    /// Summed durations of its layer loads and execs (on several workers they overlap).
+    pub load_ms: f64,
+    pub exec_ms: f64,
+}
+
+/// A finished inference: its outputs (or why it has none), timing and cache use.
+#[derive(Debug)]
+pub struct InferenceOutput {
+    pub outputs: Result<Vec<FloatTensor>>,
+    pub timing: InferenceTiming,
+    pub summary: InferenceSummary,
+}
+
+/// Per model: its resident layers now.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ModelResidency {
+    pub name: String,
+    pub resident_layers: usize,
+    pub layers: usize,
+    pub resident_bytes: u64,
+}
+
+/// The executor's state at one moment, for status files and reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ExecutorSnapshot {
+    pub ledger_bytes: u64,
+    pub ledger_high_water_bytes: u64,
+    pub overdrafts: u64,
+    pub cache: CacheStats,
+    pub models: Vec<ModelResidency>,
+}
+
+/// What `finish` returns: the recorded timeline.
+pub struct ExecutorReport {
+    pub tasks: Vec<TaskRecord>,
+    pub budget_readings: Vec<BudgetSample>,
+    pub snapshot: ExecutorSnapshot,
+}
+
+/// A registered model: its package, and its resident layers' plans.
+struct ModelSlot {
+    package: Arc<Package>,
+    whole: Option<WholeRun>,
+    /// Minimum resident bytes of each layer: its weights (a measurement below is an
+    /// allocator reusing freed memory, not a smaller layer).
+    weight_bytes: Vec<u64>,
+    plans: Vec<Option<LoadedLayer>>,
+}
+
+/// A layer between its load and its exec, owned by one inference (`LayerCache::Off`, and
+/// whole runs).
+enum Staged {
+    Layer(LoadedLayer),
+    Whole(WholeRun),
+}
+
+struct Flight {
+    model: ModelId,
+    input: Option<FloatTensor>,
+    walk: Option<Activations>,
+    staged: Vec<Option<Staged>>,
+    outputs: Option<Result<Vec<FloatTensor>>>,
+    timing: InferenceTiming,
+}
+
+struct State {
+    scheduler: Scheduler,
+    models: Vec<ModelSlot>,
+    /// Per inference slot of the scheduler.
+    flights: Vec<Option<Flight>>,
+    tasks: Vec<TaskRecord>,
+    samples: Vec<BudgetSample>,
+    /// Tasks being performed now, and how many have started since the executor began:
+    /// a load ran alone (its measurements are its own) if none started while it ran.
+    running: usize,
+    started: u64,
+    /// VmHWM seen before the last reset (measuring a load resets it).
+    peak_rss: u64,
+    /// The last memory reading and when it was taken: reused for READING_MAX_AGE.
+    reading: Option<(Instant, Reading)>,
+    shutdown: bool,
+    /// Shut down without finishing what is in flight (the process is exiting).
+    abandon: bool,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    /// Workers wait here for work or memory.
+    work: Condvar,
+    /// Callers of `wait` and `reserve` wait here.
+    finished: Condvar,
+    system: SystemMemory,
+    options: ExecutorOptions,
+    t0: Instant,
+}
+
+pub struct Executor {
+    inner: Arc<Inner>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// How long a memory reading is used for decisions. Reading it costs tens of
+/// microseconds (`/proc/meminfo` and the cgroup's files), and a frame with every layer
+/// resident takes a decision per layer; whatever the ledger promised since the reading
+/// is taken off it, so an older reading misses only what others allocated meanwhile,
+/// which the reserve is for.
+const READING_MAX_AGE: Duration = Duration::from_millis(5);
+
+/// How long a worker with nothing it may start sleeps before re-reading memory: a limit
+/// can grow back without any task finishing.
+const RECHECK: Duration = Duration::from_millis(20);
+/// The same with nothing in flight at all: the cache must still shrink when the limit is
+/// lowered or another process grows, but an idle daemon should cost next to nothing.
+const IDLE_RECHECK: Duration = Duration::from_millis(200);
+
+impl Executor {
+    pub fn start(options: ExecutorOptions, system: SystemMemory) -> Result<Executor> {
+        let parallel = options.scheduler.parallel;
+        anyhow::ensure!(
+            (1..=super::MAX_PARALLEL).contains(&parallel),
+            "parallel must be 1 to {}, not {parallel}",
+            super::MAX_PARALLEL
+        );
+        let pools: Vec<usize> = std::iter::repeat_n(0, options.workers.max(1))
+            .chain((options.scheduler.loading == LoadingPolicy::DeepEye).then_some(1))
+            .collect();
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                scheduler: Scheduler::new(options.scheduler),
+                models: vec![],
+                flights: vec![],
+                tasks: vec![],
+                samples: vec![],
+                running: 0,
+                started: 0,
+                peak_rss: 0,
+                reading: None,
+                shutdown: false,
+                abandon: false,
+            }),
+            work: Condvar::new(),
+            finished: Condvar::new(),
+            system,
+            options,
+            t0: Instant::now(),
+        });
+        let mut threads = vec![];
+        for (worker, pool) in pools.into_iter().enumerate() {
+            let inner = inner.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("worker-{worker}"))
+                    .spawn(move || worker_loop(&inner, worker, pool))
+                    .context("starting a worker thread")?,
+            );
+        }
+        Ok(Executor { inner, threads })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a model whose layers cost `costs` (one entry for a `whole` run). Fails
+    /// when a layer alone exceeds the budget.
+    pub fn add_model(
+        &self,
+        package: Arc<Package>,
+        costs: Arc<[LayerCost]>,
+        whole: Option<WholeRun>,
+    ) -> Result<ModelId> {
+        let steps = match whole {
+            Some(_) => 1,
+            None => package.manifest.layers.len(),
+        };
+        anyhow::ensure!(
+            costs.len() == steps,
+            "{}: {} layer costs for {steps} steps",
+            package.name(),
+            costs.len()
+        );
+        // A whole run's cost covers its activations; layer by layer they stay between
+        // layers and are reserved for the whole inference.
+        let held = match whole {
+            Some(_) => vec![0, 0],
+            None => held_bytes(&package),
+        };
+        let weight_bytes = match whole {
+            Some(_) => vec![0],
+            None => package
+                .manifest
+                .layers
+                .iter()
+                .map(|l| l.weight_bytes)
+                .collect(),
+        };
+        let mut state = self.lock();
+        let cacheable = whole.is_none();
+        let id = state
+            .scheduler
+            .add_model(package.name(), costs, held, cacheable)?;
+        state.models.push(ModelSlot {
+            plans: (0..steps).map(|_| None).collect(),
+            weight_bytes,
+            package,
+            whole,
+        });
+        Ok(id)
+    }
+
+    /// Queues one input through `model`; returns the inference's id for `wait`.
+    pub fn submit(&self, model: ModelId, input: FloatTensor) -> usize {
+        let mut state = self.lock();
+        let id = state.scheduler.submit(model);
+        let steps = state.models[model.0].plans.len();
+        let now = self.inner.ms(Instant::now());
+        let flight = Flight {
+            model,
+            input: Some(input),
+            walk: None,
+            staged: (0..steps).map(|_| None).collect(),
+            outputs: None,
+            timing: InferenceTiming {
+                arrival_ms: now,
+                ..InferenceTiming::default()
+            },
+        };
+        if state.flights.len() <= id {
+            state.flights.resize_with(id + 1, || None);
+        }
+        state.flights[id] = Some(flight);
+        drop(state);
+        self.inner.work.notify_all();
+        id
+    }
+
+    /// Blocks until inference `id` has finished; frees its slot.
+    pub fn wait(&self, id: usize) -> InferenceOutput {
+        let mut state = self.lock();
+        loop {
+            let done = state.flights[id]
+                .as_ref()
+                .is_some_and(|f| f.outputs.is_some());
+            if done {
+                let flight = state.flights[id].take().expect("checked above");
+                let summary = state.scheduler.inference_summary(id);
+                state.scheduler.retire(id);
+                return InferenceOutput {
+                    outputs: flight.outputs.expect("checked above"),
+                    timing: flight.timing,
+                    summary,
+                };
+            }
+            state = self
+                .inner
+                .finished
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Reserves `bytes` in the ledger for work outside the scheduler's tasks (decoding a
+    /// frame), waiting until they fit; fails if they cannot fit even with nothing else
+    /// in flight. Released when the guard drops.
+    pub fn reserve(&self, bytes: u64) -> Result<Reserved<'_>> {
+        let mut state = self.lock();
+        loop {
+            let reading = self.inner.read();
+            let live = reading.headroom.map(|h| state.scheduler.fresh(h));
+            match state.scheduler.reserve(bytes, live) {
+                Reservation::Granted => {
+                    drop_evicted(&mut state);
+                    return Ok(Reserved {
+                        executor: self,
+                        bytes,
+                    });
+                }
+                Reservation::Never { available } => bail!(
+                    "needs {} of memory, and at most {} can be made free",
+                    Bytes(bytes),
+                    Bytes(available)
+                ),
+                Reservation::Wait => {
+                    drop_evicted(&mut state);
+                    state = self
+                        .inner
+                        .finished
+                        .wait_timeout(state, RECHECK)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    pub fn snapshot(&self) -> ExecutorSnapshot {
+        snapshot(&self.lock())
+    }
+
+    /// The process's peak resident set since the executor started.
+    pub fn peak_rss(&self) -> u64 {
+        let seen = self.lock().peak_rss;
+        let now = memory::process_memory().map_or(0, |m| m.peak_rss);
+        seen.max(now)
+    }
+
+    /// Milliseconds since the executor started (the timeline of records and timings).
+    pub fn now_ms(&self) -> f64 {
+        self.inner.ms(Instant::now())
+    }
+
+    /// Stops the workers once nothing is in flight; returns what was recorded.
+    pub fn finish(mut self) -> ExecutorReport {
+        self.stop(false);
+        let mut state = self.lock();
+        ExecutorReport {
+            tasks: std::mem::take(&mut state.tasks),
+            budget_readings: std::mem::take(&mut state.samples),
+            snapshot: snapshot(&state),
+        }
+    }
+
+    /// Stops the workers: after what is in flight, or (`abandon`) after the tasks they
+    /// are performing now; inferences left unfinished never complete.
+    fn stop(&mut self, abandon: bool) {
+        {
+            let mut state = self.lock();
+            state.shutdown = true;
+            state.abandon |= abandon;
+        }
+        self.inner.work.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        self.stop(true);
+    }
+}
+
+/// Reserved bytes (see `Executor::reserve`), released on drop.
+pub struct Reserved<'a> {
+    executor: &'a Executor,
+    bytes: u64,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.executor.lock().scheduler.release(self.bytes);
+        self.executor.inner.work.notify_all();
+        self.executor.inner.finished.notify_all();
+    }
+}
+
+fn snapshot(state: &State) -> ExecutorSnapshot {
+    let s = &state.scheduler;
+    ExecutorSnapshot {
+        ledger_bytes: s.ledger(),
+        ledger_high_water_bytes: s.high_water(),
+        overdrafts: s.overdrafts(),
+        cache: s.cache_stats(),
+        models: state
+            .models
+            .iter()
+            .enumerate()
+            .map(|(m, slot)| {
+                let (resident_layers, resident_bytes) = s.resident(ModelId(m));
+                ModelResidency {
+                    name: slot.package.name().to_string(),
+                    resident_layers,
+                    layers: slot.plans.len(),
+                    resident_bytes,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Drops the plans of layers the scheduler evicted; says whether there were any.
+fn drop_evicted(state: &mut State) -> bool {
+    let State {
+        scheduler, models, ..
+    } = state;
+    let mut any = false;
+    for key in scheduler.take_evicted() {
+        let slot = &mut models[key.model.0];
+        if slot.plans[key.layer].take().is_some() {
+            any = true;
+            log::debug!(
+                "evicted {} layer {} to make room",
+                slot.package.name(),
+                key.layer
+            );
+        }
+    }
+    if any {
+        memory::release_free_heap();
+    }
+    any
+}
+
+impl Inner {
+    fn ms(&self, t: Instant) -> f64 {
+        t.duration_since(self.t0).as_secs_f64() * 1e3
+    }
+
+    /// A memory reading now: the signed headroom, with its figures for the record.
+    fn read(&self) -> Reading {
+        match self.system.read() {
+            Ok(r) => Reading {
+                headroom: r.room(self.options.reserve),
+                mem_available: r.mem_available,
+                cgroup_limit: r.cgroup_limit(),
+                seen_then: 0,
+            },
+            Err(e) => {
+                log::warn!("memory reading failed, scheduling on the budget alone: {e:#}");
+                Reading::default()
+            }
+        }
+    }
+
+    /// The last reading if it is recent enough, else a new one.
+    fn reading(&self, state: &mut State) -> Reading {
+        if let Some((at, r)) = state.reading
+            && at.elapsed() < READING_MAX_AGE
+        {
+            return r;
+        }
+        let r = Reading {
+            seen_then: state.scheduler.seen(),
+            ..self.read()
+        };
+        state.reading = Some((Instant::now(), r));
+        r
+    }
+}
+
+/// A memory reading as the executor keeps it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Reading {
+    /// What the gate allows beyond what the process holds (negative: over); `None`:
+    /// unbounded.
+    headroom: Option<i64>,
+    mem_available: Option<u64>,
+    cgroup_limit: Option<u64>,
+    /// The ledger's seen bytes when it was taken.
+    seen_then: u64,
+}
+
+impl Reading {
+    fn live(&self) -> Option<Live> {
+        self.headroom.map(|headroom| Live {
+            headroom,
+            seen_then: self.seen_then,
+        })
+    }
+}
+
+/// What a worker does with one task, outside the lock.
+enum Work {
+    Init(Arc<Package>, FloatTensor),
+    InitWhole,
+    Load {
+        package: Arc<Package>,
+        layer: usize,
+        measure: Option<u64>,
+    },
+    Stage(WholeRun),
+    Exec {
+        package: Arc<Package>,
+        layer: LoadedLayer,
+        inputs: tract_core::prelude::TVec<tract_core::prelude::TValue>,
+    },
+    Whole {
+        run: WholeRun,
+        input: FloatTensor,
+    },
+}
+
+enum Done {
+    Init(Activations),
+    InitWhole,
+    Loaded(Staged, LoadMeasure),
+    Ran(tract_core::prelude::TVec<tract_core::prelude::TValue>),
+    RanWhole(Vec<FloatTensor>),
+}
+
+fn worker_loop(inner: &Inner, worker: usize, pool: usize) {
+    let mut state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        if state.shutdown && (state.abandon || state.scheduler.is_idle()) {
+            inner.work.notify_all();
+            return;
+        }
+        let reading = inner.reading(&mut state);
+        let decision = state.scheduler.next_live(pool, reading.live());
+        let evicted = drop_evicted(&mut state);
+        if evicted {
+            // The next decision reads memory with the evicted layers gone.
+            state.reading = None;
+        }
+        let task = match decision {
+            // Memory was just freed: read it again before waiting.
+            None if evicted => continue,
+            None => {
+                let recheck = if state.scheduler.is_idle() {
+                    IDLE_RECHECK
+                } else {
+                    RECHECK
+                };
+                state = inner
+                    .work
+                    .wait_timeout(state, recheck)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                continue;
+            }
+            Some(Decision::Refuse(inference, refusal)) => {
+                refuse(inner, &mut state, inference, refusal);
+                continue;
+            }
+            Some(Decision::Run(task)) => task,
+        };
+        if inner.options.record {
+            let at_ms = inner.ms(Instant::now());
+            let ledger = state.scheduler.ledger();
+            state.samples.push(BudgetSample {
+                at_ms,
+                ledger,
+                headroom: reading.headroom.map(|h| h.max(0) as u64),
+                mem_available: reading.mem_available,
+                cgroup_limit: reading.cgroup_limit,
+            });
+        }
+        let kind = state.scheduler.kind(task);
+        let work = match prepare(&mut state, task, kind) {
+            Ok(work) => work,
+            Err(e) => {
+                fail(inner, &mut state, task, e);
+                continue;
+            }
+        };
+        state.running += 1;
+        state.started += 1;
+        let alone = state.running == 1;
+        let started = state.started;
+        drop(state);
+        let start = Instant::now();
+        let result = perform(work, alone);
+        let end = Instant::now();
+        state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.running -= 1;
+        let alone = alone && state.started == started;
+        if inner.options.record {
+            let record = TaskRecord {
+                inference: task.inference,
+                kind,
+                worker,
+                start_ms: inner.ms(start),
+                end_ms: inner.ms(end),
+            };
+            state.tasks.push(record);
+        }
+        match result {
+            Ok(done) => {
+                state
+                    .scheduler
+                    .observe(task, end.duration_since(start).as_secs_f64());
+                apply(inner, &mut state, task, kind, done, alone, (start, end));
+            }
+            Err(e) => fail(inner, &mut state, task, e),
+        }
+        inner.work.notify_all();
+    }
+}
+
+/// Takes what a task needs from the shared state (under the lock).
+fn prepare(state: &mut State, task: TaskRef, kind: TaskKind) -> Result<Work> {
+    let flight = state.flights[task.inference]
+        .as_mut()
+        .context("a task of an inference nobody submitted")?;
+    let slot = &state.models[flight.model.0];
+    Ok(match kind {
+        TaskKind::Init => match slot.whole {
+            Some(_) => Work::InitWhole,
+            None => Work::Init(
+                slot.package.clone(),
+                flight.input.take().context("input taken twice")?,
+            ),
+        },
+        TaskKind::Load(layer) => match &slot.whole {
+            Some(run) => Work::Stage(run.clone()),
+            None => Work::Load {
+                package: slot.package.clone(),
+                layer,
+                measure: state
+                    .scheduler
+                    .needs_measure(flight.model, layer)
+                    .then(|| slot.weight_bytes[layer]),
+            },
+        },
+        TaskKind::Exec(layer) => {
+            let staged = match flight.staged[layer].take() {
+                Some(s) => s,
+                None => Staged::Layer(
+                    slot.plans[layer]
+                        .clone()
+                        .context("exec scheduled before its layer was loaded")?,
+                ),
+            };
+            match staged {
+                Staged::Whole(run) => Work::Whole {
+                    run,
+                    input: flight.input.take().context("input taken twice")?,
+                },
+                Staged::Layer(layer) => {
+                    let walk = flight.walk.as_ref().context("exec before init")?;
+                    Work::Exec {
+                        inputs: walk.inputs_for(&slot.package, layer.index)?,
+                        package: slot.package.clone(),
+                        layer,
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn perform(work: Work, alone: bool) -> Result<Done> {
+    Ok(match work {
+        Work::Init(package, input) => Done::Init(Activations::new(&package, &input)?),
+        Work::InitWhole => Done::InitWhole,
+        Work::Load {
+            package,
+            layer,
+            measure,
+        } => match measure.filter(|_| alone) {
+            Some(floor) => {
+                let (loaded, measured) = measured_load(&package, layer, floor)?;
+                Done::Loaded(Staged::Layer(loaded), measured)
+            }
+            None => Done::Loaded(
+                Staged::Layer(load_layer(&package, layer)?),
+                LoadMeasure::default(),
+            ),
+        },
+        Work::Stage(run) => Done::Loaded(Staged::Whole(run), LoadMeasure::default()),
+        Work::Whole { run, input } => Done::RanWhole(run(input)?),
+        Work::Exec {
+            package,
+            layer,
+            inputs,
+        } => {
+            let outs = run_layer(&package, &layer, inputs)?;
+            // Without the cache, the layer's weights go here, as soon as it has run.
+            drop(layer);
+            Done::Ran(outs)
+        }
+    })
+}
+
+/// Loads a layer and measures what it keeps resident (RSS added, at least its weights
+/// `floor` and at most the estimate the scheduler will compare it with) and the planner's
+/// transient peak above that. Only meaningful when nothing else runs meanwhile.
+fn measured_load(
+    package: &Package,
+    layer: usize,
+    floor: u64,
+) -> Result<(LoadedLayer, LoadMeasure)> {
+    let before = memory::process_memory().ok();
+    let reset = memory::reset_peak().is_ok();
+    let loaded = load_layer(package, layer)?;
+    let after = memory::process_memory().ok();
+    let measure = match (before, after, reset) {
+        (Some(b), Some(a), true) => LoadMeasure {
+            resident: Some(a.rss.saturating_sub(b.rss).max(floor)),
+            transient: Some(a.peak_rss.saturating_sub(a.rss)),
+        },
+        _ => LoadMeasure::default(),
+    };
+    Ok((loaded, measure))
+}
+
+/// Folds what a task produced into its inference (under the lock).
+fn apply(
+    inner: &Inner,
+    state: &mut State,
+    task: TaskRef,
+    kind: TaskKind,
+    done: Done,
+    alone: bool,
+    (start, end): (Instant, Instant),
+) {
+    let secs_ms = end.duration_since(start).as_secs_f64() * 1e3;
+    let result = apply_done(state, task, done, alone, secs_ms, inner.ms(start));
+    if let Err(e) = result {
+        fail(inner, state, task, e);
+        return;
+    }
+    let _ = kind;
+    if state.scheduler.is_finished(task.inference) {
+        finish_flight(inner, state, task.inference, end, None);
+    }
+}
+
+fn apply_done(
+    state: &mut State,
+    task: TaskRef,
+    done: Done,
+    alone: bool,
+    took_ms: f64,
+    start_ms: f64,
+) -> Result<()> {
+    let State {
+        scheduler,
+        models,
+        flights,
+        peak_rss,
+        ..
+    } = state;
+    let flight = flights[task.inference]
+        .as_mut()
+        .context("a result for an inference nobody submitted")?;
+    let slot = &mut models[flight.model.0];
+    match done {
+        Done::Init(walk) => {
+            let live = walk.live_bytes();
+            flight.walk = Some(walk);
+            flight.timing.start_ms = start_ms;
+            scheduler.complete(task);
+            scheduler.set_activations(task.inference, live);
+        }
+        Done::InitWhole => {
+            flight.timing.start_ms = start_ms;
+            scheduler.complete(task);
+        }
+        Done::Loaded(staged, measure) => {
+            flight.timing.load_ms += took_ms;
+            let TaskKind::Load(layer) = scheduler.kind(task) else {
+                bail!("a load result for a task that is not a load");
+            };
+            match staged {
+                Staged::Layer(l) if scheduler.keeps(flight.model) => {
+                    slot.plans[layer] = Some(l);
+                }
+                other => flight.staged[layer] = Some(other),
+            }
+            let _ = alone;
+            if measure.transient.is_some() {
+                // Measuring reset the process's peak: keep what it had reached.
+                *peak_rss = (*peak_rss).max(memory::process_memory().map_or(0, |m| m.peak_rss));
+            }
+            scheduler.complete_measured(task, measure);
+        }
+        Done::Ran(outs) => {
+            flight.timing.exec_ms += took_ms;
+            let TaskKind::Exec(layer) = scheduler.kind(task) else {
+                bail!("an exec result for a task that is not an exec");
+            };
+            let walk = flight.walk.as_mut().context("exec before init")?;
+            walk.store(&slot.package, layer, outs)?;
+            let live = walk.live_bytes();
+            if layer + 1 == slot.plans.len() {
+                let walk = flight.walk.take().context("exec before init")?;
+                flight.outputs = Some(walk.finish(&slot.package));
+            }
+            scheduler.complete(task);
+            scheduler.set_activations(task.inference, live);
+        }
+        Done::RanWhole(outs) => {
+            flight.timing.exec_ms += took_ms;
+            flight.outputs = Some(Ok(outs));
+            scheduler.complete(task);
+        }
+    }
+    Ok(())
+}
+
+/// Ends an inference whose task failed: the others go on.
+fn fail(inner: &Inner, state: &mut State, task: TaskRef, error: anyhow::Error) {
+    state.scheduler.abort(task);
+    finish_flight(inner, state, task.inference, Instant::now(), Some(error));
+}
+
+fn refuse(inner: &Inner, state: &mut State, inference: usize, refusal: Refusal) {
+    let s = &state.scheduler;
+    let name = s.model_name(s.model_of(inference)).to_string();
+    let needing = s.model_name(refusal.model).to_string();
+    let why = format!(
+        "layer {} of {needing} needs {} with its activations and at most {} can be made free under the memory limit (reserve {})",
+        refusal.layer,
+        Bytes(refusal.needs),
+        Bytes(refusal.available),
+        Bytes(inner.options.reserve)
+    );
+    let error = if refusal.displaced {
+        anyhow!("{name}: ended to make room for an older inference: {why}")
+    } else {
+        anyhow!("{name}: does not fit here: {why}")
+    };
+    log::warn!("{error:#}");
+    log::debug!(
+        "refused with the ledger at {}, {} of it resident; the reading: {:?}",
+        Bytes(state.scheduler.ledger()),
+        Bytes(state.scheduler.resident_total()),
+        inner.system.read()
+    );
+    finish_flight(inner, state, inference, Instant::now(), Some(error));
+}
+
+/// Records the end of an inference (its outputs already stored, or `error`) and wakes
+/// whoever waits for it. Its own layers go with its staged plans.
+fn finish_flight(
+    inner: &Inner,
+    state: &mut State,
+    inference: usize,
+    end: Instant,
+    error: Option<anyhow::Error>,
+) {
+    if let Some(flight) = state.flights[inference].as_mut() {
+        flight.timing.end_ms = inner.ms(end);
+        flight.staged.iter_mut().for_each(|s| *s = None);
+        flight.walk = None;
+        flight.input = None;
+        if let Some(e) = error {
+            flight.outputs = Some(Err(e));
+        } else if flight.outputs.is_none() {
+            flight.outputs = Some(Err(anyhow!("the inference ended without outputs")));
+        }
+    }
+    inner.finished.notify_all();
+}

@@ -1,0 +1,197 @@
+//! The layer cache's bookkeeping: which layers are resident, and which to evict when
+//! something needs room. Each model's layers recur in order on every frame, so the
+//! runtime knows the future well enough to evict what is needed furthest ahead.
+
+use super::scheduler::{LayerKey, ModelId, Scheduler};
+
+/// Whether a loaded layer outlives the inference that loaded it.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerCache {
+    /// Layers stay resident across inferences while the memory gate allows; the next
+    /// inference of the model uses them without loading. Evicted when something needs room.
+    #[default]
+    Keep,
+    /// Every inference loads its own layers and frees each after running it (the paper's
+    /// semantics, for reproducing its tables).
+    Off,
+}
+
+/// Which unpinned resident layer goes first when room is needed.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Eviction {
+    /// The layer whose next use is furthest ahead in expected time (Belady's rule, with
+    /// the layer order every inference follows as the future).
+    #[default]
+    FurthestAhead,
+    /// The layer cheapest to reload per byte it frees; layers an inference in flight has
+    /// still to run go last.
+    CostPerByte,
+}
+
+/// A layer's place in the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Residency {
+    Absent,
+    /// Being loaded: other inferences wait for it rather than loading it twice.
+    Loading,
+    /// Loaded; `pins` inferences have it loaded and not yet run (those cannot lose it).
+    Resident {
+        bytes: u64,
+        pins: u32,
+    },
+}
+
+impl Residency {
+    pub fn pin(&mut self) {
+        if let Residency::Resident { pins, .. } = self {
+            *pins += 1;
+        }
+    }
+
+    pub fn unpin(&mut self) {
+        if let Residency::Resident { pins, .. } = self {
+            *pins = pins.saturating_sub(1);
+        }
+    }
+}
+
+/// Most evictions handed over per scheduling decision: the list lives in the scheduler, so
+/// a decision never allocates. More victims wait for the next decision.
+const MAX_VICTIMS: usize = 64;
+
+/// Layers evicted by the scheduler whose plans the executor has yet to drop.
+pub struct Victims(heapless::Vec<LayerKey, MAX_VICTIMS>);
+
+impl Victims {
+    pub fn new() -> Victims {
+        Victims(heapless::Vec::new())
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.0.is_full()
+    }
+
+    pub fn push(&mut self, key: LayerKey, _bytes: u64) {
+        let _ = self.0.push(key);
+    }
+
+    pub fn drain(&mut self) -> impl Iterator<Item = LayerKey> + '_ {
+        std::iter::from_fn(move || self.0.pop())
+    }
+}
+
+/// The unpinned resident layer to evict next, by the scheduler's eviction policy.
+pub(super) fn choose_victim(s: &Scheduler) -> Option<LayerKey> {
+    let horizon = horizon(s);
+    let mut best: Option<(LayerKey, f64, u64)> = None;
+    for (m, model) in s.models.iter().enumerate() {
+        let n = model.costs.len();
+        // Prefix sums of expected exec time: P(l) = Σ_{k<l} exec(k).
+        let total: f64 = (0..n).map(|l| model.exec_secs(l)).sum();
+        let at = |p: usize| (0..p).map(|l| model.exec_secs(l)).sum::<f64>();
+        let mut cursors: heapless::Vec<(usize, f64), { super::MAX_PARALLEL }> =
+            heapless::Vec::new();
+        for (model_index, position) in s.cursors() {
+            if model_index == m {
+                let _ = cursors.push((position, at(position)));
+            }
+        }
+        let queued = s.queued(m);
+        let mut prefix = 0.0;
+        for (l, residency) in model.residency.iter().enumerate() {
+            let here = prefix;
+            prefix += model.exec_secs(l);
+            let Residency::Resident { bytes, pins: 0 } = *residency else {
+                continue;
+            };
+            let key = LayerKey {
+                model: ModelId(m),
+                layer: l,
+            };
+            let until_next_use = next_use(here, total, &cursors, queued, horizon, l);
+            let score = match s.eviction() {
+                Eviction::FurthestAhead => until_next_use,
+                Eviction::CostPerByte => {
+                    let soon = cursors.iter().any(|&(p, _)| p <= l);
+                    let per_byte = model.load_secs(l) / bytes.max(1) as f64;
+                    // Higher scores go first: cheap per byte first, needed-soon last.
+                    if soon { -1e9 - per_byte } else { -per_byte }
+                }
+            };
+            let better = match best {
+                None => true,
+                Some((_, s, b)) => score > s || (score == s && bytes > b),
+            };
+            if better {
+                best = Some((key, score, bytes));
+            }
+        }
+    }
+    best.map(|(key, _, _)| key)
+}
+
+/// Expected seconds until layer `l` (at prefix time `here` of a pass taking `total`) is
+/// next executed, given the positions of the model's inferences in flight.
+fn next_use(
+    here: f64,
+    total: f64,
+    cursors: &[(usize, f64)],
+    queued: bool,
+    horizon: f64,
+    l: usize,
+) -> f64 {
+    let ahead = cursors
+        .iter()
+        .filter(|&&(p, _)| p <= l)
+        .map(|&(_, at)| here - at)
+        .fold(f64::INFINITY, f64::min);
+    if ahead.is_finite() {
+        return ahead;
+    }
+    // Every inference in flight is past it: the next pass, after this one ends.
+    let next_pass = cursors
+        .iter()
+        .map(|&(_, at)| total - at + here)
+        .fold(f64::INFINITY, f64::min);
+    if next_pass.is_finite() {
+        return next_pass;
+    }
+    if queued { here } else { horizon + here }
+}
+
+/// Expected seconds until every inference in flight has finished: when a model with none
+/// in flight and none queued is likely needed next (the next frame).
+fn horizon(s: &Scheduler) -> f64 {
+    s.cursors()
+        .map(|(m, position)| {
+            let model = &s.models[m];
+            (position..model.costs.len())
+                .map(|l| model.exec_secs(l))
+                .sum::<f64>()
+        })
+        .fold(0.0, f64::max)
+}
