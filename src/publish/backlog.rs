@@ -74,13 +74,18 @@ impl Backlog {
     /// Opens the spool's `out/` and the publisher's `publish/` (created as needed), takes
     /// the publisher's lock, and lists both.
     pub fn open(spool_root: &Path, keep: usize) -> Result<Backlog> {
+        // The daemon creates out/ on its first start; the publisher may start first.
         let out = spool_root.join("out");
-        std::fs::read_dir(&out).with_context(|| {
-            format!(
-                "cannot read the daemon's results in {} (is the spool right?)",
-                out.display()
-            )
-        })?;
+        match std::fs::create_dir(&out) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(e).with_context(|| {
+                    format!("cannot create {} (is the spool right?)", out.display())
+                });
+            }
+            _ => {}
+        }
+        std::fs::read_dir(&out)
+            .with_context(|| format!("cannot read the daemon's results in {}", out.display()))?;
         let dir = spool_root.join(PUBLISH_DIR);
         let sent = dir.join(SENT_DIR);
         std::fs::create_dir_all(&sent).with_context(|| format!("creating {}", sent.display()))?;

@@ -343,6 +343,34 @@ mod tests {
     }
 
     #[test]
+    fn the_yocto_layers_publish_fragment_and_unit() {
+        let config = concat!(
+            include_str!("../../yocto/meta-memaflow/recipes-memaflow/memaflow/files/memaflow.toml"),
+            include_str!(
+                "../../yocto/meta-memaflow/recipes-memaflow/memaflow/files/memaflow-publish.toml"
+            )
+        )
+        .replace("@MEMAFLOW_PUBLISH_HOST@", "mqtt.local");
+        let c = super::super::config::PublisherConfig::parse(&config, Path::new("/etc/memaflow"))
+            .unwrap();
+        assert_eq!(c.spool_root, Path::new(super::super::config::DEFAULT_SPOOL));
+        assert_eq!(
+            (c.publish.host.as_str(), c.publish.port),
+            ("mqtt.local", 1883)
+        );
+        let unit = include_str!(
+            "../../yocto/meta-memaflow/recipes-memaflow/memaflow/files/memaflow-publish.service"
+        );
+        let exec = format!(
+            "ExecStart=/usr/bin/memaflow publish --config {}",
+            super::super::config::DEFAULT_CONFIG
+        );
+        assert!(unit.lines().any(|l| l == exec), "{exec}");
+        assert!(unit.lines().any(|l| l == "Type=notify"));
+        assert!(unit.lines().any(|l| l.starts_with("WatchdogSec=")));
+    }
+
+    #[test]
     fn names_cannot_break_the_topic() {
         let t = TopicTemplate::parse("m/{device}/{model}/r").unwrap();
         assert_eq!(t.render("a/b", "x+#y\n\u{1b}"), "m/a_b/x__y__/r");
