@@ -29,14 +29,19 @@ const MODEL_TOPICS: [&str; 2] = ["face", "odd_model__"];
 
 /// Whether mosquitto is installed; CI (MEMAFLOW_REQUIRE_REFERENCE=1) requires it.
 fn have_mosquitto(test: &str) -> bool {
-    let found = ["mosquitto", "mosquitto_sub", "mosquitto_passwd", "openssl"]
-        .iter()
-        .all(|t| {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {t}")])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
+    let found = [
+        mosquitto_bin(),
+        "mosquitto_sub",
+        "mosquitto_passwd",
+        "openssl",
+    ]
+    .iter()
+    .all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
     if !found {
         assert!(
             std::env::var("MEMAFLOW_REQUIRE_REFERENCE").as_deref() != Ok("1"),
@@ -48,6 +53,15 @@ fn have_mosquitto(test: &str) -> bool {
         );
     }
     found
+}
+
+/// Debian installs the broker in /usr/sbin, which a user's PATH may lack.
+fn mosquitto_bin() -> &'static str {
+    if Path::new("/usr/sbin/mosquitto").exists() {
+        "/usr/sbin/mosquitto"
+    } else {
+        "mosquitto"
+    }
 }
 
 fn free_port() -> u16 {
@@ -135,7 +149,7 @@ impl Mosquitto {
 
     fn restart(&mut self) {
         assert!(self.child.is_none());
-        let child = Command::new("mosquitto")
+        let child = Command::new(mosquitto_bin())
             .arg("-c")
             .arg(self.dir.join("mosquitto.conf"))
             .stdin(Stdio::null())
