@@ -250,20 +250,27 @@ impl Publisher {
         Ok(())
     }
 
+    /// Reads inotify until it has nothing more (tokio's readiness is edge-triggered: what
+    /// is left unread would wait for the next event). On an error, the rescans remain.
     fn take_events(&mut self, watch: &Watch) {
-        match watch.0.read_events() {
-            Ok(events) => {
-                for e in events {
-                    if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
-                        let _ = self.backlog.rescan();
-                    } else if let Some(name) = e.name {
-                        self.backlog.add(&name);
+        loop {
+            match watch.0.read_events() {
+                Ok(events) => {
+                    for e in events {
+                        if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                            let _ = self.backlog.rescan();
+                        } else if let Some(name) = e.name {
+                            self.backlog.add(&name);
+                        }
                     }
+                    self.backlog.enforce_keep();
                 }
-                self.backlog.enforce_keep();
+                Err(nix::errno::Errno::EAGAIN) => return,
+                Err(e) => {
+                    log::warn!("reading inotify events: {e}");
+                    return;
+                }
             }
-            Err(nix::errno::Errno::EAGAIN) => {}
-            Err(e) => log::warn!("reading inotify events: {e}"),
         }
     }
 
