@@ -81,17 +81,25 @@ class Setup:
                     f'[publish]\nhost = "127.0.0.1"\nport = {self.port}\ndevice = "bench"\n'
                     f'topic = "{topic}"\n')
         self.publisher = None
+        self.seen = 0
+        self.reader = open(self.received)
 
     def start_publisher(self):
         self.publisher = subprocess.Popen([BIN, "publish", "--config", self.config],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                           env={**os.environ, "RUST_LOG": "warn"})
 
+    def count(self):
+        """Messages received so far (reads only what was appended since the last call)."""
+        self.seen += self.reader.read().count("\n")
+        return self.seen
+
     def lines(self):
         with open(self.received) as f:
             return [l for l in f.read().split("\n") if l]
 
     def close(self):
+        self.reader.close()
         for p in (self.publisher, self.sub, self.broker):
             if p:
                 p.terminate()
@@ -122,7 +130,7 @@ def throughput(n, topic, per_result):
             write_result(s.out, i)
         start = time.time()
         s.start_publisher()
-        wait(lambda: len(s.lines()) >= n * per_result, "every message")
+        wait(lambda: s.count() >= n * per_result, "every message")
         return n / (time.time() - start)
     finally:
         s.close()
@@ -136,7 +144,7 @@ def delay(n, rate):
         for i in range(n):
             write_result(s.out, i)
             time.sleep(1.0 / rate)
-        wait(lambda: len(s.lines()) >= n, "every message")
+        wait(lambda: s.count() >= n, "every message")
         delays = []
         for line in s.lines():
             at, payload = line.split(" ", 1)

@@ -36,7 +36,7 @@ EXTERNALSRC ?= "${@os.path.normpath(os.path.join(d.getVar('FILE_DIRNAME'), '../.
 
 # As board/build-firmware: without the default `bench` feature (memaflow bench and its
 # cgroups-rs, plotters and indicatif: 0.9 MiB the appliance does not need), and without
-# `publish` (MQTT and TLS: PUBLISH_COST) unless PACKAGECONFIG has it; the layer's
+# `publish` (MQTT and TLS: 1.5 MiB) unless PACKAGECONFIG has it; the layer's
 # configuration fragment memaflow/publish turns it on (docs/publish.md).
 PACKAGECONFIG ??= ""
 PACKAGECONFIG[publish] = ""
