@@ -799,3 +799,81 @@ fn systemd_hears_ready_and_watchdog_pings() {
     }
     assert!(last.contains("STOPPING=1"), "{last}");
 }
+
+/// Makes a directory immutable (even to root) while it lives: a stand-in for a full or
+/// read-only file system under `publish/sent/`.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn new(dir: &Path) -> Option<Immutable> {
+        let ok = Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Immutable(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn markers_that_cannot_be_written_keep_the_publisher_up() {
+    let test = "markers_that_cannot_be_written_keep_the_publisher_up";
+    if !have_mosquitto(test) {
+        return;
+    }
+    let dir = scratch("publish-marker-failure");
+    let broker = Mosquitto::start(&dir);
+    let mut sub = Subscriber::start(&broker);
+    let spool = Spool::new(
+        &dir,
+        &format!(
+            "host = \"127.0.0.1\"\nport = {}\n{}",
+            broker.port,
+            credentials()
+        ),
+    );
+    let log = dir.join("publisher.log");
+    let mut child = spool.publisher(&log).spawn().unwrap();
+    wait_until("a connection", Duration::from_secs(20), || {
+        spool.status()["state"] == "connected"
+    });
+    let Some(frozen) = Immutable::new(&spool.dir.join("publish/sent")) else {
+        skip(test, "chattr +i is not supported here");
+        return;
+    };
+    for id in 0..3 {
+        spool.write_result(id);
+    }
+    sub.wait_for(&[0, 1, 2], Duration::from_secs(20));
+    wait_until(
+        "the failure in status.json",
+        Duration::from_secs(10),
+        || {
+            spool.status()["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("cannot record results as sent"))
+        },
+    );
+    assert!(child.try_wait().unwrap().is_none(), "the publisher exited");
+    assert!(spool.marked().is_empty());
+    drop(frozen);
+    wait_until("the markers", Duration::from_secs(10), || {
+        spool.marked().len() == 3 && spool.status()["sent"] == 3
+    });
+    signal(&child, "TERM");
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.matches("cannot record results as sent").count(),
+        1,
+        "one line per change, not per retry:\n{text}"
+    );
+    // Acknowledged once: not sent again while its marker waited.
+    assert_eq!(sub.delivered().values().sum::<usize>(), 6);
+}

@@ -62,7 +62,7 @@ pub fn run(config_path: &Path) -> Result<()> {
             backlog,
             status: Status::default(),
             status_dir: status_path,
-            last_written: (Instant::now(), 0, LinkState::Stopped),
+            last_written: (Instant::now(), vec![], LinkState::Stopped),
         }
         .run(watch),
     )
@@ -176,8 +176,8 @@ struct Publisher {
     backlog: Backlog,
     status: Status,
     status_dir: std::path::PathBuf,
-    /// When `status.json` was last written, and the failures and state it showed.
-    last_written: (Instant, u64, LinkState),
+    /// When `status.json` was last written, what it said (without its time), its state.
+    last_written: (Instant, Vec<u8>, LinkState),
 }
 
 impl Publisher {
@@ -448,35 +448,19 @@ impl Publisher {
         .to_lowercase()
     }
 
-    /// Writes `status.json` when something changed, at most once a second unless `now`.
+    /// Writes `status.json` when something in it changed: at once for a new connection
+    /// state or `now`, else at most once a second (each write is an fsync in this loop).
     fn write_status(&mut self, now: bool) {
-        let unsent = self.backlog.unsent();
-        let counts = self.backlog.counts;
-        let changed = (
-            unsent,
-            counts.sent,
-            counts.dropped,
-            counts.unreadable,
-            self.status.connection_failures,
-            self.status.state,
-        ) != (
-            self.status.unsent,
-            self.status.counts.sent,
-            self.status.counts.dropped,
-            self.status.counts.unreadable,
-            self.last_written.1,
-            self.last_written.2,
-        );
-        if !now && (!changed || self.last_written.0.elapsed() < STATUS_EVERY) {
+        self.status.unsent = self.backlog.unsent();
+        self.status.counts = self.backlog.counts;
+        self.status.updated_unix = 0.0;
+        let content = serde_json::to_vec(&self.status).unwrap_or_default();
+        let (at, last_content, last_state) = &self.last_written;
+        let state_changed = self.status.state != *last_state;
+        if !now && (content == *last_content || (!state_changed && at.elapsed() < STATUS_EVERY)) {
             return;
         }
-        self.last_written = (
-            Instant::now(),
-            self.status.connection_failures,
-            self.status.state,
-        );
-        self.status.unsent = unsent;
-        self.status.counts = counts;
+        self.last_written = (Instant::now(), content, self.status.state);
         self.status.updated_unix = unix_now();
         let mut bytes = serde_json::to_vec_pretty(&self.status).unwrap_or_default();
         bytes.push(b'\n');
