@@ -845,6 +845,8 @@ fn markers_that_cannot_be_written_keep_the_publisher_up() {
     });
     let Some(frozen) = Immutable::new(&spool.dir.join("publish/sent")) else {
         skip(test, "chattr +i is not supported here");
+        child.kill().ok();
+        child.wait().ok();
         return;
     };
     for id in 0..3 {
