@@ -195,6 +195,31 @@ impl Drop for Mosquitto {
     }
 }
 
+/// A publisher that is killed if the test fails before it stops it.
+struct Running(Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            self.0.kill().ok();
+            self.0.wait().ok();
+        }
+    }
+}
+
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
         .args([&format!("-{sig}"), &child.id().to_string()])
@@ -483,7 +508,7 @@ fn every_result_arrives_over_sigkills_and_a_broker_restart() {
             spool.write_result(written);
             written += 1;
         }
-        let mut child = spool.publisher(&log).spawn().unwrap();
+        let mut child = spool.publisher(&log).spawn().map(Running).unwrap();
         // Results keep arriving while it runs; the kill comes at any moment, start-up
         // included.
         let life = Duration::from_millis(rng.below(300));
@@ -513,7 +538,7 @@ fn every_result_arrives_over_sigkills_and_a_broker_restart() {
 
     // Nothing is marked before the broker acknowledged it: freeze the broker once the
     // publisher is connected, give it results to send, kill it, and none is marked.
-    let mut child = spool.publisher(&log).spawn().unwrap();
+    let mut child = spool.publisher(&log).spawn().map(Running).unwrap();
     wait_until("a connection", Duration::from_secs(20), || {
         spool.status()["state"] == "connected" && spool.status()["unsent"] == 0
     });
@@ -536,7 +561,7 @@ fn every_result_arrives_over_sigkills_and_a_broker_restart() {
     broker.signal("CONT");
 
     // A last run sends the rest; SIGTERM then stops it with status 0.
-    let mut child = spool.publisher(&log).spawn().unwrap();
+    let mut child = spool.publisher(&log).spawn().map(Running).unwrap();
     wait_until("every result marked sent", Duration::from_secs(60), || {
         spool.marked().len() as u64 == written
     });
@@ -590,7 +615,11 @@ fn tls_with_a_client_certificate() {
     for id in 0..20 {
         spool.write_result(id);
     }
-    let mut child = spool.publisher(&dir.join("publisher.log")).spawn().unwrap();
+    let mut child = spool
+        .publisher(&dir.join("publisher.log"))
+        .spawn()
+        .map(Running)
+        .unwrap();
     sub.wait_for(&(0..20).collect::<Vec<_>>(), Duration::from_secs(30));
     wait_until("every result marked", Duration::from_secs(10), || {
         spool.marked().len() == 20
@@ -626,9 +655,9 @@ fn refused(dir: &Path, publish: &str, expect: &[&str], wrap: Option<&str>) {
                         .open(&log)
                         .unwrap(),
                 );
-            c.spawn().unwrap()
+            c.spawn().map(Running).unwrap()
         }
-        None => cmd.spawn().unwrap(),
+        None => cmd.spawn().map(Running).unwrap(),
     };
     wait_until("two failed attempts", Duration::from_secs(20), || {
         spool.status()["connection_failures"].as_u64().unwrap_or(0) >= 2
@@ -705,6 +734,7 @@ fn wrong_password_bad_certificate_unknown_host_are_named_and_retried() {
     let mut child = spool
         .publisher(&dir.join("password/publisher.log"))
         .spawn()
+        .map(Running)
         .unwrap();
     sub.wait_for(&[0, 1, 2], Duration::from_secs(20));
     signal(&child, "TERM");
@@ -725,7 +755,7 @@ fn keep_drops_the_oldest_with_a_log_line() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let log = dir.join("publisher.log");
-    let mut child = spool.publisher(&log).spawn().unwrap();
+    let mut child = spool.publisher(&log).spawn().map(Running).unwrap();
     wait_until("the drops", Duration::from_secs(10), || {
         spool.status()["dropped"] == 2
     });
@@ -769,6 +799,7 @@ fn systemd_hears_ready_and_watchdog_pings() {
         .env("NOTIFY_SOCKET", &socket_path)
         .env("WATCHDOG_USEC", "400000")
         .spawn()
+        .map(Running)
         .unwrap();
     let mut buf = [0u8; 4096];
     let mut recv = || {
@@ -839,7 +870,7 @@ fn markers_that_cannot_be_written_keep_the_publisher_up() {
         ),
     );
     let log = dir.join("publisher.log");
-    let mut child = spool.publisher(&log).spawn().unwrap();
+    let mut child = spool.publisher(&log).spawn().map(Running).unwrap();
     wait_until("a connection", Duration::from_secs(20), || {
         spool.status()["state"] == "connected"
     });
