@@ -5,7 +5,10 @@
 pub mod bench;
 pub mod memory;
 pub mod model;
+pub mod notify;
 pub mod profile;
+#[cfg(feature = "publish")]
+pub mod publish;
 pub mod runtime;
 pub mod spool;
 pub mod tiling;

@@ -71,6 +71,14 @@ enum Command {
     /// The spool daemon: runs the configured models on every frame that arrives in the
     /// spool's incoming/ directory and writes one JSON result per frame (docs/spool.md).
     Run(RunArgs),
+    /// Send every result in the spool's out/ to the MQTT broker of the configuration's
+    /// [publish] section, at least once, oldest first (docs/publish.md).
+    #[cfg(feature = "publish")]
+    Publish {
+        /// Configuration file (TOML): the daemon's, with a [publish] section.
+        #[arg(long, value_name = "FILE", default_value = spool::config::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Run an experiment plan: every run a `memaflow batch` child in a memory cgroup with
     /// the run's limit; writes runs.csv, table.md (speed-ups vs bulk+fcfs) and SVG plots.
     #[cfg(feature = "bench")]
@@ -329,6 +337,9 @@ fn main() {
     // emulation it describes the host, so only its errors pass by default.
     let default_level = match cli.command {
         Command::Run(_) => "trace,tract_linalg=error",
+        // rumqttc logs every reconnection attempt; the publisher says what matters itself.
+        #[cfg(feature = "publish")]
+        Command::Publish { .. } => "trace,tract_linalg=error,rumqttc=warn",
         _ => "info,tract_linalg=error",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
@@ -355,6 +366,8 @@ fn main() {
             board: args.board,
             once: args.once,
         }),
+        #[cfg(feature = "publish")]
+        Command::Publish { config } => memaflow::publish::run(&config),
         #[cfg(feature = "bench")]
         Command::Bench(args) => bench(args),
         Command::Tile(command) => tile(command),

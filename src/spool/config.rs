@@ -3,6 +3,7 @@
 //! policies enums, paths absolute, output reports ready-made decoders. Nothing downstream
 //! parses strings. `docs/spool.md` documents every key.
 
+use super::publish_config::{PublishConfig, RawPublish};
 use super::results::{BoxDecoder, BoxSpec, Report};
 use crate::memory::Bytes;
 use crate::model::{ColorOrder, ResizeMode, package::read_labels};
@@ -191,6 +192,8 @@ struct RawConfig {
     models: RawModels,
     #[serde(default)]
     model: Vec<RawModel>,
+    /// `memaflow publish`'s section; the daemon checks it and leaves it alone.
+    publish: Option<RawPublish>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -389,12 +392,10 @@ impl Config {
             spool.rescan >= Duration::from_millis(100),
             "spool.rescan_secs must be at least 0.1"
         );
-        let log_level = match raw.log_level.as_deref() {
-            None => log::LevelFilter::Info,
-            Some(l) => l.parse().with_context(|| {
-                format!("log_level '{l}' (use off, error, warn, info, debug or trace)")
-            })?,
-        };
+        let log_level = log_level(raw.log_level.as_deref())?;
+        if let Some(publish) = raw.publish {
+            publish.validate(base)?;
+        }
         let models_dir = raw.models.dir.map(|d| absolute(base, &d));
         let models = if raw.model.is_empty() {
             match &models_dir {
@@ -427,6 +428,61 @@ impl Config {
             run,
             models,
         })
+    }
+}
+
+/// What `memaflow publish` reads from the daemon's file: the spool and `[publish]`. The
+/// models and the board are the daemon's business, so they are parsed (unknown keys are
+/// still errors) but not checked against the disk.
+#[derive(Clone, Debug)]
+pub struct PublisherConfig {
+    pub spool_root: PathBuf,
+    /// How often `out/` is listed in full, besides inotify's events.
+    pub rescan: Duration,
+    pub log_level: log::LevelFilter,
+    pub publish: PublishConfig,
+}
+
+impl PublisherConfig {
+    pub fn load(path: &Path) -> Result<PublisherConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the configuration {}", path.display()))?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        PublisherConfig::parse(&text, base).with_context(|| path.display().to_string())
+    }
+
+    pub fn parse(text: &str, base: &Path) -> Result<PublisherConfig> {
+        let raw: RawConfig = toml::from_str(text)?;
+        let publish = raw
+            .publish
+            .context("no [publish] section: nothing says where to publish")?
+            .validate(base)?;
+        let rescan = raw.spool.rescan_secs.unwrap_or(DEFAULT_RESCAN_SECS);
+        ensure!(
+            rescan.is_finite() && (0.1..=86400.0).contains(&rescan),
+            "spool.rescan_secs must be between 0.1 and 86400"
+        );
+        Ok(PublisherConfig {
+            spool_root: absolute(
+                base,
+                &raw.spool.root.unwrap_or_else(|| DEFAULT_SPOOL.into()),
+            ),
+            rescan: Duration::from_secs_f64(rescan),
+            log_level: log_level(raw.log_level.as_deref())?,
+            publish,
+        })
+    }
+}
+
+fn log_level(text: Option<&str>) -> Result<log::LevelFilter> {
+    match text {
+        None => Ok(log::LevelFilter::Info),
+        Some(l) => l.parse().with_context(|| {
+            format!("log_level '{l}' (use off, error, warn, info, debug or trace)")
+        }),
     }
 }
 
@@ -636,5 +692,36 @@ mod tests {
                 "accepted: {bad}"
             );
         }
+    }
+
+    #[test]
+    fn the_publisher_reads_the_daemons_file() {
+        let text = r#"
+            log_level = "debug"
+            [spool]
+            root = "spool"
+            rescan_secs = 0.5
+            [[model]]
+            path = "/nowhere/face"
+            [publish]
+            host = "broker"
+        "#;
+        let c = PublisherConfig::parse(text, Path::new("/etc/x")).unwrap();
+        assert_eq!(c.spool_root, Path::new("/etc/x/spool"));
+        assert_eq!(c.rescan, Duration::from_millis(500));
+        assert_eq!(c.log_level, log::LevelFilter::Debug);
+        assert_eq!(c.publish.host, "broker");
+        // The daemon takes the same file, and refuses a broken [publish] section.
+        assert!(Config::parse(text, Path::new("/etc/x"), Some("pi4-2g")).is_ok());
+        let bad = text.replace("host = \"broker\"", "host = \"broker\"\nkeep = 0");
+        assert!(Config::parse(&bad, Path::new("/etc/x"), Some("pi4-2g")).is_err());
+        let none = text.replace("[publish]\n            host = \"broker\"", "");
+        let err = PublisherConfig::parse(&none, Path::new("/")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no [publish] section"),
+            "{err:#}"
+        );
+        let typo = text.replace("[[model]]", "[[modle]]");
+        assert!(PublisherConfig::parse(&typo, Path::new("/")).is_err());
     }
 }

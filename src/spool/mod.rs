@@ -9,5 +9,6 @@ pub mod fsutil;
 pub mod layout;
 pub mod pipeline;
 pub mod preprocess;
+pub mod publish_config;
 pub mod results;
 pub mod status;

@@ -18,6 +18,8 @@ require memaflow-crates.inc
 
 SRC_URI += "\
     file://memaflow-memory.conf \
+    file://memaflow-publish.service \
+    file://memaflow-publish.toml \
     file://memaflow-tmpfiles.conf \
     file://memaflow.init \
     file://memaflow.service \
@@ -33,10 +35,17 @@ inherit cargo cargo-update-recipe-crates externalsrc ptest systemd update-rc.d u
 EXTERNALSRC ?= "${@os.path.normpath(os.path.join(d.getVar('FILE_DIRNAME'), '../../../..'))}"
 
 # As board/build-firmware: without the default `bench` feature (memaflow bench and its
-# cgroups-rs, plotters and indicatif: 0.9 MiB the appliance does not need).
+# cgroups-rs, plotters and indicatif: 0.9 MiB the appliance does not need), and without
+# `publish` (MQTT and TLS: 1.5 MiB) unless PACKAGECONFIG has it; the layer's
+# configuration fragment memaflow/publish turns it on (docs/publish.md).
+PACKAGECONFIG ??= ""
+PACKAGECONFIG[publish] = ""
 # EXTRA_CARGO_FLAGS is oe-core cargo.bbclass's; oelint-adv's variable list lacks it.
 # nooelint: oelint.vars.mispell
-EXTRA_CARGO_FLAGS = "--no-default-features"
+EXTRA_CARGO_FLAGS = "--no-default-features ${@bb.utils.contains('PACKAGECONFIG', 'publish', '--features publish', '', d)}"
+
+# The broker of the [publish] section appended to memaflow.toml with the publish feature.
+MEMAFLOW_PUBLISH_HOST ??= "mqtt.local"
 
 # systemd MemoryMax of the service: a size (1536M) or a share of physical memory, so
 # that one value suits every RAM size of a board. memaflow reads it as the cgroup limit.
@@ -47,7 +56,10 @@ GROUPADD_PARAM:${PN} = "--system memaflow"
 USERADD_PARAM:${PN} = "--system --gid memaflow --home-dir ${localstatedir}/spool/memaflow \
                        --no-create-home --shell ${base_sbindir}/nologin memaflow"
 
+# systemd.bbclass fails on a listed unit that is not installed: publish's only with it.
+SYSTEMD_PACKAGES = "${PN} ${@bb.utils.contains('PACKAGECONFIG', 'publish', '${PN}-publish', '', d)}"
 SYSTEMD_SERVICE:${PN} = "memaflow.service"
+SYSTEMD_SERVICE:${PN}-publish = "memaflow-publish.service"
 INITSCRIPT_NAME = "memaflow"
 INITSCRIPT_PARAMS = "defaults 90 10"
 
@@ -86,6 +98,11 @@ do_install:append:class-target() {
         ${D}${systemd_system_unitdir}/memaflow.service.d/memory.conf
     sed -i -e 's|@MEMAFLOW_MEMORY_MAX@|${MEMAFLOW_MEMORY_MAX}|' \
         ${D}${systemd_system_unitdir}/memaflow.service.d/memory.conf
+    if ${@bb.utils.contains('PACKAGECONFIG', 'publish', 'true', 'false', d)}; then
+        sed -e 's|@MEMAFLOW_PUBLISH_HOST@|${MEMAFLOW_PUBLISH_HOST}|' ${UNPACKDIR}/memaflow-publish.toml \
+            >> ${D}${sysconfdir}/memaflow/memaflow.toml
+        install -m 0644 ${UNPACKDIR}/memaflow-publish.service ${D}${systemd_system_unitdir}/
+    fi
     if ${@bb.utils.contains('DISTRO_FEATURES', 'systemd', 'true', 'false', d)}; then
         install -d ${D}${nonarch_libdir}/tmpfiles.d
         install -m 0644 ${UNPACKDIR}/memaflow-tmpfiles.conf ${D}${nonarch_libdir}/tmpfiles.d/memaflow.conf
@@ -96,10 +113,16 @@ do_install_ptest() {
     sed -i -e 's|@PV@|${PV}|' ${D}${PTEST_PATH}/run-ptest
 }
 
+# memaflow-publish: the publisher's unit (the command is memaflow's). Empty, so not
+# built, without the publish feature: an image is complete without it.
+PACKAGE_BEFORE_PN = "${PN}-publish"
+FILES:${PN}-publish += "${systemd_system_unitdir}/memaflow-publish.service"
+
 FILES:${PN} += "\
     ${nonarch_libdir}/tmpfiles.d \
     ${systemd_system_unitdir}/memaflow.service.d \
 "
 CONFFILES:${PN} = "${sysconfdir}/memaflow/memaflow.toml"
+RDEPENDS:${PN}-publish = "${PN}"
 
 BBCLASSEXTEND = "native"
