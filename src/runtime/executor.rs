@@ -330,7 +330,10 @@ impl Executor {
         let mut state = self.lock();
         loop {
             let reading = self.inner.read();
-            let live = reading.headroom.map(|h| state.scheduler.fresh(h));
+            let live = reading.live().map(|l| Live {
+                seen_then: state.scheduler.seen(),
+                ..l
+            });
             match state.scheduler.reserve(bytes, live) {
                 Reservation::Granted => {
                     drop_evicted(&mut state);
@@ -479,6 +482,7 @@ impl Inner {
                 mem_available: r.mem_available,
                 cgroup_limit: r.cgroup_limit(),
                 seen_then: 0,
+                reserve: self.options.reserve,
             },
             Err(e) => {
                 log::warn!("memory reading failed, scheduling on the budget alone: {e:#}");
@@ -513,6 +517,8 @@ struct Reading {
     cgroup_limit: Option<u64>,
     /// The ledger's seen bytes when it was taken.
     seen_then: u64,
+    /// The reserve `headroom` keeps back.
+    reserve: u64,
 }
 
 impl Reading {
@@ -520,6 +526,7 @@ impl Reading {
         self.headroom.map(|headroom| Live {
             headroom,
             seen_then: self.seen_then,
+            reserve: self.reserve,
         })
     }
 }
@@ -855,7 +862,7 @@ fn refuse(inner: &Inner, state: &mut State, inference: usize, refusal: Refusal) 
     let name = s.model_name(s.model_of(inference)).to_string();
     let needing = s.model_name(refusal.model).to_string();
     let why = format!(
-        "layer {} of {needing} needs {} with its activations and at most {} can be made free under the memory limit (reserve {})",
+        "layer {} of {needing} needs {} with its activations and at most {} can be made free under the memory limit (its reserve of {} included)",
         refusal.layer,
         Bytes(refusal.needs),
         Bytes(refusal.available),

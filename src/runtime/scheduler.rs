@@ -108,6 +108,9 @@ pub struct Live {
     /// The ledger's bytes the reading already showed when it was taken (`Scheduler::seen`
     /// then): everything the ledger holds beyond them is not in it.
     pub seen_then: u64,
+    /// The part of the memory there is that `headroom` keeps back (the configured
+    /// reserve): only a layer that nothing else can make room for may use it.
+    pub reserve: u64,
 }
 
 /// What a load measured (only when it ran alone, so that the process's counters are its).
@@ -534,6 +537,7 @@ impl Scheduler {
         Live {
             headroom,
             seen_then: self.seen,
+            reserve: 0,
         }
     }
 
@@ -642,13 +646,17 @@ impl Scheduler {
         if freed > 0 || self.any_running() || self.any_ready_exec() || self.external_count > 0 {
             return Admit::Wait;
         }
-        // Nothing running will free memory: waiting would wait forever.
-        let live_room = self.live_room(live);
-        if live_room.is_none_or(|r| r >= bytes as i64) {
-            // Only the configured budget is short (not the memory there is): load one
-            // layer ahead anyway, the documented allowance. With in-order loads this
-            // happens only with nothing resident, except under `bulk`, which must hold a
-            // whole model before its first exec.
+        // Nothing running will free memory: waiting would wait forever. What the limit
+        // itself allows, the reserve included:
+        let hard_room = self
+            .live_room(live)
+            .zip(live)
+            .map(|(r, l)| r + l.reserve as i64);
+        if hard_room.is_none_or(|r| r >= bytes as i64) {
+            // Only the configured budget or the reserve is short, not the memory there
+            // is: load one layer ahead anyway, the documented allowance. With in-order
+            // loads this happens only with nothing resident, except under `bulk`, which
+            // must hold a whole model before its first exec.
             self.overdrafts += 1;
             return self.start_load(pick, layer, cost, hit, room);
         }
@@ -660,7 +668,7 @@ impl Scheduler {
             layer,
             model: ModelId(self.inferences[pick.inference].model),
             needs: bytes + own,
-            available: (live_room.unwrap_or(0).max(0) as u64) + own,
+            available: (hard_room.unwrap_or(0).max(0) as u64) + own,
             displaced: victim != pick.inference,
         };
         self.refuse(victim);
