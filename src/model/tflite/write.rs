@@ -1,12 +1,10 @@
 //! [`Graph`] → TFLite flatbuffer bytes.
 
 use super::super::graph::*;
-use anyhow::{Result, bail};
-use flatbuffers::{FlatBufferBuilder, UnionWIPOffset, WIPOffset};
-use tract_tflite::tflite;
-use tract_tflite::tflite::{
-    ActivationFunctionType as Act, BuiltinOperator as B, BuiltinOptions as O,
-};
+use super::super::ops::OptionsWriter;
+use anyhow::Result;
+use flatbuffers::{FlatBufferBuilder, WIPOffset};
+use tract_tflite::tflite::{self, BuiltinOperator};
 
 /// How to lay the file out. The default is what every TFLite reader understands; the other
 /// layouts exist in published files, and tests build them to exercise the importer.
@@ -116,10 +114,18 @@ fn build(graph: &Graph, options: WriteOptions, external_base: Option<u64>) -> Re
         ));
     }
 
-    let mut codes: Vec<B> = vec![];
+    let mut codes: Vec<BuiltinOperator> = vec![];
     let mut operators = vec![];
     for node in &graph.nodes {
-        let (code, options_type, opts) = write_op(&mut fb, graph, node)?;
+        let code = node.op.opcode();
+        let options = node.op.family().write_options(
+            &node.op,
+            &mut OptionsWriter {
+                builder: &mut fb,
+                graph,
+                node,
+            },
+        )?;
         let opcode_index = match codes.iter().position(|c| *c == code) {
             Some(i) => i,
             None => {
@@ -136,8 +142,8 @@ fn build(graph: &Graph, options: WriteOptions, external_base: Option<u64>) -> Re
                 opcode_index,
                 inputs: Some(inputs),
                 outputs: Some(outputs),
-                builtin_options_type: options_type,
-                builtin_options: opts,
+                builtin_options_type: options.kind,
+                builtin_options: options.table,
                 ..Default::default()
             },
         ));
@@ -163,7 +169,7 @@ fn build(graph: &Graph, options: WriteOptions, external_base: Option<u64>) -> Re
         .iter()
         .map(|&code| {
             let (deprecated, builtin) = match (code.0 < 127, options.legacy_opcodes) {
-                (true, true) => (code.0 as i8, B(0)),
+                (true, true) => (code.0 as i8, BuiltinOperator(0)),
                 (true, false) => (code.0 as i8, code),
                 (false, _) => (127, code),
             };
@@ -262,365 +268,4 @@ fn write_sparsity<'a>(
             dim_metadata: Some(dim_metadata),
         },
     )
-}
-
-fn act(a: Activation) -> Act {
-    match a {
-        Activation::None => Act::NONE,
-        Activation::Relu => Act::RELU,
-        Activation::Relu6 => Act::RELU6,
-        Activation::ReluN1To1 => Act::RELU_N1_TO_1,
-        Activation::Tanh => Act::TANH,
-    }
-}
-
-fn pad(p: Padding) -> tflite::Padding {
-    match p {
-        Padding::Same => tflite::Padding::SAME,
-        Padding::Valid => tflite::Padding::VALID,
-    }
-}
-
-type OpOut = (B, O, Option<WIPOffset<UnionWIPOffset>>);
-
-fn u<T>(o: WIPOffset<T>) -> Option<WIPOffset<UnionWIPOffset>> {
-    Some(o.as_union_value())
-}
-
-fn write_op(fb: &mut FlatBufferBuilder, graph: &Graph, node: &Node) -> Result<OpOut> {
-    fn pool<'a>(
-        fb: &mut FlatBufferBuilder<'a>,
-        p: &PoolParams,
-    ) -> WIPOffset<tflite::Pool2DOptions<'a>> {
-        tflite::Pool2DOptions::create(
-            fb,
-            &tflite::Pool2DOptionsArgs {
-                padding: pad(p.padding),
-                stride_w: p.stride[1] as i32,
-                stride_h: p.stride[0] as i32,
-                filter_width: p.filter[1] as i32,
-                filter_height: p.filter[0] as i32,
-                fused_activation_function: act(p.activation),
-            },
-        )
-    }
-    Ok(match &node.op {
-        Op::Conv2d(c) => {
-            let o = tflite::Conv2DOptions::create(
-                fb,
-                &tflite::Conv2DOptionsArgs {
-                    padding: pad(c.padding),
-                    stride_w: c.stride[1] as i32,
-                    stride_h: c.stride[0] as i32,
-                    fused_activation_function: act(c.activation),
-                    dilation_w_factor: c.dilation[1] as i32,
-                    dilation_h_factor: c.dilation[0] as i32,
-                },
-            );
-            (B::CONV_2D, O::Conv2DOptions, u(o))
-        }
-        Op::DepthwiseConv2d {
-            conv: c,
-            depth_multiplier,
-        } => {
-            let o = tflite::DepthwiseConv2DOptions::create(
-                fb,
-                &tflite::DepthwiseConv2DOptionsArgs {
-                    padding: pad(c.padding),
-                    stride_w: c.stride[1] as i32,
-                    stride_h: c.stride[0] as i32,
-                    depth_multiplier: *depth_multiplier as i32,
-                    fused_activation_function: act(c.activation),
-                    dilation_w_factor: c.dilation[1] as i32,
-                    dilation_h_factor: c.dilation[0] as i32,
-                },
-            );
-            (B::DEPTHWISE_CONV_2D, O::DepthwiseConv2DOptions, u(o))
-        }
-        Op::FullyConnected {
-            activation,
-            keep_num_dims,
-        } => {
-            let o = tflite::FullyConnectedOptions::create(
-                fb,
-                &tflite::FullyConnectedOptionsArgs {
-                    fused_activation_function: act(*activation),
-                    keep_num_dims: *keep_num_dims,
-                    ..Default::default()
-                },
-            );
-            (B::FULLY_CONNECTED, O::FullyConnectedOptions, u(o))
-        }
-        Op::BatchMatMul { adj_x, adj_y } => {
-            let o = tflite::BatchMatMulOptions::create(
-                fb,
-                &tflite::BatchMatMulOptionsArgs {
-                    adj_x: *adj_x,
-                    adj_y: *adj_y,
-                    asymmetric_quantize_inputs: false,
-                },
-            );
-            (B::BATCH_MATMUL, O::BatchMatMulOptions, u(o))
-        }
-        Op::MaxPool2d(p) => (B::MAX_POOL_2D, O::Pool2DOptions, u(pool(fb, p))),
-        Op::AvgPool2d(p) => (B::AVERAGE_POOL_2D, O::Pool2DOptions, u(pool(fb, p))),
-        Op::Binary { kind, activation } => {
-            let a = act(*activation);
-            match kind {
-                BinaryKind::Add => (
-                    B::ADD,
-                    O::AddOptions,
-                    u(tflite::AddOptions::create(
-                        fb,
-                        &tflite::AddOptionsArgs {
-                            fused_activation_function: a,
-                            pot_scale_int16: false,
-                        },
-                    )),
-                ),
-                BinaryKind::Sub => (
-                    B::SUB,
-                    O::SubOptions,
-                    u(tflite::SubOptions::create(
-                        fb,
-                        &tflite::SubOptionsArgs {
-                            fused_activation_function: a,
-                            pot_scale_int16: false,
-                        },
-                    )),
-                ),
-                BinaryKind::Mul => (
-                    B::MUL,
-                    O::MulOptions,
-                    u(tflite::MulOptions::create(
-                        fb,
-                        &tflite::MulOptionsArgs {
-                            fused_activation_function: a,
-                        },
-                    )),
-                ),
-                BinaryKind::Div => (
-                    B::DIV,
-                    O::DivOptions,
-                    u(tflite::DivOptions::create(
-                        fb,
-                        &tflite::DivOptionsArgs {
-                            fused_activation_function: a,
-                        },
-                    )),
-                ),
-                BinaryKind::Maximum | BinaryKind::Minimum => {
-                    if a != Act::NONE {
-                        bail!("{} cannot carry a fused activation", node.op.name());
-                    }
-                    let o = tflite::MaximumMinimumOptions::create(
-                        fb,
-                        &tflite::MaximumMinimumOptionsArgs {},
-                    );
-                    let code = if *kind == BinaryKind::Maximum {
-                        B::MAXIMUM
-                    } else {
-                        B::MINIMUM
-                    };
-                    (code, O::MaximumMinimumOptions, u(o))
-                }
-            }
-        }
-        Op::Unary(kind) => {
-            let code = match kind {
-                UnaryKind::Relu => B::RELU,
-                UnaryKind::Relu6 => B::RELU6,
-                UnaryKind::Logistic => B::LOGISTIC,
-                UnaryKind::Tanh => B::TANH,
-                UnaryKind::HardSwish => B::HARD_SWISH,
-                UnaryKind::Exp => B::EXP,
-                UnaryKind::Log => B::LOG,
-                UnaryKind::Sqrt => B::SQRT,
-                UnaryKind::Rsqrt => B::RSQRT,
-                UnaryKind::Square => B::SQUARE,
-                UnaryKind::Abs => B::ABS,
-                UnaryKind::Floor => B::FLOOR,
-                UnaryKind::Ceil => B::CEIL,
-            };
-            (code, O::NONE, None)
-        }
-        Op::LeakyRelu { alpha } => (
-            B::LEAKY_RELU,
-            O::LeakyReluOptions,
-            u(tflite::LeakyReluOptions::create(
-                fb,
-                &tflite::LeakyReluOptionsArgs { alpha: *alpha },
-            )),
-        ),
-        Op::Softmax { beta } => (
-            B::SOFTMAX,
-            O::SoftmaxOptions,
-            u(tflite::SoftmaxOptions::create(
-                fb,
-                &tflite::SoftmaxOptionsArgs { beta: *beta },
-            )),
-        ),
-        Op::Concatenation { axis, activation } => {
-            let o = tflite::ConcatenationOptions::create(
-                fb,
-                &tflite::ConcatenationOptionsArgs {
-                    axis: *axis as i32,
-                    fused_activation_function: act(*activation),
-                },
-            );
-            (B::CONCATENATION, O::ConcatenationOptions, u(o))
-        }
-        Op::Reshape => {
-            let target: Vec<i32> = graph.tensors[node.outputs[0]]
-                .shape
-                .iter()
-                .map(|&d| d as i32)
-                .collect();
-            let v = fb.create_vector(&target);
-            (
-                B::RESHAPE,
-                O::ReshapeOptions,
-                u(tflite::ReshapeOptions::create(
-                    fb,
-                    &tflite::ReshapeOptionsArgs { new_shape: Some(v) },
-                )),
-            )
-        }
-        Op::Pad => (
-            B::PAD,
-            O::PadOptions,
-            u(tflite::PadOptions::create(fb, &tflite::PadOptionsArgs {})),
-        ),
-        Op::PadV2 => (
-            B::PADV2,
-            O::PadV2Options,
-            u(tflite::PadV2Options::create(
-                fb,
-                &tflite::PadV2OptionsArgs {},
-            )),
-        ),
-        Op::Reduce { kind, keep_dims } => {
-            let code = match kind {
-                ReduceKind::Mean => B::MEAN,
-                ReduceKind::Sum => B::SUM,
-                ReduceKind::Max => B::REDUCE_MAX,
-                ReduceKind::Min => B::REDUCE_MIN,
-            };
-            (
-                code,
-                O::ReducerOptions,
-                u(tflite::ReducerOptions::create(
-                    fb,
-                    &tflite::ReducerOptionsArgs {
-                        keep_dims: *keep_dims,
-                    },
-                )),
-            )
-        }
-        Op::ResizeBilinear {
-            align_corners,
-            half_pixel_centers,
-        } => {
-            let o = tflite::ResizeBilinearOptions::create(
-                fb,
-                &tflite::ResizeBilinearOptionsArgs {
-                    align_corners: *align_corners,
-                    half_pixel_centers: *half_pixel_centers,
-                },
-            );
-            (B::RESIZE_BILINEAR, O::ResizeBilinearOptions, u(o))
-        }
-        Op::ResizeNearest {
-            align_corners,
-            half_pixel_centers,
-        } => {
-            let o = tflite::ResizeNearestNeighborOptions::create(
-                fb,
-                &tflite::ResizeNearestNeighborOptionsArgs {
-                    align_corners: *align_corners,
-                    half_pixel_centers: *half_pixel_centers,
-                },
-            );
-            (
-                B::RESIZE_NEAREST_NEIGHBOR,
-                O::ResizeNearestNeighborOptions,
-                u(o),
-            )
-        }
-        Op::StridedSlice(p) => {
-            let o = tflite::StridedSliceOptions::create(
-                fb,
-                &tflite::StridedSliceOptionsArgs {
-                    begin_mask: p.begin_mask as i32,
-                    end_mask: p.end_mask as i32,
-                    shrink_axis_mask: p.shrink_axis_mask as i32,
-                    ..Default::default()
-                },
-            );
-            (B::STRIDED_SLICE, O::StridedSliceOptions, u(o))
-        }
-        Op::Slice => (
-            B::SLICE,
-            O::SliceOptions,
-            u(tflite::SliceOptions::create(
-                fb,
-                &tflite::SliceOptionsArgs {},
-            )),
-        ),
-        Op::Transpose => (
-            B::TRANSPOSE,
-            O::TransposeOptions,
-            u(tflite::TransposeOptions::create(
-                fb,
-                &tflite::TransposeOptionsArgs {},
-            )),
-        ),
-        Op::Dequantize => (
-            B::DEQUANTIZE,
-            O::DequantizeOptions,
-            u(tflite::DequantizeOptions::create(
-                fb,
-                &tflite::DequantizeOptionsArgs {},
-            )),
-        ),
-        Op::Densify => (
-            B::DENSIFY,
-            O::DensifyOptions,
-            u(tflite::DensifyOptions::create(
-                fb,
-                &tflite::DensifyOptionsArgs {},
-            )),
-        ),
-        Op::Prelu => (B::PRELU, O::NONE, None),
-        Op::DepthToSpace { block } => {
-            let o = tflite::DepthToSpaceOptions::create(
-                fb,
-                &tflite::DepthToSpaceOptionsArgs {
-                    block_size: *block as i32,
-                },
-            );
-            (B::DEPTH_TO_SPACE, O::DepthToSpaceOptions, u(o))
-        }
-        Op::LocalResponseNorm {
-            radius,
-            bias,
-            alpha,
-            beta,
-        } => {
-            let o = tflite::LocalResponseNormalizationOptions::create(
-                fb,
-                &tflite::LocalResponseNormalizationOptionsArgs {
-                    radius: *radius as i32,
-                    bias: *bias,
-                    alpha: *alpha,
-                    beta: *beta,
-                },
-            );
-            (
-                B::LOCAL_RESPONSE_NORMALIZATION,
-                O::LocalResponseNormalizationOptions,
-                u(o),
-            )
-        }
-    })
 }

@@ -1,0 +1,177 @@
+//! LOCAL_RESPONSE_NORMALIZATION across channels, rewritten as
+//! x · (bias + alpha · Σ x²)^-beta with SQUARE (a MUL), PAD, SLICEs, ADDs and LOG/MUL/EXP.
+
+use super::{BinaryKind, Op, OpFamily, OptionsWriter, Registry, UnaryKind, WrittenOptions};
+use crate::model::graph::{Node, OpInputs, TensorId};
+use crate::model::normalise::Rewriter;
+use anyhow::{Result, ensure};
+use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
+
+pub(super) struct LocalResponseNorm;
+
+/// The options of one LOCAL_RESPONSE_NORMALIZATION.
+#[derive(Clone, Copy)]
+struct Params {
+    radius: usize,
+    bias: f32,
+    alpha: f32,
+    beta: f32,
+}
+
+impl OpFamily for LocalResponseNorm {
+    fn opcode(&self, _op: &Op) -> BuiltinOperator {
+        BuiltinOperator::LOCAL_RESPONSE_NORMALIZATION
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.add(BuiltinOperator::LOCAL_RESPONSE_NORMALIZATION, |reader| {
+            let options = reader.required(
+                reader
+                    .operator
+                    .builtin_options_as_local_response_normalization_options(),
+                "LocalResponseNormalizationOptions",
+            )?;
+            ensure!(options.radius() >= 0, "negative radius");
+            reader.node(Op::LocalResponseNorm {
+                radius: options.radius() as usize,
+                bias: options.bias(),
+                alpha: options.alpha(),
+                beta: options.beta(),
+            })
+        });
+    }
+
+    fn output_shape(&self, _op: &Op, inputs: &OpInputs) -> Result<Vec<usize>> {
+        inputs.arity(1..=1)?;
+        Ok(inputs.rank4(0)?.to_vec())
+    }
+
+    fn write_options(&self, op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions> {
+        let p = params(op)?;
+        let options = tflite::LocalResponseNormalizationOptions::create(
+            writer.builder,
+            &tflite::LocalResponseNormalizationOptionsArgs {
+                radius: p.radius as i32,
+                bias: p.bias,
+                alpha: p.alpha,
+                beta: p.beta,
+            },
+        );
+        Ok(WrittenOptions::table(
+            BuiltinOptions::LocalResponseNormalizationOptions,
+            options,
+        ))
+    }
+
+    fn normalise(&self, node: Node, rewriter: &mut Rewriter) -> Result<Option<&'static str>> {
+        let p = params(&node.op)?;
+        let (x, out) = (node.inputs[0], node.outputs[0]);
+        let out_name = rewriter.name(out);
+        let sum = windowed_sum_of_squares(rewriter, x, p.radius, &out_name)?;
+        let alpha = rewriter.scalar(&format!("{out_name}/alpha"), p.alpha);
+        let bias = rewriter.scalar(&format!("{out_name}/bias"), p.bias);
+        let minus_beta = rewriter.scalar(&format!("{out_name}/neg_beta"), -p.beta);
+        let scaled = rewriter.emit(
+            BinaryKind::Mul.op(),
+            vec![sum, alpha],
+            &format!("{out_name}/scaled"),
+        )?;
+        let base = rewriter.emit(
+            BinaryKind::Add.op(),
+            vec![scaled, bias],
+            &format!("{out_name}/base"),
+        )?;
+        let log = rewriter.emit(
+            Op::Unary(UnaryKind::Log),
+            vec![base],
+            &format!("{out_name}/log"),
+        )?;
+        let power = rewriter.emit(
+            BinaryKind::Mul.op(),
+            vec![log, minus_beta],
+            &format!("{out_name}/log_pow"),
+        )?;
+        let factor = rewriter.emit(
+            Op::Unary(UnaryKind::Exp),
+            vec![power],
+            &format!("{out_name}/factor"),
+        )?;
+        rewriter.emit_into(BinaryKind::Mul.op(), vec![x, factor], out)?;
+        Ok(Some("local-response-norm"))
+    }
+
+    fn unrunnable(&self, _op: &Op) -> Option<String> {
+        super::survived_normalisation()
+    }
+}
+
+fn params(op: &Op) -> Result<Params> {
+    match *op {
+        Op::LocalResponseNorm {
+            radius,
+            bias,
+            alpha,
+            beta,
+        } => Ok(Params {
+            radius,
+            bias,
+            alpha,
+            beta,
+        }),
+        ref other => Err(super::misrouted("local response norm", other)),
+    }
+}
+
+/// Σ x² over the channels within `radius` of each channel: the squares padded by `radius`
+/// zeros on both sides of C, and the 2·radius + 1 shifted windows added.
+fn windowed_sum_of_squares(
+    rewriter: &mut Rewriter,
+    x: TensorId,
+    radius: usize,
+    out_name: &str,
+) -> Result<TensorId> {
+    let shape: Vec<i32> = rewriter.shape(x).iter().map(|&d| d as i32).collect();
+    let squares = rewriter.emit(BinaryKind::Mul.op(), vec![x, x], &format!("{out_name}/sq"))?;
+    let r = radius as i32;
+    let pads = rewriter.ints(
+        &format!("{out_name}/pads"),
+        &[0, 0, 0, 0, 0, 0, r, r],
+        vec![4, 2],
+    );
+    let padded = rewriter.emit(
+        Op::Pad,
+        vec![squares, pads],
+        &format!("{out_name}/sq_padded"),
+    )?;
+    let size = rewriter.ints(&format!("{out_name}/size"), &shape, vec![4]);
+    let mut sum = shifted_window(rewriter, padded, size, 0, out_name)?;
+    for k in 1..=2 * radius {
+        let window = shifted_window(rewriter, padded, size, k, out_name)?;
+        sum = rewriter.emit(
+            BinaryKind::Add.op(),
+            vec![sum, window],
+            &format!("{out_name}/sum{k}"),
+        )?;
+    }
+    Ok(sum)
+}
+
+/// The channels `k`..`k + C` of the padded squares.
+fn shifted_window(
+    rewriter: &mut Rewriter,
+    padded: TensorId,
+    size: TensorId,
+    k: usize,
+    out_name: &str,
+) -> Result<TensorId> {
+    let begin = rewriter.ints(
+        &format!("{out_name}/begin{k}"),
+        &[0, 0, 0, k as i32],
+        vec![4],
+    );
+    rewriter.emit(
+        Op::Slice,
+        vec![padded, begin, size],
+        &format!("{out_name}/window{k}"),
+    )
+}

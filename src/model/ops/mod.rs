@@ -1,0 +1,265 @@
+//! The TFLite ops the model layer knows, one family to a file.
+//!
+//! A family owns everything about its ops: how an operator is read from a TFLite file
+//! ([`OpFamily::register`]), written back ([`OpFamily::write_options`]), what shape its
+//! output has ([`OpFamily::output_shape`]) and how normalisation rewrites it into what
+//! tract-tflite 0.23 reads and computes correctly ([`OpFamily::normalise`]). Every other
+//! hook has a default. Reading looks an operator's opcode up in the [`Registry`] the
+//! families fill, and an opcode no family registers fails naming it; everything else finds
+//! an op's family through [`Op::family`].
+//!
+//! Where an op lives: `ops/<name>.rs`, the TFLite name in lower case, except for the
+//! families that share one file: `elementwise.rs` (every unary and binary arithmetic op,
+//! LEAKY_RELU, PRELU), `conv.rs` (CONV_2D, DEPTHWISE_CONV_2D), `pool.rs` (MAX_POOL_2D,
+//! AVERAGE_POOL_2D), `reduce.rs` (MEAN, SUM, REDUCE_MAX, REDUCE_MIN), `reshape.rs`
+//! (RESHAPE, SQUEEZE, EXPAND_DIMS), `slice.rs` (SLICE, STRIDED_SLICE), `pad.rs` (PAD,
+//! PADV2) and `resize.rs` (RESIZE_BILINEAR, RESIZE_NEAREST_NEIGHBOR).
+
+mod batch_matmul;
+mod concatenation;
+mod conv;
+mod densify;
+mod depth_to_space;
+mod dequantize;
+mod elementwise;
+mod fully_connected;
+mod fused_activation;
+mod local_response_norm;
+mod pad;
+mod pool;
+mod reduce;
+mod registry;
+mod reshape;
+mod resize;
+mod slice;
+mod softmax;
+mod transpose;
+mod window;
+
+pub use conv::ConvParams;
+pub use elementwise::{BinaryKind, UnaryKind, broadcast};
+pub use fused_activation::Activation;
+pub use pool::PoolParams;
+pub use reduce::ReduceKind;
+pub use slice::{StridedSliceParams, strided_bounds};
+pub use window::{Padding, conv_out};
+
+pub(crate) use dequantize::dequantize;
+pub(crate) use registry::{OperatorReader, OptionsWriter, Registry, WrittenOptions, registry};
+
+use super::graph::{DType, Graph, Node, OpInputs};
+use super::normalise::Rewriter;
+use super::split::LayerKind;
+use anyhow::Result;
+use tract_tflite::tflite::BuiltinOperator;
+
+/// One operator of a graph, with its options. The set is closed: an op is one tract runs
+/// (after normalisation) or one normalisation removes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    Conv2d(ConvParams),
+    DepthwiseConv2d {
+        conv: ConvParams,
+        depth_multiplier: usize,
+    },
+    FullyConnected {
+        activation: Activation,
+        keep_num_dims: bool,
+    },
+    BatchMatMul {
+        adj_x: bool,
+        adj_y: bool,
+    },
+    MaxPool2d(PoolParams),
+    AvgPool2d(PoolParams),
+    Binary {
+        kind: BinaryKind,
+        activation: Activation,
+    },
+    Unary(UnaryKind),
+    LeakyRelu {
+        alpha: f32,
+    },
+    Softmax {
+        beta: f32,
+    },
+    Concatenation {
+        axis: usize,
+        activation: Activation,
+    },
+    /// Target shape is the second input, a constant (SQUEEZE and EXPAND_DIMS are read as this).
+    Reshape,
+    Pad,
+    PadV2,
+    Reduce {
+        kind: ReduceKind,
+        keep_dims: bool,
+    },
+    ResizeBilinear {
+        align_corners: bool,
+        half_pixel_centers: bool,
+    },
+    ResizeNearest {
+        align_corners: bool,
+        half_pixel_centers: bool,
+    },
+    StridedSlice(StridedSliceParams),
+    Slice,
+    Transpose,
+    // Removed by normalisation: tract 0.23 cannot read them.
+    Dequantize,
+    Densify,
+    Prelu,
+    DepthToSpace {
+        block: usize,
+    },
+    LocalResponseNorm {
+        radius: usize,
+        bias: f32,
+        alpha: f32,
+        beta: f32,
+    },
+}
+
+/// Every family, in the order their readers are registered.
+const FAMILIES: &[&dyn OpFamily] = &[
+    &conv::Conv,
+    &fully_connected::FullyConnected,
+    &batch_matmul::BatchMatMul,
+    &pool::Pool,
+    &elementwise::BinaryOps,
+    &elementwise::UnaryOps,
+    &elementwise::LeakyRelu,
+    &elementwise::Prelu,
+    &softmax::Softmax,
+    &concatenation::Concatenation,
+    &reshape::Reshape,
+    &pad::Pad,
+    &reduce::Reduce,
+    &resize::Resize,
+    &slice::Slice,
+    &slice::StridedSlice,
+    &transpose::Transpose,
+    &dequantize::Dequantize,
+    &densify::Densify,
+    &depth_to_space::DepthToSpace,
+    &local_response_norm::LocalResponseNorm,
+];
+
+impl Op {
+    /// The family that knows how to read, write, shape and normalise this op.
+    pub(crate) fn family(&self) -> &'static dyn OpFamily {
+        match self {
+            Op::Conv2d(_) | Op::DepthwiseConv2d { .. } => &conv::Conv,
+            Op::FullyConnected { .. } => &fully_connected::FullyConnected,
+            Op::BatchMatMul { .. } => &batch_matmul::BatchMatMul,
+            Op::MaxPool2d(_) | Op::AvgPool2d(_) => &pool::Pool,
+            Op::Binary { .. } => &elementwise::BinaryOps,
+            Op::Unary(_) => &elementwise::UnaryOps,
+            Op::LeakyRelu { .. } => &elementwise::LeakyRelu,
+            Op::Prelu => &elementwise::Prelu,
+            Op::Softmax { .. } => &softmax::Softmax,
+            Op::Concatenation { .. } => &concatenation::Concatenation,
+            Op::Reshape => &reshape::Reshape,
+            Op::Pad | Op::PadV2 => &pad::Pad,
+            Op::Reduce { .. } => &reduce::Reduce,
+            Op::ResizeBilinear { .. } | Op::ResizeNearest { .. } => &resize::Resize,
+            Op::Slice => &slice::Slice,
+            Op::StridedSlice(_) => &slice::StridedSlice,
+            Op::Transpose => &transpose::Transpose,
+            Op::Dequantize => &dequantize::Dequantize,
+            Op::Densify => &densify::Densify,
+            Op::DepthToSpace { .. } => &depth_to_space::DepthToSpace,
+            Op::LocalResponseNorm { .. } => &local_response_norm::LocalResponseNorm,
+        }
+    }
+
+    /// The TFLite builtin operator this op is written as.
+    pub(crate) fn opcode(&self) -> BuiltinOperator {
+        self.family().opcode(self)
+    }
+
+    /// TFLite's name for the op, as users see it in converters and error messages.
+    pub fn name(&self) -> &'static str {
+        self.opcode().variant_name().unwrap_or("unnamed builtin op")
+    }
+}
+
+/// What the model layer knows about a family of TFLite ops. The first four methods are
+/// required; the others default to what most ops need.
+pub(crate) trait OpFamily: Sync {
+    /// The opcode `op` is written as.
+    fn opcode(&self, op: &Op) -> BuiltinOperator;
+
+    /// Adds a reader for each opcode the family reads.
+    fn register(&self, registry: &mut Registry);
+
+    /// The shape of the op's one output, checking that its inputs make sense.
+    fn output_shape(&self, op: &Op, inputs: &OpInputs) -> Result<Vec<usize>>;
+
+    /// The op's builtin options, as the TFLite schema lays them out.
+    fn write_options(&self, op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions>;
+
+    /// The element type of the output, given the first input's.
+    fn output_dtype(&self, _op: &Op, first_input: DType) -> DType {
+        first_input
+    }
+
+    /// Floating-point operations of one node (a multiply-add counts as two).
+    fn flops(&self, graph: &Graph, node: &Node) -> u64 {
+        output_elements(graph, node)
+    }
+
+    /// The op's fused activation, for the ops that carry one.
+    fn fused_activation<'op>(&self, _op: &'op mut Op) -> Option<&'op mut Activation> {
+        None
+    }
+
+    /// Whether every input after the first is an integer argument (a shape, axes,
+    /// paddings) rather than data: such inputs need not be float.
+    fn takes_integer_arguments(&self) -> bool {
+        false
+    }
+
+    /// The kind of layer the node starts when it carries the layer's weights.
+    fn weighted_layer(&self, _graph: &Graph, _node: &Node) -> Option<LayerKind> {
+        None
+    }
+
+    /// Replaces a node that only decodes a constant by the decoded constant; returns the
+    /// name of the rewrite, or `None` to keep the node.
+    fn fold_constant(&self, _graph: &mut Graph, _node: &Node) -> Result<Option<&'static str>> {
+        Ok(None)
+    }
+
+    /// Emits what replaces `node` in a graph tract-tflite 0.23 runs correctly; returns the
+    /// name of the rewrite, or `None` when the op stays as it is.
+    fn normalise(&self, node: Node, rewriter: &mut Rewriter) -> Result<Option<&'static str>> {
+        rewriter.keep(node);
+        Ok(None)
+    }
+
+    /// Why the op, as it stands, is not one normalisation leaves behind (`None`: it is).
+    fn unrunnable(&self, _op: &Op) -> Option<String> {
+        None
+    }
+}
+
+/// Elements written by a node: the flop count of ops that compute each output once.
+pub(crate) fn output_elements(graph: &Graph, node: &Node) -> u64 {
+    node.outputs
+        .iter()
+        .map(|&o| graph.tensors[o].elements() as u64)
+        .sum()
+}
+
+/// The error of a family handed an op of another family. [`Op::family`] routes each op to
+/// its own, so this reports a bug, never bad input.
+fn misrouted(family: &str, op: &Op) -> anyhow::Error {
+    anyhow::anyhow!("{} was handed to the {family} family", op.name())
+}
+
+/// [`OpFamily::unrunnable`] of the ops normalisation always removes.
+fn survived_normalisation() -> Option<String> {
+    Some("survived normalisation".into())
+}

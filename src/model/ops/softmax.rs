@@ -1,0 +1,73 @@
+//! SOFTMAX over the last axis.
+
+use super::{BinaryKind, Op, OpFamily, OptionsWriter, Registry, WrittenOptions, misrouted};
+use crate::model::graph::{Node, OpInputs};
+use crate::model::normalise::Rewriter;
+use anyhow::Result;
+use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
+
+pub(super) struct Softmax;
+
+impl OpFamily for Softmax {
+    fn opcode(&self, _op: &Op) -> BuiltinOperator {
+        BuiltinOperator::SOFTMAX
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.add(BuiltinOperator::SOFTMAX, |reader| {
+            let beta = reader
+                .operator
+                .builtin_options_as_softmax_options()
+                .map(|o| o.beta())
+                .unwrap_or(1.0);
+            reader.node(Op::Softmax { beta })
+        });
+    }
+
+    fn output_shape(&self, _op: &Op, inputs: &OpInputs) -> Result<Vec<usize>> {
+        inputs.arity(1..=1)?;
+        Ok(inputs.shape(0).to_vec())
+    }
+
+    fn write_options(&self, op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions> {
+        let options = tflite::SoftmaxOptions::create(
+            writer.builder,
+            &tflite::SoftmaxOptionsArgs { beta: beta(op)? },
+        );
+        Ok(WrittenOptions::table(
+            BuiltinOptions::SoftmaxOptions,
+            options,
+        ))
+    }
+
+    /// tract reads beta = 1 only: TFLite's exp(beta·x) normalised is a MUL by beta first.
+    fn normalise(&self, node: Node, rewriter: &mut Rewriter) -> Result<Option<&'static str>> {
+        let beta = beta(&node.op)?;
+        if beta == 1.0 {
+            rewriter.keep(node);
+            return Ok(None);
+        }
+        let out = node.outputs[0];
+        let out_name = rewriter.name(out);
+        let beta = rewriter.scalar(&format!("{out_name}/beta"), beta);
+        let scaled = rewriter.emit(
+            BinaryKind::Mul.op(),
+            vec![node.inputs[0], beta],
+            &format!("{out_name}/scaled"),
+        )?;
+        rewriter.emit_into(Op::Softmax { beta: 1.0 }, vec![scaled], out)?;
+        Ok(Some("softmax-beta"))
+    }
+
+    fn unrunnable(&self, op: &Op) -> Option<String> {
+        let beta = beta(op).ok()?;
+        (beta != 1.0).then(|| format!("has beta {beta}"))
+    }
+}
+
+fn beta(op: &Op) -> Result<f32> {
+    match op {
+        Op::Softmax { beta } => Ok(*beta),
+        other => Err(misrouted("softmax", other)),
+    }
+}
