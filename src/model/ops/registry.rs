@@ -79,19 +79,11 @@ impl OperatorReader<'_, '_> {
     /// The node of an op whose third input is a bias: when it is omitted, a zero bias with
     /// as many values as `channels` picks from the filter's shape (tract's readers insist
     /// on one).
-    pub fn node_with_optional_bias(
-        &mut self,
-        op: Op,
-        channels: BiasChannels,
-    ) -> Result<Node> {
+    pub fn node_with_optional_bias(&mut self, op: Op, channels: BiasChannels) -> Result<Node> {
         self.node_with_bias(op, Some(channels))
     }
 
-    fn node_with_bias(
-        &mut self,
-        op: Op,
-        bias_channels: Option<BiasChannels>,
-    ) -> Result<Node> {
+    fn node_with_bias(&mut self, op: Op, bias_channels: Option<BiasChannels>) -> Result<Node> {
         let mut inputs = vec![];
         for (slot, &i) in self.raw_inputs.iter().enumerate() {
             match (i >= 0, bias_channels) {

@@ -35,11 +35,11 @@ pub fn write_graph(graph: &Graph, options: WriteOptions) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// One pass over the graph. With `external_base`, constants go after the flatbuffer starting
-/// at that offset and are returned in file order.
 /// A flatbuffer and the constants that follow it in the file.
 type Built = (Vec<u8>, Vec<bytes::Bytes>);
 
+/// One pass over the graph. With `external_base`, constants go after the flatbuffer starting
+/// at that offset and are returned in file order.
 fn build(graph: &Graph, options: WriteOptions, external_base: Option<u64>) -> Result<Built> {
     let weight_bytes: usize = graph
         .tensors
@@ -52,102 +52,19 @@ fn build(graph: &Graph, options: WriteOptions, external_base: Option<u64>) -> Re
         weight_bytes + (1 << 16)
     };
     let mut fb = FlatBufferBuilder::with_capacity(capacity.min(1 << 31));
-    let mut buffers = vec![tflite::Buffer::create(
-        &mut fb,
-        &tflite::BufferArgs { data: None },
-    )];
-    let mut blobs = vec![];
-    let mut next_offset = external_base.unwrap_or(0);
-    let mut tensors = vec![];
-    for t in &graph.tensors {
-        let buffer = match &t.data {
-            None => 0,
-            Some(data) => {
-                let b = match external_base {
-                    None => {
-                        let v = fb.create_vector(data);
-                        tflite::Buffer::create(&mut fb, &tflite::BufferArgs { data: Some(v) })
-                    }
-                    Some(_) => {
-                        next_offset = next_offset.next_multiple_of(16);
-                        let start = fb.start_table();
-                        fb.push_slot_always::<u64>(6, next_offset);
-                        fb.push_slot_always::<u64>(8, data.len() as u64);
-                        next_offset += data.len() as u64;
-                        blobs.push(data.clone());
-                        WIPOffset::new(fb.end_table(start).value())
-                    }
-                };
-                buffers.push(b);
-                (buffers.len() - 1) as u32
-            }
-        };
-        let shape: Vec<i32> = t.shape.iter().map(|&d| d as i32).collect();
-        let shape = fb.create_vector(&shape);
-        let name = fb.create_string(&t.name);
-        let quantization = t.quant.as_ref().map(|q| {
-            let scale = fb.create_vector(&q.scale);
-            let zero_point = fb.create_vector(&q.zero_point);
-            tflite::QuantizationParameters::create(
-                &mut fb,
-                &tflite::QuantizationParametersArgs {
-                    scale: Some(scale),
-                    zero_point: Some(zero_point),
-                    quantized_dimension: q.axis as i32,
-                    ..Default::default()
-                },
-            )
-        });
-        let sparsity = t.sparsity.as_ref().map(|s| write_sparsity(&mut fb, s));
-        tensors.push(tflite::Tensor::create(
+    let mut buffers = Buffers {
+        tables: vec![tflite::Buffer::create(
             &mut fb,
-            &tflite::TensorArgs {
-                shape: Some(shape),
-                type_: tensor_type(t.dtype),
-                buffer,
-                name: Some(name),
-                quantization,
-                sparsity,
-                has_rank: true,
-                ..Default::default()
-            },
-        ));
-    }
-
-    let mut codes: Vec<BuiltinOperator> = vec![];
-    let mut operators = vec![];
-    for node in &graph.nodes {
-        let code = node.op.opcode();
-        let options = node.op.family().write_options(
-            &node.op,
-            &mut OptionsWriter {
-                builder: &mut fb,
-                graph,
-                node,
-            },
-        )?;
-        let opcode_index = match codes.iter().position(|c| *c == code) {
-            Some(i) => i,
-            None => {
-                codes.push(code);
-                codes.len() - 1
-            }
-        } as u32;
-        let ids = |v: &[TensorId]| v.iter().map(|&i| i as i32).collect::<Vec<i32>>();
-        let inputs = fb.create_vector(&ids(&node.inputs));
-        let outputs = fb.create_vector(&ids(&node.outputs));
-        operators.push(tflite::Operator::create(
-            &mut fb,
-            &tflite::OperatorArgs {
-                opcode_index,
-                inputs: Some(inputs),
-                outputs: Some(outputs),
-                builtin_options_type: options.kind,
-                builtin_options: options.table,
-                ..Default::default()
-            },
-        ));
-    }
+            &tflite::BufferArgs { data: None },
+        )],
+        external: external_base.map(|base| (base, vec![])),
+    };
+    let tensors: Vec<_> = graph
+        .tensors
+        .iter()
+        .map(|t| write_tensor(&mut fb, &mut buffers, t))
+        .collect();
+    let (operators, codes) = write_operators(&mut fb, graph)?;
     let ids = |v: &[TensorId]| v.iter().map(|&i| i as i32).collect::<Vec<i32>>();
     let tensors = fb.create_vector(&tensors);
     let operators = fb.create_vector(&operators);
@@ -165,27 +82,8 @@ fn build(graph: &Graph, options: WriteOptions, external_base: Option<u64>) -> Re
         },
     );
     let subgraphs = fb.create_vector(&[subgraph]);
-    let codes: Vec<_> = codes
-        .iter()
-        .map(|&code| {
-            let (deprecated, builtin) = match (code.0 < 127, options.legacy_opcodes) {
-                (true, true) => (code.0 as i8, BuiltinOperator(0)),
-                (true, false) => (code.0 as i8, code),
-                (false, _) => (127, code),
-            };
-            tflite::OperatorCode::create(
-                &mut fb,
-                &tflite::OperatorCodeArgs {
-                    deprecated_builtin_code: deprecated,
-                    custom_code: None,
-                    version: 1,
-                    builtin_code: builtin,
-                },
-            )
-        })
-        .collect();
-    let codes = fb.create_vector(&codes);
-    let buffers = fb.create_vector(&buffers);
+    let codes = write_operator_codes(&mut fb, &codes, options.legacy_opcodes);
+    let buffer_tables = fb.create_vector(&buffers.tables);
     let description = fb.create_string("memaflow");
     let model = tflite::Model::create(
         &mut fb,
@@ -194,7 +92,7 @@ fn build(graph: &Graph, options: WriteOptions, external_base: Option<u64>) -> Re
             operator_codes: Some(codes),
             subgraphs: Some(subgraphs),
             description: Some(description),
-            buffers: Some(buffers),
+            buffers: Some(buffer_tables),
             ..Default::default()
         },
     );
@@ -204,7 +102,147 @@ fn build(graph: &Graph, options: WriteOptions, external_base: Option<u64>) -> Re
     // rather than copying it (a layer file can be hundreds of MiB).
     let mut bytes = vec;
     bytes.drain(..head);
+    let blobs = buffers.external.map(|(_, blobs)| blobs).unwrap_or_default();
     Ok((bytes, blobs))
+}
+
+/// The model's buffer table as it is built, and with external buffers, the next offset
+/// after the flatbuffer and the constants to put there.
+struct Buffers<'fb> {
+    tables: Vec<WIPOffset<tflite::Buffer<'fb>>>,
+    external: Option<(u64, Vec<bytes::Bytes>)>,
+}
+
+impl<'fb> Buffers<'fb> {
+    /// Adds the buffer of one constant; returns its index.
+    fn add(&mut self, fb: &mut FlatBufferBuilder<'fb>, data: &bytes::Bytes) -> u32 {
+        let table = match &mut self.external {
+            None => {
+                let v = fb.create_vector(data);
+                tflite::Buffer::create(fb, &tflite::BufferArgs { data: Some(v) })
+            }
+            Some((next_offset, blobs)) => {
+                *next_offset = next_offset.next_multiple_of(16);
+                let start = fb.start_table();
+                fb.push_slot_always::<u64>(6, *next_offset);
+                fb.push_slot_always::<u64>(8, data.len() as u64);
+                *next_offset += data.len() as u64;
+                blobs.push(data.clone());
+                WIPOffset::new(fb.end_table(start).value())
+            }
+        };
+        self.tables.push(table);
+        (self.tables.len() - 1) as u32
+    }
+}
+
+fn write_tensor<'fb>(
+    fb: &mut FlatBufferBuilder<'fb>,
+    buffers: &mut Buffers<'fb>,
+    t: &Tensor,
+) -> WIPOffset<tflite::Tensor<'fb>> {
+    let buffer = t.data.as_ref().map_or(0, |data| buffers.add(fb, data));
+    let shape: Vec<i32> = t.shape.iter().map(|&d| d as i32).collect();
+    let shape = fb.create_vector(&shape);
+    let name = fb.create_string(&t.name);
+    let quantization = t.quant.as_ref().map(|q| {
+        let scale = fb.create_vector(&q.scale);
+        let zero_point = fb.create_vector(&q.zero_point);
+        tflite::QuantizationParameters::create(
+            fb,
+            &tflite::QuantizationParametersArgs {
+                scale: Some(scale),
+                zero_point: Some(zero_point),
+                quantized_dimension: q.axis as i32,
+                ..Default::default()
+            },
+        )
+    });
+    let sparsity = t.sparsity.as_ref().map(|s| write_sparsity(fb, s));
+    tflite::Tensor::create(
+        fb,
+        &tflite::TensorArgs {
+            shape: Some(shape),
+            type_: tensor_type(t.dtype),
+            buffer,
+            name: Some(name),
+            quantization,
+            sparsity,
+            has_rank: true,
+            ..Default::default()
+        },
+    )
+}
+
+/// The operators, each with its options from its family, and the opcodes they use in order
+/// of first use.
+type Operators<'fb> = (Vec<WIPOffset<tflite::Operator<'fb>>>, Vec<BuiltinOperator>);
+
+fn write_operators<'fb>(fb: &mut FlatBufferBuilder<'fb>, graph: &Graph) -> Result<Operators<'fb>> {
+    let mut codes: Vec<BuiltinOperator> = vec![];
+    let mut operators = vec![];
+    for node in &graph.nodes {
+        let code = node.op.opcode();
+        let options = node.op.family().write_options(
+            &node.op,
+            &mut OptionsWriter {
+                builder: fb,
+                graph,
+                node,
+            },
+        )?;
+        let opcode_index = match codes.iter().position(|c| *c == code) {
+            Some(i) => i,
+            None => {
+                codes.push(code);
+                codes.len() - 1
+            }
+        } as u32;
+        let ids = |v: &[TensorId]| v.iter().map(|&i| i as i32).collect::<Vec<i32>>();
+        let inputs = fb.create_vector(&ids(&node.inputs));
+        let outputs = fb.create_vector(&ids(&node.outputs));
+        operators.push(tflite::Operator::create(
+            fb,
+            &tflite::OperatorArgs {
+                opcode_index,
+                inputs: Some(inputs),
+                outputs: Some(outputs),
+                builtin_options_type: options.kind,
+                builtin_options: options.table,
+                ..Default::default()
+            },
+        ));
+    }
+    Ok((operators, codes))
+}
+
+/// The opcode table. Codes below 127 also go in `deprecated_builtin_code`, as TFLite
+/// writes them; with `legacy`, only there.
+fn write_operator_codes<'fb>(
+    fb: &mut FlatBufferBuilder<'fb>,
+    codes: &[BuiltinOperator],
+    legacy: bool,
+) -> WIPOffset<flatbuffers::Vector<'fb, flatbuffers::ForwardsUOffset<tflite::OperatorCode<'fb>>>> {
+    let codes: Vec<_> = codes
+        .iter()
+        .map(|&code| {
+            let (deprecated, builtin) = match (code.0 < 127, legacy) {
+                (true, true) => (code.0 as i8, BuiltinOperator(0)),
+                (true, false) => (code.0 as i8, code),
+                (false, _) => (127, code),
+            };
+            tflite::OperatorCode::create(
+                fb,
+                &tflite::OperatorCodeArgs {
+                    deprecated_builtin_code: deprecated,
+                    custom_code: None,
+                    version: 1,
+                    builtin_code: builtin,
+                },
+            )
+        })
+        .collect();
+    fb.create_vector(&codes)
 }
 
 fn tensor_type(dt: DType) -> tflite::TensorType {
