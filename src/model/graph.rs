@@ -436,6 +436,12 @@ impl OpInputs<'_> {
         Ok(())
     }
 
+    /// The output shape of an op that maps each element of its one input.
+    pub fn elementwise_shape(&self) -> Result<Vec<usize>> {
+        self.arity(1..=1)?;
+        Ok(self.shape(0).to_vec())
+    }
+
     pub fn shape(&self, slot: usize) -> &[usize] {
         &self.graph.tensors[self.ids[slot]].shape
     }

@@ -73,11 +73,14 @@ fn weights_to_f32(graph: &mut Graph, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
-/// Emits the nodes that replace a graph's nodes; the last node of a replacement writes the
-/// original output tensor so that nothing downstream changes.
+/// Emits the nodes that replace a graph's nodes, one node at a time. New tensors are named
+/// after the output of the node being replaced, and its replacement ends by writing that
+/// output, so that nothing downstream changes.
 pub(crate) struct Rewriter<'g> {
     pub graph: &'g mut Graph,
     out: Vec<Node>,
+    /// The output of the node being replaced.
+    output: TensorId,
 }
 
 impl Rewriter<'_> {
@@ -86,10 +89,10 @@ impl Rewriter<'_> {
         self.out.push(node);
     }
 
-    /// Emits `op` on `inputs` into a new tensor named after `name`.
-    pub fn emit(&mut self, op: Op, inputs: Vec<TensorId>, name: &str) -> Result<TensorId> {
+    /// Emits `op` on `inputs` into a new tensor, named `suffix` after the output.
+    pub fn emit(&mut self, op: Op, inputs: Vec<TensorId>, suffix: &str) -> Result<TensorId> {
         let shapes = self.graph.output_shapes(&op, &inputs)?;
-        let name = self.graph.fresh_name(name);
+        let name = self.fresh_name(suffix);
         let t = self
             .graph
             .add_tensor(Tensor::activation(name, shapes[0].clone(), DType::F32));
@@ -101,62 +104,60 @@ impl Rewriter<'_> {
         Ok(t)
     }
 
-    /// Emits `op` on `inputs` into the existing tensor `output`, which must keep its shape.
-    pub fn emit_into(&mut self, op: Op, inputs: Vec<TensorId>, output: TensorId) -> Result<()> {
+    /// Emits `op` on `inputs` into the output, which must keep its shape: the end of the
+    /// replacement.
+    pub fn emit_output(&mut self, op: Op, inputs: Vec<TensorId>) -> Result<()> {
         let shapes = self.graph.output_shapes(&op, &inputs)?;
+        let output = &self.graph.tensors[self.output];
         ensure!(
-            shapes[0] == self.graph.tensors[output].shape,
+            shapes[0] == output.shape,
             "rewrite of '{}' gives {:?}",
-            self.graph.tensors[output].name,
+            output.name,
             shapes[0]
         );
         self.out.push(Node {
             op,
             inputs,
-            outputs: vec![output],
+            outputs: vec![self.output],
         });
         Ok(())
     }
 
-    /// A new f32 constant of one value.
-    pub fn scalar(&mut self, name: &str, v: f32) -> TensorId {
-        let name = self.graph.fresh_name(name);
+    /// A new f32 constant of one value, named `suffix` after the output.
+    pub fn scalar(&mut self, suffix: &str, v: f32) -> TensorId {
+        let name = self.fresh_name(suffix);
         self.graph
             .add_tensor(Tensor::f32_constant(name, vec![1], &[v]))
     }
 
-    /// A new i32 constant of `shape`.
-    pub fn ints(&mut self, name: &str, v: &[i32], shape: Vec<usize>) -> TensorId {
-        let name = self.graph.fresh_name(name);
-        let mut t = Tensor::i32_constant(name, v);
+    /// A new i32 constant of `shape`, named `suffix` after the output.
+    pub fn ints(&mut self, suffix: &str, v: &[i32], shape: Vec<usize>) -> TensorId {
+        let mut t = Tensor::i32_constant(self.fresh_name(suffix), v);
         t.shape = shape;
         self.graph.add_tensor(t)
     }
 
-    /// `x` reshaped to `shape`, in a new tensor named after `name`.
-    pub fn reshape(&mut self, x: TensorId, shape: &[usize], name: &str) -> Result<TensorId> {
+    /// `x` reshaped to `shape` in a new tensor, named `suffix` after the output.
+    pub fn reshape(&mut self, x: TensorId, shape: &[usize], suffix: &str) -> Result<TensorId> {
         let target: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
-        let s = self.ints(&format!("{name}/shape"), &target, vec![target.len()]);
-        self.emit(Op::Reshape, vec![x, s], name)
+        let s = self.ints(&format!("{suffix}/shape"), &target, vec![target.len()]);
+        self.emit(Op::Reshape, vec![x, s], suffix)
     }
 
-    /// `x` reshaped into the existing tensor `output`, to its shape.
-    pub fn reshape_into(&mut self, x: TensorId, output: TensorId) -> Result<()> {
-        let target: Vec<i32> = self.shape(output).iter().map(|&d| d as i32).collect();
-        let name = format!("{}/shape", self.name(output));
-        let shape = self.ints(&name, &target, vec![target.len()]);
-        self.emit_into(Op::Reshape, vec![x, shape], output)
+    /// `x` reshaped into the output, to its shape.
+    pub fn reshape_output(&mut self, x: TensorId) -> Result<()> {
+        let target: Vec<i32> = self.shape(self.output).iter().map(|&d| d as i32).collect();
+        let shape = self.ints("shape", &target, vec![target.len()]);
+        self.emit_output(Op::Reshape, vec![x, shape])
     }
 
     /// Keeps `node` with its second input, an integer argument, as the i32 vector tract
     /// reads (files also store them as i64).
     pub fn keep_with_i32_argument(&mut self, node: Node) -> Result<()> {
         let values = self.i32_values(node.inputs[1])?;
-        let out = node.outputs[0];
-        let name = format!("{}/arg", self.name(out));
         let mut inputs = node.inputs;
-        inputs[1] = self.ints(&name, &values, vec![values.len()]);
-        self.emit_into(node.op, inputs, out)
+        inputs[1] = self.ints("arg", &values, vec![values.len()]);
+        self.emit_output(node.op, inputs)
     }
 
     /// The values of an integer constant, as i32.
@@ -172,8 +173,10 @@ impl Rewriter<'_> {
         &self.graph.tensors[t].shape
     }
 
-    pub fn name(&self, t: TensorId) -> String {
-        self.graph.tensors[t].name.clone()
+    /// A tensor name not used yet: `suffix` after the output's name.
+    fn fresh_name(&self, suffix: &str) -> String {
+        let output = &self.graph.tensors[self.output].name;
+        self.graph.fresh_name(&format!("{output}/{suffix}"))
     }
 }
 
@@ -182,6 +185,7 @@ fn rewrite_ops(graph: &mut Graph, report: &mut Report) -> Result<()> {
     let mut rewriter = Rewriter {
         graph,
         out: Vec::with_capacity(nodes.len()),
+        output: 0,
     };
     for (ix, node) in nodes.into_iter().enumerate() {
         let name = node.op.name();
@@ -197,17 +201,25 @@ fn rewrite_ops(graph: &mut Graph, report: &mut Report) -> Result<()> {
 }
 
 /// Rewrites one node if it needs it; returns the name of the rewrite applied.
-fn rewrite_node(rewriter: &mut Rewriter, mut node: Node) -> Result<Option<&'static str>> {
+fn rewrite_node(rewriter: &mut Rewriter, node: Node) -> Result<Option<&'static str>> {
+    let enclosing = std::mem::replace(&mut rewriter.output, node.outputs[0]);
+    let result = rewrite_activation_or_op(rewriter, node);
+    rewriter.output = enclosing;
+    result
+}
+
+fn rewrite_activation_or_op(
+    rewriter: &mut Rewriter,
+    mut node: Node,
+) -> Result<Option<&'static str>> {
     let family = node.op.family();
     match family.fused_activation(&mut node.op) {
         // A fused TANH is ignored by every float TFLite kernel (their activation range for
         // it is unbounded), so the model's meaning is the op without it: drop it, and say so.
         Some(activation @ Activation::Tanh) => {
             *activation = Activation::None;
-            let out_name = rewriter.name(node.outputs[0]);
-            log::warn!(
-                "'{out_name}': fused TANH activation ignored, as TFLite's kernels ignore it"
-            );
+            let output = &rewriter.graph.tensors[rewriter.output].name;
+            log::warn!("'{output}': fused TANH activation ignored, as TFLite's kernels ignore it");
             rewrite_node(rewriter, node)?;
             Ok(Some("ignored-fused-tanh"))
         }
@@ -221,27 +233,19 @@ fn rewrite_node(rewriter: &mut Rewriter, mut node: Node) -> Result<Option<&'stat
     }
 }
 
-/// The op into a new tensor, then MAXIMUM with -1 and MINIMUM with 1 into its output.
+/// The op into a new tensor, then MAXIMUM with -1 and MINIMUM with 1 into the output.
 fn split_relu_n1_to_1(rewriter: &mut Rewriter, mut node: Node) -> Result<()> {
-    let out = node.outputs[0];
-    let out_name = rewriter.name(out);
-    let pre = rewriter
-        .graph
-        .fresh_name(&format!("{out_name}/pre_activation"));
-    let shape = rewriter.shape(out).to_vec();
+    let pre = rewriter.fresh_name("pre_activation");
+    let shape = rewriter.shape(rewriter.output).to_vec();
     let pre = rewriter
         .graph
         .add_tensor(Tensor::activation(pre, shape, DType::F32));
     node.outputs = vec![pre];
     rewrite_node(rewriter, node)?;
-    let lo = rewriter.scalar(&format!("{out_name}/minus_one"), -1.0);
-    let hi = rewriter.scalar(&format!("{out_name}/one"), 1.0);
-    let floored = rewriter.emit(
-        BinaryKind::Maximum.op(),
-        vec![pre, lo],
-        &format!("{out_name}/floor"),
-    )?;
-    rewriter.emit_into(BinaryKind::Minimum.op(), vec![floored, hi], out)
+    let lo = rewriter.scalar("minus_one", -1.0);
+    let hi = rewriter.scalar("one", 1.0);
+    let floored = rewriter.emit(BinaryKind::Maximum.op(), vec![pre, lo], "floor")?;
+    rewriter.emit_output(BinaryKind::Minimum.op(), vec![floored, hi])
 }
 
 /// The contract with the runtime: only ops and forms tract-tflite 0.23 reads correctly.

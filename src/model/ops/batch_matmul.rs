@@ -9,10 +9,6 @@ use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 pub(super) struct BatchMatMul;
 
 impl OpFamily for BatchMatMul {
-    fn opcode(&self, _op: &Op) -> BuiltinOperator {
-        BuiltinOperator::BATCH_MATMUL
-    }
-
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::BATCH_MATMUL, |reader| {
             let (adj_x, adj_y) = reader

@@ -8,10 +8,6 @@ use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 pub(super) struct Concatenation;
 
 impl OpFamily for Concatenation {
-    fn opcode(&self, _op: &Op) -> BuiltinOperator {
-        BuiltinOperator::CONCATENATION
-    }
-
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::CONCATENATION, |reader| {
             let options = reader.required(

@@ -21,13 +21,6 @@ pub struct ConvParams {
 pub(super) struct Conv;
 
 impl OpFamily for Conv {
-    fn opcode(&self, op: &Op) -> BuiltinOperator {
-        match op {
-            Op::Conv2d(_) => BuiltinOperator::CONV_2D,
-            _ => BuiltinOperator::DEPTHWISE_CONV_2D,
-        }
-    }
-
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::CONV_2D, read_conv2d);
         registry.add(BuiltinOperator::DEPTHWISE_CONV_2D, read_depthwise_conv2d);

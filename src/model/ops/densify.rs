@@ -10,17 +10,12 @@ use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 pub(super) struct Densify;
 
 impl OpFamily for Densify {
-    fn opcode(&self, _op: &Op) -> BuiltinOperator {
-        BuiltinOperator::DENSIFY
-    }
-
     fn register(&self, registry: &mut Registry) {
-        registry.add(BuiltinOperator::DENSIFY, |reader| reader.node(Op::Densify));
+        registry.add_plain(BuiltinOperator::DENSIFY, Op::Densify);
     }
 
     fn output_shape(&self, _op: &Op, inputs: &OpInputs) -> Result<Vec<usize>> {
-        inputs.arity(1..=1)?;
-        Ok(inputs.shape(0).to_vec())
+        inputs.elementwise_shape()
     }
 
     fn write_options(&self, _op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions> {

@@ -10,10 +10,6 @@ use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 pub(super) struct DepthToSpace;
 
 impl OpFamily for DepthToSpace {
-    fn opcode(&self, _op: &Op) -> BuiltinOperator {
-        BuiltinOperator::DEPTH_TO_SPACE
-    }
-
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::DEPTH_TO_SPACE, |reader| {
             let options = reader.required(
@@ -55,23 +51,14 @@ impl OpFamily for DepthToSpace {
     /// then merged into them.
     fn normalise(&self, node: Node, rewriter: &mut Rewriter) -> Result<Option<&'static str>> {
         let b = block(&node.op)?;
-        let (x, out) = (node.inputs[0], node.outputs[0]);
-        let out_name = rewriter.name(out);
+        let x = node.inputs[0];
         let &[n, h, w, c] = rewriter.shape(x) else {
             anyhow::bail!("DEPTH_TO_SPACE of a tensor that is not rank 4");
         };
-        let blocks = rewriter.reshape(
-            x,
-            &[n, h, w, b, b, c / (b * b)],
-            &format!("{out_name}/blocks"),
-        )?;
-        let perm = rewriter.ints(&format!("{out_name}/perm"), &[0, 1, 3, 2, 4, 5], vec![6]);
-        let moved = rewriter.emit(
-            Op::Transpose,
-            vec![blocks, perm],
-            &format!("{out_name}/interleaved"),
-        )?;
-        rewriter.reshape_into(moved, out)?;
+        let blocks = rewriter.reshape(x, &[n, h, w, b, b, c / (b * b)], "blocks")?;
+        let perm = rewriter.ints("perm", &[0, 1, 3, 2, 4, 5], vec![6]);
+        let moved = rewriter.emit(Op::Transpose, vec![blocks, perm], "interleaved")?;
+        rewriter.reshape_output(moved)?;
         Ok(Some("depth-to-space"))
     }
 

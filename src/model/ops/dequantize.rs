@@ -10,19 +10,12 @@ use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 pub(super) struct Dequantize;
 
 impl OpFamily for Dequantize {
-    fn opcode(&self, _op: &Op) -> BuiltinOperator {
-        BuiltinOperator::DEQUANTIZE
-    }
-
     fn register(&self, registry: &mut Registry) {
-        registry.add(BuiltinOperator::DEQUANTIZE, |reader| {
-            reader.node(Op::Dequantize)
-        });
+        registry.add_plain(BuiltinOperator::DEQUANTIZE, Op::Dequantize);
     }
 
     fn output_shape(&self, _op: &Op, inputs: &OpInputs) -> Result<Vec<usize>> {
-        inputs.arity(1..=1)?;
-        Ok(inputs.shape(0).to_vec())
+        inputs.elementwise_shape()
     }
 
     fn write_options(&self, _op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions> {

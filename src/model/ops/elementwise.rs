@@ -21,7 +21,7 @@ macro_rules! unary_ops {
         impl UnaryKind {
             const ALL: &[UnaryKind] = &[$(UnaryKind::$kind,)*];
 
-            fn opcode(self) -> BuiltinOperator {
+            pub(super) fn opcode(self) -> BuiltinOperator {
                 match self {
                     $(UnaryKind::$kind => BuiltinOperator::$opcode,)*
                 }
@@ -65,7 +65,7 @@ impl BinaryKind {
         }
     }
 
-    fn opcode(self) -> BuiltinOperator {
+    pub(super) fn opcode(self) -> BuiltinOperator {
         match self {
             BinaryKind::Add => BuiltinOperator::ADD,
             BinaryKind::Sub => BuiltinOperator::SUB,
@@ -97,36 +97,17 @@ pub fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
         .collect()
 }
 
-/// The shape of an op that maps each element of its one input.
-fn same_shape(inputs: &OpInputs) -> Result<Vec<usize>> {
-    inputs.arity(1..=1)?;
-    Ok(inputs.shape(0).to_vec())
-}
-
 pub(super) struct UnaryOps;
 
 impl OpFamily for UnaryOps {
-    fn opcode(&self, op: &Op) -> BuiltinOperator {
-        match op {
-            Op::Unary(kind) => kind.opcode(),
-            _ => BuiltinOperator::CUSTOM,
-        }
-    }
-
     fn register(&self, registry: &mut Registry) {
-        for kind in UnaryKind::ALL {
-            registry.add(kind.opcode(), |reader| {
-                let kind = UnaryKind::ALL
-                    .iter()
-                    .find(|kind| kind.opcode() == reader.opcode)
-                    .context("not a unary op")?;
-                reader.node(Op::Unary(*kind))
-            });
+        for &kind in UnaryKind::ALL {
+            registry.add_plain(kind.opcode(), Op::Unary(kind));
         }
     }
 
     fn output_shape(&self, _op: &Op, inputs: &OpInputs) -> Result<Vec<usize>> {
-        same_shape(inputs)
+        inputs.elementwise_shape()
     }
 
     fn write_options(&self, _op: &Op, _writer: &mut OptionsWriter) -> Result<WrittenOptions> {
@@ -137,13 +118,6 @@ impl OpFamily for UnaryOps {
 pub(super) struct BinaryOps;
 
 impl OpFamily for BinaryOps {
-    fn opcode(&self, op: &Op) -> BuiltinOperator {
-        match op {
-            Op::Binary { kind, .. } => kind.opcode(),
-            _ => BuiltinOperator::CUSTOM,
-        }
-    }
-
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::ADD, |reader| {
             let options = reader.operator.builtin_options_as_add_options();
@@ -273,10 +247,6 @@ fn read_binary(
 pub(super) struct LeakyRelu;
 
 impl OpFamily for LeakyRelu {
-    fn opcode(&self, _op: &Op) -> BuiltinOperator {
-        BuiltinOperator::LEAKY_RELU
-    }
-
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::LEAKY_RELU, |reader| {
             let alpha = reader
@@ -289,7 +259,7 @@ impl OpFamily for LeakyRelu {
     }
 
     fn output_shape(&self, _op: &Op, inputs: &OpInputs) -> Result<Vec<usize>> {
-        same_shape(inputs)
+        inputs.elementwise_shape()
     }
 
     fn write_options(&self, op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions> {
@@ -310,12 +280,8 @@ impl OpFamily for LeakyRelu {
 pub(super) struct Prelu;
 
 impl OpFamily for Prelu {
-    fn opcode(&self, _op: &Op) -> BuiltinOperator {
-        BuiltinOperator::PRELU
-    }
-
     fn register(&self, registry: &mut Registry) {
-        registry.add(BuiltinOperator::PRELU, |reader| reader.node(Op::Prelu));
+        registry.add_plain(BuiltinOperator::PRELU, Op::Prelu);
     }
 
     fn output_shape(&self, _op: &Op, inputs: &OpInputs) -> Result<Vec<usize>> {
@@ -335,8 +301,6 @@ impl OpFamily for Prelu {
     /// ops that tract fuses into the preceding conv.
     fn normalise(&self, node: Node, rewriter: &mut Rewriter) -> Result<Option<&'static str>> {
         let (x, alpha) = (node.inputs[0], node.inputs[1]);
-        let out = node.outputs[0];
-        let out_name = rewriter.name(out);
         let alpha_tensor = &rewriter.graph.tensors[alpha];
         let slopes = if alpha_tensor.is_const() {
             alpha_tensor.f32_values().ok()
@@ -349,33 +313,17 @@ impl OpFamily for Prelu {
             _ => None,
         };
         if let Some(bound) = bound {
-            let scaled = rewriter.emit(
-                BinaryKind::Mul.op(),
-                vec![x, alpha],
-                &format!("{out_name}/scaled"),
-            )?;
-            rewriter.emit_into(bound.op(), vec![x, scaled], out)?;
+            let scaled = rewriter.emit(BinaryKind::Mul.op(), vec![x, alpha], "scaled")?;
+            rewriter.emit_output(bound.op(), vec![x, scaled])?;
             return Ok(Some("prelu"));
         }
         // Mixed slopes: max(x,0) + alpha·min(x,0), equal in value (one term is always
         // zero) but +0 where TFLite gives -0 for a negative x times a zero slope.
-        let zero = rewriter.scalar(&format!("{out_name}/zero"), 0.0);
-        let positive = rewriter.emit(
-            BinaryKind::Maximum.op(),
-            vec![x, zero],
-            &format!("{out_name}/pos"),
-        )?;
-        let negative = rewriter.emit(
-            BinaryKind::Minimum.op(),
-            vec![x, zero],
-            &format!("{out_name}/neg"),
-        )?;
-        let scaled = rewriter.emit(
-            BinaryKind::Mul.op(),
-            vec![negative, alpha],
-            &format!("{out_name}/neg_scaled"),
-        )?;
-        rewriter.emit_into(BinaryKind::Add.op(), vec![positive, scaled], out)?;
+        let zero = rewriter.scalar("zero", 0.0);
+        let positive = rewriter.emit(BinaryKind::Maximum.op(), vec![x, zero], "pos")?;
+        let negative = rewriter.emit(BinaryKind::Minimum.op(), vec![x, zero], "neg")?;
+        let scaled = rewriter.emit(BinaryKind::Mul.op(), vec![negative, alpha], "neg_scaled")?;
+        rewriter.emit_output(BinaryKind::Add.op(), vec![positive, scaled])?;
         Ok(Some("prelu"))
     }
 

@@ -13,10 +13,6 @@ use tract_tflite::tflite::{
 pub(super) struct FullyConnected;
 
 impl OpFamily for FullyConnected {
-    fn opcode(&self, _op: &Op) -> BuiltinOperator {
-        BuiltinOperator::FULLY_CONNECTED
-    }
-
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::FULLY_CONNECTED, read);
     }
@@ -94,24 +90,19 @@ impl OpFamily for FullyConnected {
             rewriter.keep(node);
             return Ok(None);
         }
-        let out_name = rewriter.name(out);
         let cols = rewriter.shape(weights)[1];
         let rows = rewriter.graph.tensors[x].elements() / cols;
         let out_shape = rewriter.shape(out).to_vec();
-        let flat = rewriter.reshape(x, &[rows, cols], &format!("{out_name}/rows"))?;
+        let flat = rewriter.reshape(x, &[rows, cols], "rows")?;
         let rank2 = Op::FullyConnected {
             activation,
             keep_num_dims: false,
         };
         if out_shape.len() == 2 {
-            rewriter.emit_into(rank2, vec![flat, weights, bias], out)?;
+            rewriter.emit_output(rank2, vec![flat, weights, bias])?;
         } else {
-            let y = rewriter.emit(
-                rank2,
-                vec![flat, weights, bias],
-                &format!("{out_name}/flat"),
-            )?;
-            rewriter.reshape_into(y, out)?;
+            let y = rewriter.emit(rank2, vec![flat, weights, bias], "flat")?;
+            rewriter.reshape_output(y)?;
         }
         Ok(Some("fully-connected-rank"))
     }

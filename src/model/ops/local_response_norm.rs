@@ -19,10 +19,6 @@ struct Params {
 }
 
 impl OpFamily for LocalResponseNorm {
-    fn opcode(&self, _op: &Op) -> BuiltinOperator {
-        BuiltinOperator::LOCAL_RESPONSE_NORMALIZATION
-    }
-
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::LOCAL_RESPONSE_NORMALIZATION, |reader| {
             let options = reader.required(
@@ -65,38 +61,17 @@ impl OpFamily for LocalResponseNorm {
 
     fn normalise(&self, node: Node, rewriter: &mut Rewriter) -> Result<Option<&'static str>> {
         let p = params(&node.op)?;
-        let (x, out) = (node.inputs[0], node.outputs[0]);
-        let out_name = rewriter.name(out);
-        let sum = windowed_sum_of_squares(rewriter, x, p.radius, &out_name)?;
-        let alpha = rewriter.scalar(&format!("{out_name}/alpha"), p.alpha);
-        let bias = rewriter.scalar(&format!("{out_name}/bias"), p.bias);
-        let minus_beta = rewriter.scalar(&format!("{out_name}/neg_beta"), -p.beta);
-        let scaled = rewriter.emit(
-            BinaryKind::Mul.op(),
-            vec![sum, alpha],
-            &format!("{out_name}/scaled"),
-        )?;
-        let base = rewriter.emit(
-            BinaryKind::Add.op(),
-            vec![scaled, bias],
-            &format!("{out_name}/base"),
-        )?;
-        let log = rewriter.emit(
-            Op::Unary(UnaryKind::Log),
-            vec![base],
-            &format!("{out_name}/log"),
-        )?;
-        let power = rewriter.emit(
-            BinaryKind::Mul.op(),
-            vec![log, minus_beta],
-            &format!("{out_name}/log_pow"),
-        )?;
-        let factor = rewriter.emit(
-            Op::Unary(UnaryKind::Exp),
-            vec![power],
-            &format!("{out_name}/factor"),
-        )?;
-        rewriter.emit_into(BinaryKind::Mul.op(), vec![x, factor], out)?;
+        let x = node.inputs[0];
+        let sum = windowed_sum_of_squares(rewriter, x, p.radius)?;
+        let alpha = rewriter.scalar("alpha", p.alpha);
+        let bias = rewriter.scalar("bias", p.bias);
+        let minus_beta = rewriter.scalar("neg_beta", -p.beta);
+        let scaled = rewriter.emit(BinaryKind::Mul.op(), vec![sum, alpha], "scaled")?;
+        let base = rewriter.emit(BinaryKind::Add.op(), vec![scaled, bias], "base")?;
+        let log = rewriter.emit(Op::Unary(UnaryKind::Log), vec![base], "log")?;
+        let power = rewriter.emit(BinaryKind::Mul.op(), vec![log, minus_beta], "log_pow")?;
+        let factor = rewriter.emit(Op::Unary(UnaryKind::Exp), vec![power], "factor")?;
+        rewriter.emit_output(BinaryKind::Mul.op(), vec![x, factor])?;
         Ok(Some("local-response-norm"))
     }
 
@@ -128,30 +103,17 @@ fn windowed_sum_of_squares(
     rewriter: &mut Rewriter,
     x: TensorId,
     radius: usize,
-    out_name: &str,
 ) -> Result<TensorId> {
     let shape: Vec<i32> = rewriter.shape(x).iter().map(|&d| d as i32).collect();
-    let squares = rewriter.emit(BinaryKind::Mul.op(), vec![x, x], &format!("{out_name}/sq"))?;
+    let squares = rewriter.emit(BinaryKind::Mul.op(), vec![x, x], "sq")?;
     let r = radius as i32;
-    let pads = rewriter.ints(
-        &format!("{out_name}/pads"),
-        &[0, 0, 0, 0, 0, 0, r, r],
-        vec![4, 2],
-    );
-    let padded = rewriter.emit(
-        Op::Pad,
-        vec![squares, pads],
-        &format!("{out_name}/sq_padded"),
-    )?;
-    let size = rewriter.ints(&format!("{out_name}/size"), &shape, vec![4]);
-    let mut sum = shifted_window(rewriter, padded, size, 0, out_name)?;
+    let pads = rewriter.ints("pads", &[0, 0, 0, 0, 0, 0, r, r], vec![4, 2]);
+    let padded = rewriter.emit(Op::Pad, vec![squares, pads], "sq_padded")?;
+    let size = rewriter.ints("size", &shape, vec![4]);
+    let mut sum = shifted_window(rewriter, padded, size, 0)?;
     for k in 1..=2 * radius {
-        let window = shifted_window(rewriter, padded, size, k, out_name)?;
-        sum = rewriter.emit(
-            BinaryKind::Add.op(),
-            vec![sum, window],
-            &format!("{out_name}/sum{k}"),
-        )?;
+        let window = shifted_window(rewriter, padded, size, k)?;
+        sum = rewriter.emit(BinaryKind::Add.op(), vec![sum, window], &format!("sum{k}"))?;
     }
     Ok(sum)
 }
@@ -162,16 +124,7 @@ fn shifted_window(
     padded: TensorId,
     size: TensorId,
     k: usize,
-    out_name: &str,
 ) -> Result<TensorId> {
-    let begin = rewriter.ints(
-        &format!("{out_name}/begin{k}"),
-        &[0, 0, 0, k as i32],
-        vec![4],
-    );
-    rewriter.emit(
-        Op::Slice,
-        vec![padded, begin, size],
-        &format!("{out_name}/window{k}"),
-    )
+    let begin = rewriter.ints(&format!("begin{k}"), &[0, 0, 0, k as i32], vec![4]);
+    rewriter.emit(Op::Slice, vec![padded, begin, size], &format!("window{k}"))
 }

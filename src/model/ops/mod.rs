@@ -147,36 +147,58 @@ const FAMILIES: &[&dyn OpFamily] = &[
 ];
 
 impl Op {
+    /// The family that knows how to read, write, shape and normalise this op, and the
+    /// TFLite builtin operator it is written as.
+    fn family_and_opcode(&self) -> (&'static dyn OpFamily, BuiltinOperator) {
+        match self {
+            Op::Conv2d(_) => (&conv::Conv, BuiltinOperator::CONV_2D),
+            Op::DepthwiseConv2d { .. } => (&conv::Conv, BuiltinOperator::DEPTHWISE_CONV_2D),
+            Op::FullyConnected { .. } => (
+                &fully_connected::FullyConnected,
+                BuiltinOperator::FULLY_CONNECTED,
+            ),
+            Op::BatchMatMul { .. } => (&batch_matmul::BatchMatMul, BuiltinOperator::BATCH_MATMUL),
+            Op::MaxPool2d(_) => (&pool::Pool, BuiltinOperator::MAX_POOL_2D),
+            Op::AvgPool2d(_) => (&pool::Pool, BuiltinOperator::AVERAGE_POOL_2D),
+            Op::Binary { kind, .. } => (&elementwise::BinaryOps, kind.opcode()),
+            Op::Unary(kind) => (&elementwise::UnaryOps, kind.opcode()),
+            Op::LeakyRelu { .. } => (&elementwise::LeakyRelu, BuiltinOperator::LEAKY_RELU),
+            Op::Prelu => (&elementwise::Prelu, BuiltinOperator::PRELU),
+            Op::Softmax { .. } => (&softmax::Softmax, BuiltinOperator::SOFTMAX),
+            Op::Concatenation { .. } => (
+                &concatenation::Concatenation,
+                BuiltinOperator::CONCATENATION,
+            ),
+            Op::Reshape => (&reshape::Reshape, BuiltinOperator::RESHAPE),
+            Op::Pad => (&pad::Pad, BuiltinOperator::PAD),
+            Op::PadV2 => (&pad::Pad, BuiltinOperator::PADV2),
+            Op::Reduce { kind, .. } => (&reduce::Reduce, kind.opcode()),
+            Op::ResizeBilinear { .. } => (&resize::Resize, BuiltinOperator::RESIZE_BILINEAR),
+            Op::ResizeNearest { .. } => (&resize::Resize, BuiltinOperator::RESIZE_NEAREST_NEIGHBOR),
+            Op::Slice => (&slice::Slice, BuiltinOperator::SLICE),
+            Op::StridedSlice(_) => (&slice::StridedSlice, BuiltinOperator::STRIDED_SLICE),
+            Op::Transpose => (&transpose::Transpose, BuiltinOperator::TRANSPOSE),
+            Op::Dequantize => (&dequantize::Dequantize, BuiltinOperator::DEQUANTIZE),
+            Op::Densify => (&densify::Densify, BuiltinOperator::DENSIFY),
+            Op::DepthToSpace { .. } => (
+                &depth_to_space::DepthToSpace,
+                BuiltinOperator::DEPTH_TO_SPACE,
+            ),
+            Op::LocalResponseNorm { .. } => (
+                &local_response_norm::LocalResponseNorm,
+                BuiltinOperator::LOCAL_RESPONSE_NORMALIZATION,
+            ),
+        }
+    }
+
     /// The family that knows how to read, write, shape and normalise this op.
     pub(crate) fn family(&self) -> &'static dyn OpFamily {
-        match self {
-            Op::Conv2d(_) | Op::DepthwiseConv2d { .. } => &conv::Conv,
-            Op::FullyConnected { .. } => &fully_connected::FullyConnected,
-            Op::BatchMatMul { .. } => &batch_matmul::BatchMatMul,
-            Op::MaxPool2d(_) | Op::AvgPool2d(_) => &pool::Pool,
-            Op::Binary { .. } => &elementwise::BinaryOps,
-            Op::Unary(_) => &elementwise::UnaryOps,
-            Op::LeakyRelu { .. } => &elementwise::LeakyRelu,
-            Op::Prelu => &elementwise::Prelu,
-            Op::Softmax { .. } => &softmax::Softmax,
-            Op::Concatenation { .. } => &concatenation::Concatenation,
-            Op::Reshape => &reshape::Reshape,
-            Op::Pad | Op::PadV2 => &pad::Pad,
-            Op::Reduce { .. } => &reduce::Reduce,
-            Op::ResizeBilinear { .. } | Op::ResizeNearest { .. } => &resize::Resize,
-            Op::Slice => &slice::Slice,
-            Op::StridedSlice(_) => &slice::StridedSlice,
-            Op::Transpose => &transpose::Transpose,
-            Op::Dequantize => &dequantize::Dequantize,
-            Op::Densify => &densify::Densify,
-            Op::DepthToSpace { .. } => &depth_to_space::DepthToSpace,
-            Op::LocalResponseNorm { .. } => &local_response_norm::LocalResponseNorm,
-        }
+        self.family_and_opcode().0
     }
 
     /// The TFLite builtin operator this op is written as.
     pub(crate) fn opcode(&self) -> BuiltinOperator {
-        self.family().opcode(self)
+        self.family_and_opcode().1
     }
 
     /// TFLite's name for the op, as users see it in converters and error messages.
@@ -185,12 +207,9 @@ impl Op {
     }
 }
 
-/// What the model layer knows about a family of TFLite ops. The first four methods are
+/// What the model layer knows about a family of TFLite ops. The first three methods are
 /// required; the others default to what most ops need.
 pub(crate) trait OpFamily: Sync {
-    /// The opcode `op` is written as.
-    fn opcode(&self, op: &Op) -> BuiltinOperator;
-
     /// Adds a reader for each opcode the family reads.
     fn register(&self, registry: &mut Registry);
 

@@ -9,16 +9,9 @@ use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 pub(super) struct Pad;
 
 impl OpFamily for Pad {
-    fn opcode(&self, op: &Op) -> BuiltinOperator {
-        match op {
-            Op::PadV2 => BuiltinOperator::PADV2,
-            _ => BuiltinOperator::PAD,
-        }
-    }
-
     fn register(&self, registry: &mut Registry) {
-        registry.add(BuiltinOperator::PAD, |reader| reader.node(Op::Pad));
-        registry.add(BuiltinOperator::PADV2, |reader| reader.node(Op::PadV2));
+        registry.add_plain(BuiltinOperator::PAD, Op::Pad);
+        registry.add_plain(BuiltinOperator::PADV2, Op::PadV2);
     }
 
     fn output_shape(&self, _op: &Op, inputs: &OpInputs) -> Result<Vec<usize>> {
@@ -63,20 +56,18 @@ impl OpFamily for Pad {
 
     /// tract reads paddings as an i32 [rank, 2] matrix only, and PADV2's value as one f32.
     fn normalise(&self, node: Node, rewriter: &mut Rewriter) -> Result<Option<&'static str>> {
-        let out = node.outputs[0];
-        let out_name = rewriter.name(out);
         let rank = rewriter.shape(node.inputs[0]).len();
         let pads = rewriter.i32_values(node.inputs[1])?;
         let mut inputs = node.inputs.clone();
-        inputs[1] = rewriter.ints(&format!("{out_name}/paddings"), &pads, vec![rank, 2]);
+        inputs[1] = rewriter.ints("paddings", &pads, vec![rank, 2]);
         if node.op == Op::PadV2 {
             let value = rewriter.graph.tensors[inputs[2]]
                 .f32_values()
                 .context("PADV2 value")?;
             ensure!(value.len() == 1, "PADV2 needs one padding value");
-            inputs[2] = rewriter.scalar(&format!("{out_name}/pad_value"), value[0]);
+            inputs[2] = rewriter.scalar("pad_value", value[0]);
         }
-        rewriter.emit_into(node.op, inputs, out)?;
+        rewriter.emit_output(node.op, inputs)?;
         Ok(None)
     }
 }

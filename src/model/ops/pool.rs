@@ -20,13 +20,6 @@ pub struct PoolParams {
 pub(super) struct Pool;
 
 impl OpFamily for Pool {
-    fn opcode(&self, op: &Op) -> BuiltinOperator {
-        match op {
-            Op::MaxPool2d(_) => BuiltinOperator::MAX_POOL_2D,
-            _ => BuiltinOperator::AVERAGE_POOL_2D,
-        }
-    }
-
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::MAX_POOL_2D, |reader| {
             let params = read_params(reader)?;

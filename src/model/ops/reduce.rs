@@ -25,7 +25,7 @@ impl ReduceKind {
         ReduceKind::Min,
     ];
 
-    fn opcode(self) -> BuiltinOperator {
+    pub(super) fn opcode(self) -> BuiltinOperator {
         match self {
             ReduceKind::Mean => BuiltinOperator::MEAN,
             ReduceKind::Sum => BuiltinOperator::SUM,
@@ -38,10 +38,6 @@ impl ReduceKind {
 pub(super) struct Reduce;
 
 impl OpFamily for Reduce {
-    fn opcode(&self, op: &Op) -> BuiltinOperator {
-        options(op).map_or(BuiltinOperator::CUSTOM, |(kind, _)| kind.opcode())
-    }
-
     fn register(&self, registry: &mut Registry) {
         for kind in ReduceKind::ALL {
             registry.add(kind.opcode(), |reader| {
@@ -102,12 +98,10 @@ impl OpFamily for Reduce {
             rewriter.shape(x).len(),
         )?;
         if kind == ReduceKind::Mean {
-            return mean(rewriter, x, &axes, keep_dims, node.outputs[0]);
+            return mean(rewriter, x, &axes, keep_dims);
         }
-        // tract reads the axes as i32, non-negative.
-        let out = node.outputs[0];
-        let axes = axes_tensor(rewriter, &axes, out);
-        rewriter.emit_into(node.op, vec![x, axes], out)?;
+        let axes = axes_tensor(rewriter, &axes);
+        rewriter.emit_output(node.op, vec![x, axes])?;
         Ok(None)
     }
 
@@ -127,10 +121,10 @@ fn options(op: &Op) -> Result<(ReduceKind, bool)> {
     }
 }
 
-fn axes_tensor(rewriter: &mut Rewriter, axes: &[usize], out: TensorId) -> TensorId {
-    let name = format!("{}/axes", rewriter.name(out));
+/// The axes as tract reads them: i32, non-negative.
+fn axes_tensor(rewriter: &mut Rewriter, axes: &[usize]) -> TensorId {
     let values: Vec<i32> = axes.iter().map(|&a| a as i32).collect();
-    rewriter.ints(&name, &values, vec![axes.len()])
+    rewriter.ints("axes", &values, vec![axes.len()])
 }
 
 /// tract 0.23's f32 MEAN multiplies by the reciprocal count with an integer rounding
@@ -140,9 +134,7 @@ fn mean(
     x: TensorId,
     axes: &[usize],
     keep_dims: bool,
-    out: TensorId,
 ) -> Result<Option<&'static str>> {
-    let out_name = rewriter.name(out);
     let shape = rewriter.shape(x).to_vec();
     if shape.len() == 4 && axes == [1, 2] {
         // Global average pooling. As one pooling op it also keeps tract from folding the
@@ -155,24 +147,24 @@ fn mean(
             activation: Activation::None,
         });
         if keep_dims {
-            rewriter.emit_into(pool, vec![x], out)?;
+            rewriter.emit_output(pool, vec![x])?;
         } else {
-            let pooled = rewriter.emit(pool, vec![x], &format!("{out_name}/pooled"))?;
-            rewriter.reshape_into(pooled, out)?;
+            let pooled = rewriter.emit(pool, vec![x], "pooled")?;
+            rewriter.reshape_output(pooled)?;
         }
         return Ok(Some("mean"));
     }
     let count: usize = axes.iter().map(|&a| shape[a]).product();
-    let axes = axes_tensor(rewriter, axes, out);
+    let axes = axes_tensor(rewriter, axes);
     let sum = rewriter.emit(
         Op::Reduce {
             kind: ReduceKind::Sum,
             keep_dims,
         },
         vec![x, axes],
-        &format!("{out_name}/sum"),
+        "sum",
     )?;
-    let count = rewriter.scalar(&format!("{out_name}/count"), count as f32);
-    rewriter.emit_into(BinaryKind::Div.op(), vec![sum, count], out)?;
+    let count = rewriter.scalar("count", count as f32);
+    rewriter.emit_output(BinaryKind::Div.op(), vec![sum, count])?;
     Ok(Some("mean"))
 }

@@ -14,24 +14,44 @@ pub(crate) type ReadOperator = fn(&mut OperatorReader) -> Result<Node>;
 /// Picks the channel count of a bias from the shape of the filter beside it.
 pub(crate) type BiasChannels = fn(&[usize]) -> Option<usize>;
 
+/// How the operators of one opcode are read.
+enum Reader {
+    /// They carry no options: each is this op.
+    Plain(Op),
+    Options(ReadOperator),
+}
+
 /// The readers of every opcode some family reads.
 #[derive(Default)]
 pub(crate) struct Registry {
-    readers: HashMap<BuiltinOperator, ReadOperator>,
+    readers: HashMap<BuiltinOperator, Reader>,
     /// Opcodes registered twice: a bug the tests catch.
     duplicates: Vec<BuiltinOperator>,
 }
 
 impl Registry {
+    /// Reads the operators of `opcode` with `read`, which looks at their options.
     pub(crate) fn add(&mut self, opcode: BuiltinOperator, read: ReadOperator) {
-        if self.readers.insert(opcode, read).is_some() {
+        self.insert(opcode, Reader::Options(read));
+    }
+
+    /// Reads the operators of `opcode`, which carry no options, as `op`.
+    pub(crate) fn add_plain(&mut self, opcode: BuiltinOperator, op: Op) {
+        self.insert(opcode, Reader::Plain(op));
+    }
+
+    fn insert(&mut self, opcode: BuiltinOperator, reader: Reader) {
+        if self.readers.insert(opcode, reader).is_some() {
             self.duplicates.push(opcode);
         }
     }
 
-    /// The reader of `opcode`, or `None` when no family reads it.
-    pub(crate) fn reader(&self, opcode: BuiltinOperator) -> Option<ReadOperator> {
-        self.readers.get(&opcode).copied()
+    /// The node of the operator `reader` holds, or `None` when no family reads its opcode.
+    pub(crate) fn read(&self, reader: &mut OperatorReader) -> Option<Result<Node>> {
+        Some(match self.readers.get(&reader.opcode)? {
+            Reader::Plain(op) => reader.node(op.clone()),
+            Reader::Options(read) => read(reader),
+        })
     }
 
     fn build() -> Registry {

@@ -8,10 +8,6 @@ use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 pub(super) struct Reshape;
 
 impl OpFamily for Reshape {
-    fn opcode(&self, _op: &Op) -> BuiltinOperator {
-        BuiltinOperator::RESHAPE
-    }
-
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::RESHAPE, read_reshape);
         registry.add(BuiltinOperator::SQUEEZE, read_squeeze);

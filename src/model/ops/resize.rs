@@ -9,13 +9,6 @@ use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 pub(super) struct Resize;
 
 impl OpFamily for Resize {
-    fn opcode(&self, op: &Op) -> BuiltinOperator {
-        match op {
-            Op::ResizeBilinear { .. } => BuiltinOperator::RESIZE_BILINEAR,
-            _ => BuiltinOperator::RESIZE_NEAREST_NEIGHBOR,
-        }
-    }
-
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::RESIZE_BILINEAR, |reader| {
             let (align_corners, half_pixel_centers) = reader

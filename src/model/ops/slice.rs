@@ -58,12 +58,8 @@ pub fn strided_bounds(
 pub(super) struct Slice;
 
 impl OpFamily for Slice {
-    fn opcode(&self, _op: &Op) -> BuiltinOperator {
-        BuiltinOperator::SLICE
-    }
-
     fn register(&self, registry: &mut Registry) {
-        registry.add(BuiltinOperator::SLICE, |reader| reader.node(Op::Slice));
+        registry.add_plain(BuiltinOperator::SLICE, Op::Slice);
     }
 
     fn output_shape(&self, _op: &Op, inputs: &OpInputs) -> Result<Vec<usize>> {
@@ -105,7 +101,7 @@ impl OpFamily for Slice {
 
     /// Explicit sizes: tract reads a size of -1 as a huge unsigned extent.
     fn normalise(&self, node: Node, rewriter: &mut Rewriter) -> Result<Option<&'static str>> {
-        let (x, out) = (node.inputs[0], node.outputs[0]);
+        let x = node.inputs[0];
         let shape = rewriter.shape(x).to_vec();
         let begin = rewriter.graph.tensors[node.inputs[1]].int_values()?;
         let size = rewriter.graph.tensors[node.inputs[2]].int_values()?;
@@ -119,10 +115,9 @@ impl OpFamily for Slice {
             })
             .collect();
         let begin: Vec<i32> = begin.iter().map(|&v| v as i32).collect();
-        let out_name = rewriter.name(out);
-        let begin = rewriter.ints(&format!("{out_name}/begin"), &begin, vec![shape.len()]);
-        let size = rewriter.ints(&format!("{out_name}/size"), &size, vec![shape.len()]);
-        rewriter.emit_into(Op::Slice, vec![x, begin, size], out)?;
+        let begin = rewriter.ints("begin", &begin, vec![shape.len()]);
+        let size = rewriter.ints("size", &size, vec![shape.len()]);
+        rewriter.emit_output(Op::Slice, vec![x, begin, size])?;
         Ok(None)
     }
 }
@@ -130,10 +125,6 @@ impl OpFamily for Slice {
 pub(super) struct StridedSlice;
 
 impl OpFamily for StridedSlice {
-    fn opcode(&self, _op: &Op) -> BuiltinOperator {
-        BuiltinOperator::STRIDED_SLICE
-    }
-
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::STRIDED_SLICE, |reader| {
             let options = reader.required(
@@ -221,7 +212,7 @@ impl OpFamily for StridedSlice {
     /// shrinking, and reshapes to the shrunk shape.
     fn normalise(&self, node: Node, rewriter: &mut Rewriter) -> Result<Option<&'static str>> {
         let params = params(&node.op)?;
-        let (x, out) = (node.inputs[0], node.outputs[0]);
+        let x = node.inputs[0];
         let shape = rewriter.shape(x).to_vec();
         let [begin, end, strides] =
             [1, 2, 3].map(|k| rewriter.graph.tensors[node.inputs[k]].int_values());
@@ -238,11 +229,11 @@ impl OpFamily for StridedSlice {
             )?);
         }
         let sliced = if strides.iter().all(|&s| s == 1) {
-            plain_slice(rewriter, x, &bounds, out)?
+            plain_slice(rewriter, x, &bounds)?
         } else {
-            unmasked_strided_slice(rewriter, x, &bounds, &strides, out)?
+            unmasked_strided_slice(rewriter, x, &bounds, &strides)?
         };
-        rewriter.reshape_into(sliced, out)?;
+        rewriter.reshape_output(sliced)?;
         Ok(Some("strided-slice"))
     }
 
@@ -260,26 +251,16 @@ fn params(op: &Op) -> Result<StridedSliceParams> {
 }
 
 /// tract's SLICE is the plain case of its strided slice, and has none of the mask rules.
-fn plain_slice(
-    rewriter: &mut Rewriter,
-    x: TensorId,
-    bounds: &[(i64, i64)],
-    out: TensorId,
-) -> Result<TensorId> {
-    let out_name = rewriter.name(out);
+fn plain_slice(rewriter: &mut Rewriter, x: TensorId, bounds: &[(i64, i64)]) -> Result<TensorId> {
     let begin: Vec<i32> = bounds.iter().map(|&(lo, _)| lo as i32).collect();
     let size: Vec<i32> = bounds
         .iter()
         .map(|&(lo, hi)| (hi - lo).max(0) as i32)
         .collect();
     let rank = bounds.len();
-    let begin = rewriter.ints(&format!("{out_name}/begin"), &begin, vec![rank]);
-    let size = rewriter.ints(&format!("{out_name}/size"), &size, vec![rank]);
-    rewriter.emit(
-        Op::Slice,
-        vec![x, begin, size],
-        &format!("{out_name}/unshrunk"),
-    )
+    let begin = rewriter.ints("begin", &begin, vec![rank]);
+    let size = rewriter.ints("size", &size, vec![rank]);
+    rewriter.emit(Op::Slice, vec![x, begin, size], "unshrunk")
 }
 
 /// A strided slice with bounds resolved: an end mask only where the slice runs past the
@@ -289,9 +270,7 @@ fn unmasked_strided_slice(
     x: TensorId,
     bounds: &[(i64, i64)],
     strides: &[i64],
-    out: TensorId,
 ) -> Result<TensorId> {
-    let out_name = rewriter.name(out);
     let mut end_mask = 0u32;
     let begin: Vec<i32> = bounds.iter().map(|&(lo, _)| lo as i32).collect();
     let end: Vec<i32> = bounds
@@ -306,9 +285,9 @@ fn unmasked_strided_slice(
         .collect();
     let strides: Vec<i32> = strides.iter().map(|&s| s as i32).collect();
     let rank = bounds.len();
-    let begin = rewriter.ints(&format!("{out_name}/begin"), &begin, vec![rank]);
-    let end = rewriter.ints(&format!("{out_name}/end"), &end, vec![rank]);
-    let strides = rewriter.ints(&format!("{out_name}/strides"), &strides, vec![rank]);
+    let begin = rewriter.ints("begin", &begin, vec![rank]);
+    let end = rewriter.ints("end", &end, vec![rank]);
+    let strides = rewriter.ints("strides", &strides, vec![rank]);
     let params = StridedSliceParams {
         begin_mask: 0,
         end_mask,
@@ -317,6 +296,6 @@ fn unmasked_strided_slice(
     rewriter.emit(
         Op::StridedSlice(params),
         vec![x, begin, end, strides],
-        &format!("{out_name}/unshrunk"),
+        "unshrunk",
     )
 }

@@ -9,10 +9,6 @@ use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 pub(super) struct Softmax;
 
 impl OpFamily for Softmax {
-    fn opcode(&self, _op: &Op) -> BuiltinOperator {
-        BuiltinOperator::SOFTMAX
-    }
-
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::SOFTMAX, |reader| {
             let beta = reader
@@ -25,8 +21,7 @@ impl OpFamily for Softmax {
     }
 
     fn output_shape(&self, _op: &Op, inputs: &OpInputs) -> Result<Vec<usize>> {
-        inputs.arity(1..=1)?;
-        Ok(inputs.shape(0).to_vec())
+        inputs.elementwise_shape()
     }
 
     fn write_options(&self, op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions> {
@@ -47,15 +42,9 @@ impl OpFamily for Softmax {
             rewriter.keep(node);
             return Ok(None);
         }
-        let out = node.outputs[0];
-        let out_name = rewriter.name(out);
-        let beta = rewriter.scalar(&format!("{out_name}/beta"), beta);
-        let scaled = rewriter.emit(
-            BinaryKind::Mul.op(),
-            vec![node.inputs[0], beta],
-            &format!("{out_name}/scaled"),
-        )?;
-        rewriter.emit_into(Op::Softmax { beta: 1.0 }, vec![scaled], out)?;
+        let beta = rewriter.scalar("beta", beta);
+        let scaled = rewriter.emit(BinaryKind::Mul.op(), vec![node.inputs[0], beta], "scaled")?;
+        rewriter.emit_output(Op::Softmax { beta: 1.0 }, vec![scaled])?;
         Ok(Some("softmax-beta"))
     }
 

@@ -9,14 +9,8 @@ use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 pub(super) struct Transpose;
 
 impl OpFamily for Transpose {
-    fn opcode(&self, _op: &Op) -> BuiltinOperator {
-        BuiltinOperator::TRANSPOSE
-    }
-
     fn register(&self, registry: &mut Registry) {
-        registry.add(BuiltinOperator::TRANSPOSE, |reader| {
-            reader.node(Op::Transpose)
-        });
+        registry.add_plain(BuiltinOperator::TRANSPOSE, Op::Transpose);
     }
 
     fn output_shape(&self, _op: &Op, inputs: &OpInputs) -> Result<Vec<usize>> {

@@ -113,10 +113,6 @@ fn read_operators(
                 "operator #{ix} ({name}) refers to tensor {i}, but there are {n}"
             );
         }
-        let Some(read) = registry().reader(opcode) else {
-            unsupported.push(format!("operator #{ix} ({name}): not supported"));
-            continue;
-        };
         let mut reader = OperatorReader {
             graph,
             opcode,
@@ -124,9 +120,10 @@ fn read_operators(
             raw_inputs: &raw_inputs,
             raw_outputs: &raw_outputs,
         };
-        match read(&mut reader) {
-            Ok(node) => graph.nodes.push(node),
-            Err(e) => unsupported.push(format!("operator #{ix} ({name}): {e:#}")),
+        match registry().read(&mut reader) {
+            Some(Ok(node)) => graph.nodes.push(node),
+            Some(Err(e)) => unsupported.push(format!("operator #{ix} ({name}): {e:#}")),
+            None => unsupported.push(format!("operator #{ix} ({name}): not supported")),
         }
     }
     if let Some(first) = unsupported.first() {
