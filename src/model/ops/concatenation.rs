@@ -10,10 +10,8 @@ pub(super) struct Concatenation;
 impl OpFamily for Concatenation {
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::CONCATENATION, |reader| {
-            let options = reader.required(
-                reader.operator.builtin_options_as_concatenation_options(),
-                "ConcatenationOptions",
-            )?;
+            let options =
+                reader.options(tflite::Operator::builtin_options_as_concatenation_options)?;
             let rank = reader.input_shape(0).context("no inputs")?.len();
             let op = Op::Concatenation {
                 axis: normalise_axes(&[options.axis() as i64], rank)?[0],

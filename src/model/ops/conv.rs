@@ -8,7 +8,7 @@ use super::{
 use crate::model::graph::{Graph, Node, OpInputs};
 use crate::model::split::LayerKind;
 use anyhow::{Result, ensure};
-use tract_tflite::tflite::{self, ActivationFunctionType, BuiltinOperator, BuiltinOptions};
+use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ConvParams {
@@ -16,6 +16,44 @@ pub struct ConvParams {
     pub stride: [usize; 2],
     pub dilation: [usize; 2],
     pub activation: Activation,
+}
+
+/// [`ConvParams`] from the options of either convolution: two generated types with the
+/// same fields.
+macro_rules! conv_params {
+    ($options:expr) => {{
+        let options = $options;
+        let positive_or_one = |v: i32, what| positive(v.max(1), what);
+        ConvParams {
+            padding: Padding::from_tflite(options.padding())?,
+            stride: [
+                positive(options.stride_h(), "stride")?,
+                positive(options.stride_w(), "stride")?,
+            ],
+            dilation: [
+                positive_or_one(options.dilation_h_factor(), "dilation")?,
+                positive_or_one(options.dilation_w_factor(), "dilation")?,
+            ],
+            activation: Activation::from_tflite(options.fused_activation_function())?,
+        }
+    }};
+}
+
+/// The options of either convolution (`$args`, a generated type) from [`ConvParams`], and
+/// any fields only one of them has.
+macro_rules! conv_options {
+    ($args:ident, $params:expr $(, $field:ident: $value:expr)*) => {{
+        let params: &ConvParams = $params;
+        tflite::$args {
+            padding: params.padding.to_tflite(),
+            stride_w: params.stride[1] as i32,
+            stride_h: params.stride[0] as i32,
+            fused_activation_function: params.activation.to_tflite(),
+            dilation_w_factor: params.dilation[1] as i32,
+            dilation_h_factor: params.dilation[0] as i32,
+            $($field: $value,)*
+        }
+    }};
 }
 
 pub(super) struct Conv;
@@ -39,36 +77,19 @@ impl OpFamily for Conv {
 
     fn write_options(&self, op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions> {
         Ok(match op {
-            Op::Conv2d(c) => {
-                let options = tflite::Conv2DOptions::create(
-                    writer.builder,
-                    &tflite::Conv2DOptionsArgs {
-                        padding: c.padding.to_tflite(),
-                        stride_w: c.stride[1] as i32,
-                        stride_h: c.stride[0] as i32,
-                        fused_activation_function: c.activation.to_tflite(),
-                        dilation_w_factor: c.dilation[1] as i32,
-                        dilation_h_factor: c.dilation[0] as i32,
-                    },
-                );
+            Op::Conv2d(params) => {
+                let args = conv_options!(Conv2DOptionsArgs, params);
+                let options = tflite::Conv2DOptions::create(writer.builder, &args);
                 WrittenOptions::table(BuiltinOptions::Conv2DOptions, options)
             }
             Op::DepthwiseConv2d {
-                conv: c,
+                conv,
                 depth_multiplier,
             } => {
-                let options = tflite::DepthwiseConv2DOptions::create(
-                    writer.builder,
-                    &tflite::DepthwiseConv2DOptionsArgs {
-                        padding: c.padding.to_tflite(),
-                        stride_w: c.stride[1] as i32,
-                        stride_h: c.stride[0] as i32,
-                        depth_multiplier: *depth_multiplier as i32,
-                        fused_activation_function: c.activation.to_tflite(),
-                        dilation_w_factor: c.dilation[1] as i32,
-                        dilation_h_factor: c.dilation[0] as i32,
-                    },
-                );
+                let multiplier = *depth_multiplier as i32;
+                let args =
+                    conv_options!(DepthwiseConv2DOptionsArgs, conv, depth_multiplier: multiplier);
+                let options = tflite::DepthwiseConv2DOptions::create(writer.builder, &args);
                 WrittenOptions::table(BuiltinOptions::DepthwiseConv2DOptions, options)
             }
             other => return Err(misrouted("conv", other)),
@@ -100,27 +121,6 @@ impl OpFamily for Conv {
     }
 }
 
-/// Options as both convolutions store them, read into [`ConvParams`].
-fn conv_params(
-    padding: tflite::Padding,
-    stride: [i32; 2],
-    dilation: [i32; 2],
-    activation: ActivationFunctionType,
-) -> Result<ConvParams> {
-    Ok(ConvParams {
-        padding: Padding::from_tflite(padding)?,
-        stride: [
-            positive(stride[0], "stride")?,
-            positive(stride[1], "stride")?,
-        ],
-        dilation: [
-            positive(dilation[0].max(1), "dilation")?,
-            positive(dilation[1].max(1), "dilation")?,
-        ],
-        activation: Activation::from_tflite(activation)?,
-    })
-}
-
 /// OHWI filters: the output channels are the first extent.
 fn first_extent(filter: &[usize]) -> Option<usize> {
     filter.first().copied()
@@ -132,32 +132,14 @@ fn last_extent(filter: &[usize]) -> Option<usize> {
 }
 
 fn read_conv2d(reader: &mut OperatorReader) -> Result<Node> {
-    let options = reader.required(
-        reader.operator.builtin_options_as_conv_2_doptions(),
-        "Conv2DOptions",
-    )?;
-    let params = conv_params(
-        options.padding(),
-        [options.stride_h(), options.stride_w()],
-        [options.dilation_h_factor(), options.dilation_w_factor()],
-        options.fused_activation_function(),
-    )?;
+    let params =
+        conv_params!(reader.options(tflite::Operator::builtin_options_as_conv_2_doptions)?);
     reader.node_with_optional_bias(Op::Conv2d(params), first_extent)
 }
 
 fn read_depthwise_conv2d(reader: &mut OperatorReader) -> Result<Node> {
-    let options = reader.required(
-        reader
-            .operator
-            .builtin_options_as_depthwise_conv_2_doptions(),
-        "DepthwiseConv2DOptions",
-    )?;
-    let conv = conv_params(
-        options.padding(),
-        [options.stride_h(), options.stride_w()],
-        [options.dilation_h_factor(), options.dilation_w_factor()],
-        options.fused_activation_function(),
-    )?;
+    let options = reader.options(tflite::Operator::builtin_options_as_depthwise_conv_2_doptions)?;
+    let conv = conv_params!(options);
     // Some converters leave the multiplier at 0 and let the filter shape speak.
     let multiplier = options.depth_multiplier().max(0) as usize;
     let (Some(input), Some(filter)) = (reader.input_shape(0), reader.input_shape(1)) else {

@@ -5,7 +5,7 @@ use super::{Op, OpFamily, OptionsWriter, Registry, WrittenOptions};
 use crate::model::graph::{DimMeta, Graph, Node, OpInputs, Sparsity, Tensor};
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
-use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
+use tract_tflite::tflite::{BuiltinOperator, BuiltinOptions};
 
 pub(super) struct Densify;
 
@@ -19,12 +19,7 @@ impl OpFamily for Densify {
     }
 
     fn write_options(&self, _op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions> {
-        let options =
-            tflite::DensifyOptions::create(writer.builder, &tflite::DensifyOptionsArgs {});
-        Ok(WrittenOptions::table(
-            BuiltinOptions::DensifyOptions,
-            options,
-        ))
+        Ok(writer.empty_table(BuiltinOptions::DensifyOptions))
     }
 
     fn flops(&self, _graph: &Graph, _node: &Node) -> u64 {

@@ -12,10 +12,8 @@ pub(super) struct DepthToSpace;
 impl OpFamily for DepthToSpace {
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::DEPTH_TO_SPACE, |reader| {
-            let options = reader.required(
-                reader.operator.builtin_options_as_depth_to_space_options(),
-                "DepthToSpaceOptions",
-            )?;
+            let options =
+                reader.options(tflite::Operator::builtin_options_as_depth_to_space_options)?;
             let block = positive(options.block_size(), "block size")?;
             reader.node(Op::DepthToSpace { block })
         });

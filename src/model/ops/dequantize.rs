@@ -5,7 +5,7 @@ use super::{Op, OpFamily, OptionsWriter, Registry, WrittenOptions};
 use crate::model::graph::{DType, Graph, Node, OpInputs, Quant, Tensor, f32_bytes};
 use anyhow::{Context, Result, bail, ensure};
 use tract_core::prelude::f16;
-use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
+use tract_tflite::tflite::{BuiltinOperator, BuiltinOptions};
 
 pub(super) struct Dequantize;
 
@@ -19,12 +19,7 @@ impl OpFamily for Dequantize {
     }
 
     fn write_options(&self, _op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions> {
-        let options =
-            tflite::DequantizeOptions::create(writer.builder, &tflite::DequantizeOptionsArgs {});
-        Ok(WrittenOptions::table(
-            BuiltinOptions::DequantizeOptions,
-            options,
-        ))
+        Ok(writer.empty_table(BuiltinOptions::DequantizeOptions))
     }
 
     fn output_dtype(&self, _op: &Op, _first_input: DType) -> DType {

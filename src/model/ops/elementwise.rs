@@ -57,6 +57,15 @@ pub enum BinaryKind {
 }
 
 impl BinaryKind {
+    const ALL: [BinaryKind; 6] = [
+        BinaryKind::Add,
+        BinaryKind::Sub,
+        BinaryKind::Mul,
+        BinaryKind::Div,
+        BinaryKind::Maximum,
+        BinaryKind::Minimum,
+    ];
+
     /// The op without a fused activation.
     pub fn op(self) -> Op {
         Op::Binary {
@@ -97,6 +106,8 @@ pub fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
         .collect()
 }
 
+/// The ops of one input, each element mapped on its own: the [`UnaryKind`]s and
+/// LEAKY_RELU.
 pub(super) struct UnaryOps;
 
 impl OpFamily for UnaryOps {
@@ -104,14 +115,27 @@ impl OpFamily for UnaryOps {
         for &kind in UnaryKind::ALL {
             registry.add_plain(kind.opcode(), Op::Unary(kind));
         }
+        registry.add(BuiltinOperator::LEAKY_RELU, |reader| {
+            let options = reader.operator.builtin_options_as_leaky_relu_options();
+            let alpha = options.map_or(0.2, |o| o.alpha());
+            reader.node(Op::LeakyRelu { alpha })
+        });
     }
 
     fn output_shape(&self, _op: &Op, inputs: &OpInputs) -> Result<Vec<usize>> {
         inputs.elementwise_shape()
     }
 
-    fn write_options(&self, _op: &Op, _writer: &mut OptionsWriter) -> Result<WrittenOptions> {
-        Ok(WrittenOptions::none())
+    fn write_options(&self, op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions> {
+        let Op::LeakyRelu { alpha } = *op else {
+            return Ok(WrittenOptions::none());
+        };
+        let args = tflite::LeakyReluOptionsArgs { alpha };
+        let options = tflite::LeakyReluOptions::create(writer.builder, &args);
+        Ok(WrittenOptions::table(
+            BuiltinOptions::LeakyReluOptions,
+            options,
+        ))
     }
 }
 
@@ -119,44 +143,9 @@ pub(super) struct BinaryOps;
 
 impl OpFamily for BinaryOps {
     fn register(&self, registry: &mut Registry) {
-        registry.add(BuiltinOperator::ADD, |reader| {
-            let options = reader.operator.builtin_options_as_add_options();
-            read_binary(
-                reader,
-                BinaryKind::Add,
-                options.map(|o| o.fused_activation_function()),
-            )
-        });
-        registry.add(BuiltinOperator::SUB, |reader| {
-            let options = reader.operator.builtin_options_as_sub_options();
-            read_binary(
-                reader,
-                BinaryKind::Sub,
-                options.map(|o| o.fused_activation_function()),
-            )
-        });
-        registry.add(BuiltinOperator::MUL, |reader| {
-            let options = reader.operator.builtin_options_as_mul_options();
-            read_binary(
-                reader,
-                BinaryKind::Mul,
-                options.map(|o| o.fused_activation_function()),
-            )
-        });
-        registry.add(BuiltinOperator::DIV, |reader| {
-            let options = reader.operator.builtin_options_as_div_options();
-            read_binary(
-                reader,
-                BinaryKind::Div,
-                options.map(|o| o.fused_activation_function()),
-            )
-        });
-        registry.add(BuiltinOperator::MAXIMUM, |reader| {
-            read_binary(reader, BinaryKind::Maximum, None)
-        });
-        registry.add(BuiltinOperator::MINIMUM, |reader| {
-            read_binary(reader, BinaryKind::Minimum, None)
-        });
+        for kind in BinaryKind::ALL {
+            registry.add(kind.opcode(), read_binary);
+        }
     }
 
     fn output_shape(&self, op: &Op, inputs: &OpInputs) -> Result<Vec<usize>> {
@@ -214,11 +203,7 @@ impl OpFamily for BinaryOps {
                 if activation != Activation::None {
                     bail!("{} cannot carry a fused activation", op.name());
                 }
-                let options = tflite::MaximumMinimumOptions::create(
-                    builder,
-                    &tflite::MaximumMinimumOptionsArgs {},
-                );
-                WrittenOptions::table(BuiltinOptions::MaximumMinimumOptions, options)
+                writer.empty_table(BuiltinOptions::MaximumMinimumOptions)
             }
         })
     }
@@ -231,50 +216,31 @@ impl OpFamily for BinaryOps {
     }
 }
 
-fn read_binary(
-    reader: &mut OperatorReader,
-    kind: BinaryKind,
-    activation: Option<ActivationFunctionType>,
-) -> Result<Node> {
-    let activation = activation.unwrap_or(ActivationFunctionType::NONE);
-    let op = Op::Binary {
-        kind,
-        activation: Activation::from_tflite(activation)?,
+/// Reads ADD, SUB, MUL and DIV, which may fuse an activation, and MAXIMUM and MINIMUM.
+fn read_binary(reader: &mut OperatorReader) -> Result<Node> {
+    let kind = BinaryKind::ALL
+        .into_iter()
+        .find(|kind| kind.opcode() == reader.opcode)
+        .context("not a binary op")?;
+    let operator = reader.operator;
+    let fused_activation = match kind {
+        BinaryKind::Add => operator
+            .builtin_options_as_add_options()
+            .map(|o| o.fused_activation_function()),
+        BinaryKind::Sub => operator
+            .builtin_options_as_sub_options()
+            .map(|o| o.fused_activation_function()),
+        BinaryKind::Mul => operator
+            .builtin_options_as_mul_options()
+            .map(|o| o.fused_activation_function()),
+        BinaryKind::Div => operator
+            .builtin_options_as_div_options()
+            .map(|o| o.fused_activation_function()),
+        BinaryKind::Maximum | BinaryKind::Minimum => None,
     };
-    reader.node(op)
-}
-
-pub(super) struct LeakyRelu;
-
-impl OpFamily for LeakyRelu {
-    fn register(&self, registry: &mut Registry) {
-        registry.add(BuiltinOperator::LEAKY_RELU, |reader| {
-            let alpha = reader
-                .operator
-                .builtin_options_as_leaky_relu_options()
-                .map(|o| o.alpha())
-                .unwrap_or(0.2);
-            reader.node(Op::LeakyRelu { alpha })
-        });
-    }
-
-    fn output_shape(&self, _op: &Op, inputs: &OpInputs) -> Result<Vec<usize>> {
-        inputs.elementwise_shape()
-    }
-
-    fn write_options(&self, op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions> {
-        let Op::LeakyRelu { alpha } = *op else {
-            return Err(super::misrouted("leaky relu", op));
-        };
-        let options = tflite::LeakyReluOptions::create(
-            writer.builder,
-            &tflite::LeakyReluOptionsArgs { alpha },
-        );
-        Ok(WrittenOptions::table(
-            BuiltinOptions::LeakyReluOptions,
-            options,
-        ))
-    }
+    let activation =
+        Activation::from_tflite(fused_activation.unwrap_or(ActivationFunctionType::NONE))?;
+    reader.node(Op::Binary { kind, activation })
 }
 
 pub(super) struct Prelu;

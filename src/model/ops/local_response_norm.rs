@@ -21,11 +21,8 @@ struct Params {
 impl OpFamily for LocalResponseNorm {
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::LOCAL_RESPONSE_NORMALIZATION, |reader| {
-            let options = reader.required(
-                reader
-                    .operator
-                    .builtin_options_as_local_response_normalization_options(),
-                "LocalResponseNormalizationOptions",
+            let options = reader.options(
+                tflite::Operator::builtin_options_as_local_response_normalization_options,
             )?;
             ensure!(options.radius() >= 0, "negative radius");
             reader.node(Op::LocalResponseNorm {

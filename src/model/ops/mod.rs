@@ -129,7 +129,6 @@ const FAMILIES: &[&dyn OpFamily] = &[
     &pool::Pool,
     &elementwise::BinaryOps,
     &elementwise::UnaryOps,
-    &elementwise::LeakyRelu,
     &elementwise::Prelu,
     &softmax::Softmax,
     &concatenation::Concatenation,
@@ -162,7 +161,7 @@ impl Op {
             Op::AvgPool2d(_) => (&pool::Pool, BuiltinOperator::AVERAGE_POOL_2D),
             Op::Binary { kind, .. } => (&elementwise::BinaryOps, kind.opcode()),
             Op::Unary(kind) => (&elementwise::UnaryOps, kind.opcode()),
-            Op::LeakyRelu { .. } => (&elementwise::LeakyRelu, BuiltinOperator::LEAKY_RELU),
+            Op::LeakyRelu { .. } => (&elementwise::UnaryOps, BuiltinOperator::LEAKY_RELU),
             Op::Prelu => (&elementwise::Prelu, BuiltinOperator::PRELU),
             Op::Softmax { .. } => (&softmax::Softmax, BuiltinOperator::SOFTMAX),
             Op::Concatenation { .. } => (

@@ -4,7 +4,7 @@ use super::{Op, OpFamily, OptionsWriter, Registry, WrittenOptions};
 use crate::model::graph::{Node, OpInputs};
 use crate::model::normalise::Rewriter;
 use anyhow::{Context, Result, ensure};
-use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
+use tract_tflite::tflite::{BuiltinOperator, BuiltinOptions};
 
 pub(super) struct Pad;
 
@@ -39,14 +39,8 @@ impl OpFamily for Pad {
 
     fn write_options(&self, op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions> {
         Ok(match op {
-            Op::PadV2 => WrittenOptions::table(
-                BuiltinOptions::PadV2Options,
-                tflite::PadV2Options::create(writer.builder, &tflite::PadV2OptionsArgs {}),
-            ),
-            _ => WrittenOptions::table(
-                BuiltinOptions::PadOptions,
-                tflite::PadOptions::create(writer.builder, &tflite::PadOptionsArgs {}),
-            ),
+            Op::PadV2 => writer.empty_table(BuiltinOptions::PadV2Options),
+            _ => writer.empty_table(BuiltinOptions::PadOptions),
         })
     }
 

@@ -79,10 +79,7 @@ fn params(op: &Op) -> Result<&PoolParams> {
 }
 
 fn read_params(reader: &OperatorReader) -> Result<PoolParams> {
-    let options = reader.required(
-        reader.operator.builtin_options_as_pool_2_doptions(),
-        "Pool2DOptions",
-    )?;
+    let options = reader.options(tflite::Operator::builtin_options_as_pool_2_doptions)?;
     Ok(PoolParams {
         padding: Padding::from_tflite(options.padding())?,
         stride: [

@@ -79,16 +79,22 @@ pub(crate) struct OperatorReader<'a, 'file> {
     pub raw_outputs: &'a [i32],
 }
 
-impl OperatorReader<'_, '_> {
-    /// The options table `table`, or an error naming it (`what`) when the operator has none.
-    pub fn required<T>(&self, table: Option<T>, what: &str) -> Result<T> {
-        table.with_context(|| format!("missing {what}"))
+impl<'file> OperatorReader<'_, 'file> {
+    /// The operator's options table, which `get` reads (one of the generated
+    /// `builtin_options_as_…`), or an error naming the table when the operator has none.
+    pub fn options<T>(&self, get: fn(&tflite::Operator<'file>) -> Option<T>) -> Result<T> {
+        get(self.operator).with_context(|| format!("missing {}", table_name::<T>()))
+    }
+
+    /// The tensor of input `slot`, when the operator names one there.
+    pub fn input(&self, slot: usize) -> Option<TensorId> {
+        let ix = *self.raw_inputs.get(slot).filter(|&&i| i >= 0)?;
+        Some(ix as usize)
     }
 
     /// The shape of input `slot`, when the operator names a tensor there.
     pub fn input_shape(&self, slot: usize) -> Option<&[usize]> {
-        let ix = *self.raw_inputs.get(slot).filter(|&&i| i >= 0)?;
-        Some(&self.graph.tensors[ix as usize].shape)
+        Some(&self.graph.tensors[self.input(slot)?].shape)
     }
 
     /// The node of `op` on the operator's tensors, none of which may be omitted.
@@ -155,11 +161,31 @@ impl OperatorReader<'_, '_> {
     }
 }
 
+/// The schema's name of a generated table type, as users of TFLite see it.
+fn table_name<T>() -> &'static str {
+    let path = std::any::type_name::<T>();
+    let name = path.rsplit("::").next().unwrap_or(path);
+    name.split('<').next().unwrap_or(name)
+}
+
 /// What a family's writer writes into: the file being built, and the node it writes.
 pub(crate) struct OptionsWriter<'a, 'fb> {
     pub builder: &'a mut FlatBufferBuilder<'fb>,
     pub graph: &'a Graph,
     pub node: &'a Node,
+}
+
+impl OptionsWriter<'_, '_> {
+    /// An options table without fields (PadOptions, SliceOptions, …), as the generated
+    /// `create` of such a table writes it.
+    pub fn empty_table(&mut self, kind: BuiltinOptions) -> WrittenOptions {
+        let start = self.builder.start_table();
+        let table = self.builder.end_table(start);
+        WrittenOptions {
+            kind,
+            table: Some(WIPOffset::new(table.value())),
+        }
+    }
 }
 
 /// An operator's builtin options: which table, and the table itself (`None` for ops
@@ -190,6 +216,11 @@ impl WrittenOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_are_named_as_in_the_schema() {
+        assert_eq!(table_name::<tflite::Conv2DOptions>(), "Conv2DOptions");
+    }
 
     #[test]
     fn each_opcode_has_one_reader() {

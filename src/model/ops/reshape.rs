@@ -101,11 +101,7 @@ fn new_shape_option(reader: &OperatorReader) -> Option<Vec<i64>> {
 
 fn read_reshape(reader: &mut OperatorReader) -> Result<Node> {
     let (x, out) = operands(reader)?;
-    let from_input = reader
-        .raw_inputs
-        .get(1)
-        .filter(|&&i| i >= 0)
-        .map(|&i| &reader.graph.tensors[i as usize]);
+    let from_input = reader.input(1).map(|i| &reader.graph.tensors[i]);
     let target = match from_input {
         Some(t) if t.is_const() => t.int_values()?,
         Some(t) if t.shape.iter().product::<usize>() == 0 => {
@@ -152,12 +148,8 @@ fn read_squeeze(reader: &mut OperatorReader) -> Result<Node> {
 
 fn read_expand_dims(reader: &mut OperatorReader) -> Result<Node> {
     let (x, out) = operands(reader)?;
-    let axis_tensor = reader
-        .raw_inputs
-        .get(1)
-        .filter(|&&i| i >= 0)
-        .context("EXPAND_DIMS without axis")?;
-    let axis = reader.graph.tensors[*axis_tensor as usize].int_values()?;
+    let axis_tensor = reader.input(1).context("EXPAND_DIMS without axis")?;
+    let axis = reader.graph.tensors[axis_tensor].int_values()?;
     ensure!(axis.len() == 1, "EXPAND_DIMS axis must be one value");
     let in_shape = &reader.graph.tensors[x].shape;
     let axis = normalise_axes(&axis, in_shape.len() + 1)?[0];

@@ -1,6 +1,6 @@
 //! RESIZE_BILINEAR and RESIZE_NEAREST_NEIGHBOR to a constant size.
 
-use super::{Op, OpFamily, OptionsWriter, Registry, WrittenOptions, misrouted};
+use super::{Op, OpFamily, OperatorReader, OptionsWriter, Registry, WrittenOptions, misrouted};
 use crate::model::graph::{Node, OpInputs};
 use crate::model::normalise::Rewriter;
 use anyhow::{Result, ensure};
@@ -10,28 +10,8 @@ pub(super) struct Resize;
 
 impl OpFamily for Resize {
     fn register(&self, registry: &mut Registry) {
-        registry.add(BuiltinOperator::RESIZE_BILINEAR, |reader| {
-            let (align_corners, half_pixel_centers) = reader
-                .operator
-                .builtin_options_as_resize_bilinear_options()
-                .map(|o| (o.align_corners(), o.half_pixel_centers()))
-                .unwrap_or((false, false));
-            reader.node(Op::ResizeBilinear {
-                align_corners,
-                half_pixel_centers,
-            })
-        });
-        registry.add(BuiltinOperator::RESIZE_NEAREST_NEIGHBOR, |reader| {
-            let (align_corners, half_pixel_centers) = reader
-                .operator
-                .builtin_options_as_resize_nearest_neighbor_options()
-                .map(|o| (o.align_corners(), o.half_pixel_centers()))
-                .unwrap_or((false, false));
-            reader.node(Op::ResizeNearest {
-                align_corners,
-                half_pixel_centers,
-            })
-        });
+        registry.add(BuiltinOperator::RESIZE_BILINEAR, read);
+        registry.add(BuiltinOperator::RESIZE_NEAREST_NEIGHBOR, read);
     }
 
     fn output_shape(&self, op: &Op, inputs: &OpInputs) -> Result<Vec<usize>> {
@@ -87,4 +67,30 @@ impl OpFamily for Resize {
         rewriter.keep_with_i32_argument(node)?;
         Ok(None)
     }
+}
+
+/// Both resizes, with `align_corners` and `half_pixel_centers` (both false when the
+/// operator has no options).
+fn read(reader: &mut OperatorReader) -> Result<Node> {
+    let operator = reader.operator;
+    let bilinear = reader.opcode == BuiltinOperator::RESIZE_BILINEAR;
+    let (align_corners, half_pixel_centers) = if bilinear {
+        let options = operator.builtin_options_as_resize_bilinear_options();
+        options.map(|o| (o.align_corners(), o.half_pixel_centers()))
+    } else {
+        let options = operator.builtin_options_as_resize_nearest_neighbor_options();
+        options.map(|o| (o.align_corners(), o.half_pixel_centers()))
+    }
+    .unwrap_or((false, false));
+    reader.node(if bilinear {
+        Op::ResizeBilinear {
+            align_corners,
+            half_pixel_centers,
+        }
+    } else {
+        Op::ResizeNearest {
+            align_corners,
+            half_pixel_centers,
+        }
+    })
 }

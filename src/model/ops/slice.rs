@@ -14,6 +14,28 @@ pub struct StridedSliceParams {
     pub shrink_axis_mask: u32,
 }
 
+impl StridedSliceParams {
+    /// Resolved [begin, end) of axis `d`, of extent `n`, under these masks.
+    fn axis_bounds(
+        &self,
+        d: usize,
+        n: usize,
+        begin: i64,
+        end: i64,
+        stride: i64,
+    ) -> Result<(i64, i64)> {
+        let masked = |mask: u32| mask >> d & 1 == 1;
+        strided_bounds(
+            n,
+            begin,
+            end,
+            stride,
+            masked(self.begin_mask),
+            masked(self.end_mask),
+        )
+    }
+}
+
 /// Resolved [begin, end) of one strided-slice axis of extent `n`, clamped as TFLite does.
 pub fn strided_bounds(
     n: usize,
@@ -91,8 +113,7 @@ impl OpFamily for Slice {
     }
 
     fn write_options(&self, _op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions> {
-        let options = tflite::SliceOptions::create(writer.builder, &tflite::SliceOptionsArgs {});
-        Ok(WrittenOptions::table(BuiltinOptions::SliceOptions, options))
+        Ok(writer.empty_table(BuiltinOptions::SliceOptions))
     }
 
     fn takes_integer_arguments(&self) -> bool {
@@ -127,10 +148,8 @@ pub(super) struct StridedSlice;
 impl OpFamily for StridedSlice {
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::STRIDED_SLICE, |reader| {
-            let options = reader.required(
-                reader.operator.builtin_options_as_strided_slice_options(),
-                "StridedSliceOptions",
-            )?;
+            let options =
+                reader.options(tflite::Operator::builtin_options_as_strided_slice_options)?;
             ensure!(
                 options.ellipsis_mask() == 0 && options.new_axis_mask() == 0,
                 "ellipsis and new-axis masks are not supported"
@@ -164,14 +183,7 @@ impl OpFamily for StridedSlice {
         );
         let mut out = vec![];
         for d in 0..x.len() {
-            let (lo, hi) = strided_bounds(
-                x[d],
-                begin[d],
-                end[d],
-                strides[d],
-                params.begin_mask >> d & 1 == 1,
-                params.end_mask >> d & 1 == 1,
-            )?;
+            let (lo, hi) = params.axis_bounds(d, x[d], begin[d], end[d], strides[d])?;
             let (span, step) = if strides[d] > 0 {
                 ((hi - lo).max(0), strides[d])
             } else {
@@ -214,20 +226,11 @@ impl OpFamily for StridedSlice {
         let params = params(&node.op)?;
         let x = node.inputs[0];
         let shape = rewriter.shape(x).to_vec();
-        let [begin, end, strides] =
-            [1, 2, 3].map(|k| rewriter.graph.tensors[node.inputs[k]].int_values());
-        let (begin, end, strides) = (begin?, end?, strides?);
-        let mut bounds = vec![];
-        for d in 0..shape.len() {
-            bounds.push(strided_bounds(
-                shape[d],
-                begin[d],
-                end[d],
-                strides[d],
-                params.begin_mask >> d & 1 == 1,
-                params.end_mask >> d & 1 == 1,
-            )?);
-        }
+        let argument = |k: usize| rewriter.graph.tensors[node.inputs[k]].int_values();
+        let (begin, end, strides) = (argument(1)?, argument(2)?, argument(3)?);
+        let bounds = (0..shape.len())
+            .map(|d| params.axis_bounds(d, shape[d], begin[d], end[d], strides[d]))
+            .collect::<Result<Vec<_>>>()?;
         let sliced = if strides.iter().all(|&s| s == 1) {
             plain_slice(rewriter, x, &bounds)?
         } else {

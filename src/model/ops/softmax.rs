@@ -11,11 +11,8 @@ pub(super) struct Softmax;
 impl OpFamily for Softmax {
     fn register(&self, registry: &mut Registry) {
         registry.add(BuiltinOperator::SOFTMAX, |reader| {
-            let beta = reader
-                .operator
-                .builtin_options_as_softmax_options()
-                .map(|o| o.beta())
-                .unwrap_or(1.0);
+            let options = reader.operator.builtin_options_as_softmax_options();
+            let beta = options.map_or(1.0, |o| o.beta());
             reader.node(Op::Softmax { beta })
         });
     }

@@ -4,7 +4,7 @@ use super::{Op, OpFamily, OptionsWriter, Registry, WrittenOptions};
 use crate::model::graph::{Node, OpInputs};
 use crate::model::normalise::Rewriter;
 use anyhow::{Result, ensure};
-use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
+use tract_tflite::tflite::{BuiltinOperator, BuiltinOptions};
 
 pub(super) struct Transpose;
 
@@ -36,12 +36,7 @@ impl OpFamily for Transpose {
     }
 
     fn write_options(&self, _op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions> {
-        let options =
-            tflite::TransposeOptions::create(writer.builder, &tflite::TransposeOptionsArgs {});
-        Ok(WrittenOptions::table(
-            BuiltinOptions::TransposeOptions,
-            options,
-        ))
+        Ok(writer.empty_table(BuiltinOptions::TransposeOptions))
     }
 
     fn takes_integer_arguments(&self) -> bool {
