@@ -19,7 +19,7 @@ macro_rules! unary_ops {
         }
 
         impl UnaryKind {
-            const ALL: &[UnaryKind] = &[$(UnaryKind::$kind,)*];
+            pub(super) const ALL: &[UnaryKind] = &[$(UnaryKind::$kind,)*];
 
             pub(super) fn opcode(self) -> BuiltinOperator {
                 match self {
@@ -57,7 +57,7 @@ pub enum BinaryKind {
 }
 
 impl BinaryKind {
-    const ALL: [BinaryKind; 6] = [
+    pub(super) const ALL: [BinaryKind; 6] = [
         BinaryKind::Add,
         BinaryKind::Sub,
         BinaryKind::Mul,

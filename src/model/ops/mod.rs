@@ -281,3 +281,232 @@ fn misrouted(family: &str, op: &Op) -> anyhow::Error {
 fn survived_normalisation() -> Option<String> {
     Some("survived normalisation".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::graph::{Sparsity, Tensor, TensorId};
+    use crate::model::tflite::{WriteOptions, read_graph, write_graph};
+    use tract_tflite::tflite;
+
+    /// Builds a graph around one NHWC input; each op added becomes an output.
+    struct EveryOp {
+        graph: Graph,
+        x: TensorId,
+    }
+
+    impl EveryOp {
+        fn new() -> EveryOp {
+            let mut graph = Graph::default();
+            let x = graph.add_tensor(Tensor::activation("x", vec![1, 4, 4, 4], DType::F32));
+            graph.inputs = vec![x];
+            EveryOp { graph, x }
+        }
+
+        fn floats(&mut self, shape: &[usize]) -> TensorId {
+            let name = self.graph.fresh_name("f");
+            let n = shape.iter().product();
+            let values: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
+            let constant = Tensor::f32_constant(name, shape.to_vec(), &values);
+            self.graph.add_tensor(constant)
+        }
+
+        fn ints(&mut self, values: &[i32]) -> TensorId {
+            let name = self.graph.fresh_name("i");
+            self.graph.add_tensor(Tensor::i32_constant(name, values))
+        }
+
+        fn add(&mut self, op: Op, inputs: Vec<TensorId>) {
+            let out = self.graph.add_node(op, inputs, &["y"]).unwrap()[0];
+            self.graph.outputs.push(out);
+        }
+    }
+
+    /// One of each op, with options other than the defaults where there are any.
+    fn every_op() -> Graph {
+        let mut g = EveryOp::new();
+        add_compute_ops(&mut g);
+        add_layout_ops(&mut g);
+        g.graph
+    }
+
+    /// The weighted ops, pooling and elementwise arithmetic.
+    fn add_compute_ops(g: &mut EveryOp) {
+        let x = g.x;
+        let conv = ConvParams {
+            padding: Padding::Same,
+            stride: [1, 2],
+            dilation: [2, 1],
+            activation: Activation::Relu6,
+        };
+        let (w, b) = (g.floats(&[4, 3, 3, 4]), g.floats(&[4]));
+        g.add(Op::Conv2d(conv), vec![x, w, b]);
+        let depthwise = Op::DepthwiseConv2d {
+            conv,
+            depth_multiplier: 2,
+        };
+        let (w, b) = (g.floats(&[1, 3, 3, 8]), g.floats(&[8]));
+        g.add(depthwise, vec![x, w, b]);
+        let fully_connected = Op::FullyConnected {
+            activation: Activation::Relu,
+            keep_num_dims: true,
+        };
+        let (w, b) = (g.floats(&[2, 4]), g.floats(&[2]));
+        g.add(fully_connected, vec![x, w, b]);
+        let y = g.floats(&[1, 4, 4, 4]);
+        let matmul = Op::BatchMatMul {
+            adj_x: true,
+            adj_y: false,
+        };
+        g.add(matmul, vec![x, y]);
+        let pool = PoolParams {
+            padding: Padding::Valid,
+            stride: [2, 1],
+            filter: [2, 3],
+            activation: Activation::Relu,
+        };
+        g.add(Op::MaxPool2d(pool), vec![x]);
+        g.add(Op::AvgPool2d(pool), vec![x]);
+        for kind in BinaryKind::ALL {
+            g.add(kind.op(), vec![x, y]);
+        }
+        let add_relu = Op::Binary {
+            kind: BinaryKind::Add,
+            activation: Activation::Relu,
+        };
+        g.add(add_relu, vec![x, y]);
+        for &kind in UnaryKind::ALL {
+            g.add(Op::Unary(kind), vec![x]);
+        }
+        g.add(Op::LeakyRelu { alpha: 0.125 }, vec![x]);
+        let alpha = g.floats(&[4]);
+        g.add(Op::Prelu, vec![x, alpha]);
+        g.add(Op::Softmax { beta: 0.5 }, vec![x]);
+    }
+
+    /// Shapes, reductions, resizing, slicing and the ops normalisation removes.
+    fn add_layout_ops(g: &mut EveryOp) {
+        let x = g.x;
+        let concatenation = Op::Concatenation {
+            axis: 2,
+            activation: Activation::None,
+        };
+        g.add(concatenation, vec![x, x]);
+        let shape = g.ints(&[1, 16, 4]);
+        g.add(Op::Reshape, vec![x, shape]);
+        let pads = g.ints(&[0, 0, 1, 2, 0, 1, 0, 0]);
+        g.add(Op::Pad, vec![x, pads]);
+        let value = g.floats(&[1]);
+        g.add(Op::PadV2, vec![x, pads, value]);
+        let axes = g.ints(&[1, 2]);
+        for kind in ReduceKind::ALL {
+            g.add(
+                Op::Reduce {
+                    kind,
+                    keep_dims: kind == ReduceKind::Sum,
+                },
+                vec![x, axes],
+            );
+        }
+        let size = g.ints(&[8, 6]);
+        let resize = Op::ResizeBilinear {
+            align_corners: true,
+            half_pixel_centers: false,
+        };
+        g.add(resize, vec![x, size]);
+        let resize = Op::ResizeNearest {
+            align_corners: false,
+            half_pixel_centers: true,
+        };
+        g.add(resize, vec![x, size]);
+        let (begin, end, strides) = (
+            g.ints(&[0, 0, 1, 0]),
+            g.ints(&[1, 4, 4, 3]),
+            g.ints(&[1, 2, 1, 1]),
+        );
+        let strided = Op::StridedSlice(StridedSliceParams {
+            begin_mask: 0b1000,
+            end_mask: 0b0010,
+            shrink_axis_mask: 0b0001,
+        });
+        g.add(strided, vec![x, begin, end, strides]);
+        let (begin, size) = (g.ints(&[0, 1, 0, 2]), g.ints(&[1, 2, -1, 2]));
+        g.add(Op::Slice, vec![x, begin, size]);
+        let permutation = g.ints(&[0, 3, 1, 2]);
+        g.add(Op::Transpose, vec![x, permutation]);
+        g.add(Op::DepthToSpace { block: 2 }, vec![x]);
+        let lrn = Op::LocalResponseNorm {
+            radius: 2,
+            bias: 1.5,
+            alpha: 0.25,
+            beta: 0.75,
+        };
+        g.add(lrn, vec![x]);
+        let half = g.graph.add_tensor(Tensor::constant(
+            "half",
+            vec![2],
+            DType::F16,
+            vec![0x00, 0x38, 0x00, 0xbc],
+        ));
+        g.add(Op::Dequantize, vec![half]);
+        let mut sparse = Tensor::f32_constant("sparse", vec![3], &[1.0, 2.0, 3.0]);
+        sparse.sparsity = Some(Sparsity {
+            traversal_order: vec![0],
+            block_map: vec![],
+            dim_metadata: vec![crate::model::graph::DimMeta::Dense { size: 3 }],
+        });
+        let sparse = g.graph.add_tensor(sparse);
+        g.add(Op::Densify, vec![sparse]);
+    }
+
+    #[test]
+    fn every_op_reads_back_as_itself() {
+        let graph = every_op();
+        graph.check_shapes().unwrap();
+        let read = read_graph(&write_graph(&graph, WriteOptions::default()).unwrap()).unwrap();
+        read.check_shapes().unwrap();
+        assert_eq!(read.nodes.len(), graph.nodes.len());
+        for (ix, (got, want)) in read.nodes.iter().zip(&graph.nodes).enumerate() {
+            assert_eq!(got.op, want.op, "operator #{ix}");
+            assert_eq!(
+                read.tensors[got.outputs[0]].shape,
+                graph.tensors[want.outputs[0]].shape,
+                "operator #{ix} ({})",
+                want.op.name()
+            );
+        }
+    }
+
+    #[test]
+    fn op_names_are_tflite_names() {
+        let names: Vec<&str> = every_op().nodes.iter().map(|n| n.op.name()).collect();
+        for name in [
+            "CONV_2D",
+            "RESIZE_NEAREST_NEIGHBOR",
+            "LOCAL_RESPONSE_NORMALIZATION",
+        ] {
+            assert!(names.contains(&name), "{name} in {names:?}");
+        }
+        assert!(names.iter().all(|n| !n.contains("unnamed")), "{names:?}");
+    }
+
+    #[test]
+    fn an_opcode_no_family_reads_fails_naming_it() {
+        let mut graph = every_op();
+        graph.nodes.truncate(1);
+        graph.outputs = graph.nodes[0].outputs.clone();
+        let mut bytes = write_graph(&graph, WriteOptions::default()).unwrap();
+        // CONV_2D (3) becomes CUMSUM (128), which no family reads.
+        let model = tflite::root_as_model(&bytes).unwrap();
+        let code = model.operator_codes().unwrap().get(0);
+        assert_eq!(code.builtin_code(), BuiltinOperator::CONV_2D);
+        let field = code
+            ._tab
+            .vtable()
+            .get(tflite::OperatorCode::VT_BUILTIN_CODE) as usize;
+        let at = code._tab.loc() + field;
+        bytes[at..at + 4].copy_from_slice(&BuiltinOperator::CUMSUM.0.to_le_bytes());
+        let err = read_graph(&bytes).unwrap_err().to_string();
+        assert!(err.contains("operator #0 (CUMSUM): not supported"), "{err}");
+    }
+}

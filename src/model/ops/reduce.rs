@@ -18,7 +18,7 @@ pub enum ReduceKind {
 }
 
 impl ReduceKind {
-    const ALL: [ReduceKind; 4] = [
+    pub(super) const ALL: [ReduceKind; 4] = [
         ReduceKind::Mean,
         ReduceKind::Sum,
         ReduceKind::Max,
