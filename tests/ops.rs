@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use memaflow::model::graph::*;
 use memaflow::model::tflite::{WriteOptions, read_graph, write_graph};
+use std::f32::consts::{FRAC_PI_2, PI};
 
 /// `input → op → output` on an input of `shape`.
 fn one_op(op: Op, shape: &[usize]) -> Graph {
@@ -47,4 +48,25 @@ fn hard_swish_reads_back_and_follows_its_formula() {
     }
     assert_eq!(out[0].data[..3], [0.0, 0.0, 3.0]);
     assert_reference("hard-swish", &file, &x, &out, 1e-6);
+}
+
+#[test]
+fn sin_reads_back_and_computes_the_sine() {
+    let shape = [1, 4, 4, 8];
+    let graph = one_op(Op::Unary(UnaryKind::Sin), &shape);
+    assert_round_trip(&graph);
+    // Several periods of both signs, and the points where the sine is exactly 0 or ±1.
+    let mut x = random_tensor(&shape, 101, -10.0, 10.0);
+    x.data[..4].copy_from_slice(&[0.0, FRAC_PI_2, -FRAC_PI_2, PI]);
+    let (out, pkg, file) = import_and_run("sin", &graph, WriteOptions::default(), &x);
+    assert_eq!(pkg.manifest.layers[0].ops, ["SIN"]);
+    for (&v, &got) in x.data.iter().zip(&out[0].data) {
+        assert!(
+            (got - v.sin()).abs() <= 1e-6,
+            "sin({v}) = {}, got {got}",
+            v.sin()
+        );
+    }
+    assert_eq!(out[0].data[..3], [0.0, 1.0, -1.0]);
+    assert_reference("sin", &file, &x, &out, 1e-6);
 }

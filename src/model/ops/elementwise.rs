@@ -44,6 +44,7 @@ unary_ops! {
     Abs => ABS,
     Floor => FLOOR,
     Ceil => CEIL,
+    Sin => SIN,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
