@@ -40,14 +40,14 @@ impl OpFamily for LocalResponseNorm {
     }
 
     fn write_options(&self, op: &Op, writer: &mut OptionsWriter) -> Result<WrittenOptions> {
-        let p = params(op)?;
+        let lrn = params(op)?;
         let options = tflite::LocalResponseNormalizationOptions::create(
             writer.builder,
             &tflite::LocalResponseNormalizationOptionsArgs {
-                radius: p.radius as i32,
-                bias: p.bias,
-                alpha: p.alpha,
-                beta: p.beta,
+                radius: lrn.radius as i32,
+                bias: lrn.bias,
+                alpha: lrn.alpha,
+                beta: lrn.beta,
             },
         );
         Ok(WrittenOptions::table(
@@ -57,12 +57,12 @@ impl OpFamily for LocalResponseNorm {
     }
 
     fn normalise(&self, node: Node, rewriter: &mut Rewriter) -> Result<Option<&'static str>> {
-        let p = params(&node.op)?;
+        let lrn = params(&node.op)?;
         let x = node.inputs[0];
-        let sum = windowed_sum_of_squares(rewriter, x, p.radius)?;
-        let alpha = rewriter.scalar("alpha", p.alpha);
-        let bias = rewriter.scalar("bias", p.bias);
-        let minus_beta = rewriter.scalar("neg_beta", -p.beta);
+        let sum = windowed_sum_of_squares(rewriter, x, lrn.radius)?;
+        let alpha = rewriter.scalar("alpha", lrn.alpha);
+        let bias = rewriter.scalar("bias", lrn.bias);
+        let minus_beta = rewriter.scalar("neg_beta", -lrn.beta);
         let scaled = rewriter.emit(BinaryKind::Mul.op(), vec![sum, alpha], "scaled")?;
         let base = rewriter.emit(BinaryKind::Add.op(), vec![scaled, bias], "base")?;
         let log = rewriter.emit(Op::Unary(UnaryKind::Log), vec![base], "log")?;

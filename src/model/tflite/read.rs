@@ -6,8 +6,8 @@ use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use tract_tflite::tflite::{self, BuiltinOperator};
 
-/// Parses a TFLite model. Errors name the operator (index and TFLite name) or tensor at fault.
-/// Reads a model held in `bytes`, copying its constants out.
+/// Parses a TFLite model held in `bytes`, copying its constants out. Errors name the
+/// operator (index and TFLite name) or tensor at fault.
 pub fn read_graph(bytes: &[u8]) -> Result<Graph> {
     read_graph_shared(&Bytes::copy_from_slice(bytes))
 }
@@ -29,13 +29,15 @@ pub fn read_graph_shared(bytes: &Bytes) -> Result<Graph> {
         .map_err(|e| anyhow::anyhow!("not a valid TFLite flatbuffer: {e}"))?;
     let subgraphs = model.subgraphs().context("model has no subgraphs")?;
     ensure!(!subgraphs.is_empty(), "model has no subgraphs");
-    let sg = subgraphs.get(0);
+    let subgraph = subgraphs.get(0);
     let buffers = model.buffers();
-    let fb_tensors = sg.tensors().context("subgraph 0 has no tensor table")?;
+    let tensor_tables = subgraph
+        .tensors()
+        .context("subgraph 0 has no tensor table")?;
 
     let mut graph = Graph::default();
-    for (ix, t) in fb_tensors.iter().enumerate() {
-        let tensor = read_tensor(bytes, &buffers, &t, ix)
+    for (ix, t) in tensor_tables.iter().enumerate() {
+        let tensor = read_tensor(bytes, &buffers, &t)
             .with_context(|| format!("tensor #{ix} ('{}')", t.name().unwrap_or("?")))?;
         graph.tensors.push(tensor);
     }
@@ -55,10 +57,10 @@ pub fn read_graph_shared(bytes: &Bytes) -> Result<Graph> {
             })
             .collect()
     };
-    graph.inputs = tensor_ids(sg.inputs(), "subgraph input")?;
-    graph.outputs = tensor_ids(sg.outputs(), "subgraph output")?;
+    graph.inputs = tensor_ids(subgraph.inputs(), "subgraph input")?;
+    graph.outputs = tensor_ids(subgraph.outputs(), "subgraph output")?;
 
-    read_operators(&model, &sg, &mut graph)?;
+    read_operators(&model, &subgraph, &mut graph)?;
     graph.check_structure()?;
     check_float_activations(&graph)?;
     Ok(graph)
@@ -208,7 +210,6 @@ fn read_tensor(
     bytes: &Bytes,
     buffers: &Option<flatbuffers::Vector<flatbuffers::ForwardsUOffset<tflite::Buffer>>>,
     t: &tflite::Tensor,
-    ix: usize,
 ) -> Result<Tensor> {
     let shape: Vec<usize> = t
         .shape()
@@ -279,7 +280,6 @@ fn read_tensor(
         .map(|s| read_sparsity(&s))
         .transpose()
         .context("sparsity parameters")?;
-    let _ = ix;
     Ok(Tensor {
         name,
         shape,

@@ -51,10 +51,10 @@ fn build(graph: &Graph, options: WriteOptions, external_base: Option<u64>) -> Re
     } else {
         weight_bytes + (1 << 16)
     };
-    let mut fb = FlatBufferBuilder::with_capacity(capacity.min(1 << 31));
+    let mut builder = FlatBufferBuilder::with_capacity(capacity.min(1 << 31));
     let mut buffers = Buffers {
         tables: vec![tflite::Buffer::create(
-            &mut fb,
+            &mut builder,
             &tflite::BufferArgs { data: None },
         )],
         external: external_base.map(|base| (base, vec![])),
@@ -62,17 +62,17 @@ fn build(graph: &Graph, options: WriteOptions, external_base: Option<u64>) -> Re
     let tensors: Vec<_> = graph
         .tensors
         .iter()
-        .map(|t| write_tensor(&mut fb, &mut buffers, t))
+        .map(|t| write_tensor(&mut builder, &mut buffers, t))
         .collect();
-    let (operators, codes) = write_operators(&mut fb, graph)?;
+    let (operators, codes) = write_operators(&mut builder, graph)?;
     let ids = |v: &[TensorId]| v.iter().map(|&i| i as i32).collect::<Vec<i32>>();
-    let tensors = fb.create_vector(&tensors);
-    let operators = fb.create_vector(&operators);
-    let inputs = fb.create_vector(&ids(&graph.inputs));
-    let outputs = fb.create_vector(&ids(&graph.outputs));
-    let name = fb.create_string("main");
+    let tensors = builder.create_vector(&tensors);
+    let operators = builder.create_vector(&operators);
+    let inputs = builder.create_vector(&ids(&graph.inputs));
+    let outputs = builder.create_vector(&ids(&graph.outputs));
+    let name = builder.create_string("main");
     let subgraph = tflite::SubGraph::create(
-        &mut fb,
+        &mut builder,
         &tflite::SubGraphArgs {
             tensors: Some(tensors),
             inputs: Some(inputs),
@@ -81,12 +81,12 @@ fn build(graph: &Graph, options: WriteOptions, external_base: Option<u64>) -> Re
             name: Some(name),
         },
     );
-    let subgraphs = fb.create_vector(&[subgraph]);
-    let codes = write_operator_codes(&mut fb, &codes, options.legacy_opcodes);
-    let buffer_tables = fb.create_vector(&buffers.tables);
-    let description = fb.create_string("memaflow");
+    let subgraphs = builder.create_vector(&[subgraph]);
+    let codes = write_operator_codes(&mut builder, &codes, options.legacy_opcodes);
+    let buffer_tables = builder.create_vector(&buffers.tables);
+    let description = builder.create_string("memaflow");
     let model = tflite::Model::create(
-        &mut fb,
+        &mut builder,
         &tflite::ModelArgs {
             version: 3,
             operator_codes: Some(codes),
@@ -96,8 +96,8 @@ fn build(graph: &Graph, options: WriteOptions, external_base: Option<u64>) -> Re
             ..Default::default()
         },
     );
-    fb.finish(model, Some("TFL3"));
-    let (vec, head) = fb.collapse();
+    builder.finish(model, Some("TFL3"));
+    let (vec, head) = builder.collapse();
     // The builder fills its buffer from the back: move the model to the front in place
     // rather than copying it (a layer file can be hundreds of MiB).
     let mut bytes = vec;
@@ -108,27 +108,27 @@ fn build(graph: &Graph, options: WriteOptions, external_base: Option<u64>) -> Re
 
 /// The model's buffer table as it is built, and with external buffers, the next offset
 /// after the flatbuffer and the constants to put there.
-struct Buffers<'fb> {
-    tables: Vec<WIPOffset<tflite::Buffer<'fb>>>,
+struct Buffers<'builder> {
+    tables: Vec<WIPOffset<tflite::Buffer<'builder>>>,
     external: Option<(u64, Vec<bytes::Bytes>)>,
 }
 
-impl<'fb> Buffers<'fb> {
+impl<'builder> Buffers<'builder> {
     /// Adds the buffer of one constant; returns its index.
-    fn add(&mut self, fb: &mut FlatBufferBuilder<'fb>, data: &bytes::Bytes) -> u32 {
+    fn add(&mut self, builder: &mut FlatBufferBuilder<'builder>, data: &bytes::Bytes) -> u32 {
         let table = match &mut self.external {
             None => {
-                let v = fb.create_vector(data);
-                tflite::Buffer::create(fb, &tflite::BufferArgs { data: Some(v) })
+                let v = builder.create_vector(data);
+                tflite::Buffer::create(builder, &tflite::BufferArgs { data: Some(v) })
             }
             Some((next_offset, blobs)) => {
                 *next_offset = next_offset.next_multiple_of(16);
-                let start = fb.start_table();
-                fb.push_slot_always::<u64>(6, *next_offset);
-                fb.push_slot_always::<u64>(8, data.len() as u64);
+                let start = builder.start_table();
+                builder.push_slot_always::<u64>(6, *next_offset);
+                builder.push_slot_always::<u64>(8, data.len() as u64);
                 *next_offset += data.len() as u64;
                 blobs.push(data.clone());
-                WIPOffset::new(fb.end_table(start).value())
+                WIPOffset::new(builder.end_table(start).value())
             }
         };
         self.tables.push(table);
@@ -136,20 +136,20 @@ impl<'fb> Buffers<'fb> {
     }
 }
 
-fn write_tensor<'fb>(
-    fb: &mut FlatBufferBuilder<'fb>,
-    buffers: &mut Buffers<'fb>,
+fn write_tensor<'builder>(
+    builder: &mut FlatBufferBuilder<'builder>,
+    buffers: &mut Buffers<'builder>,
     t: &Tensor,
-) -> WIPOffset<tflite::Tensor<'fb>> {
-    let buffer = t.data.as_ref().map_or(0, |data| buffers.add(fb, data));
+) -> WIPOffset<tflite::Tensor<'builder>> {
+    let buffer = t.data.as_ref().map_or(0, |data| buffers.add(builder, data));
     let shape: Vec<i32> = t.shape.iter().map(|&d| d as i32).collect();
-    let shape = fb.create_vector(&shape);
-    let name = fb.create_string(&t.name);
+    let shape = builder.create_vector(&shape);
+    let name = builder.create_string(&t.name);
     let quantization = t.quant.as_ref().map(|q| {
-        let scale = fb.create_vector(&q.scale);
-        let zero_point = fb.create_vector(&q.zero_point);
+        let scale = builder.create_vector(&q.scale);
+        let zero_point = builder.create_vector(&q.zero_point);
         tflite::QuantizationParameters::create(
-            fb,
+            builder,
             &tflite::QuantizationParametersArgs {
                 scale: Some(scale),
                 zero_point: Some(zero_point),
@@ -158,9 +158,9 @@ fn write_tensor<'fb>(
             },
         )
     });
-    let sparsity = t.sparsity.as_ref().map(|s| write_sparsity(fb, s));
+    let sparsity = t.sparsity.as_ref().map(|s| write_sparsity(builder, s));
     tflite::Tensor::create(
-        fb,
+        builder,
         &tflite::TensorArgs {
             shape: Some(shape),
             type_: tensor_type(t.dtype),
@@ -176,9 +176,15 @@ fn write_tensor<'fb>(
 
 /// The operators, each with its options from its family, and the opcodes they use in order
 /// of first use.
-type Operators<'fb> = (Vec<WIPOffset<tflite::Operator<'fb>>>, Vec<BuiltinOperator>);
+type Operators<'builder> = (
+    Vec<WIPOffset<tflite::Operator<'builder>>>,
+    Vec<BuiltinOperator>,
+);
 
-fn write_operators<'fb>(fb: &mut FlatBufferBuilder<'fb>, graph: &Graph) -> Result<Operators<'fb>> {
+fn write_operators<'builder>(
+    builder: &mut FlatBufferBuilder<'builder>,
+    graph: &Graph,
+) -> Result<Operators<'builder>> {
     let mut codes: Vec<BuiltinOperator> = vec![];
     let mut operators = vec![];
     for node in &graph.nodes {
@@ -186,7 +192,7 @@ fn write_operators<'fb>(fb: &mut FlatBufferBuilder<'fb>, graph: &Graph) -> Resul
         let options = node.op.family().write_options(
             &node.op,
             &mut OptionsWriter {
-                builder: fb,
+                builder,
                 graph,
                 node,
             },
@@ -199,10 +205,10 @@ fn write_operators<'fb>(fb: &mut FlatBufferBuilder<'fb>, graph: &Graph) -> Resul
             }
         } as u32;
         let ids = |v: &[TensorId]| v.iter().map(|&i| i as i32).collect::<Vec<i32>>();
-        let inputs = fb.create_vector(&ids(&node.inputs));
-        let outputs = fb.create_vector(&ids(&node.outputs));
+        let inputs = builder.create_vector(&ids(&node.inputs));
+        let outputs = builder.create_vector(&ids(&node.outputs));
         operators.push(tflite::Operator::create(
-            fb,
+            builder,
             &tflite::OperatorArgs {
                 opcode_index,
                 inputs: Some(inputs),
@@ -218,11 +224,13 @@ fn write_operators<'fb>(fb: &mut FlatBufferBuilder<'fb>, graph: &Graph) -> Resul
 
 /// The opcode table. Codes below 127 also go in `deprecated_builtin_code`, as TFLite
 /// writes them; with `legacy`, only there.
-fn write_operator_codes<'fb>(
-    fb: &mut FlatBufferBuilder<'fb>,
+fn write_operator_codes<'builder>(
+    builder: &mut FlatBufferBuilder<'builder>,
     codes: &[BuiltinOperator],
     legacy: bool,
-) -> WIPOffset<flatbuffers::Vector<'fb, flatbuffers::ForwardsUOffset<tflite::OperatorCode<'fb>>>> {
+) -> WIPOffset<
+    flatbuffers::Vector<'builder, flatbuffers::ForwardsUOffset<tflite::OperatorCode<'builder>>>,
+> {
     let codes: Vec<_> = codes
         .iter()
         .map(|&code| {
@@ -232,7 +240,7 @@ fn write_operator_codes<'fb>(
                 (false, _) => (127, code),
             };
             tflite::OperatorCode::create(
-                fb,
+                builder,
                 &tflite::OperatorCodeArgs {
                     deprecated_builtin_code: deprecated,
                     custom_code: None,
@@ -242,7 +250,7 @@ fn write_operator_codes<'fb>(
             )
         })
         .collect();
-    fb.create_vector(&codes)
+    builder.create_vector(&codes)
 }
 
 fn tensor_type(dt: DType) -> tflite::TensorType {
@@ -259,7 +267,7 @@ fn tensor_type(dt: DType) -> tflite::TensorType {
 }
 
 fn write_sparsity<'a>(
-    fb: &mut FlatBufferBuilder<'a>,
+    builder: &mut FlatBufferBuilder<'a>,
     s: &Sparsity,
 ) -> WIPOffset<tflite::SparsityParameters<'a>> {
     let as_i32 = |v: &[usize]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
@@ -267,7 +275,7 @@ fn write_sparsity<'a>(
     for d in &s.dim_metadata {
         dims.push(match d {
             DimMeta::Dense { size } => tflite::DimensionMetadata::create(
-                fb,
+                builder,
                 &tflite::DimensionMetadataArgs {
                     format: tflite::DimensionType::DENSE,
                     dense_size: *size as i32,
@@ -275,14 +283,18 @@ fn write_sparsity<'a>(
                 },
             ),
             DimMeta::Csr { segments, indices } => {
-                let seg = fb.create_vector(&as_i32(segments));
-                let seg =
-                    tflite::Int32Vector::create(fb, &tflite::Int32VectorArgs { values: Some(seg) });
-                let ind = fb.create_vector(&as_i32(indices));
-                let ind =
-                    tflite::Int32Vector::create(fb, &tflite::Int32VectorArgs { values: Some(ind) });
+                let seg = builder.create_vector(&as_i32(segments));
+                let seg = tflite::Int32Vector::create(
+                    builder,
+                    &tflite::Int32VectorArgs { values: Some(seg) },
+                );
+                let ind = builder.create_vector(&as_i32(indices));
+                let ind = tflite::Int32Vector::create(
+                    builder,
+                    &tflite::Int32VectorArgs { values: Some(ind) },
+                );
                 tflite::DimensionMetadata::create(
-                    fb,
+                    builder,
                     &tflite::DimensionMetadataArgs {
                         format: tflite::DimensionType::SPARSE_CSR,
                         dense_size: 0,
@@ -295,11 +307,11 @@ fn write_sparsity<'a>(
             }
         });
     }
-    let traversal_order = fb.create_vector(&as_i32(&s.traversal_order));
-    let block_map = fb.create_vector(&as_i32(&s.block_map));
-    let dim_metadata = fb.create_vector(&dims);
+    let traversal_order = builder.create_vector(&as_i32(&s.traversal_order));
+    let block_map = builder.create_vector(&as_i32(&s.block_map));
+    let dim_metadata = builder.create_vector(&dims);
     tflite::SparsityParameters::create(
-        fb,
+        builder,
         &tflite::SparsityParametersArgs {
             traversal_order: Some(traversal_order),
             block_map: Some(block_map),
