@@ -1,7 +1,7 @@
 //! The model graph: one TFLite subgraph as typed values.
 //!
 //! Every shape here is computed from the op and its inputs ([`Graph::output_shapes`], each
-//! op's rule living with its family in [`super::ops`]), so a file that declares something
+//! op's rule living with its family in `model/ops/`), so a file that declares something
 //! else is caught at import, not deep inside tract. The op set is closed: an op is either
 //! one tract runs (after normalisation) or one normalisation removes. Anything else never
 //! makes it into a `Graph`.

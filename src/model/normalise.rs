@@ -2,9 +2,8 @@
 //! computes correctly. Each rewrite is exact or within float rounding of TFLite's reference
 //! kernels; `tests/normalise.rs` checks the results against ai-edge-litert.
 //!
-//! The passes here are generic; what each op needs lives with its family in
-//! [`super::ops`] ([`OpFamily::fold_constant`](super::ops::OpFamily),
-//! `normalise`, `unrunnable`).
+//! The passes here are generic: what each op needs (folding a decoded constant, its
+//! rewrite, why it would not run) lives with its family in `model/ops/`.
 
 use super::graph::*;
 use anyhow::{Context, Result, bail, ensure};

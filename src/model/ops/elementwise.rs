@@ -1,7 +1,7 @@
 //! Elementwise arithmetic: the unary ops (one table), the binary ops with broadcasting,
 //! LEAKY_RELU, and PRELU (rewritten into binary ops).
 //!
-//! A weightless unary op tract-tflite reads is one row of [`unary_ops!`] and its test.
+//! A weightless unary op tract-tflite reads is one row of `unary_ops!` below and its test.
 
 use super::{Activation, Op, OpFamily, OperatorReader, OptionsWriter, Registry, WrittenOptions};
 use crate::model::graph::{Node, OpInputs};

@@ -1,6 +1,6 @@
 //! Reading and writing TFLite flatbuffers, through the schema code tract-tflite generates:
 //! the file, its tensors and buffers here; each operator's options with its family in
-//! [`super::ops`].
+//! `model/ops/`.
 
 mod read;
 mod write;
