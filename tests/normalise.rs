@@ -11,57 +11,8 @@ use memaflow::model::{ImportOptions, Package, import};
 use memaflow::runtime::{FloatTensor, run_layerwise, run_whole};
 use std::path::PathBuf;
 
-/// Writes `graph` as a .tflite, imports it, runs `input` layer by layer and whole (checking
-/// they agree exactly); returns the outputs, the package and the model file.
-fn import_and_run(
-    test: &str,
-    graph: &Graph,
-    options: WriteOptions,
-    input: &FloatTensor,
-) -> (Vec<FloatTensor>, Package, PathBuf) {
-    let dir = scratch(test);
-    let file = dir.join(format!("{test}.tflite"));
-    std::fs::write(&file, write_graph(graph, options).unwrap()).unwrap();
-    import(&file, &dir.join("pkg"), &ImportOptions::default())
-        .unwrap_or_else(|e| panic!("{test}: import: {e:#}"));
-    let pkg = Package::open(dir.join("pkg")).unwrap();
-    let layers = run_layerwise(&pkg, input).unwrap_or_else(|e| panic!("{test}: {e:#}"));
-    let whole = run_whole(&pkg, input).unwrap_or_else(|e| panic!("{test}: {e:#}"));
-    for (a, b) in layers.outputs.iter().zip(&whole.outputs) {
-        assert!(
-            a.bit_identical(b),
-            "{test}: layer by layer differs from whole"
-        );
-    }
-    (layers.outputs, pkg, file)
-}
-
-fn assert_reference(
-    test: &str,
-    file: &std::path::Path,
-    input: &FloatTensor,
-    ours: &[FloatTensor],
-    tolerance: f64,
-) {
-    if let Some(reference) = litert(test, file, std::slice::from_ref(input)) {
-        for (n, (a, b)) in ours.iter().zip(&reference[0]).enumerate() {
-            let err = relative_error(a, b);
-            assert!(
-                err <= tolerance,
-                "{test}: output {n} off the reference by {err:.2e}"
-            );
-        }
-    }
-}
-
 fn normalised(pkg: &Package, kind: &str) -> usize {
     pkg.manifest.normalisation.get(kind).copied().unwrap_or(0)
-}
-
-fn input(graph: &mut Graph, shape: &[usize]) -> TensorId {
-    let t = graph.add_tensor(Tensor::activation("input", shape.to_vec(), DType::F32));
-    graph.inputs.push(t);
-    t
 }
 
 fn f32c(graph: &mut Graph, name: &str, shape: &[usize], seed: u64) -> TensorId {

@@ -460,18 +460,6 @@ fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// SplitMix64: the kill schedule is reproducible.
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n
-    }
-}
-
 fn credentials() -> String {
     format!("username = \"{USER}\"\npassword = \"{PASSWORD}\"")
 }
@@ -493,7 +481,8 @@ fn every_result_arrives_over_sigkills_and_a_broker_restart() {
         ),
     );
     let log = dir.join("publisher.log");
-    let mut rng = Rng(17);
+    // The kill schedule is reproducible.
+    let mut rng = SplitMix64(17);
     let mut written = 0u64;
     let t0 = Instant::now();
     let cycles = 50;

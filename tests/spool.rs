@@ -10,7 +10,7 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const DETECTOR: &str = "face_detection_short_range";
@@ -28,29 +28,7 @@ fn daemon(config: &Path, extra: &[&str]) -> Command {
 
 /// Runs to completion (a hang is a failure), returning the output.
 fn finish(mut c: Command, limit: Duration) -> Output {
-    let child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_output(child, limit)
-}
-
-fn wait_output(mut child: Child, limit: Duration) -> Output {
-    let limit = hang_limit(limit);
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            child.kill().ok();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "the daemon did not finish within {limit:?}:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().unwrap()
+    Running::spawn(&mut c).wait(limit, "the daemon")
 }
 
 fn once_ok(config: &Path) -> String {
@@ -570,21 +548,6 @@ fn chown_tree(path: &Path, id: u32) {
     }
 }
 
-/// A tiny deterministic generator (SplitMix64): the kill schedule is reproducible.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[test]
 fn sigkill_at_random_moments_loses_nothing() {
     let Fixture { spool, config } = detector_spool(
@@ -592,7 +555,8 @@ fn sigkill_at_random_moments_loses_nothing() {
         "rescan_secs = 0.2\nsettle_secs = 0",
         "threads = 1",
     );
-    let mut rng = Rng(4);
+    // The kill schedule is reproducible.
+    let mut rng = SplitMix64(4);
     let mut sent: Vec<(String, bool)> = vec![];
     let formats = [
         ("png", image::ImageFormat::Png),
@@ -675,12 +639,8 @@ fn sigkill_at_random_moments_loses_nothing() {
 }
 
 /// The daemon watching its spool, its output captured.
-fn watch(config: &Path) -> (Child, nix::unistd::Pid) {
-    let child = daemon(config, &[])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+fn watch(config: &Path) -> (Running, nix::unistd::Pid) {
+    let child = Running::spawn(&mut daemon(config, &[]));
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     (child, pid)
 }
@@ -728,7 +688,7 @@ fn sigterm_stops_cleanly_and_inotify_wakes_the_daemon() {
     std::thread::sleep(Duration::from_millis(100));
     let term = Instant::now();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let out = wait_output(child, Duration::from_secs(5));
+    let out = child.wait(Duration::from_secs(5), "the daemon");
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "exit status {}: {log}", out.status);
     assert!(term.elapsed() < Duration::from_secs(5));
@@ -799,7 +759,7 @@ fn sigterm_puts_the_frame_in_flight_back() {
         std::thread::sleep(Duration::from_millis(5));
     };
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let out = wait_output(child, Duration::from_secs(5));
+    let out = child.wait(Duration::from_secs(5), "the daemon");
     let log = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "exit status {}: {log}", out.status);
     assert!(log.contains("put back into incoming/"), "{log}");
@@ -901,6 +861,6 @@ fn a_frame_written_in_place_is_taken_once_complete() {
         (Some(48), Some(36))
     );
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let out = wait_output(child, Duration::from_secs(5));
+    let out = child.wait(Duration::from_secs(5), "the daemon");
     assert!(out.status.success());
 }

@@ -1,12 +1,18 @@
 //! The model graph: one TFLite subgraph as typed values.
 //!
-//! Every shape here is computed from the op and its inputs ([`Graph::infer_shapes`]), so a
-//! file that declares something else is caught at import, not deep inside tract. The op set
-//! is closed: an op is either one tract runs (after normalisation) or one normalisation
-//! removes. Anything else never makes it into a `Graph`.
+//! Every shape here is computed from the op and its inputs ([`Graph::output_shapes`], each
+//! op's rule living with its family in `model/ops/`), so a file that declares something
+//! else is caught at import, not deep inside tract. The op set is closed: an op is either
+//! one tract runs (after normalisation) or one normalisation removes. Anything else never
+//! makes it into a `Graph`.
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
+
+pub use super::ops::{
+    Activation, BinaryKind, ConvParams, Op, Padding, PoolParams, ReduceKind, StridedSliceParams,
+    UnaryKind, broadcast, conv_out, strided_bounds,
+};
 
 pub type TensorId = usize;
 
@@ -185,206 +191,6 @@ pub fn f32_bytes(values: &[f32]) -> Bytes {
         .into()
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Padding {
-    Same,
-    Valid,
-}
-
-/// Fused activations. tract reads `None`, `Relu` and `Relu6`; normalisation turns the
-/// others into separate ops.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    None,
-    Relu,
-    Relu6,
-    ReluN1To1,
-    Tanh,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ConvParams {
-    pub padding: Padding,
-    pub stride: [usize; 2],
-    pub dilation: [usize; 2],
-    pub activation: Activation,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PoolParams {
-    pub padding: Padding,
-    pub stride: [usize; 2],
-    pub filter: [usize; 2],
-    pub activation: Activation,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BinaryKind {
-    Add,
-    Sub,
-    Mul,
-    Div,
-    Maximum,
-    Minimum,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UnaryKind {
-    Relu,
-    Relu6,
-    Logistic,
-    Tanh,
-    HardSwish,
-    Exp,
-    Log,
-    Sqrt,
-    Rsqrt,
-    Square,
-    Abs,
-    Floor,
-    Ceil,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReduceKind {
-    Mean,
-    Sum,
-    Max,
-    Min,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StridedSliceParams {
-    pub begin_mask: u32,
-    pub end_mask: u32,
-    pub shrink_axis_mask: u32,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum Op {
-    Conv2d(ConvParams),
-    DepthwiseConv2d {
-        conv: ConvParams,
-        depth_multiplier: usize,
-    },
-    FullyConnected {
-        activation: Activation,
-        keep_num_dims: bool,
-    },
-    BatchMatMul {
-        adj_x: bool,
-        adj_y: bool,
-    },
-    MaxPool2d(PoolParams),
-    AvgPool2d(PoolParams),
-    Binary {
-        kind: BinaryKind,
-        activation: Activation,
-    },
-    Unary(UnaryKind),
-    LeakyRelu {
-        alpha: f32,
-    },
-    Softmax {
-        beta: f32,
-    },
-    Concatenation {
-        axis: usize,
-        activation: Activation,
-    },
-    /// Target shape is the second input, a constant (SQUEEZE and EXPAND_DIMS are read as this).
-    Reshape,
-    Pad,
-    PadV2,
-    Reduce {
-        kind: ReduceKind,
-        keep_dims: bool,
-    },
-    ResizeBilinear {
-        align_corners: bool,
-        half_pixel_centers: bool,
-    },
-    ResizeNearest {
-        align_corners: bool,
-        half_pixel_centers: bool,
-    },
-    StridedSlice(StridedSliceParams),
-    Slice,
-    Transpose,
-    // Removed by normalisation: tract 0.23 cannot read them.
-    Dequantize,
-    Densify,
-    Prelu,
-    DepthToSpace {
-        block: usize,
-    },
-    LocalResponseNorm {
-        radius: usize,
-        bias: f32,
-        alpha: f32,
-        beta: f32,
-    },
-}
-
-impl Op {
-    /// TFLite's name for the op, as users see it in converters and error messages.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Op::Conv2d(_) => "CONV_2D",
-            Op::DepthwiseConv2d { .. } => "DEPTHWISE_CONV_2D",
-            Op::FullyConnected { .. } => "FULLY_CONNECTED",
-            Op::BatchMatMul { .. } => "BATCH_MATMUL",
-            Op::MaxPool2d(_) => "MAX_POOL_2D",
-            Op::AvgPool2d(_) => "AVERAGE_POOL_2D",
-            Op::Binary { kind, .. } => match kind {
-                BinaryKind::Add => "ADD",
-                BinaryKind::Sub => "SUB",
-                BinaryKind::Mul => "MUL",
-                BinaryKind::Div => "DIV",
-                BinaryKind::Maximum => "MAXIMUM",
-                BinaryKind::Minimum => "MINIMUM",
-            },
-            Op::Unary(kind) => match kind {
-                UnaryKind::Relu => "RELU",
-                UnaryKind::Relu6 => "RELU6",
-                UnaryKind::Logistic => "LOGISTIC",
-                UnaryKind::Tanh => "TANH",
-                UnaryKind::HardSwish => "HARD_SWISH",
-                UnaryKind::Exp => "EXP",
-                UnaryKind::Log => "LOG",
-                UnaryKind::Sqrt => "SQRT",
-                UnaryKind::Rsqrt => "RSQRT",
-                UnaryKind::Square => "SQUARE",
-                UnaryKind::Abs => "ABS",
-                UnaryKind::Floor => "FLOOR",
-                UnaryKind::Ceil => "CEIL",
-            },
-            Op::LeakyRelu { .. } => "LEAKY_RELU",
-            Op::Softmax { .. } => "SOFTMAX",
-            Op::Concatenation { .. } => "CONCATENATION",
-            Op::Reshape => "RESHAPE",
-            Op::Pad => "PAD",
-            Op::PadV2 => "PADV2",
-            Op::Reduce { kind, .. } => match kind {
-                ReduceKind::Mean => "MEAN",
-                ReduceKind::Sum => "SUM",
-                ReduceKind::Max => "REDUCE_MAX",
-                ReduceKind::Min => "REDUCE_MIN",
-            },
-            Op::ResizeBilinear { .. } => "RESIZE_BILINEAR",
-            Op::ResizeNearest { .. } => "RESIZE_NEAREST_NEIGHBOR",
-            Op::StridedSlice(_) => "STRIDED_SLICE",
-            Op::Slice => "SLICE",
-            Op::Transpose => "TRANSPOSE",
-            Op::Dequantize => "DEQUANTIZE",
-            Op::Densify => "DENSIFY",
-            Op::Prelu => "PRELU",
-            Op::DepthToSpace { .. } => "DEPTH_TO_SPACE",
-            Op::LocalResponseNorm { .. } => "LOCAL_RESPONSE_NORMALIZATION",
-        }
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct Node {
     pub op: Op,
@@ -449,361 +255,22 @@ impl Graph {
         });
         Ok(outputs)
     }
-
     fn output_dtype(&self, op: &Op, inputs: &[TensorId]) -> DType {
-        match op {
-            Op::Dequantize => DType::F32,
-            _ => inputs
-                .first()
-                .map(|&i| self.tensors[i].dtype)
-                .unwrap_or(DType::F32),
-        }
-    }
-
-    fn shape(&self, id: TensorId) -> &[usize] {
-        &self.tensors[id].shape
-    }
-
-    fn const_ints(&self, id: TensorId) -> Result<Vec<i64>> {
-        self.tensors[id].int_values()
+        let first = inputs
+            .first()
+            .map(|&i| self.tensors[i].dtype)
+            .unwrap_or(DType::F32);
+        op.family().output_dtype(op, first)
     }
 
     /// Output shapes of `op` applied to `inputs`, checking that the inputs make sense.
     pub fn output_shapes(&self, op: &Op, inputs: &[TensorId]) -> Result<Vec<Vec<usize>>> {
-        let arity = |n: std::ops::RangeInclusive<usize>| -> Result<()> {
-            ensure!(
-                n.contains(&inputs.len()),
-                "{} takes {:?} inputs, got {}",
-                op.name(),
-                n,
-                inputs.len()
-            );
-            Ok(())
+        let inputs = OpInputs {
+            graph: self,
+            ids: inputs,
+            op_name: op.name(),
         };
-        let rank4 = |id: TensorId| -> Result<[usize; 4]> {
-            let s = self.shape(id);
-            ensure!(
-                s.len() == 4,
-                "{} needs a rank-4 NHWC input, got shape {:?}",
-                op.name(),
-                s
-            );
-            Ok([s[0], s[1], s[2], s[3]])
-        };
-        let shape = match op {
-            Op::Conv2d(p) => {
-                arity(3..=3)?;
-                let [n, h, w, c] = rank4(inputs[0])?;
-                let k = self.shape(inputs[1]);
-                ensure!(k.len() == 4, "CONV_2D filter must be OHWI, got {:?}", k);
-                ensure!(
-                    k[3] == c,
-                    "CONV_2D filter has {} input channels, input has {}",
-                    k[3],
-                    c
-                );
-                check_bias(self.shape(inputs[2]), k[0])?;
-                let (oh, ow) = conv_out(h, w, [k[1], k[2]], p.stride, p.dilation, p.padding)?;
-                vec![n, oh, ow, k[0]]
-            }
-            Op::DepthwiseConv2d {
-                conv,
-                depth_multiplier,
-            } => {
-                arity(3..=3)?;
-                let [n, h, w, c] = rank4(inputs[0])?;
-                let k = self.shape(inputs[1]);
-                ensure!(
-                    k.len() == 4 && k[0] == 1,
-                    "DEPTHWISE_CONV_2D filter must be 1HWC, got {:?}",
-                    k
-                );
-                ensure!(
-                    k[3] == c * depth_multiplier,
-                    "DEPTHWISE_CONV_2D filter has {} channels, input {} × multiplier {}",
-                    k[3],
-                    c,
-                    depth_multiplier
-                );
-                check_bias(self.shape(inputs[2]), k[3])?;
-                let (oh, ow) =
-                    conv_out(h, w, [k[1], k[2]], conv.stride, conv.dilation, conv.padding)?;
-                vec![n, oh, ow, k[3]]
-            }
-            Op::FullyConnected { keep_num_dims, .. } => {
-                arity(3..=3)?;
-                let x = self.shape(inputs[0]);
-                let wt = self.shape(inputs[1]);
-                ensure!(
-                    wt.len() == 2,
-                    "FULLY_CONNECTED weights must be [out, in], got {:?}",
-                    wt
-                );
-                let elems: usize = x.iter().product();
-                ensure!(
-                    wt[1] > 0 && elems.is_multiple_of(wt[1]),
-                    "FULLY_CONNECTED input {:?} does not divide into rows of {}",
-                    x,
-                    wt[1]
-                );
-                check_bias(self.shape(inputs[2]), wt[0])?;
-                if *keep_num_dims {
-                    ensure!(
-                        x.last() == Some(&wt[1]),
-                        "FULLY_CONNECTED keep_num_dims needs last dim {}",
-                        wt[1]
-                    );
-                    let mut s = x.to_vec();
-                    *s.last_mut().unwrap() = wt[0];
-                    s
-                } else {
-                    vec![elems / wt[1], wt[0]]
-                }
-            }
-            Op::BatchMatMul { adj_x, adj_y } => {
-                arity(2..=2)?;
-                let (a, b) = (self.shape(inputs[0]), self.shape(inputs[1]));
-                ensure!(
-                    a.len() >= 2 && a.len() == b.len(),
-                    "BATCH_MATMUL ranks {:?} and {:?}",
-                    a,
-                    b
-                );
-                let r = a.len();
-                let (m, ka) = if *adj_x {
-                    (a[r - 1], a[r - 2])
-                } else {
-                    (a[r - 2], a[r - 1])
-                };
-                let (kb, nn) = if *adj_y {
-                    (b[r - 1], b[r - 2])
-                } else {
-                    (b[r - 2], b[r - 1])
-                };
-                ensure!(
-                    ka == kb && a[..r - 2] == b[..r - 2],
-                    "BATCH_MATMUL shapes {:?} × {:?} disagree",
-                    a,
-                    b
-                );
-                let mut s = a[..r - 2].to_vec();
-                s.extend([m, nn]);
-                s
-            }
-            Op::MaxPool2d(p) | Op::AvgPool2d(p) => {
-                arity(1..=1)?;
-                let [n, h, w, c] = rank4(inputs[0])?;
-                let (oh, ow) = conv_out(h, w, p.filter, p.stride, [1, 1], p.padding)?;
-                vec![n, oh, ow, c]
-            }
-            Op::Binary { .. } => {
-                arity(2..=2)?;
-                broadcast(self.shape(inputs[0]), self.shape(inputs[1]))
-                    .with_context(|| format!("{}: shapes do not broadcast", op.name()))?
-            }
-            Op::Unary(_) | Op::LeakyRelu { .. } | Op::Softmax { .. } => {
-                arity(1..=1)?;
-                self.shape(inputs[0]).to_vec()
-            }
-            Op::Prelu => {
-                arity(2..=2)?;
-                let s = broadcast(self.shape(inputs[0]), self.shape(inputs[1]))?;
-                ensure!(
-                    s == self.shape(inputs[0]),
-                    "PRELU alpha {:?} widens input {:?}",
-                    self.shape(inputs[1]),
-                    self.shape(inputs[0])
-                );
-                s
-            }
-            Op::Concatenation { axis, .. } => {
-                ensure!(!inputs.is_empty(), "CONCATENATION needs inputs");
-                let first = self.shape(inputs[0]);
-                ensure!(
-                    *axis < first.len(),
-                    "CONCATENATION axis {} out of rank {}",
-                    axis,
-                    first.len()
-                );
-                let mut s = first.to_vec();
-                s[*axis] = 0;
-                for &i in inputs {
-                    let o = self.shape(i);
-                    ensure!(
-                        o.len() == first.len(),
-                        "CONCATENATION ranks differ: {:?} vs {:?}",
-                        first,
-                        o
-                    );
-                    for d in 0..o.len() {
-                        ensure!(
-                            d == *axis || o[d] == first[d],
-                            "CONCATENATION shapes {:?} and {:?}",
-                            first,
-                            o
-                        );
-                    }
-                    s[*axis] += o[*axis];
-                }
-                s
-            }
-            Op::Reshape => {
-                arity(2..=2)?;
-                let target = self
-                    .const_ints(inputs[1])
-                    .context("RESHAPE needs a constant shape")?;
-                reshape_target(self.shape(inputs[0]), &target)?
-            }
-            Op::Pad | Op::PadV2 => {
-                arity(2..=3)?;
-                let x = self.shape(inputs[0]);
-                let pads = self
-                    .const_ints(inputs[1])
-                    .context("PAD needs constant paddings")?;
-                ensure!(
-                    pads.len() == 2 * x.len(),
-                    "PAD paddings {:?} do not match rank {}",
-                    pads,
-                    x.len()
-                );
-                ensure!(
-                    pads.iter().all(|&p| (0..1 << 20).contains(&p)),
-                    "PAD paddings {:?} out of range",
-                    pads
-                );
-                x.iter()
-                    .enumerate()
-                    .map(|(d, &n)| n + pads[2 * d] as usize + pads[2 * d + 1] as usize)
-                    .collect()
-            }
-            Op::Reduce { keep_dims, .. } => {
-                arity(2..=2)?;
-                let x = self.shape(inputs[0]);
-                let axes = normalise_axes(&self.const_ints(inputs[1])?, x.len())?;
-                x.iter()
-                    .enumerate()
-                    .filter_map(|(d, &n)| match (axes.contains(&d), keep_dims) {
-                        (true, true) => Some(1),
-                        (true, false) => None,
-                        (false, _) => Some(n),
-                    })
-                    .collect()
-            }
-            Op::ResizeBilinear { .. } | Op::ResizeNearest { .. } => {
-                arity(2..=2)?;
-                let [n, _, _, c] = rank4(inputs[0])?;
-                let size = self.const_ints(inputs[1])?;
-                ensure!(
-                    size.len() == 2 && size.iter().all(|&s| (1..1 << 16).contains(&s)),
-                    "{} size {:?} is not two positive extents",
-                    op.name(),
-                    size
-                );
-                vec![n, size[0] as usize, size[1] as usize, c]
-            }
-            Op::StridedSlice(p) => {
-                arity(4..=4)?;
-                let x = self.shape(inputs[0]);
-                let (b, e, s) = (
-                    self.const_ints(inputs[1])?,
-                    self.const_ints(inputs[2])?,
-                    self.const_ints(inputs[3])?,
-                );
-                ensure!(
-                    b.len() == x.len() && e.len() == x.len() && s.len() == x.len(),
-                    "STRIDED_SLICE arguments do not match rank {}",
-                    x.len()
-                );
-                let mut out = vec![];
-                for d in 0..x.len() {
-                    let (lo, hi) = strided_bounds(
-                        x[d],
-                        b[d],
-                        e[d],
-                        s[d],
-                        p.begin_mask >> d & 1 == 1,
-                        p.end_mask >> d & 1 == 1,
-                    )?;
-                    let step = s[d];
-                    let (span, step) = if step > 0 {
-                        ((hi - lo).max(0), step)
-                    } else {
-                        ((lo - hi).max(0), -step)
-                    };
-                    let n = (span + step - 1) / step;
-                    if p.shrink_axis_mask >> d & 1 == 1 {
-                        ensure!(n == 1, "STRIDED_SLICE shrinks axis {} of extent {}", d, n);
-                    } else {
-                        out.push(n as usize);
-                    }
-                }
-                out
-            }
-            Op::Slice => {
-                arity(3..=3)?;
-                let x = self.shape(inputs[0]);
-                let (b, s) = (self.const_ints(inputs[1])?, self.const_ints(inputs[2])?);
-                ensure!(
-                    b.len() == x.len() && s.len() == x.len(),
-                    "SLICE arguments do not match rank {}",
-                    x.len()
-                );
-                let mut out = vec![];
-                for d in 0..x.len() {
-                    let size = if s[d] == -1 { x[d] as i64 - b[d] } else { s[d] };
-                    ensure!(
-                        b[d] >= 0 && size >= 0 && b[d] + size <= x[d] as i64,
-                        "SLICE [{}, +{}) out of extent {}",
-                        b[d],
-                        size,
-                        x[d]
-                    );
-                    out.push(size as usize);
-                }
-                out
-            }
-            Op::Transpose => {
-                arity(2..=2)?;
-                let x = self.shape(inputs[0]);
-                let perm = self.const_ints(inputs[1])?;
-                let mut seen = vec![false; x.len()];
-                ensure!(
-                    perm.len() == x.len(),
-                    "TRANSPOSE permutation {:?} for rank {}",
-                    perm,
-                    x.len()
-                );
-                for &p in &perm {
-                    ensure!(
-                        (0..x.len() as i64).contains(&p) && !seen[p as usize],
-                        "TRANSPOSE permutation {:?} invalid",
-                        perm
-                    );
-                    seen[p as usize] = true;
-                }
-                perm.iter().map(|&p| x[p as usize]).collect()
-            }
-            Op::Dequantize | Op::Densify => {
-                arity(1..=1)?;
-                self.shape(inputs[0]).to_vec()
-            }
-            Op::DepthToSpace { block } => {
-                arity(1..=1)?;
-                let [n, h, w, c] = rank4(inputs[0])?;
-                ensure!(
-                    *block > 0 && c % (block * block) == 0,
-                    "DEPTH_TO_SPACE block {} does not divide {} channels",
-                    block,
-                    c
-                );
-                vec![n, h * block, w * block, c / (block * block)]
-            }
-            Op::LocalResponseNorm { .. } => {
-                arity(1..=1)?;
-                rank4(inputs[0])?.to_vec()
-            }
-        };
-        Ok(vec![shape])
+        Ok(vec![op.family().output_shape(op, &inputs)?])
     }
 
     /// Recomputes every node's output shapes and checks them against what the tensors say.
@@ -941,95 +408,81 @@ impl Graph {
 
     /// Floating-point operations of one node (a multiply-add counts as two).
     pub fn flops(&self, node: &Node) -> u64 {
-        let out: u64 = node
-            .outputs
-            .iter()
-            .map(|&o| self.tensors[o].elements() as u64)
-            .sum();
-        let shape = |i: usize| &self.tensors[node.inputs[i]].shape;
-        match &node.op {
-            Op::Conv2d(_) => {
-                let k = shape(1);
-                2 * out * (k[1] * k[2] * k[3]) as u64
-            }
-            Op::DepthwiseConv2d { .. } => {
-                let k = shape(1);
-                2 * out * (k[1] * k[2]) as u64
-            }
-            Op::FullyConnected { .. } => 2 * out * shape(1)[1] as u64,
-            Op::BatchMatMul { adj_x, .. } => {
-                let a = shape(0);
-                let k = if *adj_x {
-                    a[a.len() - 2]
-                } else {
-                    a[a.len() - 1]
-                };
-                2 * out * k as u64
-            }
-            Op::MaxPool2d(p) | Op::AvgPool2d(p) => out * (p.filter[0] * p.filter[1]) as u64,
-            Op::Reduce { .. } => self.tensors[node.inputs[0]].elements() as u64,
-            Op::Reshape | Op::Dequantize | Op::Densify => 0,
-            _ => out,
-        }
+        node.op.family().flops(self, node)
     }
 }
 
-fn check_bias(bias: &[usize], channels: usize) -> Result<()> {
-    ensure!(
-        bias == [channels],
-        "bias has shape {:?}, expected [{}]",
-        bias,
-        channels
-    );
-    Ok(())
+/// The inputs of one op, as its family's shape rule sees them: by position.
+pub(crate) struct OpInputs<'a> {
+    graph: &'a Graph,
+    ids: &'a [TensorId],
+    op_name: &'static str,
 }
 
-/// Output extent of a sliding window, TFLite's rules for SAME and VALID.
-pub fn conv_out(
-    h: usize,
-    w: usize,
-    k: [usize; 2],
-    s: [usize; 2],
-    d: [usize; 2],
-    p: Padding,
-) -> Result<(usize, usize)> {
-    ensure!(
-        s.iter().chain(&d).chain(&k).all(|&v| v > 0),
-        "zero kernel, stride or dilation"
-    );
-    let one = |n: usize, k: usize, s: usize, d: usize| -> Result<usize> {
-        let eff = (k - 1) * d + 1;
-        Ok(match p {
-            Padding::Same => n.div_ceil(s),
-            Padding::Valid => {
-                ensure!(n >= eff, "window {} larger than input {}", eff, n);
-                (n - eff) / s + 1
-            }
-        })
-    };
-    Ok((one(h, k[0], s[0], d[0])?, one(w, k[1], s[1], d[1])?))
-}
+impl OpInputs<'_> {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
 
-/// Numpy-style broadcast of two shapes.
-pub fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
-    let r = a.len().max(b.len());
-    let get = |s: &[usize], i: usize| {
-        if i + s.len() >= r {
-            s[i + s.len() - r]
-        } else {
-            1
+    /// Fails unless the op has an allowed number of inputs; check it before reading any.
+    pub fn arity(&self, allowed: std::ops::RangeInclusive<usize>) -> Result<()> {
+        ensure!(
+            allowed.contains(&self.ids.len()),
+            "{} takes {:?} inputs, got {}",
+            self.op_name,
+            allowed,
+            self.ids.len()
+        );
+        Ok(())
+    }
+
+    /// The output shape of an op that maps each element of its one input.
+    pub fn elementwise_shape(&self) -> Result<Vec<usize>> {
+        self.arity(1..=1)?;
+        Ok(self.shape(0).to_vec())
+    }
+
+    pub fn shape(&self, slot: usize) -> &[usize] {
+        &self.graph.tensors[self.ids[slot]].shape
+    }
+
+    pub fn shapes(&self) -> impl Iterator<Item = &[usize]> {
+        self.ids
+            .iter()
+            .map(|&id| self.graph.tensors[id].shape.as_slice())
+    }
+
+    /// The shape of an NHWC input.
+    pub fn rank4(&self, slot: usize) -> Result<[usize; 4]> {
+        match *self.shape(slot) {
+            [n, h, w, c] => Ok([n, h, w, c]),
+            ref other => bail!(
+                "{} needs a rank-4 NHWC input, got shape {:?}",
+                self.op_name,
+                other
+            ),
         }
-    };
-    (0..r)
-        .map(|i| match (get(a, i), get(b, i)) {
-            (x, y) if x == y => Ok(x),
-            (1, y) => Ok(y),
-            (x, 1) => Ok(x),
-            (x, y) => bail!("{:?} and {:?} differ at axis {} ({} vs {})", a, b, i, x, y),
-        })
-        .collect()
+    }
+
+    /// The values of a constant integer input (a shape, axes, paddings).
+    pub fn const_ints(&self, slot: usize) -> Result<Vec<i64>> {
+        self.graph.tensors[self.ids[slot]].int_values()
+    }
+
+    /// Fails unless input `slot` is a bias of `channels` values.
+    pub fn check_bias(&self, slot: usize, channels: usize) -> Result<()> {
+        let bias = self.shape(slot);
+        ensure!(
+            bias == [channels],
+            "bias has shape {:?}, expected [{}]",
+            bias,
+            channels
+        );
+        Ok(())
+    }
 }
 
+/// Axes as indices in `0..rank`, counting negative ones from the end.
 pub fn normalise_axes(axes: &[i64], rank: usize) -> Result<Vec<usize>> {
     axes.iter()
         .map(|&a| {
@@ -1045,102 +498,9 @@ pub fn normalise_axes(axes: &[i64], rank: usize) -> Result<Vec<usize>> {
         .collect()
 }
 
-fn reshape_target(input: &[usize], target: &[i64]) -> Result<Vec<usize>> {
-    let total: usize = input.iter().product();
-    let known: i64 = target.iter().filter(|&&d| d != -1).product();
-    ensure!(
-        target.iter().filter(|&&d| d == -1).count() <= 1,
-        "RESHAPE target {:?} has several -1",
-        target
-    );
-    ensure!(
-        target.iter().all(|&d| d == -1 || d >= 0),
-        "RESHAPE target {:?} has negative extents",
-        target
-    );
-    let out: Vec<usize> = target
-        .iter()
-        .map(|&d| {
-            if d == -1 {
-                if known == 0 {
-                    0
-                } else {
-                    total / known as usize
-                }
-            } else {
-                d as usize
-            }
-        })
-        .collect();
-    ensure!(
-        out.iter().product::<usize>() == total,
-        "RESHAPE of {:?} to {:?} changes the element count",
-        input,
-        target
-    );
-    Ok(out)
-}
-
-/// Resolved [begin, end) of one strided-slice axis, clamped as TFLite does.
-pub fn strided_bounds(
-    n: usize,
-    b: i64,
-    e: i64,
-    s: i64,
-    begin_masked: bool,
-    end_masked: bool,
-) -> Result<(i64, i64)> {
-    ensure!(s != 0, "STRIDED_SLICE stride is zero");
-    let n = n as i64;
-    let fix = |v: i64| if v < 0 { v + n } else { v };
-    let (lo, hi) = if s > 0 {
-        (
-            if begin_masked { 0 } else { fix(b).clamp(0, n) },
-            if end_masked { n } else { fix(e).clamp(0, n) },
-        )
-    } else {
-        (
-            if begin_masked {
-                n - 1
-            } else {
-                fix(b).clamp(-1, n - 1)
-            },
-            if end_masked {
-                -1
-            } else {
-                fix(e).clamp(-1, n - 1)
-            },
-        )
-    };
-    Ok((lo, hi))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn same_and_valid_extents_follow_tflite() {
-        assert_eq!(
-            conv_out(227, 227, [11, 11], [4, 4], [1, 1], Padding::Valid).unwrap(),
-            (55, 55)
-        );
-        assert_eq!(
-            conv_out(56, 56, [3, 3], [2, 2], [1, 1], Padding::Same).unwrap(),
-            (28, 28)
-        );
-        assert!(conv_out(2, 2, [3, 3], [1, 1], [1, 1], Padding::Valid).is_err());
-    }
-
-    #[test]
-    fn broadcast_follows_numpy() {
-        assert_eq!(broadcast(&[1, 4, 4, 8], &[8]).unwrap(), vec![1, 4, 4, 8]);
-        assert_eq!(
-            broadcast(&[1, 1, 8], &[1, 4, 4, 8]).unwrap(),
-            vec![1, 4, 4, 8]
-        );
-        assert!(broadcast(&[3], &[4]).is_err());
-    }
 
     #[test]
     fn structure_check_rejects_reads_before_writes() {

@@ -5,6 +5,7 @@
 
 pub mod graph;
 pub mod normalise;
+mod ops;
 pub mod package;
 pub mod split;
 pub mod tflite;

@@ -19,16 +19,10 @@ pub enum LayerKind {
 }
 
 impl LayerKind {
+    /// The kind of layer `node` starts: `None` for a weightless op, which joins the layer
+    /// before it.
     pub fn of(graph: &Graph, node: &Node) -> Option<LayerKind> {
-        match node.op {
-            Op::Conv2d(_) => Some(LayerKind::Conv),
-            Op::DepthwiseConv2d { .. } => Some(LayerKind::DwConv),
-            Op::FullyConnected { .. } => Some(LayerKind::Fc),
-            Op::BatchMatMul { .. } if node.inputs.iter().any(|&i| graph.tensors[i].is_const()) => {
-                Some(LayerKind::Fc)
-            }
-            _ => None,
-        }
+        node.op.family().weighted_layer(graph, node)
     }
 
     pub fn name(self) -> &'static str {

@@ -6,10 +6,13 @@
 
 pub mod cgroup;
 
-use memaflow::runtime::{FloatTensor, npy};
-use std::io::Write;
+use memaflow::model::graph::{DType, Graph, Tensor, TensorId};
+use memaflow::model::tflite::{WriteOptions, write_graph};
+use memaflow::model::{ImportOptions, Package, import};
+use memaflow::runtime::{FloatTensor, npy, run_layerwise, run_whole};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn bin() -> &'static str {
@@ -95,44 +98,74 @@ pub fn require_child_exec() {
     );
 }
 
+/// A child process whose stdout and stderr are read on threads from the start, so that a
+/// chatty child never blocks on a full pipe; [`Running::wait`] is the hang guard.
+pub struct Running {
+    child: Child,
+    stdout: std::thread::JoinHandle<Vec<u8>>,
+    stderr: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl Running {
+    /// Starts `command` with its stdout and stderr piped to the test.
+    pub fn spawn(command: &mut Command) -> Running {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the child");
+        let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                let mut v = vec![];
+                pipe.read_to_end(&mut v).ok();
+                v
+            })
+        };
+        let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+        let stderr = drain(Box::new(child.stderr.take().expect("piped")));
+        Running {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the child to exit. A hang is a failure, not a stuck test run: after
+    /// `limit` (see [`hang_limit`]) the child is killed and the test fails, showing what
+    /// `what` wrote to stderr.
+    pub fn wait(mut self, limit: Duration, what: &str) -> Output {
+        let limit = hang_limit(limit);
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > limit {
+                self.child.kill().ok();
+                self.child.wait().ok();
+                let stderr = self.stderr.join().unwrap_or_default();
+                panic!(
+                    "{what} did not finish within {limit:?}:\n{}",
+                    String::from_utf8_lossy(&stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Output {
+            status,
+            stdout: self.stdout.join().unwrap(),
+            stderr: self.stderr.join().unwrap(),
+        }
+    }
+}
+
 /// Runs the CLI and kills it after `limit`: a hang is a failure, not a stuck test run.
 pub fn run_cli(args: &[&str], limit: Duration) -> Output {
-    let limit = hang_limit(limit);
-    let mut child = cli_command()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn memaflow");
-    let start = Instant::now();
-    // Drain pipes on threads so a chatty child cannot block on a full pipe.
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut v = vec![];
-        std::io::Read::read_to_end(&mut out, &mut v).ok();
-        v
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut v = vec![];
-        std::io::Read::read_to_end(&mut err, &mut v).ok();
-        v
-    });
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > limit {
-            child.kill().ok();
-            panic!("memaflow {args:?} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-    }
+    Running::spawn(cli_command().args(args)).wait(limit, &format!("memaflow {args:?}"))
 }
 
 /// Runs the CLI, expecting success; returns stdout.
@@ -269,19 +302,88 @@ pub fn relative_error(got: &FloatTensor, want: &FloatTensor) -> f64 {
     diff / scale
 }
 
+/// The tests' one pseudo-random generator (SplitMix64): small, and the same stream on every
+/// machine, so that inputs and schedules are reproducible. The state is the seed.
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in 0..n.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// Uniform in [lo, hi), in steps of (hi - lo) / 2^24.
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+}
+
 /// A deterministic pseudo-random tensor in [lo, hi).
 pub fn random_tensor(shape: &[usize], seed: u64, lo: f32, hi: f32) -> FloatTensor {
-    let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut rng = SplitMix64(seed);
+    // Every tensor the tests compare against was drawn from the second value on.
+    rng.next();
     let n: usize = shape.iter().product();
-    let data = (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect();
+    let data = (0..n).map(|_| rng.uniform(lo, hi)).collect();
     FloatTensor::new(shape.to_vec(), data).unwrap()
+}
+
+/// Writes `graph` as a .tflite, imports it, runs `input` layer by layer and whole (checking
+/// they agree exactly); returns the outputs, the package and the model file.
+pub fn import_and_run(
+    test: &str,
+    graph: &Graph,
+    options: WriteOptions,
+    input: &FloatTensor,
+) -> (Vec<FloatTensor>, Package, PathBuf) {
+    let dir = scratch(test);
+    let file = dir.join(format!("{test}.tflite"));
+    std::fs::write(&file, write_graph(graph, options).unwrap()).unwrap();
+    import(&file, &dir.join("pkg"), &ImportOptions::default())
+        .unwrap_or_else(|e| panic!("{test}: import: {e:#}"));
+    let pkg = Package::open(dir.join("pkg")).unwrap();
+    let layers = run_layerwise(&pkg, input).unwrap_or_else(|e| panic!("{test}: {e:#}"));
+    let whole = run_whole(&pkg, input).unwrap_or_else(|e| panic!("{test}: {e:#}"));
+    for (a, b) in layers.outputs.iter().zip(&whole.outputs) {
+        assert!(
+            a.bit_identical(b),
+            "{test}: layer by layer differs from whole"
+        );
+    }
+    (layers.outputs, pkg, file)
+}
+
+/// Checks `ours` against the reference interpreter's outputs for the model `file`: each
+/// within `tolerance` of the largest reference magnitude (a recorded skip without it).
+pub fn assert_reference(
+    test: &str,
+    file: &std::path::Path,
+    input: &FloatTensor,
+    ours: &[FloatTensor],
+    tolerance: f64,
+) {
+    if let Some(reference) = litert(test, file, std::slice::from_ref(input)) {
+        for (n, (a, b)) in ours.iter().zip(&reference[0]).enumerate() {
+            let err = relative_error(a, b);
+            assert!(
+                err <= tolerance,
+                "{test}: output {n} off the reference by {err:.2e}"
+            );
+        }
+    }
+}
+
+/// Adds a float graph input of `shape`.
+pub fn input(graph: &mut Graph, shape: &[usize]) -> TensorId {
+    let t = graph.add_tensor(Tensor::activation("input", shape.to_vec(), DType::F32));
+    graph.inputs.push(t);
+    t
 }

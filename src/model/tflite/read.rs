@@ -1,15 +1,13 @@
 //! TFLite flatbuffer → [`Graph`], validating everything tract would otherwise trust.
 
 use super::super::graph::*;
+use super::super::ops::{OperatorReader, registry};
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
-use tract_tflite::tflite;
-use tract_tflite::tflite::{
-    ActivationFunctionType as Act, BuiltinOperator as B, Padding as FbPadding,
-};
+use tract_tflite::tflite::{self, BuiltinOperator};
 
-/// Parses a TFLite model. Errors name the operator (index and TFLite name) or tensor at fault.
-/// Reads a model held in `bytes`, copying its constants out.
+/// Parses a TFLite model held in `bytes`, copying its constants out. Errors name the
+/// operator (index and TFLite name) or tensor at fault.
 pub fn read_graph(bytes: &[u8]) -> Result<Graph> {
     read_graph_shared(&Bytes::copy_from_slice(bytes))
 }
@@ -31,13 +29,15 @@ pub fn read_graph_shared(bytes: &Bytes) -> Result<Graph> {
         .map_err(|e| anyhow::anyhow!("not a valid TFLite flatbuffer: {e}"))?;
     let subgraphs = model.subgraphs().context("model has no subgraphs")?;
     ensure!(!subgraphs.is_empty(), "model has no subgraphs");
-    let sg = subgraphs.get(0);
+    let subgraph = subgraphs.get(0);
     let buffers = model.buffers();
-    let fb_tensors = sg.tensors().context("subgraph 0 has no tensor table")?;
+    let tensor_tables = subgraph
+        .tensors()
+        .context("subgraph 0 has no tensor table")?;
 
     let mut graph = Graph::default();
-    for (ix, t) in fb_tensors.iter().enumerate() {
-        let tensor = read_tensor(bytes, &buffers, &t, ix)
+    for (ix, t) in tensor_tables.iter().enumerate() {
+        let tensor = read_tensor(bytes, &buffers, &t)
             .with_context(|| format!("tensor #{ix} ('{}')", t.name().unwrap_or("?")))?;
         graph.tensors.push(tensor);
     }
@@ -57,20 +57,33 @@ pub fn read_graph_shared(bytes: &Bytes) -> Result<Graph> {
             })
             .collect()
     };
-    graph.inputs = tensor_ids(sg.inputs(), "subgraph input")?;
-    graph.outputs = tensor_ids(sg.outputs(), "subgraph output")?;
+    graph.inputs = tensor_ids(subgraph.inputs(), "subgraph input")?;
+    graph.outputs = tensor_ids(subgraph.outputs(), "subgraph output")?;
 
+    read_operators(&model, &subgraph, &mut graph)?;
+    graph.check_structure()?;
+    check_float_activations(&graph)?;
+    Ok(graph)
+}
+
+/// Reads every operator of `subgraph` into `graph`, through the reader its opcode has in
+/// the registry. Fails naming the first operator that cannot be read, and counting the
+/// others.
+fn read_operators(
+    model: &tflite::Model,
+    subgraph: &tflite::SubGraph,
+    graph: &mut Graph,
+) -> Result<()> {
     let codes = model
         .operator_codes()
         .context("model has no operator code table")?;
-    let mut unsupported: Vec<String> = vec![];
-    for (ix, op) in sg
+    let operators = subgraph
         .operators()
-        .context("subgraph 0 has no operators")?
-        .iter()
-        .enumerate()
-    {
-        let opcode_ix = op.opcode_index() as usize;
+        .context("subgraph 0 has no operators")?;
+    let n = graph.tensors.len();
+    let mut unsupported: Vec<String> = vec![];
+    for (ix, operator) in operators.iter().enumerate() {
+        let opcode_ix = operator.opcode_index() as usize;
         ensure!(
             opcode_ix < codes.len(),
             "operator #{ix} uses opcode {opcode_ix}, but there are {}",
@@ -78,28 +91,41 @@ pub fn read_graph_shared(bytes: &Bytes) -> Result<Graph> {
         );
         let code = codes.get(opcode_ix);
         // The same rule as TFLite's GetBuiltinCode: old files only fill the byte field.
-        let builtin = B((code.deprecated_builtin_code() as i32).max(code.builtin_code().0));
-        let name = if builtin == B::CUSTOM {
+        let opcode =
+            BuiltinOperator((code.deprecated_builtin_code() as i32).max(code.builtin_code().0));
+        let name = if opcode == BuiltinOperator::CUSTOM {
             format!("custom op '{}'", code.custom_code().unwrap_or("?"))
         } else {
-            builtin
+            opcode
                 .variant_name()
                 .map(str::to_string)
-                .unwrap_or_else(|| format!("builtin op {}", builtin.0))
+                .unwrap_or_else(|| format!("builtin op {}", opcode.0))
         };
-        let raw_inputs: Vec<i32> = op.inputs().map(|v| v.iter().collect()).unwrap_or_default();
-        let raw_outputs: Vec<i32> = op.outputs().map(|v| v.iter().collect()).unwrap_or_default();
+        let raw_inputs: Vec<i32> = operator
+            .inputs()
+            .map(|v| v.iter().collect())
+            .unwrap_or_default();
+        let raw_outputs: Vec<i32> = operator
+            .outputs()
+            .map(|v| v.iter().collect())
+            .unwrap_or_default();
         for &i in raw_inputs.iter().chain(&raw_outputs) {
             ensure!(
                 i >= -1 && (i as i64) < n as i64,
                 "operator #{ix} ({name}) refers to tensor {i}, but there are {n}"
             );
         }
-        let result = read_op(&mut graph, builtin, &op, &raw_inputs, &raw_outputs);
-        match result {
-            Ok(Some(node)) => graph.nodes.push(node),
-            Ok(None) => unsupported.push(format!("operator #{ix} ({name}): not supported")),
-            Err(e) => unsupported.push(format!("operator #{ix} ({name}): {e:#}")),
+        let mut reader = OperatorReader {
+            graph,
+            opcode,
+            operator: &operator,
+            raw_inputs: &raw_inputs,
+            raw_outputs: &raw_outputs,
+        };
+        match registry().read(&mut reader) {
+            Some(Ok(node)) => graph.nodes.push(node),
+            Some(Err(e)) => unsupported.push(format!("operator #{ix} ({name}): {e:#}")),
+            None => unsupported.push(format!("operator #{ix} ({name}): not supported")),
         }
     }
     if let Some(first) = unsupported.first() {
@@ -109,9 +135,7 @@ pub fn read_graph_shared(bytes: &Bytes) -> Result<Graph> {
         };
         bail!("{first}{more}");
     }
-    graph.check_structure()?;
-    check_float_activations(&graph)?;
-    Ok(graph)
+    Ok(())
 }
 
 fn dedupe_names(graph: &mut Graph) {
@@ -150,18 +174,8 @@ fn check_float_activations(graph: &Graph) -> Result<()> {
             if from_consts[t] {
                 continue;
             }
-            let shape_arg = matches!(
-                node.op,
-                Op::Reshape
-                    | Op::Pad
-                    | Op::PadV2
-                    | Op::Reduce { .. }
-                    | Op::ResizeBilinear { .. }
-                    | Op::ResizeNearest { .. }
-                    | Op::StridedSlice(_)
-                    | Op::Slice
-                    | Op::Transpose
-            ) && node.inputs.first() != Some(&t)
+            let shape_arg = node.op.family().takes_integer_arguments()
+                && node.inputs.first() != Some(&t)
                 && !node.outputs.contains(&t);
             if tensor.is_const() || shape_arg {
                 continue;
@@ -196,7 +210,6 @@ fn read_tensor(
     bytes: &Bytes,
     buffers: &Option<flatbuffers::Vector<flatbuffers::ForwardsUOffset<tflite::Buffer>>>,
     t: &tflite::Tensor,
-    ix: usize,
 ) -> Result<Tensor> {
     let shape: Vec<usize> = t
         .shape()
@@ -267,7 +280,6 @@ fn read_tensor(
         .map(|s| read_sparsity(&s))
         .transpose()
         .context("sparsity parameters")?;
-    let _ = ix;
     Ok(Tensor {
         name,
         shape,
@@ -305,7 +317,7 @@ fn buffer_bytes(file: &Bytes, b: &tflite::Buffer) -> Result<Option<Bytes>> {
 
 /// Reads a scalar field by vtable slot with explicit bounds checks: the generated verifier
 /// only checks the fields tract's schema lists, so nothing else may be trusted.
-pub(super) fn raw_u64_field(tab: &flatbuffers::Table, slot: usize) -> Option<u64> {
+pub(crate) fn raw_u64_field(tab: &flatbuffers::Table, slot: usize) -> Option<u64> {
     let buf = tab.buf();
     let loc = tab.loc();
     let rd = |at: usize, n: usize| buf.get(at..at.checked_add(n)?);
@@ -402,473 +414,5 @@ fn index_vector(
                 .unwrap_or_default()
         }
         other => bail!("index vector type {:?}", other),
-    })
-}
-
-fn activation(a: Act) -> Result<Activation> {
-    Ok(match a {
-        Act::NONE => Activation::None,
-        Act::RELU => Activation::Relu,
-        Act::RELU6 => Activation::Relu6,
-        Act::RELU_N1_TO_1 => Activation::ReluN1To1,
-        Act::TANH => Activation::Tanh,
-        other => bail!(
-            "fused activation {} is not supported",
-            other.variant_name().unwrap_or("?")
-        ),
-    })
-}
-
-fn padding(p: FbPadding) -> Result<Padding> {
-    Ok(match p {
-        FbPadding::SAME => Padding::Same,
-        FbPadding::VALID => Padding::Valid,
-        other => bail!("padding {:?} is not supported", other),
-    })
-}
-
-fn positive(v: i32, what: &str) -> Result<usize> {
-    ensure!(v > 0, "{what} is {v}");
-    Ok(v as usize)
-}
-
-/// Builds the node for one operator, or `Ok(None)` when the op is outside what we run.
-fn read_op(
-    graph: &mut Graph,
-    code: B,
-    op: &tflite::Operator,
-    raw_in: &[i32],
-    raw_out: &[i32],
-) -> Result<Option<Node>> {
-    macro_rules! opts {
-        ($getter:ident, $what:literal) => {
-            op.$getter().context(concat!("missing ", $what))?
-        };
-    }
-    let conv =
-        |padding_: FbPadding, sh: i32, sw: i32, dh: i32, dw: i32, act: Act| -> Result<ConvParams> {
-            Ok(ConvParams {
-                padding: padding(padding_)?,
-                stride: [positive(sh, "stride")?, positive(sw, "stride")?],
-                dilation: [
-                    positive(dh.max(1), "dilation")?,
-                    positive(dw.max(1), "dilation")?,
-                ],
-                activation: activation(act)?,
-            })
-        };
-    let pool = || -> Result<PoolParams> {
-        let o = opts!(builtin_options_as_pool_2_doptions, "Pool2DOptions");
-        Ok(PoolParams {
-            padding: padding(o.padding())?,
-            stride: [
-                positive(o.stride_h(), "stride")?,
-                positive(o.stride_w(), "stride")?,
-            ],
-            filter: [
-                positive(o.filter_height(), "filter")?,
-                positive(o.filter_width(), "filter")?,
-            ],
-            activation: activation(o.fused_activation_function())?,
-        })
-    };
-    let bin = |kind: BinaryKind, act: Act| -> Result<Op> {
-        Ok(Op::Binary {
-            kind,
-            activation: activation(act)?,
-        })
-    };
-    let reducer = |kind: ReduceKind| -> Result<Op> {
-        let keep_dims = op
-            .builtin_options_as_reducer_options()
-            .map(|o| o.keep_dims())
-            .unwrap_or(false);
-        Ok(Op::Reduce { kind, keep_dims })
-    };
-    let mut optional_bias = false;
-    let built = match code {
-        B::CONV_2D => {
-            let o = opts!(builtin_options_as_conv_2_doptions, "Conv2DOptions");
-            optional_bias = true;
-            Op::Conv2d(conv(
-                o.padding(),
-                o.stride_h(),
-                o.stride_w(),
-                o.dilation_h_factor(),
-                o.dilation_w_factor(),
-                o.fused_activation_function(),
-            )?)
-        }
-        B::DEPTHWISE_CONV_2D => {
-            let o = opts!(
-                builtin_options_as_depthwise_conv_2_doptions,
-                "DepthwiseConv2DOptions"
-            );
-            optional_bias = true;
-            let c = conv(
-                o.padding(),
-                o.stride_h(),
-                o.stride_w(),
-                o.dilation_h_factor(),
-                o.dilation_w_factor(),
-                o.fused_activation_function(),
-            )?;
-            // Some converters leave the multiplier at 0 and let the filter shape speak.
-            let multiplier = o.depth_multiplier().max(0) as usize;
-            let (x, k) = (
-                raw_in.first().copied().unwrap_or(-1),
-                raw_in.get(1).copied().unwrap_or(-1),
-            );
-            ensure!(x >= 0 && k >= 0, "missing input or filter");
-            let (cin, cout) = (
-                graph.tensors[x as usize].shape.last().copied().unwrap_or(0),
-                graph.tensors[k as usize].shape.last().copied().unwrap_or(0),
-            );
-            ensure!(
-                cin > 0 && cout % cin == 0,
-                "filter has {cout} channels for {cin} input channels"
-            );
-            ensure!(
-                multiplier == 0 || multiplier == cout / cin,
-                "depth_multiplier {multiplier} disagrees with {cout} filter channels over {cin} input channels"
-            );
-            Op::DepthwiseConv2d {
-                conv: c,
-                depth_multiplier: cout / cin,
-            }
-        }
-        B::FULLY_CONNECTED => {
-            optional_bias = true;
-            let (act, keep) = match op.builtin_options_as_fully_connected_options() {
-                Some(o) => {
-                    ensure!(
-                        o.weights_format() == tflite::FullyConnectedOptionsWeightsFormat::DEFAULT,
-                        "shuffled weight format is not supported"
-                    );
-                    ensure!(
-                        !o.asymmetric_quantize_inputs(),
-                        "asymmetric input quantisation is not supported"
-                    );
-                    (o.fused_activation_function(), o.keep_num_dims())
-                }
-                None => (Act::NONE, false),
-            };
-            Op::FullyConnected {
-                activation: activation(act)?,
-                keep_num_dims: keep,
-            }
-        }
-        B::BATCH_MATMUL => {
-            let (x, y) = op
-                .builtin_options_as_batch_mat_mul_options()
-                .map(|o| (o.adj_x(), o.adj_y()))
-                .unwrap_or((false, false));
-            Op::BatchMatMul { adj_x: x, adj_y: y }
-        }
-        B::MAX_POOL_2D => Op::MaxPool2d(pool()?),
-        B::AVERAGE_POOL_2D => Op::AvgPool2d(pool()?),
-        B::ADD => bin(
-            BinaryKind::Add,
-            op.builtin_options_as_add_options()
-                .map(|o| o.fused_activation_function())
-                .unwrap_or(Act::NONE),
-        )?,
-        B::SUB => bin(
-            BinaryKind::Sub,
-            op.builtin_options_as_sub_options()
-                .map(|o| o.fused_activation_function())
-                .unwrap_or(Act::NONE),
-        )?,
-        B::MUL => bin(
-            BinaryKind::Mul,
-            op.builtin_options_as_mul_options()
-                .map(|o| o.fused_activation_function())
-                .unwrap_or(Act::NONE),
-        )?,
-        B::DIV => bin(
-            BinaryKind::Div,
-            op.builtin_options_as_div_options()
-                .map(|o| o.fused_activation_function())
-                .unwrap_or(Act::NONE),
-        )?,
-        B::MAXIMUM => bin(BinaryKind::Maximum, Act::NONE)?,
-        B::MINIMUM => bin(BinaryKind::Minimum, Act::NONE)?,
-        B::RELU => Op::Unary(UnaryKind::Relu),
-        B::RELU6 => Op::Unary(UnaryKind::Relu6),
-        B::LOGISTIC => Op::Unary(UnaryKind::Logistic),
-        B::TANH => Op::Unary(UnaryKind::Tanh),
-        B::HARD_SWISH => Op::Unary(UnaryKind::HardSwish),
-        B::EXP => Op::Unary(UnaryKind::Exp),
-        B::LOG => Op::Unary(UnaryKind::Log),
-        B::SQRT => Op::Unary(UnaryKind::Sqrt),
-        B::RSQRT => Op::Unary(UnaryKind::Rsqrt),
-        B::SQUARE => Op::Unary(UnaryKind::Square),
-        B::ABS => Op::Unary(UnaryKind::Abs),
-        B::FLOOR => Op::Unary(UnaryKind::Floor),
-        B::CEIL => Op::Unary(UnaryKind::Ceil),
-        B::LEAKY_RELU => Op::LeakyRelu {
-            alpha: op
-                .builtin_options_as_leaky_relu_options()
-                .map(|o| o.alpha())
-                .unwrap_or(0.2),
-        },
-        B::SOFTMAX => Op::Softmax {
-            beta: op
-                .builtin_options_as_softmax_options()
-                .map(|o| o.beta())
-                .unwrap_or(1.0),
-        },
-        B::CONCATENATION => {
-            let o = opts!(
-                builtin_options_as_concatenation_options,
-                "ConcatenationOptions"
-            );
-            let rank = raw_in
-                .first()
-                .filter(|&&i| i >= 0)
-                .map(|&i| graph.tensors[i as usize].shape.len())
-                .context("no inputs")?;
-            let axis = normalise_axes(&[o.axis() as i64], rank)?[0];
-            Op::Concatenation {
-                axis,
-                activation: activation(o.fused_activation_function())?,
-            }
-        }
-        B::RESHAPE | B::SQUEEZE | B::EXPAND_DIMS => {
-            return read_reshape(graph, code, op, raw_in, raw_out).map(Some);
-        }
-        B::PAD => Op::Pad,
-        B::PADV2 => Op::PadV2,
-        B::MEAN => reducer(ReduceKind::Mean)?,
-        B::SUM => reducer(ReduceKind::Sum)?,
-        B::REDUCE_MAX => reducer(ReduceKind::Max)?,
-        B::REDUCE_MIN => reducer(ReduceKind::Min)?,
-        B::RESIZE_BILINEAR => {
-            let (a, h) = op
-                .builtin_options_as_resize_bilinear_options()
-                .map(|o| (o.align_corners(), o.half_pixel_centers()))
-                .unwrap_or((false, false));
-            Op::ResizeBilinear {
-                align_corners: a,
-                half_pixel_centers: h,
-            }
-        }
-        B::RESIZE_NEAREST_NEIGHBOR => {
-            let (a, h) = op
-                .builtin_options_as_resize_nearest_neighbor_options()
-                .map(|o| (o.align_corners(), o.half_pixel_centers()))
-                .unwrap_or((false, false));
-            Op::ResizeNearest {
-                align_corners: a,
-                half_pixel_centers: h,
-            }
-        }
-        B::STRIDED_SLICE => {
-            let o = opts!(
-                builtin_options_as_strided_slice_options,
-                "StridedSliceOptions"
-            );
-            ensure!(
-                o.ellipsis_mask() == 0 && o.new_axis_mask() == 0,
-                "ellipsis and new-axis masks are not supported"
-            );
-            // `offset` (slot 14) is newer than tract's schema; it changes what `end` means.
-            ensure!(
-                raw_u64_field(&o._tab, 14).unwrap_or(0) == 0,
-                "offset mode is not supported"
-            );
-            Op::StridedSlice(StridedSliceParams {
-                begin_mask: o.begin_mask() as u32,
-                end_mask: o.end_mask() as u32,
-                shrink_axis_mask: o.shrink_axis_mask() as u32,
-            })
-        }
-        B::SLICE => Op::Slice,
-        B::TRANSPOSE => Op::Transpose,
-        B::DEQUANTIZE => Op::Dequantize,
-        B::DENSIFY => Op::Densify,
-        B::PRELU => Op::Prelu,
-        B::DEPTH_TO_SPACE => {
-            let o = opts!(
-                builtin_options_as_depth_to_space_options,
-                "DepthToSpaceOptions"
-            );
-            Op::DepthToSpace {
-                block: positive(o.block_size(), "block size")?,
-            }
-        }
-        B::LOCAL_RESPONSE_NORMALIZATION => {
-            let o = opts!(
-                builtin_options_as_local_response_normalization_options,
-                "LocalResponseNormalizationOptions"
-            );
-            ensure!(o.radius() >= 0, "negative radius");
-            Op::LocalResponseNorm {
-                radius: o.radius() as usize,
-                bias: o.bias(),
-                alpha: o.alpha(),
-                beta: o.beta(),
-            }
-        }
-        _ => return Ok(None),
-    };
-    let mut inputs = vec![];
-    for (slot, &i) in raw_in.iter().enumerate() {
-        if i >= 0 {
-            inputs.push(i as usize);
-        } else if optional_bias && slot == 2 {
-            inputs.push(zero_bias(graph, raw_in, raw_out, &built)?);
-        } else {
-            bail!("input {slot} is omitted, which only a bias may be");
-        }
-    }
-    if optional_bias && inputs.len() == 2 {
-        inputs.push(zero_bias(graph, raw_in, raw_out, &built)?);
-    }
-    let outputs = raw_out
-        .iter()
-        .map(|&o| {
-            ensure!(o >= 0, "omitted output");
-            Ok(o as usize)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    ensure!(
-        outputs.len() == 1,
-        "{} outputs where one is expected",
-        outputs.len()
-    );
-    Ok(Some(Node {
-        op: built,
-        inputs,
-        outputs,
-    }))
-}
-
-/// A missing bias is a zero bias: tract's readers insist on one.
-fn zero_bias(graph: &mut Graph, raw_in: &[i32], raw_out: &[i32], op: &Op) -> Result<TensorId> {
-    let k = *raw_in
-        .get(1)
-        .filter(|&&k| k >= 0)
-        .context("missing filter")? as usize;
-    let kshape = &graph.tensors[k].shape;
-    let channels = match op {
-        Op::FullyConnected { .. } | Op::Conv2d(_) => *kshape.first().context("scalar filter")?,
-        _ => *kshape.last().context("scalar filter")?,
-    };
-    let out = raw_out
-        .first()
-        .filter(|&&o| o >= 0)
-        .map(|&o| graph.tensors[o as usize].name.clone())
-        .unwrap_or_default();
-    let name = graph.fresh_name(&format!("{out}/zero_bias"));
-    Ok(graph.add_tensor(Tensor::f32_constant(
-        name,
-        vec![channels],
-        &vec![0.0; channels],
-    )))
-}
-
-/// RESHAPE, SQUEEZE and EXPAND_DIMS all become RESHAPE to a constant target, computed from
-/// the op's own arguments (not from the declared output, which is checked against it later).
-fn read_reshape(
-    graph: &mut Graph,
-    code: B,
-    op: &tflite::Operator,
-    raw_in: &[i32],
-    raw_out: &[i32],
-) -> Result<Node> {
-    ensure!(!raw_in.is_empty() && raw_in[0] >= 0, "missing input");
-    ensure!(raw_out.len() == 1 && raw_out[0] >= 0, "expects one output");
-    let x = raw_in[0] as usize;
-    let in_shape = graph.tensors[x].shape.clone();
-    let target: Vec<i64> = match code {
-        B::RESHAPE => {
-            let from_input = raw_in
-                .get(1)
-                .filter(|&&i| i >= 0)
-                .map(|&i| &graph.tensors[i as usize]);
-            match from_input {
-                Some(t) if t.is_const() => t.int_values()?,
-                Some(t) if t.shape.iter().product::<usize>() == 0 => op
-                    .builtin_options_as_reshape_options()
-                    .and_then(|o| o.new_shape())
-                    .map(|v| v.iter().map(|d| d as i64).collect())
-                    .unwrap_or_default(),
-                Some(_) => {
-                    // A computed shape (from SHAPE etc.): the declared output is all we have,
-                    // and check_shapes will verify the element count.
-                    graph.tensors[raw_out[0] as usize]
-                        .shape
-                        .iter()
-                        .map(|&d| d as i64)
-                        .collect()
-                }
-                None => op
-                    .builtin_options_as_reshape_options()
-                    .and_then(|o| o.new_shape())
-                    .map(|v| v.iter().map(|d| d as i64).collect())
-                    .context("RESHAPE has neither a shape input nor new_shape")?,
-            }
-        }
-        B::SQUEEZE => {
-            let dims: Vec<i64> = op
-                .builtin_options_as_squeeze_options()
-                .and_then(|o| o.squeeze_dims())
-                .map(|v| v.iter().map(|d| d as i64).collect())
-                .unwrap_or_default();
-            let dims = normalise_axes(&dims, in_shape.len())?;
-            in_shape
-                .iter()
-                .enumerate()
-                .filter(|(d, n)| {
-                    if dims.is_empty() {
-                        **n != 1
-                    } else {
-                        !dims.contains(d)
-                    }
-                })
-                .map(|(_, &n)| n as i64)
-                .collect()
-        }
-        B::EXPAND_DIMS => {
-            let axis_t = raw_in
-                .get(1)
-                .filter(|&&i| i >= 0)
-                .context("EXPAND_DIMS without axis")?;
-            let axis = graph.tensors[*axis_t as usize].int_values()?;
-            ensure!(axis.len() == 1, "EXPAND_DIMS axis must be one value");
-            let axis = normalise_axes(&axis, in_shape.len() + 1)?[0];
-            let mut s: Vec<i64> = in_shape.iter().map(|&d| d as i64).collect();
-            s.insert(axis, 1);
-            s
-        }
-        _ => unreachable!("only reshape-like codes reach here"),
-    };
-    let resolved = {
-        let total: usize = in_shape.iter().product();
-        let known: i64 = target.iter().filter(|&&d| d != -1).product();
-        target
-            .iter()
-            .map(|&d| {
-                if d == -1 && known > 0 {
-                    (total as i64) / known
-                } else {
-                    d
-                }
-            })
-            .collect::<Vec<_>>()
-    };
-    let name = graph.fresh_name(&format!(
-        "{}/shape",
-        graph.tensors[raw_out[0] as usize].name
-    ));
-    let shape_t = graph.add_tensor(Tensor::i32_constant(
-        name,
-        &resolved.iter().map(|&d| d as i32).collect::<Vec<_>>(),
-    ));
-    Ok(Node {
-        op: Op::Reshape,
-        inputs: vec![x, shape_t],
-        outputs: vec![raw_out[0] as usize],
     })
 }
