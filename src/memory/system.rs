@@ -130,6 +130,21 @@ impl SystemMemory {
         self.cgroup.as_ref()
     }
 
+    /// The kernel's memory event counters of this process's cgroup, by the kernel's own
+    /// names, or `None` when there is no cgroup or its file cannot be read. v2
+    /// `memory.events` (hierarchical: `low`, `high`, `max`, `oom`, `oom_kill`,
+    /// `oom_group_kill`); v1 `memory.oom_control` (`oom_kill`, and `under_oom`, which is
+    /// 1 while the cgroup is out of memory, not a count).
+    pub fn events(&self) -> Option<std::collections::BTreeMap<String, u64>> {
+        let cg = self.cgroup.as_ref()?;
+        let file = match cg.version {
+            CgroupVersion::V2 => "memory.events",
+            CgroupVersion::V1 => "memory.oom_control",
+        };
+        let text = std::fs::read_to_string(cg.dirs.first()?.join(file)).ok()?;
+        Some(parse_events(&text))
+    }
+
     pub fn read(&self) -> Result<Reading> {
         let meminfo = self.root.join("proc/meminfo");
         let mem_available = match std::fs::read_to_string(&meminfo) {
@@ -153,6 +168,18 @@ impl SystemMemory {
             cgroup_levels,
         })
     }
+}
+
+/// `name value` lines (`memory.events`, `memory.oom_control`); other lines are skipped.
+/// v1's `oom_kill_disable` is a setting, not an event, and is left out.
+pub fn parse_events(text: &str) -> std::collections::BTreeMap<String, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            Some((name.to_string(), value.trim().parse().ok()?))
+        })
+        .filter(|(name, _)| name != "oom_kill_disable")
+        .collect()
 }
 
 /// `MemAvailable` in bytes (kernels before 3.14 lack it: then MemFree + Cached is the
@@ -327,6 +354,17 @@ pub fn parse_reclaimable(version: CgroupVersion, stat: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_events_of_both_versions() {
+        let v2 = parse_events("low 0\nhigh 3\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n");
+        assert_eq!(v2["max"], 12);
+        assert_eq!(v2["oom_kill"], 1);
+        assert_eq!(v2.len(), 6);
+        let v1 = parse_events("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n");
+        assert_eq!(v1.keys().collect::<Vec<_>>(), ["oom_kill", "under_oom"]);
+        assert_eq!(v1["oom_kill"], 2);
+    }
 
     fn fixture(name: &str, files: &[(&str, &str)]) -> PathBuf {
         let root =

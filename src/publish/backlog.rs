@@ -279,14 +279,8 @@ fn is_result_name(name: &OsStr) -> bool {
     !b.starts_with(b".") && b.ends_with(b".json")
 }
 
-/// A file name as a log line may show it: control characters and bytes that are not
-/// UTF-8 escaped (`caf\xe9.png.json`, `a\nb`), so the exact name can be read back.
-pub fn shown(name: &OsStr) -> String {
-    match name.to_str() {
-        Some(s) => s.escape_debug().to_string(),
-        None => name.as_encoded_bytes().escape_ascii().to_string(),
-    }
-}
+/// File names escaped for log lines (shared with the daemon).
+pub use crate::spool::fsutil::shown;
 
 fn remove_marker(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {

@@ -12,7 +12,8 @@ pub use backlog::{Counts, PUBLISH_DIR, shown};
 
 use crate::notify;
 use crate::spool::config::PublisherConfig;
-use crate::spool::fsutil::write_atomic;
+use crate::spool::fsutil::{replace_file, write_atomic};
+use crate::spool::metrics::{Kind, Text};
 use anyhow::{Context, Result};
 use backlog::Backlog;
 use broker::{Broker, WINDOW};
@@ -62,6 +63,7 @@ pub fn run(config_path: &Path) -> Result<()> {
             backlog,
             status: Status::default(),
             status_dir: status_path,
+            metrics: config.publish.metrics.clone(),
             last_written: (Instant::now(), vec![], LinkState::Stopped),
         }
         .run(watch),
@@ -176,6 +178,8 @@ struct Publisher {
     backlog: Backlog,
     status: Status,
     status_dir: std::path::PathBuf,
+    /// The Prometheus text file, written with `status.json`.
+    metrics: Option<std::path::PathBuf>,
     /// When `status.json` was last written, what it said (without its time), its state.
     last_written: (Instant, Vec<u8>, LinkState),
 }
@@ -467,7 +471,80 @@ impl Publisher {
         if let Err(e) = write_atomic(&self.status_dir, STATUS_FILE, &bytes) {
             log::debug!("{e:#}");
         }
+        if let Some(path) = &self.metrics
+            && let Err(e) = replace_file(path, &render_metrics(&self.status))
+        {
+            log::debug!("{e:#}");
+        }
     }
+}
+
+/// The publisher's metrics file (docs/metrics.md), from its status.
+fn render_metrics(s: &Status) -> Vec<u8> {
+    let mut t = Text::default();
+    t.single(
+        "memaflow_publish_unsent",
+        Kind::Gauge,
+        "Results not yet acknowledged by the broker (waiting or in flight): the queue's length.",
+        s.unsent,
+    );
+    let counters = [
+        (
+            "memaflow_publish_sent_total",
+            "Results acknowledged and marked sent since start.",
+            s.counts.sent,
+        ),
+        (
+            "memaflow_publish_dropped_total",
+            "Results dropped unsent since start (more than publish.keep waited).",
+            s.counts.dropped,
+        ),
+        (
+            "memaflow_publish_unreadable_total",
+            "Files in out/ that are not complete results, found since start.",
+            s.counts.unreadable,
+        ),
+        (
+            "memaflow_publish_connects_total",
+            "Connections to the broker made since start.",
+            s.connects,
+        ),
+        (
+            "memaflow_publish_connection_failures_total",
+            "Connection attempts that failed and connections lost since start.",
+            s.connection_failures,
+        ),
+    ];
+    for (name, help, value) in counters {
+        t.single(name, Kind::Counter, help, value);
+    }
+    t.single(
+        "memaflow_publish_error",
+        Kind::Gauge,
+        "1 while the last operation failed (status.json's last_error is set).",
+        u8::from(s.last_error.is_some()),
+    );
+    let name = "memaflow_publish_state";
+    t.family(
+        name,
+        Kind::Gauge,
+        "The connection's state: 1 for the current one.",
+    );
+    for (label, state) in [
+        ("connecting", LinkState::Connecting),
+        ("connected", LinkState::Connected),
+        ("disconnected", LinkState::Disconnected),
+        ("stopped", LinkState::Stopped),
+    ] {
+        t.sample(name, &[("state", label)], u8::from(s.state == state));
+    }
+    t.single(
+        "memaflow_publish_updated_time_seconds",
+        Kind::Gauge,
+        "When this file was written, in seconds since the epoch.",
+        s.updated_unix,
+    );
+    t.into_bytes()
 }
 
 enum LinkEvent {

@@ -76,7 +76,7 @@ pub struct InferenceOutput {
 }
 
 /// Per model: its resident layers now.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ModelResidency {
     pub name: String,
     pub resident_layers: usize,
@@ -85,7 +85,7 @@ pub struct ModelResidency {
 }
 
 /// The executor's state at one moment, for status files and reports.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ExecutorSnapshot {
     pub ledger_bytes: u64,
     pub ledger_high_water_bytes: u64,

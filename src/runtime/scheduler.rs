@@ -123,7 +123,7 @@ pub struct LoadMeasure {
 }
 
 /// Counters of the layer cache since the scheduler was made.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CacheStats {
     /// Loads served by a resident layer.
     pub hits: u64,

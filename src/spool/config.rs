@@ -37,6 +37,13 @@ const DEFAULT_TOP_K: usize = 5;
 pub const MAX_FRAMES_IN_FLIGHT: usize = 64;
 /// SIGTERM to exit: systemd's and the 5 s, less a margin for the last writes.
 const DEFAULT_STOP_GRACE_SECS: f64 = 4.0;
+/// A frame in flight this long is taken for wedged: far beyond a slow frame on the
+/// smallest board (seconds), short enough that systemd restarts a stuck daemon the same
+/// hour.
+const DEFAULT_STALL_SECS: f64 = 300.0;
+/// Free space below which no frame is claimed: room for the results and status of the
+/// frames in hand.
+const DEFAULT_MIN_FREE: u64 = 1 << 20;
 
 /// A size written as `"256M"` or as a plain number of bytes.
 #[derive(Clone, Copy, Debug)]
@@ -205,6 +212,9 @@ struct RawSpool {
     rescan_secs: Option<f64>,
     settle_secs: Option<f64>,
     stop_grace_secs: Option<f64>,
+    stall_secs: Option<f64>,
+    min_free: Option<Size>,
+    metrics: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -288,9 +298,15 @@ pub struct SpoolConfig {
     pub settle: Duration,
     /// After SIGTERM, how long the frame in hand may take before it is put back.
     pub stop_grace: Duration,
+    /// A frame in flight longer than this counts as wedged: the watchdog pings stop.
+    pub stall: Duration,
+    /// Bytes the spool's file system must have free for a frame to be claimed.
+    pub min_free: u64,
+    /// The Prometheus text file (node_exporter's textfile collector), if any.
+    pub metrics: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RunConfig {
     pub budget: Option<u64>,
     pub reserve: u64,
@@ -387,7 +403,21 @@ impl Config {
                 DEFAULT_STOP_GRACE_SECS,
                 "stop_grace_secs",
             )?,
+            stall: secs(raw.spool.stall_secs, DEFAULT_STALL_SECS, "stall_secs")?,
+            min_free: raw.spool.min_free.map_or(DEFAULT_MIN_FREE, |s| s.0),
+            metrics: raw.spool.metrics.map(|m| absolute(base, &m)),
         };
+        ensure!(
+            spool.stall >= Duration::from_millis(100),
+            "spool.stall_secs must be at least 0.1"
+        );
+        if let Some(m) = &spool.metrics {
+            ensure!(
+                m.file_name()
+                    .is_some_and(|n| n.to_string_lossy().ends_with(".prom")),
+                "spool.metrics must name a file ending in .prom (node_exporter reads only those)"
+            );
+        }
         ensure!(
             spool.rescan >= Duration::from_millis(100),
             "spool.rescan_secs must be at least 0.1"
@@ -591,7 +621,16 @@ mod tests {
             key("ExecStart"),
             [format!("/usr/bin/memaflow run --config {DEFAULT_CONFIG}")]
         );
-        assert_eq!(key("ReadWritePaths"), [DEFAULT_SPOOL]);
+        assert_eq!(
+            key("ReadWritePaths"),
+            [DEFAULT_SPOOL, "-/var/lib/memaflow/metrics"]
+        );
+        assert_eq!(
+            c.spool.metrics.as_deref(),
+            Some(Path::new("/var/lib/memaflow/metrics/memaflow.prom"))
+        );
+        assert_eq!(key("Type"), ["notify"]);
+        assert_eq!(key("RestrictAddressFamilies"), ["AF_UNIX"]);
         let user = key("User");
         assert_eq!(user.len(), 1);
         let tmpfiles = include_str!(

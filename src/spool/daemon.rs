@@ -8,12 +8,22 @@
 //! SIGTERM and SIGINT are blocked and read from a signalfd, so no handler code runs in
 //! signal context. On either, the daemon claims nothing more; the frames in hand get
 //! `stop_grace_secs` to finish, the rest are put back into `incoming/`, and it exits 0.
+//!
+//! Under systemd (`Type=notify`) it sends `READY=1` once the configuration, the packages
+//! and the spool are checked, and `WATCHDOG=1` from this loop only, and only while no
+//! frame has been in flight longer than `spool.stall_secs`: a loop that stops going round,
+//! or a wedged inference, stops the pings. A full disk is weather: an outcome that cannot
+//! be written waits in memory (its frame in `work/`) and is written again with a backoff,
+//! and nothing is claimed while less than `spool.min_free` is free.
 
 use super::config::{Config, DonePolicy};
-use super::layout::Spool;
-use super::pipeline::{self, Model, Outcome, unix_now};
-use super::status::{LastError, State, Status};
+use super::fsutil::{free_bytes, is_disk_full, replace_file, shown};
+use super::layout::{Spool, name_bytes_hex};
+use super::metrics;
+use super::pipeline::{self, FrameError, FrameStage, Model, Outcome, unix_now};
+use super::status::{DiskState, LastError, State, Status};
 use crate::memory::SystemMemory;
+use crate::notify;
 use crate::runtime::{Executor, ExecutorOptions, SchedulerOptions};
 use anyhow::{Context, Result, anyhow};
 use nix::errno::Errno;
@@ -21,7 +31,8 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::AsFd;
@@ -34,6 +45,12 @@ use std::time::{Duration, Instant};
 const STATUS_EVERY: Duration = Duration::from_secs(60);
 /// How often signals are checked while frames are being processed.
 const TICK: Duration = Duration::from_millis(50);
+/// While claiming waits for disk space: how often the free space is looked at again.
+const DISK_CHECK: Duration = Duration::from_secs(1);
+/// Outcomes that found the disk full are written again after this, doubling up to
+/// `LAST_RETRY`.
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+const LAST_RETRY: Duration = Duration::from_secs(8);
 
 pub struct RunOptions {
     pub config: PathBuf,
@@ -65,7 +82,8 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     } else {
         log::info!("{usable} of {} models usable", models.len());
     }
-    let status = Status::new(&config, &models);
+    let watchdog = notify::Watchdog::from_env();
+    let status = Status::new(&config, &models, watchdog.interval().is_some());
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let mut d = Daemon {
         config,
@@ -75,20 +93,28 @@ pub fn run(opts: &RunOptions) -> Result<()> {
         system,
         status,
         signals,
+        watchdog,
         stop: false,
         unclaimable: HashSet::new(),
         status_written: Instant::now(),
         in_flight: vec![],
         retry: VecDeque::new(),
+        pending: VecDeque::new(),
+        retry_at: None,
+        backoff: FIRST_RETRY,
+        metrics_problem: None,
         done_tx,
         done_rx,
     };
+    d.may_claim();
     d.write_status()?;
     d.recover()?;
+    notify::ready(&d.status.summary());
     d.main_loop(opts.once)?;
     d.stop_in_flight()?;
     d.status.state = State::Stopped;
     d.write_status()?;
+    notify::stopping(&d.status.summary());
     log::info!(
         "stopped: {} frames done, {} failed",
         d.status.frames_done,
@@ -159,11 +185,49 @@ impl Signals {
 
 /// A frame being processed on its own thread.
 struct InFlight {
-    name: String,
+    name: OsString,
+    since: Instant,
 }
 
 /// What a frame's thread sends back.
-type Finished = (String, Outcome);
+type Finished = (OsString, Outcome);
+
+/// A processed frame's outcome, ready to be written (again, if the disk was full).
+struct Record {
+    name: OsString,
+    took: Duration,
+    kind: RecordKind,
+    /// Each model that ran: its name and whether it produced outputs.
+    inferences: Vec<(String, bool)>,
+}
+
+enum RecordKind {
+    Done { bytes: Vec<u8>, line: String },
+    Failed { bytes: Vec<u8>, error: FrameError },
+}
+
+/// `failed/NAME.error.json`: why a frame could not be processed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FailureRecord {
+    /// The frame's name; lossy where it is not UTF-8, and then `frame_bytes_hex` holds
+    /// the exact bytes.
+    pub frame: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_bytes_hex: Option<String>,
+    pub stage: FrameStage,
+    pub reason: String,
+    pub models: Vec<Value>,
+    pub failed_unix: f64,
+}
+
+/// A result as written: the pipeline's, plus the exact bytes of a name that is not UTF-8.
+#[derive(Serialize)]
+struct Named<'a, T: Serialize> {
+    #[serde(flatten)]
+    result: &'a T,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frame_bytes_hex: Option<String>,
+}
 
 struct Daemon {
     config: Config,
@@ -173,13 +237,20 @@ struct Daemon {
     system: SystemMemory,
     status: Status,
     signals: Signals,
+    watchdog: notify::Watchdog,
     stop: bool,
     /// Entries of `incoming/` that could not be claimed, logged once each.
     unclaimable: HashSet<OsString>,
     status_written: Instant,
     in_flight: Vec<InFlight>,
     /// Frames in `work/` from an earlier run, to process before claiming new ones.
-    retry: VecDeque<String>,
+    retry: VecDeque<OsString>,
+    /// Outcomes that found the disk full, oldest first, and when to write them again.
+    pending: VecDeque<Record>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// The last failure to write the metrics file, logged once.
+    metrics_problem: Option<String>,
     done_tx: Sender<Finished>,
     done_rx: Receiver<Finished>,
 }
@@ -196,12 +267,43 @@ struct Listing {
 }
 
 impl Daemon {
+    /// Writes `status.json` and the metrics file from one refreshed status, and tells
+    /// systemd the summary. A full disk is counted, not fatal.
     fn write_status(&mut self) -> Result<()> {
-        self.status.cache = Some(self.executor.snapshot());
-        let bytes = self.status.render(&self.system)?;
-        self.spool.write_status(&bytes)?;
+        self.status.frames_in_flight = self.in_flight.len() + self.pending.len();
+        self.status.frames_deferred = self.pending.len();
+        self.status.refresh(&self.system, self.executor.snapshot());
+        let bytes = self.status.to_json()?;
+        match self.spool.write_status(&bytes) {
+            Ok(()) => {}
+            Err(e) if is_disk_full(&e) => {
+                self.status.disk.full_writes += 1;
+                if self.status.disk.state == DiskState::Ok {
+                    self.set_disk(DiskState::Low, &format!("{e:#}"));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        self.write_metrics();
         self.status_written = Instant::now();
+        notify::status(&self.status.summary());
         Ok(())
+    }
+
+    fn write_metrics(&mut self) {
+        let Some(path) = &self.config.spool.metrics else {
+            return;
+        };
+        match replace_file(path, &metrics::render(&self.status)) {
+            Ok(()) => self.metrics_problem = None,
+            Err(e) => {
+                let e = format!("{e:#}");
+                if self.metrics_problem.as_ref() != Some(&e) {
+                    log::warn!("cannot write the metrics file (retrying with each status): {e}");
+                }
+                self.metrics_problem = Some(e);
+            }
+        }
     }
 
     fn check_signal(&mut self) -> Result<()> {
@@ -211,6 +313,39 @@ impl Daemon {
             }
             self.stop = true;
             self.status.state = State::Stopping;
+            notify::stopping(&self.status.summary());
+        }
+        Ok(())
+    }
+
+    /// The main loop went round: ping the watchdog unless a frame has been in flight
+    /// longer than `spool.stall_secs` (then it is taken for wedged, and systemd, which
+    /// hears no more pings, restarts the daemon). Logged once per change.
+    fn heartbeat(&mut self) -> Result<()> {
+        let oldest = self.in_flight.iter().min_by_key(|f| f.since);
+        let age = oldest.map_or(Duration::ZERO, |f| f.since.elapsed());
+        self.status.watchdog.oldest_frame_secs = age.as_secs_f64();
+        let stalled = age > self.config.spool.stall;
+        if stalled != self.status.watchdog.stalled {
+            self.status.watchdog.stalled = stalled;
+            if let (true, Some(f)) = (stalled, oldest) {
+                log::error!(
+                    "{}: in flight for {age:.1?}, more than spool.stall_secs ({:?}): taken for wedged, watchdog pings stop{}",
+                    shown(&f.name),
+                    self.config.spool.stall,
+                    if self.status.watchdog.enabled {
+                        " (systemd restarts the daemon; the frame is retried from work/)"
+                    } else {
+                        ""
+                    }
+                );
+            } else {
+                log::info!("no frame in flight beyond spool.stall_secs: watchdog pings resume");
+            }
+            self.write_status()?;
+        }
+        if !stalled {
+            self.watchdog.progress();
         }
         Ok(())
     }
@@ -230,18 +365,72 @@ impl Daemon {
             return Ok(());
         }
         for name in self.spool.in_work()? {
+            let shown = shown(&name);
             if self.spool.has_result(&name) {
-                log::info!("{name}: result already written by an earlier run; not run again");
+                log::info!("{shown}: result already written by an earlier run; not run again");
                 self.spool.release(&name, self.config.spool.done)?;
             } else if self.spool.has_error_record(&name) {
-                log::info!("{name}: failure already recorded by an earlier run");
+                log::info!("{shown}: failure already recorded by an earlier run");
                 self.spool.release_failed(&name)?;
             } else {
-                log::info!("{name}: claimed by an earlier run that did not finish; retrying");
+                log::info!("{shown}: claimed by an earlier run that did not finish; retrying");
                 self.retry.push_back(name);
             }
         }
         Ok(())
+    }
+
+    /// Whether new frames may be claimed as far as the disk goes: no outcome waits for
+    /// space, and at least `spool.min_free` is free. Updates the disk's state.
+    fn may_claim(&mut self) -> bool {
+        if !self.pending.is_empty() {
+            return false;
+        }
+        let free = match free_bytes(&self.spool.root) {
+            Ok(f) => f,
+            Err(e) => {
+                // Not knowing is no reason to stop: the writes will tell.
+                log::debug!("{e:#}");
+                return true;
+            }
+        };
+        self.status.disk.free_bytes = Some(free);
+        let state = if free < self.config.spool.min_free {
+            DiskState::Low
+        } else {
+            DiskState::Ok
+        };
+        self.set_disk(state, "");
+        state == DiskState::Ok
+    }
+
+    /// Sets the disk's state, with one log line per change.
+    fn set_disk(&mut self, state: DiskState, why: &str) {
+        let disk = &mut self.status.disk;
+        if disk.state == state {
+            return;
+        }
+        disk.state = state;
+        disk.since_unix = unix_now();
+        let free = disk
+            .free_bytes
+            .map_or("unknown".into(), |f| crate::memory::Bytes(f).to_string());
+        match state {
+            DiskState::Full => log::warn!(
+                "spool disk full ({why}): processed frames stay in work/ and their outcomes are written again with a backoff; nothing is claimed meanwhile"
+            ),
+            DiskState::Low => log::warn!(
+                "spool disk low: {free} free, less than spool.min_free ({}): nothing is claimed until there is more{}",
+                crate::memory::Bytes(disk.min_free_bytes),
+                if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({why})")
+                }
+            ),
+            DiskState::Ok => log::info!("spool disk: {free} free: claiming again"),
+        }
+        notify::status(&self.status.summary());
     }
 
     /// Claims and dispatches frames until `frames_in_flight` are in hand or none is left
@@ -266,6 +455,9 @@ impl Daemon {
                     return Ok(());
                 }
             }
+            if !self.may_claim() {
+                return Ok(());
+            }
             let Some(entry) = listing.names.pop_front() else {
                 return Ok(());
             };
@@ -278,7 +470,7 @@ impl Daemon {
                 Ok(None) => {}
                 Err(e) => {
                     if self.unclaimable.insert(entry.clone()) {
-                        log::error!("{}: cannot be claimed: {e:#}", entry.to_string_lossy());
+                        log::error!("{}: cannot be claimed: {e:#}", shown(&entry));
                     }
                 }
             }
@@ -302,6 +494,7 @@ impl Daemon {
         self.unclaimable.retain(|n| present.contains(n));
         listing.stale = false;
         listing.settling = false;
+        listing.names.clear();
         for entry in entries {
             if let (Some(settle), Some(modified)) = (settle, entry.modified) {
                 let young = modified.elapsed().is_ok_and(|age| age < settle);
@@ -318,7 +511,7 @@ impl Daemon {
     }
 
     /// Starts processing `work/NAME` on a thread of its own.
-    fn dispatch(&mut self, name: String) -> Result<()> {
+    fn dispatch(&mut self, name: OsString) -> Result<()> {
         let path = self.spool.work_path(&name);
         let (models, run, executor) = (
             self.models.clone(),
@@ -337,12 +530,13 @@ impl Daemon {
                     max_frame_bytes: limit,
                     executor: &executor,
                 };
+                let shown_as = frame.to_string_lossy().into_owned();
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    pipeline::process(&frame, &path, &cx)
+                    pipeline::process(&shown_as, &path, &cx)
                 }))
                 .unwrap_or_else(|_| {
-                    Outcome::Failed(pipeline::FrameError {
-                        stage: pipeline::FrameStage::Internal,
+                    Outcome::Failed(FrameError {
+                        stage: FrameStage::Internal,
                         reason: "processing panicked (a bug: please report it with the frame)"
                             .into(),
                         models: vec![],
@@ -352,14 +546,24 @@ impl Daemon {
                 let _ = done.send((frame, outcome));
             })
             .context("starting the frame's thread")?;
-        self.in_flight.push(InFlight { name });
+        self.in_flight.push(InFlight {
+            name,
+            since: Instant::now(),
+        });
         Ok(())
     }
 
     /// Records a finished frame.
     fn finished(&mut self, (name, outcome): Finished) -> Result<()> {
+        let since = self
+            .in_flight
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.since);
         self.in_flight.retain(|f| f.name != name);
-        self.record(&name, outcome)
+        let took = since.map_or(Duration::ZERO, |s| s.elapsed());
+        let record = self.record(name, outcome, took)?;
+        self.commit(record)
     }
 
     /// The main loop: keep `frames_in_flight` frames in hand, record them as they finish,
@@ -375,16 +579,28 @@ impl Daemon {
         };
         let mut listed_at = Instant::now();
         loop {
+            self.heartbeat()?;
             self.check_signal()?;
             if self.stop {
                 return Ok(());
             }
+            if self.retry_at.is_some_and(|t| Instant::now() >= t) {
+                self.write_pending()?;
+            }
             if listing.stale {
                 listed_at = Instant::now();
             }
+            let disk = self.status.disk.state;
+            if disk == DiskState::Low {
+                self.may_claim();
+            }
             self.fill(&mut listing, settle, &mut announced)?;
+            if self.status.disk.state != disk {
+                self.write_status()?;
+            }
             if self.in_flight.is_empty() {
-                if once && listing.names.is_empty() && self.retry.is_empty() {
+                let nothing_left = listing.names.is_empty() && self.retry.is_empty();
+                if once && nothing_left && self.pending.is_empty() {
                     // Look once more: frames may have arrived while the last ones ran.
                     self.list(&mut listing, None, &mut announced)?;
                     if listing.names.is_empty() {
@@ -395,11 +611,7 @@ impl Daemon {
                 if self.status_written.elapsed() >= STATUS_EVERY {
                     self.write_status()?;
                 }
-                let wait = if listing.settling {
-                    self.config.spool.settle.min(rescan)
-                } else {
-                    rescan
-                };
+                let wait = self.idle_wait(&listing, rescan);
                 self.idle(inotify.as_ref(), wait, &mut announced)?;
                 listing.stale = true;
                 continue;
@@ -420,6 +632,26 @@ impl Daemon {
                 listing.stale = true;
             }
         }
+    }
+
+    /// How long to wait with no frame in hand: until the next rescan, a settling file,
+    /// a look at the disk while claiming waits for space, an outcome's next write, or
+    /// the next watchdog ping, whichever comes first.
+    fn idle_wait(&self, listing: &Listing, rescan: Duration) -> Duration {
+        let mut wait = rescan;
+        if listing.settling {
+            wait = wait.min(self.config.spool.settle);
+        }
+        if self.status.disk.state != DiskState::Ok {
+            wait = wait.min(DISK_CHECK);
+        }
+        if let Some(at) = self.retry_at {
+            wait = wait.min(at.saturating_duration_since(Instant::now()));
+        }
+        if let Some(w) = self.watchdog.interval() {
+            wait = wait.min(w);
+        }
+        wait
     }
 
     /// Waits (no frame in hand) for a signal, an inotify event or `wait`.
@@ -445,11 +677,9 @@ impl Daemon {
     }
 
     /// After a stop signal: the frames in hand get `stop_grace` to finish; the others go
-    /// back into `incoming/`.
+    /// back into `incoming/`. Outcomes still waiting for disk space get one more try;
+    /// their frames stay in `work/` otherwise and are processed again on the next start.
     fn stop_in_flight(&mut self) -> Result<()> {
-        if self.in_flight.is_empty() {
-            return Ok(());
-        }
         let grace = self.config.spool.stop_grace;
         let deadline = Instant::now() + grace;
         while !self.in_flight.is_empty() {
@@ -457,56 +687,156 @@ impl Daemon {
             if left.is_zero() {
                 break;
             }
-            match self.done_rx.recv_timeout(left) {
+            self.heartbeat()?;
+            match self.done_rx.recv_timeout(left.min(TICK)) {
                 Ok(finished) => self.finished(finished)?,
-                Err(_) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
             }
         }
         for f in std::mem::take(&mut self.in_flight) {
             log::info!(
                 "{}: not finished in {grace:?}; put back into incoming/",
-                f.name
+                shown(&f.name)
             );
             self.spool.requeue(&f.name)?;
+        }
+        if !self.pending.is_empty() {
+            self.write_pending()?;
+        }
+        for r in &self.pending {
+            log::warn!(
+                "{}: outcome not written (disk full); stays in work/ and is processed again on the next start",
+                shown(&r.name)
+            );
         }
         Ok(())
     }
 
-    fn record(&mut self, name: &str, outcome: Outcome) -> Result<()> {
-        match outcome {
+    /// Turns a frame's outcome into the bytes of its result or failure record.
+    fn record(&self, name: OsString, outcome: Outcome, took: Duration) -> Result<Record> {
+        let frame_bytes_hex = name_bytes_hex(&name);
+        let (kind, inferences) = match outcome {
             Outcome::Done(result) => {
-                let mut bytes = serde_json::to_vec_pretty(&result)?;
+                let named = Named {
+                    result: &result,
+                    frame_bytes_hex,
+                };
+                let mut bytes = serde_json::to_vec_pretty(&named)?;
                 bytes.push(b'\n');
-                self.spool
-                    .complete(name, &bytes, self.config.spool.done)
-                    .with_context(|| format!("{name}: recording the result"))?;
-                self.status.frames_done += 1;
-                log::info!("{name}: {}", one_line(&result, self.config.spool.done));
+                let models = result["models"].as_array().map_or(&[][..], |m| m);
+                let line = one_line(&result, self.config.spool.done);
+                (RecordKind::Done { bytes, line }, inferences(models))
             }
-            Outcome::Failed(e) => {
-                let record = json!({
-                    "frame": name,
-                    "stage": e.stage,
-                    "reason": e.reason,
-                    "models": e.models,
-                    "failed_unix": unix_now(),
-                });
+            Outcome::Failed(error) => {
+                let record = FailureRecord {
+                    frame: name.to_string_lossy().into_owned(),
+                    frame_bytes_hex,
+                    stage: error.stage,
+                    reason: error.reason.clone(),
+                    models: error.models.clone(),
+                    failed_unix: unix_now(),
+                };
                 let mut bytes = serde_json::to_vec_pretty(&record)?;
                 bytes.push(b'\n');
-                self.spool
-                    .fail(name, &bytes)
-                    .with_context(|| format!("{name}: recording the failure"))?;
+                let inferences = inferences(&error.models);
+                (RecordKind::Failed { bytes, error }, inferences)
+            }
+        };
+        Ok(Record {
+            name,
+            took,
+            kind,
+            inferences,
+        })
+    }
+
+    /// Writes a frame's outcome and lets the frame go; if the disk is full, keeps it to
+    /// write again later (the frame stays in `work/`).
+    fn commit(&mut self, record: Record) -> Result<()> {
+        if !self.pending.is_empty() {
+            // The disk was full a moment ago: wait for the retry, in order.
+            self.pending.push_back(record);
+            return self.write_status();
+        }
+        match self.write(&record) {
+            Ok(()) => self.account(record),
+            Err(e) if is_disk_full(&e) => {
+                self.status.disk.full_writes += 1;
+                self.set_disk(DiskState::Full, &format!("{e:#}"));
+                self.pending.push_back(record);
+                self.backoff = FIRST_RETRY;
+                self.retry_at = Some(Instant::now() + self.backoff);
+            }
+            Err(e) => return Err(e),
+        }
+        self.write_status()
+    }
+
+    /// Writes the outcomes that found the disk full, oldest first, until one fails again
+    /// (then the next try waits twice as long, up to `LAST_RETRY`).
+    fn write_pending(&mut self) -> Result<()> {
+        while let Some(record) = self.pending.pop_front() {
+            match self.write(&record) {
+                Ok(()) => self.account(record),
+                Err(e) if is_disk_full(&e) => {
+                    self.pending.push_front(record);
+                    self.status.disk.full_writes += 1;
+                    self.backoff = (self.backoff * 2).min(LAST_RETRY);
+                    self.retry_at = Some(Instant::now() + self.backoff);
+                    log::debug!("still full: {e:#}; next try in {:?}", self.backoff);
+                    return self.write_status();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.retry_at = None;
+        self.backoff = FIRST_RETRY;
+        self.may_claim();
+        self.write_status()
+    }
+
+    fn write(&self, r: &Record) -> Result<()> {
+        let shown = shown(&r.name);
+        match &r.kind {
+            RecordKind::Done { bytes, .. } => self
+                .spool
+                .complete(&r.name, bytes, self.config.spool.done)
+                .with_context(|| format!("{shown}: recording the result")),
+            RecordKind::Failed { bytes, .. } => self
+                .spool
+                .fail(&r.name, bytes)
+                .with_context(|| format!("{shown}: recording the failure")),
+        }
+    }
+
+    /// A frame's outcome is written: count it and log it.
+    fn account(&mut self, r: Record) {
+        self.status.latency.observe(r.took);
+        for (model, ok) in &r.inferences {
+            self.status.inference(model, *ok);
+        }
+        let shown = shown(&r.name);
+        match r.kind {
+            RecordKind::Done { line, .. } => {
+                self.status.frames_done += 1;
+                log::info!("{shown}: {line}");
+            }
+            RecordKind::Failed { error, .. } => {
                 self.status.frames_failed += 1;
-                log::warn!("{name}: failed ({}): {}", e.stage.name(), e.reason);
+                log::warn!(
+                    "{shown}: failed ({}): {}",
+                    error.stage.name(),
+                    error.reason.escape_debug()
+                );
                 self.status.last_error = Some(LastError {
-                    frame: name.to_string(),
-                    stage: e.stage,
-                    reason: e.reason,
+                    frame: r.name.to_string_lossy().into_owned(),
+                    stage: error.stage,
+                    reason: error.reason,
                     at_unix: unix_now(),
                 });
             }
         }
-        self.write_status()
     }
 
     fn watch(&self) -> Result<Inotify> {
@@ -527,6 +857,22 @@ impl Daemon {
         );
         Ok(inotify)
     }
+}
+
+/// The models of a result or failure record that ran: name, and whether it has outputs.
+/// A model whose package was unusable did not run and is not counted.
+fn inferences(models: &[Value]) -> Vec<(String, bool)> {
+    models
+        .iter()
+        .filter_map(|m| {
+            let name = m["name"].as_str()?.to_string();
+            match m.get("error") {
+                None => Some((name, true)),
+                Some(e) if e["stage"] == "package" => None,
+                Some(_) => Some((name, false)),
+            }
+        })
+        .collect()
 }
 
 /// Reads pending inotify events; names completed by a rename or close-after-write go into

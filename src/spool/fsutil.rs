@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use nix::errno::Errno;
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -44,30 +45,94 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> nix::Result<()> {
 
 /// The temporary name `write_atomic` uses for `name`: hidden, so that readers of the
 /// directory (and the daemon's own scans) skip it.
-pub fn temp_name(name: &str) -> String {
-    format!(".{name}.tmp")
+pub fn temp_name(name: impl AsRef<OsStr>) -> OsString {
+    let mut t = OsString::from(".");
+    t.push(name.as_ref());
+    t.push(".tmp");
+    t
 }
 
 /// Writes `dir/name` so that it is either absent, its previous content, or all of
 /// `bytes`, even across a crash or power loss: temp file, fsync, rename, fsync of `dir`.
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+/// A failed write (a full disk) removes its temp file.
+pub fn write_atomic(dir: &Path, name: impl AsRef<OsStr>, bytes: &[u8]) -> Result<()> {
+    write_via_temp(dir, name.as_ref(), bytes, true)
+}
+
+/// Replaces `dir/name` by a rename, so that a reader sees the old or the new content,
+/// without the fsyncs: for files that are rewritten often and need not survive a crash
+/// (the metrics file). A failed write removes its temp file.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", shown(path.as_os_str())))?;
+    write_via_temp(dir, name, bytes, false)
+}
+
+fn write_via_temp(dir: &Path, name: &OsStr, bytes: &[u8], sync: bool) -> Result<()> {
     let tmp = dir.join(temp_name(name));
     let target = dir.join(name);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o640)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, &target)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), target.display()))?;
-    sync_dir(dir)
+    let written = (|| -> Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o640)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", shown(tmp.as_os_str())))?;
+        f.write_all(bytes)
+            .and_then(|_| if sync { f.sync_all() } else { Ok(()) })
+            .with_context(|| format!("writing {}", shown(tmp.as_os_str())))?;
+        drop(f);
+        std::fs::rename(&tmp, &target).with_context(|| {
+            format!(
+                "renaming {} to {}",
+                shown(tmp.as_os_str()),
+                shown(target.as_os_str())
+            )
+        })
+    })();
+    if let Err(e) = written {
+        // Only our own temp file: O_NOFOLLOW refused anything else at its name.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    if sync { sync_dir(dir) } else { Ok(()) }
+}
+
+/// Whether `e` (anywhere in its chain) is the file system being full: no space or the
+/// user's quota. Such a failure is weather, to wait out, not a reason to stop.
+pub fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let errno = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.raw_os_error())
+            .map(Errno::from_raw)
+            .or_else(|| c.downcast_ref::<Errno>().copied());
+        matches!(errno, Some(Errno::ENOSPC | Errno::EDQUOT))
+    })
+}
+
+/// Bytes an unprivileged writer may still use on the file system of `path`.
+pub fn free_bytes(path: &Path) -> Result<u64> {
+    let v = nix::sys::statvfs::statvfs(path)
+        .with_context(|| format!("statvfs {}", shown(path.as_os_str())))?;
+    Ok(v.blocks_available() as u64 * v.fragment_size() as u64)
+}
+
+/// A file name as a log line or message may show it: control characters and bytes that
+/// are not UTF-8 escaped (`caf\xe9.png.json`, `a\nb`), so that a name from outside can
+/// neither forge a log line nor lose its exact bytes.
+pub fn shown(name: &OsStr) -> String {
+    match name.to_str() {
+        Some(s) => s.escape_debug().to_string(),
+        None => name.as_encoded_bytes().escape_ascii().to_string(),
+    }
 }
 
 /// Removes temp files an interrupted `write_atomic` left in `dir`.
@@ -76,8 +141,8 @@ pub fn remove_temp_files(dir: &Path) -> Result<usize> {
     for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let e = e?;
         let name = e.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with('.') && name.ends_with(".tmp") && e.file_type()?.is_file() {
+        let b = name.as_encoded_bytes();
+        if b.starts_with(b".") && b.ends_with(b".tmp") && e.file_type()?.is_file() {
             std::fs::remove_file(e.path())
                 .with_context(|| format!("removing {}", e.path().display()))?;
             removed += 1;

@@ -11,13 +11,16 @@
 //! holds exactly the frames whose fate is not yet recorded (retried) or recorded but not
 //! yet moved on (moved on, not retried). Claims never replace: a name already used by an
 //! earlier frame gets a `~N` suffix before its extension.
+//!
+//! Names are kept as the bytes they are (`OsStr`): a frame whose name is not UTF-8 keeps
+//! it in `work/`, `out/` and `done/`; its result says which bytes (`frame_bytes_hex`).
 
 use super::config::DonePolicy;
-use super::fsutil::{remove_temp_files, rename_noreplace, sync_dir, write_atomic};
+use super::fsutil::{remove_temp_files, rename_noreplace, shown, sync_dir, write_atomic};
 use anyhow::{Context, Result, bail};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -89,7 +92,7 @@ impl Spool {
         &self.incoming
     }
 
-    pub fn work_path(&self, name: &str) -> PathBuf {
+    pub fn work_path(&self, name: &OsStr) -> PathBuf {
         self.work.join(name)
     }
 
@@ -99,14 +102,11 @@ impl Spool {
     }
 
     /// Frames in `work/`, in name order: claimed by a run that did not finish them.
-    pub fn in_work(&self) -> Result<Vec<String>> {
-        Ok(list(&self.work)?
-            .into_iter()
-            .map(|e| e.name.to_string_lossy().into_owned())
-            .collect())
+    pub fn in_work(&self) -> Result<Vec<OsString>> {
+        Ok(list(&self.work)?.into_iter().map(|e| e.name).collect())
     }
 
-    fn name_in_use(&self, name: &str) -> bool {
+    fn name_in_use(&self, name: &OsStr) -> bool {
         let exists = |p: PathBuf| std::fs::symlink_metadata(p).is_ok();
         exists(self.work.join(name))
             || exists(self.out.join(result_name(name)))
@@ -117,14 +117,13 @@ impl Spool {
 
     /// Moves `incoming/NAME` into `work/` under a name no earlier frame used; returns it.
     /// `None` when the entry is gone (taken or removed by someone else).
-    pub fn claim(&self, name: &OsString) -> Result<Option<String>> {
+    pub fn claim(&self, name: &OsStr) -> Result<Option<OsString>> {
         let from = self.incoming.join(name);
-        let wanted = name.to_string_lossy().into_owned();
         for n in 0..MAX_SUFFIX {
             let candidate = if n == 0 {
-                wanted.clone()
+                name.to_os_string()
             } else {
-                suffixed(&wanted, n)
+                suffixed(name, n)
             };
             if self.name_in_use(&candidate) {
                 continue;
@@ -137,32 +136,30 @@ impl Spool {
                 Err(Errno::EEXIST) => continue,
                 Err(Errno::ENOENT) => return Ok(None),
                 Err(e) => {
-                    return Err(e).with_context(|| format!("claiming {}", from.display()));
+                    return Err(e).with_context(|| format!("claiming {}", shown(from.as_os_str())));
                 }
             }
         }
-        bail!("no free name for {wanted} after {MAX_SUFFIX} tries")
+        bail!("no free name for {} after {MAX_SUFFIX} tries", shown(name))
     }
 
     /// Whether `out/NAME.json` is a complete result for the frame `work/NAME`.
-    pub fn has_result(&self, name: &str) -> bool {
-        read_json(&self.out.join(result_name(name)))
-            .is_some_and(|v| v.get("frame").and_then(|f| f.as_str()) == Some(name))
+    pub fn has_result(&self, name: &OsStr) -> bool {
+        read_json(&self.out.join(result_name(name))).is_some_and(|v| names_frame(&v, name))
     }
 
-    pub fn has_error_record(&self, name: &str) -> bool {
-        read_json(&self.failed.join(error_name(name)))
-            .is_some_and(|v| v.get("frame").and_then(|f| f.as_str()) == Some(name))
+    pub fn has_error_record(&self, name: &OsStr) -> bool {
+        read_json(&self.failed.join(error_name(name))).is_some_and(|v| names_frame(&v, name))
     }
 
     /// Records the result, then lets the frame go: to `done/` or unlinked.
-    pub fn complete(&self, name: &str, result: &[u8], policy: DonePolicy) -> Result<()> {
+    pub fn complete(&self, name: &OsStr, result: &[u8], policy: DonePolicy) -> Result<()> {
         write_atomic(&self.out, &result_name(name), result)?;
         self.release(name, policy)
     }
 
     /// The frame's result is durable: move it on from `work/`.
-    pub fn release(&self, name: &str, policy: DonePolicy) -> Result<()> {
+    pub fn release(&self, name: &OsStr, policy: DonePolicy) -> Result<()> {
         let from = self.work.join(name);
         match policy {
             DonePolicy::Move => {
@@ -179,19 +176,19 @@ impl Spool {
                         Err(e)
                     }
                 });
-                removed.with_context(|| format!("removing {}", from.display()))?;
+                removed.with_context(|| format!("removing {}", shown(from.as_os_str())))?;
             }
         }
         sync_dir(&self.work)
     }
 
     /// Records why the frame failed, then moves it to `failed/`.
-    pub fn fail(&self, name: &str, record: &[u8]) -> Result<()> {
+    pub fn fail(&self, name: &OsStr, record: &[u8]) -> Result<()> {
         write_atomic(&self.failed, &error_name(name), record)?;
         self.release_failed(name)
     }
 
-    pub fn release_failed(&self, name: &str) -> Result<()> {
+    pub fn release_failed(&self, name: &OsStr) -> Result<()> {
         move_unique(&self.work.join(name), &self.failed, name)?;
         sync_dir(&self.failed)?;
         sync_dir(&self.work)
@@ -199,14 +196,14 @@ impl Spool {
 
     /// Puts a claimed frame back into `incoming/` (shutdown before it was done). If that
     /// name is taken again it stays in `work/`, which the next start retries.
-    pub fn requeue(&self, name: &str) -> Result<()> {
+    pub fn requeue(&self, name: &OsStr) -> Result<()> {
         match rename_noreplace(&self.work.join(name), &self.incoming.join(name)) {
             Ok(()) => {
                 sync_dir(&self.incoming)?;
                 sync_dir(&self.work)
             }
             Err(Errno::EEXIST) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("requeueing {name}")),
+            Err(e) => Err(e).with_context(|| format!("requeueing {}", shown(name))),
         }
     }
 
@@ -215,28 +212,63 @@ impl Spool {
     }
 }
 
-pub fn result_name(frame: &str) -> String {
-    format!("{frame}.json")
+pub fn result_name(frame: &OsStr) -> OsString {
+    with_suffix(frame, ".json")
 }
 
-pub fn error_name(frame: &str) -> String {
-    format!("{frame}.error.json")
+pub fn error_name(frame: &OsStr) -> OsString {
+    with_suffix(frame, ".error.json")
 }
 
-/// `name` with `~N` before its extension: `cam.jpg` → `cam~2.jpg`.
-fn suffixed(name: &str, n: u32) -> String {
-    match name.rfind('.') {
-        Some(dot) if dot > 0 => format!("{}~{n}{}", &name[..dot], &name[dot..]),
-        _ => format!("{name}~{n}"),
+fn with_suffix(name: &OsStr, suffix: &str) -> OsString {
+    let mut s = name.to_os_string();
+    s.push(suffix);
+    s
+}
+
+/// The hexadecimal bytes of a name that is not UTF-8 (`None` for one that is): written
+/// beside the lossy `frame` of a result or failure record, so the exact name is there.
+pub fn name_bytes_hex(name: &OsStr) -> Option<String> {
+    if name.to_str().is_some() {
+        return None;
     }
+    Some(
+        name.as_encoded_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
+/// Whether a result or failure record is the one of frame `name`: its `frame` for a
+/// UTF-8 name, its `frame_bytes_hex` for any other.
+fn names_frame(record: &serde_json::Value, name: &OsStr) -> bool {
+    match (name.to_str(), name_bytes_hex(name)) {
+        (Some(s), _) => record.get("frame").and_then(|f| f.as_str()) == Some(s),
+        (None, hex) => record.get("frame_bytes_hex").and_then(|f| f.as_str()) == hex.as_deref(),
+    }
+}
+
+/// `name` with `~N` before its extension: `cam.jpg` → `cam~2.jpg`. Works on the bytes, so
+/// a name that is not UTF-8 keeps them.
+fn suffixed(name: &OsStr, n: u32) -> OsString {
+    let b = name.as_encoded_bytes();
+    let (stem, ext) = match b.iter().rposition(|&c| c == b'.') {
+        Some(dot) if dot > 0 => b.split_at(dot),
+        _ => (b, &b[b.len()..]),
+    };
+    let mut out = stem.to_vec();
+    out.extend_from_slice(format!("~{n}").as_bytes());
+    out.extend_from_slice(ext);
+    std::os::unix::ffi::OsStringExt::from_vec(out)
 }
 
 /// Renames `from` into `dir` as `name`, or a suffixed name if something is there already
 /// (put there by hand: the daemon's own names are unique from the claim on).
-fn move_unique(from: &Path, dir: &Path, name: &str) -> Result<()> {
+fn move_unique(from: &Path, dir: &Path, name: &OsStr) -> Result<()> {
     for n in 0..MAX_SUFFIX {
         let to = dir.join(if n == 0 {
-            name.to_string()
+            name.to_os_string()
         } else {
             suffixed(name, n)
         });
@@ -246,12 +278,17 @@ fn move_unique(from: &Path, dir: &Path, name: &str) -> Result<()> {
             // Gone already: a crash after the rename, before `work/` was synced.
             Err(Errno::ENOENT) if std::fs::symlink_metadata(from).is_err() => return Ok(()),
             Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("moving {} to {}", from.display(), to.display()));
+                return Err(e).with_context(|| {
+                    format!(
+                        "moving {} to {}",
+                        shown(from.as_os_str()),
+                        shown(to.as_os_str())
+                    )
+                });
             }
         }
     }
-    bail!("no free name for {name} in {}", dir.display())
+    bail!("no free name for {} in {}", shown(name), dir.display())
 }
 
 fn lock(path: &Path) -> Result<Flock<File>> {
@@ -301,9 +338,19 @@ mod tests {
 
     #[test]
     fn suffixes_go_before_the_extension() {
-        assert_eq!(suffixed("cam.jpg", 2), "cam~2.jpg");
-        assert_eq!(suffixed("a.b.png", 1), "a.b~1.png");
-        assert_eq!(suffixed("noext", 3), "noext~3");
+        use std::os::unix::ffi::OsStrExt;
+        let s = |n: &str, k| suffixed(OsStr::new(n), k);
+        assert_eq!(s("cam.jpg", 2), "cam~2.jpg");
+        assert_eq!(s("a.b.png", 1), "a.b~1.png");
+        assert_eq!(s("noext", 3), "noext~3");
+        assert_eq!(s(".hidden", 1), ".hidden~1");
+        let odd = suffixed(OsStr::from_bytes(b"caf\xe9.png"), 1);
+        assert_eq!(odd.as_bytes(), b"caf\xe9~1.png");
+        assert_eq!(
+            name_bytes_hex(OsStr::from_bytes(b"caf\xe9")).as_deref(),
+            Some("636166e9")
+        );
+        assert_eq!(name_bytes_hex(OsStr::new("café")), None);
     }
 
     #[test]
@@ -317,7 +364,7 @@ mod tests {
             let entries = spool.incoming().unwrap();
             assert_eq!(entries.len(), 1);
             let name = spool.claim(&entries[0].name).unwrap().unwrap();
-            let result = format!("{{\"frame\": \"{name}\"}}");
+            let result = format!("{{\"frame\": \"{}\"}}", name.to_str().unwrap());
             assert!(!spool.has_result(&name));
             spool
                 .complete(&name, result.as_bytes(), DonePolicy::Move)

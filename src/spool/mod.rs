@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod demo;
 pub mod fsutil;
 pub mod layout;
+pub mod metrics;
 pub mod pipeline;
 pub mod preprocess;
 pub mod publish_config;

@@ -16,14 +16,14 @@ use crate::memory::SystemMemory;
 use crate::model::{Package, Preprocess};
 use crate::runtime::{Executor, InferenceOutput, LayerCost, ModelId};
 use crate::tiling::TiledModel;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Where a model failed.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelStage {
     /// The start-up check of the package.
@@ -35,7 +35,7 @@ pub enum ModelStage {
 }
 
 /// Why a model produced no outputs for a frame.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ModelError {
     pub stage: ModelStage,
     pub reason: String,
@@ -169,7 +169,7 @@ fn check_package(
 }
 
 /// Where a frame failed as a whole.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum FrameStage {
     /// Refused (not a plain file, too large) or unreadable.

@@ -34,6 +34,7 @@ pub(super) struct RawPublish {
     keep: Option<usize>,
     retry_max_secs: Option<f64>,
     keepalive_secs: Option<u64>,
+    metrics: Option<PathBuf>,
 }
 
 /// Where and how results are published.
@@ -53,6 +54,8 @@ pub struct PublishConfig {
     /// The longest wait between two connection attempts (the backoff doubles up to it).
     pub retry_max: Duration,
     pub keepalive: Duration,
+    /// The publisher's Prometheus text file (node_exporter's textfile collector), if any.
+    pub metrics: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -230,6 +233,14 @@ impl RawPublish {
         if let Some(d) = &self.device {
             ensure!(!d.is_empty(), "publish.device is empty");
         }
+        let metrics = self.metrics.map(path);
+        if let Some(m) = &metrics {
+            ensure!(
+                m.file_name()
+                    .is_some_and(|n| n.to_string_lossy().ends_with(".prom")),
+                "publish.metrics must name a file ending in .prom (node_exporter reads only those)"
+            );
+        }
         let topic = TopicTemplate::parse(self.topic.as_deref().unwrap_or(DEFAULT_TOPIC))
             .context("publish.topic")?;
         Ok(PublishConfig {
@@ -247,6 +258,7 @@ impl RawPublish {
             keep,
             retry_max: Duration::from_secs_f64(retry_max),
             keepalive: Duration::from_secs(keepalive),
+            metrics,
         })
     }
 }

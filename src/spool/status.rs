@@ -1,34 +1,53 @@
-//! `status.json` in the spool's root: what the daemon has done and how memory stands,
-//! replaced atomically so a reader never sees half of it.
+//! `status.json` in the spool's root: what the daemon has done and how memory, disk and
+//! the watchdog stand, replaced atomically so a reader never sees half of it. This struct
+//! is the one definition of its schema (docs/spool.md); the metrics file (`metrics.rs`)
+//! is rendered from the same value at the same moment, so the two always agree.
 
 use super::config::{Config, RunConfig};
-use super::pipeline::{FrameStage, Model, unix_now};
+use super::pipeline::{FrameStage, Model, ModelError, unix_now};
 use crate::memory::{self, SystemMemory};
 use crate::runtime::ExecutorSnapshot;
-use serde::Serialize;
-use serde_json::Value;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
 
-#[derive(Debug, Serialize)]
+/// Upper bounds of the frame latency histogram's buckets, in seconds: from a small model
+/// on a PC to a tiled one on a Pi Zero.
+pub const LATENCY_BOUNDS_SECS: [f64; 12] = [
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
     pub pid: u32,
-    pub version: &'static str,
+    pub version: String,
     pub state: State,
     pub board: Option<String>,
     pub started_unix: f64,
     pub updated_unix: f64,
-    /// Frames finished (result written) and failed since the daemon started.
+    /// Frames whose result (done) or failure record (failed) is written, since start.
     pub frames_done: u64,
     pub frames_failed: u64,
+    /// Frames claimed and not yet recorded, now; `frames_deferred` of them are processed
+    /// and wait for disk space to record their outcome.
+    pub frames_in_flight: usize,
+    pub frames_deferred: usize,
     pub last_error: Option<LastError>,
+    /// Claim to record of every recorded frame (done and failed).
+    pub latency: Histogram,
+    /// Per configured model that can run: its inferences with outputs (`ok`) and without.
+    pub inferences: Vec<InferenceCount>,
+    pub disk: Disk,
+    pub watchdog: Watchdog,
     pub run: RunConfig,
-    pub models: Vec<Value>,
+    pub models: Vec<ModelStatus>,
     pub memory: Option<MemoryNow>,
     /// The ledger and the layer cache: per model, its resident layers and bytes.
     pub cache: Option<ExecutorSnapshot>,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     Running,
@@ -37,15 +56,25 @@ pub enum State {
     Stopped,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct LastError {
+    /// The frame's name, lossy where it is not UTF-8 (the failure record has the bytes).
     pub frame: String,
     pub stage: FrameStage,
     pub reason: String,
     pub at_unix: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ModelStatus {
+    pub name: String,
+    pub path: PathBuf,
+    pub error: Option<ModelError>,
+    /// The tiling configuration it runs under, if it runs tiled.
+    pub tiling: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct MemoryNow {
     pub rss_bytes: Option<u64>,
     pub peak_rss_bytes: Option<u64>,
@@ -53,31 +82,129 @@ pub struct MemoryNow {
     pub cgroup_limit_bytes: Option<u64>,
     /// What the memory gate would allow beyond what is resident now (reserve deducted).
     pub headroom_bytes: Option<u64>,
+    /// The kernel's memory event counters of the daemon's cgroup (`memory.events` or
+    /// v1's `memory.oom_control`), by the kernel's names; absent when not readable.
+    pub cgroup_events: Option<BTreeMap<String, u64>>,
+}
+
+/// A histogram of durations: `counts[i]` frames took at most `bounds_secs[i]` and more
+/// than the bound before; the last count is above every bound.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Histogram {
+    pub bounds_secs: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub sum_secs: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn new(bounds_secs: &[f64]) -> Histogram {
+        Histogram {
+            bounds_secs: bounds_secs.to_vec(),
+            counts: vec![0; bounds_secs.len() + 1],
+            sum_secs: 0.0,
+            count: 0,
+        }
+    }
+
+    pub fn observe(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self.bounds_secs.partition_point(|&b| b < secs);
+        self.counts[i] += 1;
+        self.sum_secs += secs;
+        self.count += 1;
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InferenceCount {
+    pub model: String,
+    pub ok: u64,
+    pub failed: u64,
+}
+
+/// The spool's file system as the daemon sees it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Disk {
+    pub state: DiskState,
+    /// Free bytes for the daemon (`statvfs` f_bavail), at the last check.
+    pub free_bytes: Option<u64>,
+    pub min_free_bytes: u64,
+    /// Writes of a result, failure record or status that found the disk full, since start.
+    pub full_writes: u64,
+    /// When the state last changed.
+    pub since_unix: f64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskState {
+    Ok,
+    /// Less than `min_free_bytes` free: no frame is claimed until there is more.
+    Low,
+    /// A write found the disk full: the outcomes of processed frames wait (the frames in
+    /// `work/`) and are written again with a backoff; nothing is claimed meanwhile.
+    Full,
+}
+
+/// The systemd watchdog as the main loop feeds it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Watchdog {
+    /// Whether systemd asked for pings (`WATCHDOG_USEC`).
+    pub enabled: bool,
+    /// A frame has been in flight longer than `stall_secs`: the pings have stopped.
+    pub stalled: bool,
+    pub stall_secs: f64,
+    /// How long the oldest frame in hand has been in flight.
+    pub oldest_frame_secs: f64,
 }
 
 impl Status {
     /// A running daemon's status before its first frame.
-    pub fn new(config: &Config, models: &[Model]) -> Status {
+    pub fn new(config: &Config, models: &[Model], watchdog: bool) -> Status {
+        let now = unix_now();
         Status {
             pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION"),
+            version: env!("CARGO_PKG_VERSION").into(),
             state: State::Running,
             board: config.board.clone(),
-            started_unix: unix_now(),
+            started_unix: now,
             updated_unix: 0.0,
             frames_done: 0,
             frames_failed: 0,
+            frames_in_flight: 0,
+            frames_deferred: 0,
             last_error: None,
+            latency: Histogram::new(&LATENCY_BOUNDS_SECS),
+            inferences: models
+                .iter()
+                .filter(|m| m.error().is_none())
+                .map(|m| InferenceCount {
+                    model: m.name.clone(),
+                    ..InferenceCount::default()
+                })
+                .collect(),
+            disk: Disk {
+                state: DiskState::Ok,
+                free_bytes: None,
+                min_free_bytes: config.spool.min_free,
+                full_writes: 0,
+                since_unix: now,
+            },
+            watchdog: Watchdog {
+                enabled: watchdog,
+                stalled: false,
+                stall_secs: config.spool.stall.as_secs_f64(),
+                oldest_frame_secs: 0.0,
+            },
             run: config.run.clone(),
             models: models
                 .iter()
-                .map(|m| {
-                    json!({
-                        "name": m.name,
-                        "path": m.path,
-                        "error": m.error(),
-                        "tiling": m.tiling().map(|c| c.to_string()),
-                    })
+                .map(|m| ModelStatus {
+                    name: m.name.clone(),
+                    path: m.path.clone(),
+                    error: m.error().cloned(),
+                    tiling: m.tiling().map(|c| c.to_string()),
                 })
                 .collect(),
             memory: None,
@@ -85,8 +212,27 @@ impl Status {
         }
     }
 
-    /// Fresh timestamps and memory readings, as JSON.
-    pub fn render(&mut self, system: &SystemMemory) -> serde_json::Result<Vec<u8>> {
+    /// Counts one inference of `model`.
+    pub fn inference(&mut self, model: &str, ok: bool) {
+        let i = match self.inferences.iter().position(|c| c.model == model) {
+            Some(i) => i,
+            None => {
+                self.inferences.push(InferenceCount {
+                    model: model.into(),
+                    ..InferenceCount::default()
+                });
+                self.inferences.len() - 1
+            }
+        };
+        if ok {
+            self.inferences[i].ok += 1;
+        } else {
+            self.inferences[i].failed += 1;
+        }
+    }
+
+    /// Fresh timestamps and memory readings.
+    pub fn refresh(&mut self, system: &SystemMemory, cache: ExecutorSnapshot) {
         self.updated_unix = unix_now();
         let process = memory::process_memory().ok();
         let reading = system.read().ok();
@@ -96,9 +242,54 @@ impl Status {
             mem_available_bytes: reading.as_ref().and_then(|r| r.mem_available),
             cgroup_limit_bytes: reading.as_ref().and_then(|r| r.cgroup_limit()),
             headroom_bytes: reading.as_ref().and_then(|r| r.headroom(self.run.reserve)),
+            cgroup_events: system.events(),
         });
+        self.cache = Some(cache);
+    }
+
+    pub fn to_json(&self) -> serde_json::Result<Vec<u8>> {
         let mut bytes = serde_json::to_vec_pretty(self)?;
         bytes.push(b'\n');
         Ok(bytes)
+    }
+
+    /// One line for `systemctl status` (sd_notify `STATUS=`).
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{:?}: {} done, {} failed, {} in flight",
+            self.state, self.frames_done, self.frames_failed, self.frames_in_flight
+        )
+        .to_lowercase();
+        match self.disk.state {
+            DiskState::Ok => {}
+            DiskState::Low => s.push_str("; disk low: not claiming"),
+            DiskState::Full => s.push_str(&format!(
+                "; disk full: {} outcome(s) wait",
+                self.frames_deferred
+            )),
+        }
+        if self.watchdog.stalled {
+            s.push_str(&format!(
+                "; stalled: a frame in flight for {:.0} s",
+                self.watchdog.oldest_frame_secs
+            ));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_include_their_upper_bound() {
+        let mut h = Histogram::new(&[0.1, 1.0]);
+        for ms in [50, 100, 101, 1000, 5000] {
+            h.observe(Duration::from_millis(ms));
+        }
+        assert_eq!(h.counts, [2, 2, 1]);
+        assert_eq!(h.count, 5);
+        assert!((h.sum_secs - 6.251).abs() < 1e-9);
     }
 }
