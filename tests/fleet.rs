@@ -114,8 +114,21 @@ fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// A daemon that is killed if the test fails before stopping it (its spool may be a
+/// tmpfs about to be unmounted).
+struct Daemon(Option<Child>);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+}
+
 /// The daemon, its stderr in `log`.
-fn start(s: &Setup, log: &Path, env: &[(&str, &str)]) -> Child {
+fn start(s: &Setup, log: &Path, env: &[(&str, &str)]) -> Daemon {
     let mut c = cli_command();
     c.args(["run", "--config", s.config.to_str().unwrap()])
         .env("RUST_LOG", "memaflow=info")
@@ -123,10 +136,11 @@ fn start(s: &Setup, log: &Path, env: &[(&str, &str)]) -> Child {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());
-    c.spawn().unwrap()
+    Daemon(Some(c.spawn().unwrap()))
 }
 
-fn stop(mut child: Child, log: &Path) {
+fn stop(mut daemon: Daemon, log: &Path) {
+    let mut child = daemon.0.take().unwrap();
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let start = Instant::now();
@@ -557,6 +571,7 @@ fn a_full_disk_is_waited_out_and_every_frame_finishes() {
         .unwrap();
     let len = f.metadata().unwrap().len();
     f.set_len(len - (512 << 10)).unwrap();
+    drop(f);
     assert!(free_bytes(&disk.0) < 1 << 20);
     wait_until("f1's result", Duration::from_secs(30), || {
         s.spool.join("out/f1.png.json").exists()
@@ -582,7 +597,8 @@ fn a_full_disk_is_waited_out_and_every_frame_finishes() {
     assert!(st.disk.full_writes >= 1);
     assert_eq!(st.frames_deferred, 0);
     assert_eq!(metric("memaflow_frames_total{outcome=\"done\"}"), Some(5.0));
-    assert!(child.try_wait().unwrap().is_none(), "the daemon exited");
+    let running = child.0.as_mut().unwrap().try_wait().unwrap().is_none();
+    assert!(running, "the daemon exited");
     stop(child, &log);
     for k in 0..5 {
         assert!(s.spool.join(format!("out/f{k}.png.json")).is_file(), "f{k}");

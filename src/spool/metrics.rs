@@ -5,6 +5,7 @@
 //! `Text` is shared with `memaflow publish`, which writes a file of its own.
 
 use super::status::{DiskState, State, Status};
+use std::collections::BTreeMap;
 use std::fmt::{Display, Write};
 
 /// The kinds of metric families used here.
@@ -188,15 +189,22 @@ fn cache(t: &mut Text, s: &Status) {
         "The ledger's high-water mark since start.",
         c.ledger_high_water_bytes,
     );
+    // By model name: a package configured twice is registered twice, one series here.
+    let mut by_name: BTreeMap<&str, (u64, usize)> = BTreeMap::new();
+    for m in &c.models {
+        let e = by_name.entry(&m.name).or_default();
+        e.0 += m.resident_bytes;
+        e.1 += m.resident_layers;
+    }
     let name = "memaflow_resident_bytes";
     t.family(name, Kind::Gauge, "Bytes of a model's resident layers.");
-    for m in &c.models {
-        t.sample(name, &[("model", &m.name)], m.resident_bytes);
+    for (model, (bytes, _)) in &by_name {
+        t.sample(name, &[("model", model)], bytes);
     }
     let name = "memaflow_resident_layers";
     t.family(name, Kind::Gauge, "A model's resident layers.");
-    for m in &c.models {
-        t.sample(name, &[("model", &m.name)], m.resident_layers);
+    for (model, (_, layers)) in &by_name {
+        t.sample(name, &[("model", model)], layers);
     }
 }
 

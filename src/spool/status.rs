@@ -36,7 +36,7 @@ pub struct Status {
     pub last_error: Option<LastError>,
     /// Claim to record of every recorded frame (done and failed).
     pub latency: Histogram,
-    /// Per configured model that can run: its inferences with outputs (`ok`) and without.
+    /// Per model name that can run: its inferences with outputs (`ok`) and without.
     pub inferences: Vec<InferenceCount>,
     pub disk: Disk,
     pub watchdog: Watchdog,
@@ -163,7 +163,7 @@ impl Status {
     /// A running daemon's status before its first frame.
     pub fn new(config: &Config, models: &[Model], watchdog: bool) -> Status {
         let now = unix_now();
-        Status {
+        let mut status = Status {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
             state: State::Running,
@@ -176,14 +176,7 @@ impl Status {
             frames_deferred: 0,
             last_error: None,
             latency: Histogram::new(&LATENCY_BOUNDS_SECS),
-            inferences: models
-                .iter()
-                .filter(|m| m.error().is_none())
-                .map(|m| InferenceCount {
-                    model: m.name.clone(),
-                    ..InferenceCount::default()
-                })
-                .collect(),
+            inferences: vec![],
             disk: Disk {
                 state: DiskState::Ok,
                 free_bytes: None,
@@ -209,7 +202,18 @@ impl Status {
                 .collect(),
             memory: None,
             cache: None,
+        };
+        // Every usable model from the start, at zero (once: a package configured twice
+        // is one model name).
+        for m in models.iter().filter(|m| m.error().is_none()) {
+            if !status.inferences.iter().any(|c| c.model == m.name) {
+                status.inferences.push(InferenceCount {
+                    model: m.name.clone(),
+                    ..InferenceCount::default()
+                });
+            }
         }
+        status
     }
 
     /// Counts one inference of `model`.
