@@ -154,7 +154,7 @@ impl Spool {
 
     /// Records the result, then lets the frame go: to `done/` or unlinked.
     pub fn complete(&self, name: &OsStr, result: &[u8], policy: DonePolicy) -> Result<()> {
-        write_atomic(&self.out, &result_name(name), result)?;
+        write_atomic(&self.out, result_name(name), result)?;
         self.release(name, policy)
     }
 
@@ -184,7 +184,7 @@ impl Spool {
 
     /// Records why the frame failed, then moves it to `failed/`.
     pub fn fail(&self, name: &OsStr, record: &[u8]) -> Result<()> {
-        write_atomic(&self.failed, &error_name(name), record)?;
+        write_atomic(&self.failed, error_name(name), record)?;
         self.release_failed(name)
     }
 
