@@ -193,7 +193,7 @@ fn systemd_hears_ready_and_pings_that_stop_while_a_frame_is_wedged() {
         None,
         "stall_secs = 0.3",
         "threads = 1\nparallel = 1\ncache = \"off\"",
-        &"[[model]]\npath = {lm}\n".repeat(8),
+        &"[[model]]\npath = {lm}\n".repeat(20),
     );
     let socket = s.dir.join("notify.sock");
     let rx = listen(&socket);
