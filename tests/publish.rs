@@ -899,3 +899,103 @@ fn markers_that_cannot_be_written_keep_the_publisher_up() {
     // Acknowledged once: not sent again while its marker waited.
     assert_eq!(sub.delivered().values().sum::<usize>(), 6);
 }
+
+#[test]
+fn watchdog_pings_stop_while_the_loop_is_busy_and_metrics_pass_promtool() {
+    let test = "watchdog_pings_stop_while_the_loop_is_busy_and_metrics_pass_promtool";
+    if !have_mosquitto(test) {
+        return;
+    }
+    let dir = scratch("publish-busy");
+    let broker = Mosquitto::start(&dir);
+    let spool = Spool::new(
+        &dir,
+        &format!(
+            "host = \"127.0.0.1\"\nport = {}\n{}\nmetrics = \"publish.prom\"",
+            broker.port,
+            credentials()
+        ),
+    );
+    let socket_path = dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "WATCHDOG=1")
+                && tx.send(Instant::now()).is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut child = spool
+        .publisher(&dir.join("publisher.log"))
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "200000")
+        .spawn()
+        .map(Running)
+        .unwrap();
+    wait_until("a connection", Duration::from_secs(20), || {
+        spool.status()["state"] == "connected"
+    });
+    let gaps = |pings: &[Instant]| pings.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    let idle: Vec<Instant> = (0..10).map(|_| rx.recv().unwrap()).collect();
+    assert!(gaps(&idle) < Duration::from_millis(300), "idle: {:?}", gaps(&idle));
+    // One result with eight million outputs: reading, checking and splitting it per model
+    // is one step of the loop, far longer than the 100 ms between pings. A step that
+    // never ends (a wedged read) would stop them for good.
+    let mut body = String::from("{\"frame\": \"big.png\", \"models\": [{\"name\": \"face\", \"outputs\": [");
+    body.push_str(&"1,".repeat(8_000_000));
+    body.push_str("1]}]}");
+    let tmp = spool.dir.join("out/.big.tmp");
+    std::fs::write(&tmp, body).unwrap();
+    while rx.try_recv().is_ok() {}
+    let written = Instant::now();
+    std::fs::rename(&tmp, spool.dir.join("out/big.png.json")).unwrap();
+    wait_until("the big result sent", Duration::from_secs(60), || {
+        spool.status()["sent"] == 1
+    });
+    let mut busy = vec![written];
+    busy.extend(rx.try_iter());
+    assert!(
+        gaps(&busy) >= Duration::from_millis(300),
+        "pings went on while the loop was busy: longest gap {:?}",
+        gaps(&busy)
+    );
+    signal(&child, "TERM");
+    assert!(child.wait().unwrap().success());
+    // The publisher's metrics file: valid, and the counters of its status.json.
+    let prom = dir.join("publish.prom");
+    match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&prom).unwrap())
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(_) => {
+            assert!(
+                std::env::var("MEMAFLOW_REQUIRE_REFERENCE").as_deref() != Ok("1"),
+                "promtool missing: apt-get install prometheus"
+            );
+            skip(test, "promtool not installed (apt-get install prometheus)");
+        }
+    }
+    let text = std::fs::read_to_string(&prom).unwrap();
+    let status = spool.status();
+    for (metric, field) in [
+        ("memaflow_publish_sent_total", "sent"),
+        ("memaflow_publish_unsent", "unsent"),
+        ("memaflow_publish_connects_total", "connects"),
+        ("memaflow_publish_connection_failures_total", "connection_failures"),
+    ] {
+        let line = format!("{metric} {}", status[field]);
+        assert!(text.lines().any(|l| l == line), "no '{line}' in\n{text}");
+    }
+    assert!(text.contains("memaflow_publish_state{state=\"stopped\"} 1"), "{text}");
+}
