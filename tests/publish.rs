@@ -922,7 +922,9 @@ fn watchdog_pings_stop_while_the_loop_is_busy_and_metrics_pass_promtool() {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = socket.recv(&mut buf) {
-            if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "WATCHDOG=1")
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "WATCHDOG=1")
                 && tx.send(Instant::now()).is_err()
             {
                 return;
@@ -941,11 +943,16 @@ fn watchdog_pings_stop_while_the_loop_is_busy_and_metrics_pass_promtool() {
     });
     let gaps = |pings: &[Instant]| pings.windows(2).map(|w| w[1] - w[0]).max().unwrap();
     let idle: Vec<Instant> = (0..10).map(|_| rx.recv().unwrap()).collect();
-    assert!(gaps(&idle) < Duration::from_millis(300), "idle: {:?}", gaps(&idle));
+    assert!(
+        gaps(&idle) < Duration::from_millis(300),
+        "idle: {:?}",
+        gaps(&idle)
+    );
     // One result with eight million outputs: reading, checking and splitting it per model
     // is one step of the loop, far longer than the 100 ms between pings. A step that
     // never ends (a wedged read) would stop them for good.
-    let mut body = String::from("{\"frame\": \"big.png\", \"models\": [{\"name\": \"face\", \"outputs\": [");
+    let mut body =
+        String::from("{\"frame\": \"big.png\", \"models\": [{\"name\": \"face\", \"outputs\": [");
     body.push_str(&"1,".repeat(8_000_000));
     body.push_str("1]}]}");
     let tmp = spool.dir.join("out/.big.tmp");
@@ -992,10 +999,16 @@ fn watchdog_pings_stop_while_the_loop_is_busy_and_metrics_pass_promtool() {
         ("memaflow_publish_sent_total", "sent"),
         ("memaflow_publish_unsent", "unsent"),
         ("memaflow_publish_connects_total", "connects"),
-        ("memaflow_publish_connection_failures_total", "connection_failures"),
+        (
+            "memaflow_publish_connection_failures_total",
+            "connection_failures",
+        ),
     ] {
         let line = format!("{metric} {}", status[field]);
         assert!(text.lines().any(|l| l == line), "no '{line}' in\n{text}");
     }
-    assert!(text.contains("memaflow_publish_state{state=\"stopped\"} 1"), "{text}");
+    assert!(
+        text.contains("memaflow_publish_state{state=\"stopped\"} 1"),
+        "{text}"
+    );
 }
