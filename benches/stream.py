@@ -4,7 +4,8 @@ MediaPipe models (face detection short range, face landmarks, palm detection ful
 landmarks full), against the ceiling and the status quo, at several memory levels.
 
 Rows (each a fresh process; levels in interleaved rounds, medians over --rounds):
-- daemon: `memaflow run --once` on a spool of N frames, layer cache kept (`cache = keep`)
+- daemon: `memaflow run --once` on a spool of N frames, layer cache kept (`cache = keep`,
+  under a budget once with each `eviction` rule: furthest-ahead and cost-per-byte)
   or not (`cache = off`: every frame loads every layer, as before the cache), with
   `threads` workers, as many frames in flight and inferences in parallel. Levels: no
   budget, or `[run] budget` at 50 % / 25 % of the working set (the ledger's high-water
@@ -113,7 +114,7 @@ class Cgroup:
                 time.sleep(0.05)
 
 
-def run_daemon(work, pkgs, frames, threads, cache, budget, limit, tag):
+def run_daemon(work, pkgs, frames, threads, cache, budget, limit, tag, eviction="furthest-ahead"):
     """One `memaflow run --once` over `frames`; returns its figures."""
     root = os.path.join(work, "spool-" + tag)
     shutil.rmtree(root, ignore_errors=True)
@@ -122,7 +123,7 @@ def run_daemon(work, pkgs, frames, threads, cache, budget, limit, tag):
         shutil.copy(f, os.path.join(root, "incoming", f"{k:04d}-{os.path.basename(f)}"))
     config = os.path.join(work, f"{tag}.toml")
     models = "\n".join(f'[[model]]\npath = "{p}"' for p in pkgs)
-    run = f'threads = {threads}\nparallel = {threads}\nframes_in_flight = {threads}\nreserve = "4M"\ncache = "{cache}"\n'
+    run = f'threads = {threads}\nparallel = {threads}\nframes_in_flight = {threads}\nreserve = "4M"\ncache = "{cache}"\neviction = "{eviction}"\n'
     if budget:
         run += f"budget = {budget}\n"
     with open(config, "w") as f:
@@ -203,6 +204,8 @@ def main():
     ap.add_argument("--frames", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--evictions", default="furthest-ahead,cost-per-byte",
+                    help="eviction rules compared under a budget (cache kept)")
     ap.add_argument("--levels", default="none,0.5,0.25", help="fractions of the working set, or none")
     ap.add_argument("--out", default=os.path.join(REPO, "target/bench-stream"))
     a = ap.parse_args()
@@ -218,11 +221,16 @@ def main():
     for r in range(a.rounds):
         for t in threads:
             for level in levels:
-                for cache in ("keep", "off"):
+                # Eviction only matters under a budget: both rules there, on the cache kept.
+                evictions = a.evictions.split(",") if level else ["furthest-ahead"]
+                variants = [("keep", e) for e in evictions] + [("off", "furthest-ahead")]
+                for cache, eviction in variants:
                     budget = int(level * ws) if level else None
                     limit = budget + CGROUP_SLACK if budget else None
-                    name = f"daemon {cache} t{t} {'none' if level is None else f'{level:.0%}'}"
-                    res = run_daemon(a.out, pkgs, frames, t, cache, budget, limit, f"{cache}-{t}-{level}")
+                    rule = f" {eviction}" if cache == "keep" and level else ""
+                    name = f"daemon {cache}{rule} t{t} {'none' if level is None else f'{level:.0%}'}"
+                    res = run_daemon(a.out, pkgs, frames, t, cache, budget, limit,
+                                     f"{cache}-{eviction}-{t}-{level}", eviction)
                     res.update(budget=budget, limit=limit)
                     rows.setdefault(name, []).append(res)
                     print(f"round {r} {name}: {res['fps']:.2f} frames/s, p50 {res['p50_ms']} ms, "

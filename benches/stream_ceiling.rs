@@ -61,7 +61,7 @@ fn main() -> anyhow::Result<()> {
         v[v.len() / 2]
     };
     println!(
-        "{{\"frames\": {count}, \"secs\": {secs:.4}, \"frames_per_sec\": {:.3}, \"infer_ms_median\": {:.3}, \"decode_ms_median\": {:.3}}}",
+        "{{\"frames\": {count}, \"secs\": {secs:.4}, \"fps\": {:.3}, \"infer_ms_median\": {:.3}, \"decode_ms_median\": {:.3}}}",
         count as f64 / secs,
         median(infer_ms),
         median(decode_ms)

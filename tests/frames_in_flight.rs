@@ -25,15 +25,15 @@ fn json(path: &Path) -> Value {
 }
 
 /// A spool in `dir` and a configuration running `models` (TOML `[[model]]` entries) with
-/// `run` keys.
-fn config(dir: &Path, run: &str, models: &str) -> (PathBuf, PathBuf) {
+/// `run` keys; frames in flight at a stop signal get `stop_grace_secs` to finish.
+fn config(dir: &Path, stop_grace_secs: f64, run: &str, models: &str) -> (PathBuf, PathBuf) {
     let spool = dir.join("spool");
     std::fs::create_dir_all(spool.join("incoming")).unwrap();
     let path = dir.join("memaflow.toml");
     std::fs::write(
         &path,
         format!(
-            "[spool]\nroot = \"spool\"\nrescan_secs = 60\nstop_grace_secs = 0.3\n\
+            "[spool]\nroot = \"spool\"\nrescan_secs = 60\nstop_grace_secs = {stop_grace_secs}\n\
              [run]\n{run}\n{models}"
         ),
     )
@@ -86,12 +86,14 @@ fn frames_in_flight_give_the_results_of_one_frame_at_a_time() {
     let one = dir.join("one");
     let (spool_one, config_one) = config(
         &one,
+        0.3,
         "threads = 1\nparallel = 1\nframes_in_flight = 1",
         &models,
     );
     let many = dir.join("many");
     let (spool_many, config_many) = config(
         &many,
+        0.3,
         "threads = 2\nparallel = 4\nframes_in_flight = 4",
         &models,
     );
@@ -133,17 +135,18 @@ fn sigterm_at_random_moments_with_frames_in_flight_loses_nothing() {
         "[[model]]\npath = {det:?}\n[[model]]\npath = {:?}\n",
         models.join("agenet")
     );
-    let (spool, config) = config(
-        &dir,
-        "threads = 2\nparallel = 3\nframes_in_flight = 3",
-        &model_list,
-    );
+    let run = "threads = 2\nparallel = 3\nframes_in_flight = 3";
+    let (spool, config_path) = config(&dir, 0.0, run, &model_list);
     let log = dir.join("daemon.log");
     let mut dropped = vec![];
     let mut put_back = 0;
     for attempt in 0..20u64 {
-        dropped.extend(drop_frames(&spool, &format!("t{attempt}-"), 1));
-        let mut child = watch(&config, &log);
+        // Half the stops give no grace, so that whatever is in flight when the signal
+        // lands must go back to incoming/; the others let frames finish.
+        let grace = if attempt % 2 == 0 { 0.0 } else { 0.3 };
+        config(&dir, grace, run, &model_list);
+        dropped.extend(drop_frames(&spool, &format!("t{attempt}-"), 2));
+        let mut child = watch(&config_path, &log);
         // Signals are blocked once the daemon has read its configuration; it then opens
         // the spool and checks its models, writing status.json (before that, SIGTERM has
         // its default action, as for any process).
@@ -158,8 +161,20 @@ fn sigterm_at_random_moments_with_frames_in_flight_loses_nothing() {
             );
             std::thread::sleep(Duration::from_millis(2));
         }
-        // Spread over claiming and the middle of frames.
-        std::thread::sleep(Duration::from_millis((attempt * 97) % 900));
+        if grace == 0.0 {
+            // The moment a frame is claimed: it is in flight, and without grace it must
+            // go back (unless it finished in between).
+            while names(&spool.join("work")).is_empty() {
+                assert!(
+                    up.elapsed() < hang_limit(Duration::from_secs(30)),
+                    "attempt {attempt}: no frame claimed"
+                );
+                std::thread::yield_now();
+            }
+        } else {
+            // Spread over claiming and the middle of frames.
+            std::thread::sleep(Duration::from_millis((attempt * 53) % 400));
+        }
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -196,7 +211,7 @@ fn sigterm_at_random_moments_with_frames_in_flight_loses_nothing() {
     }
     assert!(put_back > 0, "no signal landed while frames were in flight");
     // What was put back is done by the next run: every frame has its one result.
-    once(&config);
+    once(&config_path);
     let out = names(&spool.join("out"));
     let want: BTreeSet<String> = dropped.iter().map(|f| format!("{f}.json")).collect();
     assert_eq!(out, want, "one result per frame, no duplicates");

@@ -8,6 +8,7 @@
 
 use super::FloatTensor;
 use super::engine::{LoadedLayer, load_layer};
+use super::residency::EvictionCause;
 use super::scheduler::{
     CacheStats, Decision, InferenceSummary, Live, LoadMeasure, ModelId, Refusal, Reservation,
     Scheduler, SchedulerOptions, TaskRef,
@@ -452,21 +453,42 @@ fn drop_evicted(state: &mut State) -> bool {
         scheduler, models, ..
     } = state;
     let mut any = false;
-    for key in scheduler.take_evicted() {
-        let slot = &mut models[key.model.0];
-        if slot.plans[key.layer].take().is_some() {
+    let rule = scheduler.eviction();
+    for evicted in scheduler.take_evicted() {
+        let key = evicted.key;
+        if models[key.model.0].plans[key.layer].take().is_some() {
             any = true;
-            log::debug!(
-                "evicted {} layer {} to make room",
-                slot.package.name(),
-                key.layer
-            );
+            if log::log_enabled!(log::Level::Debug) {
+                log::debug!(
+                    "evicted {} layer {} ({} bytes, {:?} rule): {}",
+                    models[key.model.0].package.name(),
+                    key.layer,
+                    evicted.bytes,
+                    rule,
+                    eviction_cause(models, evicted.cause)
+                );
+            }
         }
     }
     if any {
         memory::release_free_heap();
     }
     any
+}
+
+/// Why a layer was evicted, in words for the log.
+fn eviction_cause(models: &[ModelSlot], cause: EvictionCause) -> String {
+    match cause {
+        EvictionCause::ReadingDropped => {
+            "the memory reading fell below what the ledger holds".to_string()
+        }
+        EvictionCause::RoomFor(key) => format!(
+            "room for layer {} of {}",
+            key.layer,
+            models[key.model.0].package.name()
+        ),
+        EvictionCause::RoomForReservation => "room for a reservation (a frame to decode)".into(),
+    }
 }
 
 impl Inner {

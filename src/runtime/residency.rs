@@ -83,8 +83,28 @@ impl Residency {
 /// a decision never allocates. More victims wait for the next decision.
 const MAX_VICTIMS: usize = 64;
 
+/// Why the scheduler evicted a resident layer: said in the executor's debug log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvictionCause {
+    /// The memory reading fell below what the ledger holds (the limit was lowered, or
+    /// another process grew): the cache shrinks before anything else is admitted.
+    ReadingDropped,
+    /// Room for this layer's load or execution.
+    RoomFor(LayerKey),
+    /// Room for bytes reserved outside any task (a frame being decoded).
+    RoomForReservation,
+}
+
+/// One eviction the executor has yet to act on.
+#[derive(Clone, Copy, Debug)]
+pub struct Evicted {
+    pub key: LayerKey,
+    pub bytes: u64,
+    pub cause: EvictionCause,
+}
+
 /// Layers evicted by the scheduler whose plans the executor has yet to drop.
-pub struct Victims(heapless::Vec<LayerKey, MAX_VICTIMS>);
+pub struct Victims(heapless::Vec<Evicted, MAX_VICTIMS>);
 
 impl Victims {
     pub fn new() -> Victims {
@@ -95,11 +115,11 @@ impl Victims {
         self.0.is_full()
     }
 
-    pub fn push(&mut self, key: LayerKey, _bytes: u64) {
-        let _ = self.0.push(key);
+    pub fn push(&mut self, evicted: Evicted) {
+        let _ = self.0.push(evicted);
     }
 
-    pub fn drain(&mut self) -> impl Iterator<Item = LayerKey> + '_ {
+    pub fn drain(&mut self) -> impl Iterator<Item = Evicted> + '_ {
         std::iter::from_fn(move || self.0.pop())
     }
 }

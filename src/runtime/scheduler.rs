@@ -17,7 +17,7 @@
 //!   off the reading's headroom, so memory promised is never handed out twice.
 //! - A resident layer some inference has loaded and not yet run is pinned: never evicted.
 
-use super::residency::{Eviction, LayerCache, Residency, Victims};
+use super::residency::{Evicted, Eviction, EvictionCause, LayerCache, Residency, Victims};
 use super::tasks::{LayerCost, LoadingPolicy, TaskKind, TaskSpec, exec_index, load_index};
 use anyhow::{Result, ensure};
 use std::collections::VecDeque;
@@ -528,7 +528,7 @@ impl Scheduler {
     }
 
     /// Layers evicted since the last call: their plans must be dropped.
-    pub fn take_evicted(&mut self) -> impl Iterator<Item = LayerKey> + '_ {
+    pub fn take_evicted(&mut self) -> impl Iterator<Item = Evicted> + '_ {
         self.evicted.drain()
     }
 
@@ -576,7 +576,7 @@ impl Scheduler {
         {
             // The reading dropped below what is held: shrink the cache before anything
             // else is admitted.
-            room = Some(r + self.evict((-r) as u64) as i64);
+            room = Some(r + self.evict((-r) as u64, EvictionCause::ReadingDropped) as i64);
         }
         self.start_inferences(room);
         let decision = loop {
@@ -635,7 +635,11 @@ impl Scheduler {
         let mut freed = 0;
         if room.is_some_and(|r| r < bytes as i64) {
             let short = bytes as i64 - room.unwrap_or(0);
-            freed = self.evict(short as u64);
+            let key = LayerKey {
+                model: ModelId(inf.model),
+                layer,
+            };
+            freed = self.evict(short as u64, EvictionCause::RoomFor(key));
             *room = room.map(|r| r + freed as i64);
         }
         if room.is_none_or(|r| r >= bytes as i64) || self.opts.policy != SchedulingPolicy::Mema {
@@ -934,7 +938,8 @@ impl Scheduler {
         let mut room = self.room(live);
         if room.is_some_and(|r| r < bytes as i64) {
             let short = bytes as i64 - room.unwrap_or(0);
-            room = room.map(|r| r + self.evict(short as u64) as i64);
+            room = room
+                .map(|r| r + self.evict(short as u64, EvictionCause::RoomForReservation) as i64);
         }
         if room.is_none_or(|r| r >= bytes as i64) {
             self.ledger += bytes;
@@ -1168,7 +1173,7 @@ impl Scheduler {
     /// Evicts unpinned resident layers, the policy's choice first, until `bytes` are
     /// freed or none is left (or the list of evictions to hand over is full); returns the
     /// bytes freed.
-    fn evict(&mut self, bytes: u64) -> u64 {
+    fn evict(&mut self, bytes: u64, cause: EvictionCause) -> u64 {
         let mut freed = 0;
         while freed < bytes && !self.evicted.is_full() {
             let Some(key) = super::residency::choose_victim(self) else {
@@ -1184,7 +1189,11 @@ impl Scheduler {
             self.seen -= size;
             self.stats.evictions += 1;
             self.stats.evicted_bytes += size;
-            self.evicted.push(key, size);
+            self.evicted.push(Evicted {
+                key,
+                bytes: size,
+                cause,
+            });
             freed += size;
         }
         freed
@@ -1667,7 +1676,7 @@ mod tests {
         s.submit(m);
         let t = run(&mut s, 0, Some(-(5 << 20))).unwrap();
         assert_eq!(s.kind(t), TaskKind::Init);
-        let evicted: Vec<LayerKey> = s.take_evicted().collect();
+        let evicted: Vec<LayerKey> = s.take_evicted().map(|e| e.key).collect();
         let (_, left) = s.resident(m);
         assert!(bytes - left >= 5 << 20, "{} freed", bytes - left);
         assert_eq!(evicted.len(), 6 - s.resident(m).0);

@@ -144,6 +144,7 @@ pub fn held_bytes(pkg: &Package) -> Vec<u64> {
 
 /// The activations alive between layers of one inference: owned, so that a scheduler can
 /// keep one per inference in flight and run its layers on any worker.
+#[derive(Clone)]
 pub struct Activations {
     live: HashMap<String, TValue>,
     last_reader: HashMap<String, usize>,
