@@ -3,6 +3,7 @@
 //! the models. See `docs/architecture.md` for the module map.
 
 pub mod bench;
+pub mod commands;
 pub mod memory;
 pub mod model;
 pub mod notify;
