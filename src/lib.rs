@@ -6,6 +6,7 @@ pub mod bench;
 pub mod commands;
 pub mod memory;
 pub mod model;
+mod names;
 pub mod notify;
 pub mod profile;
 #[cfg(feature = "publish")]

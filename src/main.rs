@@ -121,7 +121,7 @@ enum TileCommand {
         /// `off`, or groups FIRST-LAST:ROWSxCOLS and sliced layers LAYER/SLICES separated
         /// by commas.
         #[arg(required = true, value_name = "CONFIG")]
-        configs: Vec<tiling::Config>,
+        configs: Vec<tiling::TilingConfig>,
     },
 }
 
@@ -274,7 +274,8 @@ fn bench(a: BenchArgs) -> Result<()> {
                 println!("wrote {}", f.display());
             }
         } else if let Some(plan) = &a.plan {
-            let plan = memaflow::bench::plan::Plan::read(plan)?.only_workloads(&a.workloads)?;
+            let plan =
+                memaflow::bench::plan::ExperimentPlan::read(plan)?.only_workloads(&a.workloads)?;
             print!("{}", plan.summary());
         }
         return Ok(());
@@ -293,7 +294,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let counts: Vec<String> = summary
         .by_status
         .iter()
-        .map(|(s, n)| format!("{n} {}", s.name()))
+        .map(|(s, n)| format!("{n} {s}"))
         .collect();
     println!(
         "{} runs ({}){}",
@@ -347,7 +348,7 @@ fn tile(command: TileCommand) -> Result<()> {
             max_slices,
         } => {
             let pkg = Package::open(&package)?;
-            let model = tiling::predictor::Model::new(&pkg, tiling::predictor::CALIBRATION)?;
+            let model = tiling::predictor::Predictor::new(&pkg, tiling::predictor::CALIBRATION)?;
             let space = tiling::search::Space {
                 max_groups,
                 max_grid,
@@ -376,7 +377,7 @@ fn tile(command: TileCommand) -> Result<()> {
         }
         TileCommand::Predict { package, configs } => {
             let pkg = Package::open(&package)?;
-            let model = tiling::predictor::Model::new(&pkg, tiling::predictor::CALIBRATION)?;
+            let model = tiling::predictor::Predictor::new(&pkg, tiling::predictor::CALIBRATION)?;
             for config in configs {
                 let e = model.predict(&config)?;
                 println!(

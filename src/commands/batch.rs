@@ -13,7 +13,7 @@ use crate::runtime::{
     SchedulingPolicy,
 };
 use crate::spool::results::OutputSummary;
-use crate::tiling::{self, TiledModel};
+use crate::tiling::{TiledModel, Tiling};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -50,9 +50,10 @@ pub struct BatchArgs {
     pub reserve: Bytes,
     /// Fused tiling: `needed` runs a model tiled when one of its layers does not fit the
     /// budget (`--budget`, else the memory free at the start) on its own; `auto` whenever
-    /// the search predicts a faster tiled run within it; `off` never.
-    #[arg(long, value_enum, default_value = "needed")]
-    pub tiling: tiling::Mode,
+    /// the search predicts a faster tiled run within it; `off` never. (A configuration
+    /// names one package's layers: `infer` takes it.)
+    #[arg(long, value_name = "MODE", default_value = "needed")]
+    pub tiling: Tiling,
     /// Worker threads (default: one per CPU).
     #[arg(long)]
     pub workers: Option<usize>,
@@ -85,7 +86,7 @@ pub enum BatchEngine {
     /// Layer by layer under the scheduler; packages tiled as `tiling` says.
     Layerwise {
         options: BatchOptions,
-        tiling: tiling::Mode,
+        tiling: Tiling,
         /// Per-layer costs (`memaflow profile`); estimated where it has none.
         profile: Option<PathBuf>,
     },
@@ -112,6 +113,7 @@ impl BatchArgs {
         } else {
             self.input_npy.into_iter().map(InputSource::Npy).collect()
         };
+        self.tiling.check_shared()?;
         let engine = if self.status_quo {
             BatchEngine::StatusQuo
         } else {
@@ -202,7 +204,7 @@ pub fn run(request: &BatchRequest) -> Result<BatchSummary> {
             options,
             tiling,
             profile,
-        } => run_layerwise(request, &packages, options, *tiling, profile.as_deref())
+        } => run_layerwise(request, &packages, options, tiling, profile.as_deref())
             .map(BatchSummary::Layerwise),
     }
 }
@@ -247,7 +249,7 @@ fn run_layerwise(
     request: &BatchRequest,
     packages: &[Arc<Package>],
     options: &BatchOptions,
-    tiling: tiling::Mode,
+    tiling: &Tiling,
     profile: Option<&Path>,
 ) -> Result<LayerwiseSummary> {
     let profile = match profile {

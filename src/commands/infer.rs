@@ -6,7 +6,7 @@ use crate::model::Package;
 use crate::runtime::{self, npy};
 use crate::spool::results::OutputSummary;
 use crate::tiling::execute::TiledStats;
-use crate::tiling::{self, Config, Tiling};
+use crate::tiling::{self, Tiling, TilingConfig};
 use anyhow::{Result, bail};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -34,13 +34,18 @@ pub struct InferArgs {
     /// Also write the preprocessed input tensor to this .npy file.
     #[arg(long, value_name = "FILE")]
     pub save_input: Option<PathBuf>,
-    /// Fused tiling of the early conv layers: `off`, `auto` (the fastest configuration
-    /// predicted to fit --budget), or groups FIRST-LAST:ROWSxCOLS of layer indices and
-    /// layers in output-channel slices LAYER/SLICES, e.g. `0-2:4x4,3-5:2x2,8/3`. Unset:
-    /// `auto` when --budget is given and the untiled run is predicted not to fit it,
-    /// otherwise off.
-    #[arg(long, value_name = "MODE", conflicts_with = "whole")]
-    pub tiling: Option<Tiling>,
+    /// Fused tiling of the early conv layers: `needed` (tile when the untiled run is
+    /// predicted not to fit --budget; without --budget, never), `auto` (the fastest
+    /// configuration predicted to fit --budget), `off` (the tiled executor with no group),
+    /// or groups FIRST-LAST:ROWSxCOLS of layer indices and layers in output-channel slices
+    /// LAYER/SLICES, e.g. `0-2:4x4,3-5:2x2,8/3`.
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "needed",
+        conflicts_with = "whole"
+    )]
+    pub tiling: Tiling,
     /// Memory budget for the inference's activations and weights, for tiling.
     #[arg(long, value_name = "SIZE", conflicts_with = "whole")]
     pub budget: Option<Bytes>,
@@ -51,11 +56,8 @@ pub struct InferArgs {
 pub enum Execution {
     /// The whole normalised model as one tract model.
     Whole,
-    /// Layer by layer, tiled as `tiling` says (unset: only when `budget` needs it).
-    Layers {
-        tiling: Option<Tiling>,
-        budget: Option<u64>,
-    },
+    /// Layer by layer, tiled as `tiling` says for `budget`.
+    Layers { tiling: Tiling, budget: Option<u64> },
 }
 
 /// `memaflow infer`, checked.
@@ -134,18 +136,18 @@ pub struct TilingSummary {
 }
 
 /// The tiling configuration `infer` runs under; `None`: plain layer by layer (or whole).
-fn tiling_config(pkg: &Package, execution: &Execution) -> Result<Option<Config>> {
+fn tiling_config(pkg: &Package, execution: &Execution) -> Result<Option<TilingConfig>> {
     let Execution::Layers { tiling, budget } = execution else {
         return Ok(None);
     };
-    // An explicit `--tiling off` runs the tiled executor without groups, so that it
-    // differs from a tiled run by the tiling alone (benchmarks compare the two).
+    // `--tiling off` runs the tiled executor without groups, so that it differs from a
+    // tiled run by the tiling alone (benchmarks compare the two).
     Ok(match (tiling, budget) {
-        (None, None) => None,
-        (Some(Tiling::Off), _) => Some(Config::untiled()),
-        (Some(Tiling::Fixed(c)), _) => Some(c.clone()),
-        (Some(Tiling::Auto), budget) | (None, budget @ Some(_)) => {
-            tiling::search::for_inference(pkg, *budget, tiling.is_some())?
+        (Tiling::Off, _) => Some(TilingConfig::untiled()),
+        (Tiling::Fixed(c), _) => Some(c.clone()),
+        (Tiling::Needed, None) => None,
+        (Tiling::Needed, Some(_)) | (Tiling::Auto, _) => {
+            tiling::search::for_inference(pkg, *budget, *tiling == Tiling::Auto)?
         }
     })
 }
@@ -160,7 +162,7 @@ pub fn run(request: &InferRequest) -> Result<InferSummary> {
     let config = tiling_config(&pkg, &request.execution)?;
     let watch = PeakWatch::start();
     let t = Instant::now();
-    let (run, tiled): (runtime::RunResult, Option<(&Config, TiledStats)>) =
+    let (run, tiled): (runtime::RunResult, Option<(&TilingConfig, TiledStats)>) =
         match (&request.execution, &config) {
             (Execution::Whole, _) => (runtime::run_whole(&pkg, &input)?, None),
             (_, None) => (runtime::run_layerwise(&pkg, &input)?, None),

@@ -13,10 +13,10 @@
 //! earlier frame gets a `~N` suffix before its extension.
 
 use super::config::DonePolicy;
-use super::fsutil::{remove_temp_files, rename_noreplace, sync_dir, write_atomic};
+use super::fsutil::{lock_exclusive, remove_temp_files, rename_noreplace, sync_dir, write_atomic};
 use anyhow::{Context, Result, bail};
 use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -71,7 +71,7 @@ impl Spool {
             out: dir("out")?,
             done: dir("done")?,
             failed: dir("failed")?,
-            _lock: lock(&root.join(LOCK_FILE))?,
+            _lock: lock_exclusive(&root.join(LOCK_FILE), "daemon")?,
         };
         for d in [&spool.out, &spool.failed, &spool.root] {
             let n = remove_temp_files(d)?;
@@ -252,22 +252,6 @@ fn move_unique(from: &Path, dir: &Path, name: &str) -> Result<()> {
         }
     }
     bail!("no free name for {name} in {}", dir.display())
-}
-
-fn lock(path: &Path) -> Result<Flock<File>> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
-        Errno::EWOULDBLOCK => anyhow::anyhow!(
-            "another memaflow daemon holds {} (one daemon per spool)",
-            path.display()
-        ),
-        e => anyhow::Error::new(e).context(format!("locking {}", path.display())),
-    })
 }
 
 fn list(dir: &Path) -> Result<Vec<Entry>> {

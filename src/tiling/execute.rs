@@ -1,4 +1,4 @@
-//! Runs a package under a tiling [`Config`]: untiled layers as `run_layerwise` does (load,
+//! Runs a package under a tiling [`TilingConfig`]: untiled layers as `run_layerwise` does (load,
 //! run, free), each group tile by tile. A group's tiles are run in batches of equal
 //! geometry, so that one tract plan (and one copy of the group's weights) exists at a time
 //! and each distinct tile shape is planned once.
@@ -6,7 +6,7 @@
 use super::group::{Geometry, Group, Region};
 use super::region::split;
 use super::slice::{channel_slice, sliceable_channels};
-use super::{Config, GroupConfig};
+use super::{GroupConfig, TilingConfig};
 use crate::model::Package;
 use crate::model::split::stitch;
 use crate::model::tflite::{WriteOptions, write_graph};
@@ -259,7 +259,7 @@ fn paste(out: &mut FloatTensor, tile: &FloatTensor, r: Region) -> Result<()> {
 
 /// Runs one input through the package under `config`. With no groups this is the
 /// layer-by-layer run.
-pub fn run_tiled(pkg: &Package, input: FloatTensor, config: &Config) -> Result<TiledRun> {
+pub fn run_tiled(pkg: &Package, input: FloatTensor, config: &TilingConfig) -> Result<TiledRun> {
     let m = &pkg.manifest;
     config.check(m.layers.len())?;
     ensure!(
