@@ -3,8 +3,10 @@
 //! the models. See `docs/architecture.md` for the module map.
 
 pub mod bench;
+pub mod commands;
 pub mod memory;
 pub mod model;
+mod names;
 pub mod notify;
 pub mod profile;
 #[cfg(feature = "publish")]

@@ -7,7 +7,7 @@
 mod common;
 use common::*;
 use memaflow::bench::child::Status;
-use memaflow::bench::plan::{BASELINE, Combo, MemoryLevel, Plan};
+use memaflow::bench::plan::{BASELINE, Combo, ExperimentPlan, MemoryLevel};
 use memaflow::bench::report::{LimitMode, RunRecord, read_csv};
 use std::path::Path;
 use std::time::Duration;
@@ -34,7 +34,7 @@ fn bench_checked(plan_path: &Path, out: &Path, extra: &[&str]) -> (Vec<RunRecord
         run.status
     );
 
-    let plan = Plan::read(plan_path).unwrap();
+    let plan = ExperimentPlan::read(plan_path).unwrap();
     let expected = plan.expand();
     let csv = std::fs::read_to_string(out.join("runs.csv")).unwrap();
     let records = read_csv(&csv).unwrap_or_else(|e| panic!("runs.csv: {e:#}\n{csv}"));

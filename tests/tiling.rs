@@ -11,9 +11,9 @@ use memaflow::model::tflite::{WriteOptions, write_graph};
 use memaflow::runtime::{FloatTensor, Plan, npy, run_layerwise};
 use memaflow::tiling::execute::{TiledStats, batches, run_group};
 use memaflow::tiling::group::Group;
-use memaflow::tiling::predictor::{CALIBRATION, Model};
+use memaflow::tiling::predictor::{CALIBRATION, Predictor};
 use memaflow::tiling::search::{Space, search};
-use memaflow::tiling::{Config, load_group, run_tiled};
+use memaflow::tiling::{TilingConfig, load_group, run_tiled};
 use std::sync::OnceLock;
 
 const TOLERANCE: f64 = 1e-5;
@@ -31,7 +31,7 @@ fn yolo() -> &'static Package {
 fn check_configs(pkg: &Package, input: &FloatTensor, configs: &[&str]) {
     let want = run_layerwise(pkg, input).unwrap().outputs;
     for text in configs {
-        let config: Config = text.parse().unwrap();
+        let config: TilingConfig = text.parse().unwrap();
         let got = run_tiled(pkg, input.clone(), &config)
             .unwrap_or_else(|e| panic!("{} {text}: {e:#}", pkg.name()));
         assert!(
@@ -225,8 +225,8 @@ fn inner_tiles_share_a_plan() {
 #[test]
 fn search_and_cli_pick_a_fitting_configuration() {
     let pkg = yolo();
-    let model = Model::new(pkg, CALIBRATION).unwrap();
-    let untiled = model.predict(&Config::untiled()).unwrap();
+    let model = Predictor::new(pkg, CALIBRATION).unwrap();
+    let untiled = model.predict(&TilingConfig::untiled()).unwrap();
     let budget = untiled.peak_bytes * 4 / 5;
     let choice = search(&model, budget, Space::default()).unwrap();
     assert!(!choice.config.groups.is_empty(), "{}", choice.config);
@@ -347,7 +347,7 @@ fn batch_and_daemon_tile_what_does_not_fit_the_budget() {
         String::from_utf8_lossy(&run.stderr)
     );
     let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
-    let config: Config = summary["tiled"]["yolov2_16"]
+    let config: TilingConfig = summary["tiled"]["yolov2_16"]
         .as_str()
         .unwrap()
         .parse()

@@ -52,39 +52,13 @@ impl From<ExitStatus> for Exit {
     }
 }
 
-/// The verdict on a run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The verdict on a run (its names: `crate::names`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Status {
     Ok,
     OomKilled,
     Failed,
     Timeout,
-}
-
-impl Status {
-    pub fn name(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::OomKilled => "oom-killed",
-            Status::Failed => "failed",
-            Status::Timeout => "timeout",
-        }
-    }
-}
-
-impl std::str::FromStr for Status {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Status> {
-        [
-            Status::Ok,
-            Status::OomKilled,
-            Status::Failed,
-            Status::Timeout,
-        ]
-        .into_iter()
-        .find(|x| x.name() == s)
-        .with_context(|| format!("unknown status '{s}'"))
-    }
 }
 
 /// A finished child: how it ended and how long it took from spawn to reaping.

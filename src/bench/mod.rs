@@ -27,11 +27,12 @@ pub use run::{BenchOptions, BenchSummary, replot, run};
 mod run {
     use super::cgroup::{BenchCgroups, CgroupStats};
     use super::child::{self, Status};
-    use super::plan::{Combo, MemoryLevel, Plan, RunSpec, loading_name, scheduling_name};
+    use super::plan::{Combo, ExperimentPlan, MemoryLevel, RunSpec};
     use super::report::{self, LimitMode, RunRecord};
     use super::{plot, report::header_line};
     use crate::memory::Bytes;
     use crate::model::{Package, zoo};
+    use crate::runtime::LayerCache;
     use anyhow::{Context, Result, bail};
     use std::io::Write;
     use std::path::{Path, PathBuf};
@@ -75,7 +76,7 @@ mod run {
     }
 
     pub fn run(o: &BenchOptions) -> Result<BenchSummary> {
-        let plan = Plan::read(&o.plan)?.only_workloads(&o.workloads)?;
+        let plan = ExperimentPlan::read(&o.plan)?.only_workloads(&o.workloads)?;
         let runs = plan.expand();
         std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
         std::fs::copy(&o.plan, o.out.join("plan.toml"))
@@ -92,30 +93,7 @@ mod run {
             None => generate_frames(&o.out.join("frames"), plan.max_frames())?,
         };
 
-        let cgroups = if o.no_cgroup {
-            eprintln!(
-                "memaflow bench: --no-cgroup: memory levels are passed as --budget only and not enforced; rows are marked limit=budget-only"
-            );
-            None
-        } else {
-            match BenchCgroups::prepare(o.cgroup_parent.as_deref()) {
-                Ok(c) => {
-                    eprintln!(
-                        "memaflow bench: memory limits enforced by cgroup {:?} under {}",
-                        c.version(),
-                        c.parent().display()
-                    );
-                    Some(c)
-                }
-                Err(e) => {
-                    eprintln!(
-                        "memaflow bench: WARNING: memory limits cannot be enforced here: {e:#}\n\
-                         memaflow bench: running every level with --budget only (the scheduler's ledger, nothing enforced); rows are marked limit=budget-only"
-                    );
-                    None
-                }
-            }
-        };
+        let cgroups = prepare_cgroups(o);
 
         let csv_path = o.out.join("runs.csv");
         let mut csv = std::fs::File::create(&csv_path)
@@ -144,7 +122,7 @@ mod run {
                 w.name,
                 spec.parallel,
                 spec.combo,
-                record.status.name(),
+                record.status,
                 record
                     .makespan_ms
                     .map(|m| format!(" {:.2} s", m / 1e3))
@@ -171,19 +149,52 @@ mod run {
             &o.plan.display().to_string(),
             &o.out,
         )?);
+        Ok(BenchSummary {
+            runs: records.len(),
+            by_status: count_by_status(&records),
+            budget_only,
+            files,
+        })
+    }
+
+    /// The cgroups the runs are limited by, or `None` (with a warning) where no cgroup can
+    /// be limited or `--no-cgroup` says not to.
+    fn prepare_cgroups(o: &BenchOptions) -> Option<BenchCgroups> {
+        if o.no_cgroup {
+            eprintln!(
+                "memaflow bench: --no-cgroup: memory levels are passed as --budget only and not enforced; rows are marked limit=budget-only"
+            );
+            return None;
+        }
+        match BenchCgroups::prepare(o.cgroup_parent.as_deref()) {
+            Ok(c) => {
+                eprintln!(
+                    "memaflow bench: memory limits enforced by cgroup {:?} under {}",
+                    c.version(),
+                    c.parent().display()
+                );
+                Some(c)
+            }
+            Err(e) => {
+                eprintln!(
+                    "memaflow bench: WARNING: memory limits cannot be enforced here: {e:#}\n\
+                     memaflow bench: running every level with --budget only (the scheduler's ledger, nothing enforced); rows are marked limit=budget-only"
+                );
+                None
+            }
+        }
+    }
+
+    /// Runs per status, statuses in order of first appearance.
+    fn count_by_status(records: &[RunRecord]) -> Vec<(Status, usize)> {
         let mut by_status: Vec<(Status, usize)> = vec![];
-        for r in &records {
+        for r in records {
             match by_status.iter_mut().find(|(s, _)| *s == r.status) {
                 Some((_, n)) => *n += 1,
                 None => by_status.push((r.status, 1)),
             }
         }
-        Ok(BenchSummary {
-            runs: records.len(),
-            by_status,
-            budget_only,
-            files,
-        })
+        by_status
     }
 
     /// `table.md` and the plots of `records` into `out`.
@@ -208,7 +219,7 @@ mod run {
     /// `runs.csv` and `plan.toml` (after a partial run, or with a newer memaflow).
     pub fn replot(dir: &Path) -> Result<Vec<PathBuf>> {
         let plan_path = dir.join("plan.toml");
-        let plan = Plan::read(&plan_path)?;
+        let plan = ExperimentPlan::read(&plan_path)?;
         let csv_path = dir.join("runs.csv");
         let text = std::fs::read_to_string(&csv_path)
             .with_context(|| format!("reading {}", csv_path.display()))?;
@@ -295,52 +306,42 @@ mod run {
             .collect()
     }
 
-    fn run_one(
-        o: &BenchOptions,
-        plan: &Plan,
+    /// The `memaflow batch` arguments of run `spec` of workload `w`, and how its memory
+    /// level is applied.
+    fn child_args(
+        plan: &ExperimentPlan,
         spec: &RunSpec,
-        layers: &std::collections::HashMap<String, (PathBuf, usize)>,
+        models: &[String],
         frames: &[PathBuf],
         cgroups: Option<&BenchCgroups>,
         workers: usize,
-    ) -> Result<RunRecord> {
-        let w = &plan.workloads[spec.workload];
-        let dir = o.out.join("runs").join(format!("{:04}", spec.id));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let report_path = dir.join("report.json");
-        let stderr_path = dir.join("stderr.txt");
-        let models: Vec<String> = w
-            .models
-            .iter()
-            .map(|m| layers[m].0.display().to_string())
-            .collect();
+    ) -> (Vec<String>, LimitMode) {
         let mut args = vec!["batch".to_string(), "--models".into(), models.join(",")];
         args.push("--images".into());
-        args.extend(frames[..w.frames].iter().map(|f| f.display().to_string()));
-        match spec.combo {
-            Combo::StatusQuo => args.push("--status-quo".into()),
-            Combo::Layerwise(l, s) | Combo::Cached(l, s) => {
-                let cache = if matches!(spec.combo, Combo::Cached(..)) {
-                    "keep"
-                } else {
-                    "off"
-                };
-                args.extend([
-                    "--loading".into(),
-                    loading_name(l).into(),
-                    "--scheduling".into(),
-                    scheduling_name(s).into(),
-                    "--parallel".into(),
-                    spec.parallel.to_string(),
-                    "--workers".into(),
-                    workers.to_string(),
-                    "--cache".into(),
-                    cache.into(),
-                ]);
-                if let Some(r) = plan.reserve {
-                    args.extend(["--reserve".into(), r.0.to_string()]);
-                }
+        args.extend(frames.iter().map(|f| f.display().to_string()));
+        if let Some((l, s)) = spec.combo.policies() {
+            let cache = if matches!(spec.combo, Combo::Cached(..)) {
+                LayerCache::Keep
+            } else {
+                LayerCache::Off
+            };
+            args.extend([
+                "--loading".into(),
+                l.to_string(),
+                "--scheduling".into(),
+                s.to_string(),
+                "--parallel".into(),
+                spec.parallel.to_string(),
+                "--workers".into(),
+                workers.to_string(),
+                "--cache".into(),
+                cache.to_string(),
+            ]);
+            if let Some(r) = plan.reserve {
+                args.extend(["--reserve".into(), r.0.to_string()]);
             }
+        } else {
+            args.push("--status-quo".into());
         }
         let limit = match (spec.memory, cgroups) {
             (MemoryLevel::Unlimited, _) => LimitMode::Unlimited,
@@ -355,7 +356,26 @@ mod run {
                 LimitMode::BudgetOnly
             }
         };
-        args.extend(["--report".into(), report_path.display().to_string()]);
+        (args, limit)
+    }
+
+    /// What ran: the child's end, its cgroup's readings, its report (if it finished).
+    struct Outcome {
+        ended: child::Ended,
+        stats: Option<CgroupStats>,
+        report: Option<ChildReport>,
+    }
+
+    /// Runs the child in its own cgroup (when there are cgroups), then reads and removes
+    /// the cgroup whatever happened to the child.
+    fn run_child(
+        o: &BenchOptions,
+        plan: &ExperimentPlan,
+        spec: &RunSpec,
+        args: &[String],
+        dir: &Path,
+        cgroups: Option<&BenchCgroups>,
+    ) -> Result<Outcome> {
         let cgroup = match cgroups {
             Some(c) => Some(c.create(
                 &format!("run-{}-{:04}", std::process::id(), spec.id),
@@ -363,17 +383,13 @@ mod run {
             )?),
             None => None,
         };
-        let load1 = std::fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok());
         let ended = child::run(
             &o.program,
-            &args,
-            &stderr_path,
+            args,
+            &dir.join("stderr.txt"),
             cgroup.as_ref(),
             Duration::from_secs(plan.timeout_secs),
         );
-        // Read and remove the cgroup whatever happened to the child.
         let stats: Option<CgroupStats> = match cgroup {
             Some(cg) => {
                 let stats = cg.stats();
@@ -386,12 +402,50 @@ mod run {
         };
         let ended = ended?;
         let report: Option<ChildReport> = if ended.exit == child::Exit::Code(0) {
-            std::fs::read_to_string(&report_path)
+            std::fs::read_to_string(dir.join("report.json"))
                 .ok()
                 .and_then(|t| serde_json::from_str(&t).ok())
         } else {
             None
         };
+        Ok(Outcome {
+            ended,
+            stats,
+            report,
+        })
+    }
+
+    fn run_one(
+        o: &BenchOptions,
+        plan: &ExperimentPlan,
+        spec: &RunSpec,
+        layers: &std::collections::HashMap<String, (PathBuf, usize)>,
+        frames: &[PathBuf],
+        cgroups: Option<&BenchCgroups>,
+        workers: usize,
+    ) -> Result<RunRecord> {
+        let w = &plan.workloads[spec.workload];
+        let dir = o.out.join("runs").join(format!("{:04}", spec.id));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let models: Vec<String> = w
+            .models
+            .iter()
+            .map(|m| layers[m].0.display().to_string())
+            .collect();
+        let (mut args, limit) =
+            child_args(plan, spec, &models, &frames[..w.frames], cgroups, workers);
+        args.extend([
+            "--report".into(),
+            dir.join("report.json").display().to_string(),
+        ]);
+        let load1 = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok());
+        let Outcome {
+            ended,
+            stats,
+            report,
+        } = run_child(o, plan, spec, &args, &dir, cgroups)?;
         let status = child::classify(&ended, stats.as_ref(), report.is_some());
         let error = match status {
             Status::Ok => String::new(),
@@ -400,7 +454,7 @@ mod run {
                 "killed by the kernel's OOM killer at the {} cgroup limit",
                 spec.memory
             ),
-            Status::Failed => last_line(&stderr_path)
+            Status::Failed => last_line(&dir.join("stderr.txt"))
                 .unwrap_or_else(|| format!("exit {} with no message", ended.exit)),
         };
         if status == Status::Ok {

@@ -75,24 +75,6 @@ pub enum Combo {
 /// The paper's baseline, against which every speed-up is computed.
 pub const BASELINE: Combo = Combo::Layerwise(LoadingPolicy::Bulk, SchedulingPolicy::Fcfs);
 
-pub fn loading_name(l: LoadingPolicy) -> &'static str {
-    match l {
-        LoadingPolicy::Bulk => "bulk",
-        LoadingPolicy::Linear => "linear",
-        LoadingPolicy::DeepEye => "deepeye",
-        LoadingPolicy::Partial => "partial",
-    }
-}
-
-pub fn scheduling_name(s: SchedulingPolicy) -> &'static str {
-    match s {
-        SchedulingPolicy::Fcfs => "fcfs",
-        SchedulingPolicy::Sjf => "sjf",
-        SchedulingPolicy::Ljf => "ljf",
-        SchedulingPolicy::Mema => "mema",
-    }
-}
-
 impl Combo {
     /// Status quo first, then the paper's table order (loading, then scheduling), then
     /// the cached rows in the same order.
@@ -129,10 +111,8 @@ impl fmt::Display for Combo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Combo::StatusQuo => write!(f, "status-quo"),
-            Combo::Layerwise(l, s) => write!(f, "{}+{}", loading_name(*l), scheduling_name(*s)),
-            Combo::Cached(l, s) => {
-                write!(f, "{}+{}+cache", loading_name(*l), scheduling_name(*s))
-            }
+            Combo::Layerwise(l, s) => write!(f, "{l}+{s}"),
+            Combo::Cached(l, s) => write!(f, "{l}+{s}+cache"),
         }
     }
 }
@@ -150,14 +130,9 @@ impl std::str::FromStr for Combo {
         let Some((l, sch)) = policies.split_once('+') else {
             bail!("'{s}' is not LOADING+SCHEDULING[+cache] or status-quo");
         };
-        let loading = LoadingPolicy::ALL
-            .into_iter()
-            .find(|p| loading_name(*p) == l)
-            .with_context(|| format!("unknown loading policy '{l}' in '{s}'"))?;
-        let scheduling = SchedulingPolicy::ALL
-            .into_iter()
-            .find(|p| scheduling_name(*p) == sch)
-            .with_context(|| format!("unknown scheduling policy '{sch}' in '{s}'"))?;
+        let in_combo = |e: anyhow::Error| anyhow::anyhow!("{e} in '{s}'");
+        let loading: LoadingPolicy = l.parse().map_err(in_combo)?;
+        let scheduling: SchedulingPolicy = sch.parse().map_err(in_combo)?;
         Ok(if cached {
             Combo::Cached(loading, scheduling)
         } else {
@@ -235,7 +210,7 @@ pub struct Workload {
 
 /// A validated plan.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Plan {
+pub struct ExperimentPlan {
     pub repetitions: usize,
     pub memory: Vec<MemoryLevel>,
     pub parallel: Vec<usize>,
@@ -252,21 +227,21 @@ pub struct RunSpec {
     pub id: usize,
     pub repetition: usize,
     pub memory: MemoryLevel,
-    /// Index into `Plan::workloads`.
+    /// Index into `ExperimentPlan::workloads`.
     pub workload: usize,
     pub combo: Combo,
     /// Inferences in flight; the status quo runs one at a time and has 1.
     pub parallel: usize,
 }
 
-impl Plan {
-    pub fn read(path: &Path) -> Result<Plan> {
+impl ExperimentPlan {
+    pub fn read(path: &Path) -> Result<ExperimentPlan> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Plan::parse(&text).with_context(|| format!("plan {}", path.display()))
+        ExperimentPlan::parse(&text).with_context(|| format!("plan {}", path.display()))
     }
 
-    pub fn parse(text: &str) -> Result<Plan> {
+    pub fn parse(text: &str) -> Result<ExperimentPlan> {
         let raw: RawPlan = toml::from_str(text)?;
         ensure!(raw.repetitions >= 1, "repetitions must be at least 1");
         ensure!(!raw.memory.is_empty(), "memory lists no level");
@@ -354,7 +329,7 @@ impl Plan {
                 combos,
             });
         }
-        Ok(Plan {
+        Ok(ExperimentPlan {
             repetitions: raw.repetitions,
             memory,
             parallel: raw.parallel,
@@ -399,7 +374,7 @@ impl Plan {
 
     /// The plan narrowed to the named workloads (`bench --workload`): re-running one part
     /// of a plan, or adding a workload's rows to an earlier run's CSV. No names: all.
-    pub fn only_workloads(mut self, names: &[String]) -> Result<Plan> {
+    pub fn only_workloads(mut self, names: &[String]) -> Result<ExperimentPlan> {
         if names.is_empty() {
             return Ok(self);
         }
@@ -487,7 +462,7 @@ mod tests {
 
     #[test]
     fn expands_the_cross_product() {
-        let plan = Plan::parse(PLAN).unwrap();
+        let plan = ExperimentPlan::parse(PLAN).unwrap();
         assert_eq!(
             plan.memory,
             vec![
@@ -526,7 +501,7 @@ mod tests {
     #[test]
     fn rejects_bad_plans_with_the_reason() {
         let bad = |text: &str, want: &str| {
-            let e = format!("{:#}", Plan::parse(text).unwrap_err());
+            let e = format!("{:#}", ExperimentPlan::parse(text).unwrap_err());
             assert!(e.contains(want), "{e:?} does not mention {want:?}");
         };
         let base = |extra: &str| {
@@ -534,7 +509,7 @@ mod tests {
                 "memory = [\"256M\"]\nloading = [\"bulk\"]\nscheduling = [\"fcfs\"]\nparallel = [1]\n{extra}\n[[workload]]\nname = \"w\"\nmodels = [\"agenet\"]\n"
             )
         };
-        assert!(Plan::parse(&base("")).is_ok());
+        assert!(ExperimentPlan::parse(&base("")).is_ok());
         bad(
             &base("").replace("256M", "256Q"),
             "unknown size unit 'q' in '256Q'",
@@ -551,7 +526,7 @@ mod tests {
             ),
             "unknown scheduling policy 'lifo'",
         );
-        let listed = Plan::parse(&base("").replace(
+        let listed = ExperimentPlan::parse(&base("").replace(
             "loading = [\"bulk\"]\nscheduling = [\"fcfs\"]",
             "combos = [\"bulk+fcfs\", \"partial+mema\"]",
         ))
@@ -575,7 +550,7 @@ mod tests {
         let text = "memory = [\"none\"]\nloading = [\"bulk\"]\nscheduling = [\"fcfs\"]\nparallel = [1, 2]\n\
                     [[workload]]\nname = \"a\"\nmodels = [\"agenet\"]\n\
                     [[workload]]\nname = \"b\"\nmodels = [\"gendernet\"]\nframes = 3\n";
-        let plan = Plan::parse(text).unwrap();
+        let plan = ExperimentPlan::parse(text).unwrap();
         let b = plan.clone().only_workloads(&["b".to_string()]).unwrap();
         assert_eq!(b.workloads.len(), 1);
         assert_eq!(b.workloads[0].name, "b");

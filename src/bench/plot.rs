@@ -14,6 +14,54 @@ fn plot_error<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> anyhow::Error + 
     move |e| anyhow!("drawing {}: {e:?}", path.display())
 }
 
+/// A chart with f64 coordinates on both axes, drawn into an SVG file.
+type LineChart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// Series `k` of a line chart: a line through `pts` in the palette's `k`th colour with a
+/// dot on each point, under `label` in the legend.
+fn draw_line<'a, 'b: 'a>(
+    chart: &mut LineChart<'a, 'b>,
+    k: usize,
+    label: String,
+    pts: Vec<(f64, f64)>,
+    path: &Path,
+) -> Result<()> {
+    let err = plot_error(path);
+    let color = Palette99::pick(k).to_rgba();
+    chart
+        .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+        .map_err(&err)?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+    chart
+        .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+        .map_err(&err)?;
+    Ok(())
+}
+
+/// The legend of a line chart (upper left), and the file written.
+fn finish_lines<'a, 'b: 'a>(
+    chart: &mut LineChart<'a, 'b>,
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    path: &Path,
+) -> Result<()> {
+    let err = plot_error(path);
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font(("sans-serif", 11))
+        .draw()
+        .map_err(&err)?;
+    root.present().map_err(&err)?;
+    Ok(())
+}
+
 /// A chart on `root` (filled white) whose x axis is the memory levels, one category per
 /// label at 0, 1, …, and whose y axis runs from 0 to `ymax`.
 fn level_chart<'a, 'b: 'a>(
@@ -23,13 +71,7 @@ fn level_chart<'a, 'b: 'a>(
     ymax: f64,
     y_desc: &str,
     path: &Path,
-) -> Result<
-    ChartContext<
-        'a,
-        SVGBackend<'b>,
-        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
-    >,
-> {
+) -> Result<LineChart<'a, 'b>> {
     let err = plot_error(path);
     root.fill(&WHITE).map_err(&err)?;
     let mut chart = ChartBuilder::on(root)
@@ -233,32 +275,13 @@ fn makespan_by_layers(records: &[RunRecord], level: MemoryLevel, path: &Path) ->
         .draw()
         .map_err(&err)?;
     for (k, ((ComboKey(combo), p), points)) in lines.iter().enumerate() {
-        let color = Palette99::pick(k).to_rgba();
         let pts: Vec<(f64, f64)> = points
             .iter()
             .filter_map(|(x, v)| mean(v).map(|m| (*x as f64, m)))
             .collect();
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-            .map_err(&err)?
-            .label(format!("{combo} p{p}"))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
-            .map_err(&err)?;
+        draw_line(&mut chart, k, format!("{combo} p{p}"), pts, path)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 11))
-        .draw()
-        .map_err(&err)?;
-    root.present().map_err(&err)?;
-    Ok(())
+    finish_lines(&mut chart, &root, path)
 }
 
 /// Speed-up relative to bulk+fcfs (the table's values) against the memory level, one line
@@ -272,7 +295,6 @@ fn speedup_by_memory(records: &[RunRecord], levels: &[MemoryLevel], path: &Path)
         .flat_map(|(_, cells)| cells.iter().filter_map(|c| c.value()))
         .fold(1.0f64, f64::max)
         * 1.15;
-    let err = plot_error(path);
     let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
     let mut chart = level_chart(
         &root,
@@ -283,36 +305,16 @@ fn speedup_by_memory(records: &[RunRecord], levels: &[MemoryLevel], path: &Path)
         path,
     )?;
     for (k, (combo, cells)) in table.rows.iter().enumerate() {
-        let color = Palette99::pick(k).to_rgba();
         let pts: Vec<(f64, f64)> = cells
             .iter()
             .enumerate()
             .filter_map(|(i, c)| c.value().map(|v| (i as f64, v)))
             .collect();
-        if pts.is_empty() {
-            continue;
+        if !pts.is_empty() {
+            draw_line(&mut chart, k, combo.to_string(), pts, path)?;
         }
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-            .map_err(&err)?
-            .label(combo.to_string())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
-            .map_err(&err)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 11))
-        .draw()
-        .map_err(&err)?;
-    root.present().map_err(&err)?;
-    Ok(())
+    finish_lines(&mut chart, &root, path)
 }
 
 /// Mean peak RSS of finished runs per combination against the memory level, with the
@@ -372,26 +374,7 @@ fn peak_rss_by_memory(records: &[RunRecord], levels: &[MemoryLevel], path: &Path
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.stroke_width(2)));
     }
     for (k, (ComboKey(combo), pts)) in series.iter().enumerate() {
-        let color = Palette99::pick(k).to_rgba();
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-            .map_err(&err)?
-            .label(combo.to_string())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
-            .map_err(&err)?;
+        draw_line(&mut chart, k, combo.to_string(), pts.clone(), path)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 11))
-        .draw()
-        .map_err(&err)?;
-    root.present().map_err(&err)?;
-    Ok(())
+    finish_lines(&mut chart, &root, path)
 }

@@ -7,8 +7,8 @@ use anyhow::{Context, Result, bail, ensure};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-/// How a run's memory level was applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a run's memory level was applied (its names: `crate::names`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LimitMode {
     /// A cgroup limit (the kernel enforces it; exceeding it means an OOM kill).
     Cgroup,
@@ -17,30 +17,6 @@ pub enum LimitMode {
     BudgetOnly,
     /// The unconstrained level.
     Unlimited,
-}
-
-impl LimitMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            LimitMode::Cgroup => "cgroup",
-            LimitMode::BudgetOnly => "budget-only",
-            LimitMode::Unlimited => "unlimited",
-        }
-    }
-}
-
-impl std::str::FromStr for LimitMode {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<LimitMode> {
-        [
-            LimitMode::Cgroup,
-            LimitMode::BudgetOnly,
-            LimitMode::Unlimited,
-        ]
-        .into_iter()
-        .find(|m| m.name() == s)
-        .with_context(|| format!("unknown limit mode '{s}'"))
-    }
 }
 
 /// One row of `runs.csv`.
@@ -134,28 +110,25 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 impl RunRecord {
     pub fn csv_line(&self) -> String {
         let (loading, scheduling) = match self.combo.policies() {
-            Some((l, s)) => (
-                super::plan::loading_name(l),
-                super::plan::scheduling_name(s),
-            ),
-            None => ("", ""),
+            Some((l, s)) => (l.to_string(), s.to_string()),
+            None => (String::new(), String::new()),
         };
         let fields: Vec<String> = vec![
             self.run.to_string(),
             self.repetition.to_string(),
             self.memory.to_string(),
             opt(self.memory.bytes()),
-            self.limit.name().into(),
+            self.limit.to_string(),
             self.workload.clone(),
             self.models.clone(),
             self.frames.to_string(),
             self.layers.to_string(),
             self.combo.to_string(),
-            loading.into(),
-            scheduling.into(),
+            loading,
+            scheduling,
             self.parallel.to_string(),
             self.workers.to_string(),
-            self.status.name().into(),
+            self.status.to_string(),
             if self.status == Status::OomKilled {
                 "yes"
             } else {
@@ -443,19 +416,7 @@ pub fn speedup_table(
     levels: &[MemoryLevel],
     parallel: Option<usize>,
 ) -> Table {
-    let groups = group(records);
-    table_from(
-        levels,
-        &groups,
-        parallel,
-        |(level, workload, p), _| {
-            groups
-                .get(&(*level, workload.clone(), *p))
-                .and_then(|g| g.get(&ComboKey(BASELINE)))
-                .cloned()
-        },
-        |base, combo| Some(base / combo),
-    )
+    table_from(records, levels, parallel, Reference::Baseline)
 }
 
 /// Slow-down relative to the combination's own unconstrained time: in each group, mean
@@ -465,28 +426,37 @@ pub fn slowdown_table(
     levels: &[MemoryLevel],
     parallel: Option<usize>,
 ) -> Table {
-    let groups = group(records);
-    table_from(
-        levels,
-        &groups,
-        parallel,
-        |(_, workload, p), combo| {
-            groups
-                .get(&(MemoryLevel::Unlimited, workload.clone(), *p))
-                .and_then(|g| g.get(&ComboKey(combo)))
-                .cloned()
-        },
-        |reference, combo| Some(combo / reference),
-    )
+    table_from(records, levels, parallel, Reference::Unconstrained)
+}
+
+/// What a table's cells compare a combination's makespan with.
+#[derive(Clone, Copy)]
+enum Reference {
+    /// bulk+fcfs in the same group: reference / own (a speed-up).
+    Baseline,
+    /// The same combination at `none`, same workload and parallelism: own / reference (a
+    /// slow-down).
+    Unconstrained,
 }
 
 fn table_from(
+    records: &[RunRecord],
     levels: &[MemoryLevel],
-    groups: &BTreeMap<GroupKey, BTreeMap<ComboKey, Outcomes>>,
     parallel: Option<usize>,
-    reference: impl Fn(&GroupKey, Combo) -> Option<Outcomes>,
-    ratio: impl Fn(f64, f64) -> Option<f64>,
+    reference_of: Reference,
 ) -> Table {
+    let groups = group(records);
+    let reference = |(level, workload, p): &GroupKey, combo: Combo| {
+        let (key, combo) = match reference_of {
+            Reference::Baseline => ((*level, workload.clone(), *p), BASELINE),
+            Reference::Unconstrained => ((MemoryLevel::Unlimited, workload.clone(), *p), combo),
+        };
+        groups.get(&key)?.get(&ComboKey(combo)).cloned()
+    };
+    let ratio = |reference: f64, own: f64| match reference_of {
+        Reference::Baseline => reference / own,
+        Reference::Unconstrained => own / reference,
+    };
     let mut combos: Vec<ComboKey> = groups.values().flat_map(|g| g.keys().copied()).collect();
     combos.sort();
     combos.dedup();
@@ -497,7 +467,7 @@ fn table_from(
                 .iter()
                 .map(|level| {
                     let mut cell = Cell::default();
-                    for (key, g) in groups {
+                    for (key, g) in &groups {
                         if key.0 != *level || parallel.is_some_and(|p| p != key.2) {
                             continue;
                         }
@@ -519,7 +489,7 @@ fn table_from(
                                 }
                             }
                             (Some(_), None) => cell.combo_missing += 1,
-                            (Some(r), Some(c)) => cell.ratios.extend(ratio(r, c)),
+                            (Some(r), Some(c)) => cell.ratios.push(ratio(r, c)),
                         }
                     }
                     cell

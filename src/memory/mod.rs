@@ -79,6 +79,43 @@ pub fn reset_peak() -> Result<()> {
     std::fs::write("/proc/self/clear_refs", "5").context("writing /proc/self/clear_refs")
 }
 
+/// The peak resident set of one stretch of work (an inference): `VmHWM` restarts from the
+/// current resident set at [`PeakWatch::start`] where the kernel allows it, so that the
+/// reading at [`PeakWatch::finish`] is that stretch's own peak.
+pub struct PeakWatch {
+    before: Option<ProcessMemory>,
+    reset: bool,
+}
+
+/// What a [`PeakWatch`] saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunPeak {
+    /// The process's `VmHWM` (never below its value at the start).
+    pub peak_rss: Option<u64>,
+    /// The peak over the stretch less the resident set at its start; `None` where `VmHWM`
+    /// could not be reset (it would include earlier peaks).
+    pub run_peak_delta: Option<u64>,
+}
+
+impl PeakWatch {
+    pub fn start() -> PeakWatch {
+        let before = process_memory().ok();
+        let reset = reset_peak().is_ok();
+        PeakWatch { before, reset }
+    }
+
+    pub fn finish(&self) -> RunPeak {
+        let after = process_memory().ok();
+        RunPeak {
+            peak_rss: after.map(|m| m.peak_rss.max(self.before.map_or(0, |b| b.peak_rss))),
+            run_peak_delta: match (self.before, after) {
+                (Some(b), Some(a)) if self.reset => Some(a.peak_rss.saturating_sub(b.rss)),
+                _ => None,
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -126,6 +126,12 @@ impl SystemMemory {
         SystemMemory { root, cgroup }
     }
 
+    /// The budget to plan against: `given`, else the headroom read now less `reserve`
+    /// (`None` when nothing is known).
+    pub fn budget_or_headroom(&self, given: Option<u64>, reserve: u64) -> Option<u64> {
+        given.or_else(|| self.read().ok().and_then(|r| r.headroom(reserve)))
+    }
+
     pub fn cgroup(&self) -> Option<&Cgroup> {
         self.cgroup.as_ref()
     }

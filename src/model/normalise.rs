@@ -10,10 +10,10 @@ use anyhow::{Context, Result, bail, ensure};
 use std::collections::BTreeMap;
 
 /// What normalisation changed, by rewrite, for the manifest and the log.
-pub type Report = BTreeMap<&'static str, usize>;
+pub type Rewrites = BTreeMap<&'static str, usize>;
 
-pub fn normalise(graph: &mut Graph) -> Result<Report> {
-    let mut report = Report::new();
+pub fn normalise(graph: &mut Graph) -> Result<Rewrites> {
+    let mut report = Rewrites::new();
     fold_constants(graph, &mut report)?;
     weights_to_f32(graph, &mut report)?;
     rewrite_ops(graph, &mut report)?;
@@ -25,7 +25,7 @@ pub fn normalise(graph: &mut Graph) -> Result<Report> {
 }
 
 /// Nodes that only decode a constant (DENSIFY, DEQUANTIZE) become the decoded constant.
-fn fold_constants(graph: &mut Graph, report: &mut Report) -> Result<()> {
+fn fold_constants(graph: &mut Graph, report: &mut Rewrites) -> Result<()> {
     let nodes = std::mem::take(&mut graph.nodes);
     for (ix, node) in nodes.into_iter().enumerate() {
         let folded = node
@@ -42,7 +42,7 @@ fn fold_constants(graph: &mut Graph, report: &mut Report) -> Result<()> {
 }
 
 /// Weights stored as f16 or int8 with a scale, read without a DEQUANTIZE op, become f32.
-fn weights_to_f32(graph: &mut Graph, report: &mut Report) -> Result<()> {
+fn weights_to_f32(graph: &mut Graph, report: &mut Rewrites) -> Result<()> {
     let mut to_float = vec![];
     for node in &graph.nodes {
         for &i in &node.inputs {
@@ -179,7 +179,7 @@ impl Rewriter<'_> {
     }
 }
 
-fn rewrite_ops(graph: &mut Graph, report: &mut Report) -> Result<()> {
+fn rewrite_ops(graph: &mut Graph, report: &mut Rewrites) -> Result<()> {
     let nodes = std::mem::take(&mut graph.nodes);
     let mut rewriter = Rewriter {
         graph,

@@ -81,8 +81,9 @@ impl Default for Preprocess {
     }
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
 pub enum ResizeMode {
     /// Scale both axes to the input size, ignoring aspect ratio.
     Stretch,
@@ -92,8 +93,9 @@ pub enum ResizeMode {
     Letterbox,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
 pub enum ColorOrder {
     Rgb,
     Bgr,

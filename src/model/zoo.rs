@@ -68,7 +68,7 @@ pub fn entry(name: &str) -> Result<&'static ZooEntry> {
 
 impl ZooEntry {
     /// The normalised graph and the labels of its one output.
-    pub fn graph(&self) -> Result<(Graph, Vec<String>, super::normalise::Report)> {
+    pub fn graph(&self) -> Result<(Graph, Vec<String>, super::normalise::Rewrites)> {
         let (mut g, labels) = (self.build)()?;
         let mut report = normalise(&mut g)?;
         let n =

@@ -14,10 +14,9 @@
 //! is gone from `out/` are removed; results beyond `publish.keep` unsent are dropped,
 //! oldest first (the only deletion the publisher makes in `out/`).
 
-use crate::spool::fsutil::{read_frame, sync_dir};
+use crate::spool::fsutil::{lock_exclusive, read_frame, sync_dir};
 use anyhow::{Context, Result};
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
@@ -89,7 +88,7 @@ impl Backlog {
         let dir = spool_root.join(PUBLISH_DIR);
         let sent = dir.join(SENT_DIR);
         std::fs::create_dir_all(&sent).with_context(|| format!("creating {}", sent.display()))?;
-        let lock = lock(&dir.join(LOCK_FILE))?;
+        let lock = lock_exclusive(&dir.join(LOCK_FILE), "publisher")?;
         crate::spool::fsutil::remove_temp_files(&dir)?;
         let mut backlog = Backlog {
             out,
@@ -302,22 +301,6 @@ fn names(dir: &Path) -> Result<Vec<OsString>> {
         }
     }
     Ok(out)
-}
-
-fn lock(path: &Path) -> Result<Flock<File>> {
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
-        Errno::EWOULDBLOCK => anyhow::anyhow!(
-            "another memaflow publisher holds {} (one publisher per spool)",
-            path.display()
-        ),
-        e => anyhow::Error::new(e).context(format!("locking {}", path.display())),
-    })
 }
 
 #[cfg(test)]

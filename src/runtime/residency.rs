@@ -3,20 +3,11 @@
 //! runtime knows the future well enough to evict what is needed furthest ahead.
 
 use super::scheduler::{LayerKey, ModelId, Scheduler};
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
 
 /// Whether a loaded layer outlives the inference that loaded it.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LayerCache {
     /// Layers stay resident across inferences while the memory gate allows; the next
@@ -29,18 +20,7 @@ pub enum LayerCache {
 }
 
 /// Which unpinned resident layer goes first when room is needed.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Eviction {
     /// The layer whose next use is furthest ahead in expected time (Belady's rule, with

@@ -142,55 +142,87 @@ pub fn held_bytes(pkg: &Package) -> Vec<u64> {
     held
 }
 
-/// The activations alive between layers of one inference: owned, so that a scheduler can
-/// keep one per inference in flight and run its layers on any worker.
+/// The activations alive between layers of one inference, and when each goes: a value is
+/// dropped once no later layer reads it (unless it is a model output). Owned, so that a
+/// scheduler can keep one per inference in flight and run its layers on any worker.
+///
+/// The one walker of a package's layers: `V` is tract's value for the layer-by-layer runs
+/// (`Activations`), a [`FloatTensor`] for the tiled executor, which hands buffers to tract
+/// by move ([`Activations::take_inputs`]) and runs groups and channel slices on them.
 #[derive(Clone)]
-pub struct Activations {
-    live: HashMap<String, TValue>,
+pub struct Activations<V = TValue> {
+    live: HashMap<String, V>,
     last_reader: HashMap<String, usize>,
+    outputs: Vec<String>,
 }
 
-impl Activations {
-    pub fn new(pkg: &Package, input: &FloatTensor) -> Result<Activations> {
-        let mut live = HashMap::new();
-        live.insert(pkg.manifest.inputs[0].name.clone(), to_tvalue(input)?);
+impl<V: Clone> Activations<V> {
+    /// The walk's start: the package's input alone is alive.
+    pub fn start(pkg: &Package, input: V) -> Activations<V> {
+        let live = HashMap::from([(pkg.manifest.inputs[0].name.clone(), input)]);
         let last_reader = pkg
             .manifest
             .last_reader()
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
-        Ok(Activations { live, last_reader })
+        let outputs = pkg
+            .manifest
+            .outputs
+            .iter()
+            .map(|o| o.name.clone())
+            .collect();
+        Activations {
+            live,
+            last_reader,
+            outputs,
+        }
     }
 
-    /// Bytes of the values alive now.
-    pub fn live_bytes(&self) -> u64 {
+    /// The value `name`, which layer `index` reads.
+    pub fn get(&self, index: usize, name: &str) -> Result<&V> {
         self.live
-            .values()
-            .map(|v| (v.len() * v.datum_type().size_of()) as u64)
-            .sum()
+            .get(name)
+            .with_context(|| format!("layer {index} needs '{name}', which is not available"))
     }
 
-    /// The values layer `index` reads (cheap: shared tensors).
-    pub(super) fn inputs_for(&self, pkg: &Package, index: usize) -> Result<TVec<TValue>> {
+    /// The values layer `index` reads (copies of `V`: cheap for shared tract values).
+    pub fn inputs_for(&self, pkg: &Package, index: usize) -> Result<TVec<V>> {
         let entry = &pkg.manifest.layers[index];
         entry
             .inputs
             .iter()
-            .map(|t| {
-                self.live.get(&t.name).cloned().with_context(|| {
-                    format!(
-                        "layer {} needs '{}', which is not available",
-                        entry.index, t.name
-                    )
-                })
-            })
+            .map(|t| self.get(entry.index, &t.name).cloned())
             .collect()
     }
 
-    /// Stores what layer `index` produced and drops every value no later layer reads.
-    pub(super) fn store(&mut self, pkg: &Package, index: usize, outs: TVec<TValue>) -> Result<()> {
+    /// The values layer `index` reads, those it is the last reader of moved out (so that
+    /// the caller may hand their buffers on), the others copied.
+    pub fn take_inputs(&mut self, pkg: &Package, index: usize) -> Result<Vec<V>> {
         let entry = &pkg.manifest.layers[index];
+        let mut values = Vec::with_capacity(entry.inputs.len());
+        for t in &entry.inputs {
+            let value = if self.last_reader.get(&t.name) == Some(&index) && !self.is_output(&t.name)
+            {
+                self.live.remove(&t.name)
+            } else {
+                self.live.get(&t.name).cloned()
+            };
+            values.push(value.with_context(|| {
+                format!("layer {index} needs '{}', which is not available", t.name)
+            })?);
+        }
+        Ok(values)
+    }
+
+    /// Stores what layer `index` produced and drops every value no later layer reads.
+    pub fn store<I>(&mut self, pkg: &Package, index: usize, outs: I) -> Result<()>
+    where
+        I: IntoIterator<Item = V>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let entry = &pkg.manifest.layers[index];
+        let outs = outs.into_iter();
         ensure!(
             outs.len() == entry.outputs.len(),
             "layer {} gave {} outputs, expected {}",
@@ -201,13 +233,54 @@ impl Activations {
         for (spec, value) in entry.outputs.iter().zip(outs) {
             self.live.insert(spec.name.clone(), value);
         }
-        let outputs = &pkg.manifest.outputs;
-        let last = &self.last_reader;
-        self.live.retain(|name, _| {
-            last.get(name.as_str()).is_some_and(|&l| l > index)
-                || outputs.iter().any(|o| &o.name == name)
-        });
+        self.retire(index + 1);
         Ok(())
+    }
+
+    /// Stores `value` as `name`, produced by layers before `next` (a group run as one),
+    /// and drops every value no layer from `next` on reads.
+    pub fn store_named(&mut self, name: &str, value: V, next: usize) {
+        self.live.insert(name.to_string(), value);
+        self.retire(next);
+    }
+
+    fn is_output(&self, name: &str) -> bool {
+        self.outputs.iter().any(|o| o == name)
+    }
+
+    /// Drops every value no layer from `next` on reads, outputs kept.
+    fn retire(&mut self, next: usize) {
+        let (last, outputs) = (&self.last_reader, &self.outputs);
+        self.live.retain(|name, _| {
+            last.get(name.as_str()).is_some_and(|&l| l >= next) || outputs.contains(name)
+        });
+    }
+
+    /// The model's outputs, in manifest order.
+    pub fn take_outputs(mut self, pkg: &Package) -> Result<Vec<V>> {
+        pkg.manifest
+            .outputs
+            .iter()
+            .map(|o| {
+                self.live
+                    .remove(&o.name)
+                    .with_context(|| format!("output '{}' was never produced", o.name))
+            })
+            .collect()
+    }
+}
+
+impl Activations {
+    pub fn new(pkg: &Package, input: &FloatTensor) -> Result<Activations> {
+        Ok(Activations::start(pkg, to_tvalue(input)?))
+    }
+
+    /// Bytes of the values alive now.
+    pub fn live_bytes(&self) -> u64 {
+        self.live
+            .values()
+            .map(|v| (v.len() * v.datum_type().size_of()) as u64)
+            .sum()
     }
 
     /// Runs one loaded layer on the values it reads and keeps what it produces.
@@ -218,18 +291,8 @@ impl Activations {
     }
 
     /// The model's outputs, in manifest order.
-    pub fn finish(mut self, pkg: &Package) -> Result<Vec<FloatTensor>> {
-        pkg.manifest
-            .outputs
-            .iter()
-            .map(|o| {
-                let v = self
-                    .live
-                    .remove(&o.name)
-                    .with_context(|| format!("output '{}' was never produced", o.name))?;
-                from_tvalue(&v)
-            })
-            .collect()
+    pub fn finish(self, pkg: &Package) -> Result<Vec<FloatTensor>> {
+        self.take_outputs(pkg)?.iter().map(from_tvalue).collect()
     }
 }
 

@@ -8,6 +8,7 @@ use crate::model::LayerKind;
     Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lower")]
 pub enum LoadingPolicy {
     /// Every layer loaded before the first executes (the status quo of whole models).
     Bulk,
@@ -15,8 +16,6 @@ pub enum LoadingPolicy {
     Linear,
     /// DeepEye: conv layers load and run in turn on one pool while the fc layers (the bulk
     /// of the weights) preload on a second pool.
-    #[value(name = "deepeye")]
-    #[serde(rename = "deepeye")]
     DeepEye,
     /// After Init any load may run; exec i needs load i and exec i-1.
     Partial,

@@ -4,11 +4,11 @@
 //! parses strings. `docs/spool.md` documents every key.
 
 use super::publish_config::{PublishConfig, RawPublish};
-use super::results::{BoxDecoder, BoxSpec, Report};
+use super::results::{BoxDecoder, BoxSpec, OutputReport};
 use crate::memory::Bytes;
 use crate::model::{ColorOrder, ResizeMode, package::read_labels};
 use crate::runtime::{Eviction, LayerCache, LoadingPolicy, MAX_PARALLEL, SchedulingPolicy};
-use crate::tiling;
+use crate::tiling::Tiling;
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -76,7 +76,7 @@ struct RawRun {
     scheduling: Option<SchedulingPolicy>,
     parallel: Option<usize>,
     threads: Option<usize>,
-    tiling: Option<tiling::Mode>,
+    tiling: Option<Tiling>,
     cache: Option<LayerCache>,
     eviction: Option<Eviction>,
     frames_in_flight: Option<usize>,
@@ -97,6 +97,41 @@ impl RawRun {
             eviction: self.eviction.or(under.eviction),
             frames_in_flight: self.frames_in_flight.or(under.frames_in_flight),
         }
+    }
+}
+
+impl RawRun {
+    /// The `[run]` section (over the board's) checked, with the defaults filled in.
+    fn checked(self) -> Result<RunConfig> {
+        let threads = self
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let parallel = self.parallel.unwrap_or(1);
+        ensure!(
+            (1..=MAX_PARALLEL).contains(&parallel),
+            "run.parallel must be 1 to {MAX_PARALLEL}"
+        );
+        ensure!(threads >= 1, "run.threads must be at least 1");
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let frames_in_flight = self.frames_in_flight.unwrap_or(cpus);
+        ensure!(
+            (1..=MAX_FRAMES_IN_FLIGHT).contains(&frames_in_flight),
+            "run.frames_in_flight must be 1 to {MAX_FRAMES_IN_FLIGHT}"
+        );
+        let tiling = self.tiling.unwrap_or_default();
+        tiling.check_shared().context("run.tiling")?;
+        Ok(RunConfig {
+            budget: self.budget.map(|s| s.0),
+            reserve: self.reserve.map_or(DEFAULT_RESERVE, |s| s.0),
+            loading: self.loading.unwrap_or(LoadingPolicy::Partial),
+            scheduling: self.scheduling.unwrap_or(SchedulingPolicy::Mema),
+            parallel,
+            threads,
+            tiling,
+            cache: self.cache.unwrap_or_default(),
+            eviction: self.eviction.unwrap_or_default(),
+            frames_in_flight,
+        })
     }
 }
 
@@ -283,7 +318,7 @@ impl PreprocessOverride {
 pub struct ModelConfig {
     pub path: PathBuf,
     pub preprocess: PreprocessOverride,
-    pub report: Report,
+    pub report: OutputReport,
 }
 
 #[derive(Clone, Debug)]
@@ -314,7 +349,7 @@ pub struct RunConfig {
     pub scheduling: SchedulingPolicy,
     pub parallel: usize,
     pub threads: usize,
-    pub tiling: tiling::Mode,
+    pub tiling: Tiling,
     /// Whether layers stay resident across frames (docs/runtime.md).
     pub cache: LayerCache,
     pub eviction: Eviction,
@@ -331,17 +366,23 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
 }
 
+/// Reads the configuration file `path` and parses it with `parse`, relative paths taken
+/// from the file's directory; errors name the file.
+fn read_config<T>(path: &Path, parse: impl FnOnce(&str, &Path) -> Result<T>) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the configuration {}", path.display()))?;
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    parse(&text, base).with_context(|| path.display().to_string())
+}
+
 impl Config {
     /// Reads `path`; `board` (from the command line) overrides the file's `board`, and
     /// with neither the board is detected.
     pub fn load(path: &Path, board: Option<&str>) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the configuration {}", path.display()))?;
-        let base = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        Config::parse(&text, base, board).with_context(|| path.display().to_string())
+        read_config(path, |text, base| Config::parse(text, base, board))
     }
 
     /// Parses a configuration; relative paths are taken from `base`.
@@ -354,33 +395,7 @@ impl Config {
         let run = raw
             .run
             .over(board.as_ref().map(|b| b.run.clone()).unwrap_or_default());
-        let threads = run
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let parallel = run.parallel.unwrap_or(1);
-        ensure!(
-            (1..=MAX_PARALLEL).contains(&parallel),
-            "run.parallel must be 1 to {MAX_PARALLEL}"
-        );
-        ensure!(threads >= 1, "run.threads must be at least 1");
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let frames_in_flight = run.frames_in_flight.unwrap_or(cpus);
-        ensure!(
-            (1..=MAX_FRAMES_IN_FLIGHT).contains(&frames_in_flight),
-            "run.frames_in_flight must be 1 to {MAX_FRAMES_IN_FLIGHT}"
-        );
-        let run = RunConfig {
-            budget: run.budget.map(|s| s.0),
-            reserve: run.reserve.map_or(DEFAULT_RESERVE, |s| s.0),
-            loading: run.loading.unwrap_or(LoadingPolicy::Partial),
-            scheduling: run.scheduling.unwrap_or(SchedulingPolicy::Mema),
-            parallel,
-            threads,
-            tiling: run.tiling.unwrap_or_default(),
-            cache: run.cache.unwrap_or_default(),
-            eviction: run.eviction.unwrap_or_default(),
-            frames_in_flight,
-        };
+        let run = run.checked()?;
         let secs = |v: Option<f64>, default: f64, key: &str| -> Result<Duration> {
             let v = v.unwrap_or(default);
             ensure!(
@@ -434,7 +449,7 @@ impl Config {
                     .map(|path| ModelConfig {
                         path,
                         preprocess: PreprocessOverride::default(),
-                        report: Report::Summary,
+                        report: OutputReport::Summary,
                     })
                     .collect(),
                 None => bail!("no models: give [models] dir or one or more [[model]] entries"),
@@ -475,13 +490,7 @@ pub struct PublisherConfig {
 
 impl PublisherConfig {
     pub fn load(path: &Path) -> Result<PublisherConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the configuration {}", path.display()))?;
-        let base = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        PublisherConfig::parse(&text, base).with_context(|| path.display().to_string())
+        read_config(path, PublisherConfig::parse)
     }
 
     pub fn parse(text: &str, base: &Path) -> Result<PublisherConfig> {
@@ -531,14 +540,14 @@ fn model_config(m: RawModel, from: &Path, base: &Path) -> Result<ModelConfig> {
         "[model.boxes] goes with report = \"boxes\""
     );
     let report = match m.report {
-        ReportKind::Summary => Report::Summary,
-        ReportKind::Raw => Report::Raw,
+        ReportKind::Summary => OutputReport::Summary,
+        ReportKind::Raw => OutputReport::Raw,
         ReportKind::Topk => {
             let k = m.top_k.unwrap_or(DEFAULT_TOP_K);
             ensure!(k >= 1, "top_k must be at least 1");
-            Report::TopK { k, labels }
+            OutputReport::TopK { k, labels }
         }
-        ReportKind::Boxes => Report::Boxes(Box::new(BoxDecoder::new(
+        ReportKind::Boxes => OutputReport::Boxes(Box::new(BoxDecoder::new(
             m.boxes
                 .context("report = \"boxes\" needs a [model.boxes] table")?,
         )?)),
@@ -695,20 +704,23 @@ mod tests {
         assert_eq!(c.run.budget, Some(160 << 20));
         assert_eq!(c.run.parallel, 2);
         assert_eq!(c.run.threads, 4);
-        assert_eq!(c.run.tiling, tiling::Mode::Needed);
+        assert_eq!(c.run.tiling, Tiling::Needed);
         assert_eq!(c.spool.root, Path::new("/etc/x/spool"));
         assert_eq!(c.spool.done, DonePolicy::Delete);
         assert_eq!(c.spool.max_frame_bytes, 1 << 20);
         assert_eq!(c.log_level, log::LevelFilter::Debug);
         assert_eq!(c.models[0].path, Path::new("/etc/x/pkgs/face"));
-        assert!(matches!(c.models[0].report, Report::TopK { k: 3, .. }));
+        assert!(matches!(
+            c.models[0].report,
+            OutputReport::TopK { k: 3, .. }
+        ));
         assert_eq!(c.models[0].preprocess.resize, Some(ResizeMode::Letterbox));
         // --board wins over the file's board.
         let c = Config::parse(text, Path::new("/"), Some("pi4-2g")).unwrap();
         assert_eq!(c.run.budget, Some(1 << 30));
         let auto = text.replace("parallel = 2", "tiling = \"auto\"");
         let c = Config::parse(&auto, Path::new("/"), None).unwrap();
-        assert_eq!(c.run.tiling, tiling::Mode::Auto);
+        assert_eq!(c.run.tiling, Tiling::Auto);
 
         for bad in [
             "[spool]\nroot = 3\n[[model]]\npath = \"m\"",

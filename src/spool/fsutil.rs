@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -189,6 +190,24 @@ fn check_plain(meta: &std::fs::Metadata, limit: u64) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// An exclusive lock on `path` (created if absent), held while the returned file lives:
+/// one `who` (daemon, publisher) per spool. Refused at once if another process holds it.
+pub fn lock_exclusive(path: &Path, who: &str) -> Result<Flock<File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
+        Errno::EWOULDBLOCK => anyhow::anyhow!(
+            "another memaflow {who} holds {} (one {who} per spool)",
+            path.display()
+        ),
+        e => anyhow::Error::new(e).context(format!("locking {}", path.display())),
+    })
 }
 
 /// Reads a frame file of at most `limit` bytes. Symbolic links, other non-regular files

@@ -16,10 +16,12 @@
 //! it in `work/`, `out/` and `done/`; its result says which bytes (`frame_bytes_hex`).
 
 use super::config::DonePolicy;
-use super::fsutil::{remove_temp_files, rename_noreplace, shown, sync_dir, write_atomic};
+use super::fsutil::{
+    lock_exclusive, remove_temp_files, rename_noreplace, shown, sync_dir, write_atomic,
+};
 use anyhow::{Context, Result, bail};
 use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -74,7 +76,7 @@ impl Spool {
             out: dir("out")?,
             done: dir("done")?,
             failed: dir("failed")?,
-            _lock: lock(&root.join(LOCK_FILE))?,
+            _lock: lock_exclusive(&root.join(LOCK_FILE), "daemon")?,
         };
         for d in [&spool.out, &spool.failed, &spool.root] {
             let n = remove_temp_files(d)?;
@@ -289,22 +291,6 @@ fn move_unique(from: &Path, dir: &Path, name: &OsStr) -> Result<()> {
         }
     }
     bail!("no free name for {} in {}", shown(name), dir.display())
-}
-
-fn lock(path: &Path) -> Result<Flock<File>> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
-        Errno::EWOULDBLOCK => anyhow::anyhow!(
-            "another memaflow daemon holds {} (one daemon per spool)",
-            path.display()
-        ),
-        e => anyhow::Error::new(e).context(format!("locking {}", path.display())),
-    })
 }
 
 fn list(dir: &Path) -> Result<Vec<Entry>> {

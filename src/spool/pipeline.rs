@@ -11,7 +11,7 @@
 use super::config::{ModelConfig, RunConfig};
 use super::fsutil::read_frame;
 use super::preprocess::{self, Geometry};
-use super::results::Report;
+use super::results::OutputReport;
 use crate::memory::SystemMemory;
 use crate::model::{Package, Preprocess};
 use crate::runtime::{Executor, InferenceOutput, LayerCost, ModelId};
@@ -58,7 +58,7 @@ struct Ready {
     /// "auto"`).
     tiled: Option<TiledModel>,
     preprocess: Preprocess,
-    report: Report,
+    report: OutputReport,
 }
 
 impl Model {
@@ -99,7 +99,7 @@ impl Model {
     }
 
     /// The tiling configuration it runs under, if it runs tiled.
-    pub fn tiling(&self) -> Option<&crate::tiling::Config> {
+    pub fn tiling(&self) -> Option<&crate::tiling::TilingConfig> {
         self.ready.as_ref().ok()?.tiled.as_ref().map(|t| &t.config)
     }
 }
@@ -152,7 +152,7 @@ fn check_package(
     let budget = run
         .budget
         .or_else(|| system.read().ok().and_then(|r| r.headroom(run.reserve)));
-    let tiled = TiledModel::plan(&package, &costs, run.tiling, budget)
+    let tiled = TiledModel::plan(&package, &costs, &run.tiling, budget)
         .map_err(|e| broken(format!("{e:#}"), None))?;
     let id = match &tiled {
         Some(t) => executor.add_model(package.clone(), t.costs(), Some(t.run())),

@@ -72,7 +72,7 @@ pub fn summarise(name: &str, t: &FloatTensor, labels: Option<&[String]>) -> Outp
 
 /// How a model's outputs go into a frame's result.
 #[derive(Clone, Debug)]
-pub enum Report {
+pub enum OutputReport {
     /// Per output: shape, min, max, mean, and for vectors the top 5, as `memaflow infer`.
     Summary,
     /// Per output: shape and every value.
@@ -101,21 +101,21 @@ struct TopOutput<'a> {
     top: Vec<Ranked>,
 }
 
-impl Report {
+impl OutputReport {
     pub fn name(&self) -> &'static str {
         match self {
-            Report::Summary => "summary",
-            Report::Raw => "raw",
-            Report::TopK { .. } => "topk",
-            Report::Boxes(_) => "boxes",
+            OutputReport::Summary => "summary",
+            OutputReport::Raw => "raw",
+            OutputReport::TopK { .. } => "topk",
+            OutputReport::Boxes(_) => "boxes",
         }
     }
 
     /// Whether this report can be made from outputs shaped as `specs` says.
     pub fn check(&self, specs: &[OutputSpec]) -> Result<()> {
         match self {
-            Report::Boxes(d) => d.check(specs),
-            Report::TopK {
+            OutputReport::Boxes(d) => d.check(specs),
+            OutputReport::TopK {
                 labels: Some(labels),
                 ..
             } => {
@@ -148,12 +148,12 @@ impl Report {
         );
         let pairs = specs.iter().zip(outputs);
         Ok(match self {
-            Report::Summary => serde_json::to_value(
+            OutputReport::Summary => serde_json::to_value(
                 pairs
                     .map(|(s, t)| summarise(&s.name, t, s.labels.as_deref()))
                     .collect::<Vec<_>>(),
             )?,
-            Report::Raw => serde_json::to_value(
+            OutputReport::Raw => serde_json::to_value(
                 pairs
                     .map(|(s, t)| RawOutput {
                         name: &s.name,
@@ -162,7 +162,7 @@ impl Report {
                     })
                     .collect::<Vec<_>>(),
             )?,
-            Report::TopK { k, labels } => serde_json::to_value(
+            OutputReport::TopK { k, labels } => serde_json::to_value(
                 pairs
                     .map(|(s, t)| {
                         let labels = labels
@@ -177,7 +177,7 @@ impl Report {
                     })
                     .collect::<Vec<_>>(),
             )?,
-            Report::Boxes(d) => serde_json::to_value(d.decode(specs, outputs, geometry)?)?,
+            OutputReport::Boxes(d) => serde_json::to_value(d.decode(specs, outputs, geometry)?)?,
         })
     }
 }
@@ -501,20 +501,20 @@ mod tests {
         let specs = [spec("prob", vec![1, 3])];
         let outs = [FloatTensor::new(vec![1, 3], vec![0.2, 0.7, 0.1]).unwrap()];
         let g = Geometry::stretch(1, 1);
-        let raw = Report::Raw.render(&specs, &outs, &g).unwrap();
+        let raw = OutputReport::Raw.render(&specs, &outs, &g).unwrap();
         assert_eq!(raw[0]["values"][1].as_f64().unwrap() as f32, 0.7);
         let labels = Some(vec!["a".to_string(), "b".into(), "c".into()]);
-        let top = Report::TopK { k: 2, labels }
+        let top = OutputReport::TopK { k: 2, labels }
             .render(&specs, &outs, &g)
             .unwrap();
         assert_eq!(top[0]["top"].as_array().unwrap().len(), 2);
         assert_eq!(top[0]["top"][0]["label"], "b");
-        let summary = Report::Summary.render(&specs, &outs, &g).unwrap();
+        let summary = OutputReport::Summary.render(&specs, &outs, &g).unwrap();
         assert_eq!(
             summary[0],
             serde_json::to_value(summarise("prob", &outs[0], None)).unwrap()
         );
-        assert!(Report::Raw.render(&specs, &[], &g).is_err());
+        assert!(OutputReport::Raw.render(&specs, &[], &g).is_err());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Runs a package under a tiling [`Config`]: untiled layers as `run_layerwise` does (load,
+//! Runs a package under a tiling [`TilingConfig`]: untiled layers as `run_layerwise` does (load,
 //! run, free), each group tile by tile. A group's tiles are run in batches of equal
 //! geometry, so that one tract plan (and one copy of the group's weights) exists at a time
 //! and each distinct tile shape is planned once.
@@ -6,11 +6,11 @@
 use super::group::{Geometry, Group, Region};
 use super::region::split;
 use super::slice::{channel_slice, sliceable_channels};
-use super::{Config, GroupConfig};
+use super::{GroupConfig, TilingConfig};
 use crate::model::Package;
 use crate::model::split::stitch;
 use crate::model::tflite::{WriteOptions, write_graph};
-use crate::runtime::{FloatTensor, Plan, RunStats, load_layer};
+use crate::runtime::{Activations, FloatTensor, Plan, RunStats, load_layer};
 use anyhow::{Context, Result, ensure};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -259,7 +259,7 @@ fn paste(out: &mut FloatTensor, tile: &FloatTensor, r: Region) -> Result<()> {
 
 /// Runs one input through the package under `config`. With no groups this is the
 /// layer-by-layer run.
-pub fn run_tiled(pkg: &Package, input: FloatTensor, config: &Config) -> Result<TiledRun> {
+pub fn run_tiled(pkg: &Package, input: FloatTensor, config: &TilingConfig) -> Result<TiledRun> {
     let m = &pkg.manifest;
     config.check(m.layers.len())?;
     ensure!(
@@ -269,82 +269,23 @@ pub fn run_tiled(pkg: &Package, input: FloatTensor, config: &Config) -> Result<T
         input.shape,
         m.inputs[0].shape
     );
-    let last_reader = m.last_reader();
-    let is_output = |name: &str| m.outputs.iter().any(|o| o.name == name);
-    let mut live: HashMap<String, FloatTensor> = HashMap::new();
-    live.insert(m.inputs[0].name.clone(), input);
+    let mut live = Activations::start(pkg, input);
     let mut stats = TiledStats::default();
-    // Drops every value no layer from `next` on reads.
-    let retire = |live: &mut HashMap<String, FloatTensor>, next: usize| {
-        live.retain(|name, _| {
-            last_reader.get(name.as_str()).is_some_and(|&l| l >= next) || is_output(name)
-        });
-    };
     let groups: HashMap<usize, &GroupConfig> =
         config.groups.iter().map(|g| (g.layers.start, g)).collect();
     let mut index = 0;
     while index < m.layers.len() {
-        if let Some(g) = groups.get(&index) {
-            let t = Instant::now();
-            let group = load_group(pkg, &g.layers)?;
-            stats.run.load += t.elapsed();
-            let name = &group.graph.tensors[group.input].name;
-            let x = live
-                .get(name)
-                .with_context(|| format!("group {g} needs '{name}', which is not available"))?;
-            let y = run_group(&group, g.rows, g.cols, x, &mut stats)
-                .with_context(|| format!("{}: group {g}", pkg.name()))?;
-            live.insert(group.graph.tensors[group.output].name.clone(), y);
-            drop(group);
-            index = g.layers.end;
+        index = if let Some(g) = groups.get(&index) {
+            run_group_step(pkg, g, &mut live, &mut stats)?
         } else if let Some(&parts) = config.slices.get(&index) {
-            let entry = &m.layers[index];
-            let name = &entry.inputs[0].name;
-            let x = live
-                .get(name)
-                .with_context(|| format!("layer {index} needs '{name}', not available"))?;
+            let x = live.get(index, &m.layers[index].inputs[0].name)?;
             let y = run_sliced(pkg, index, parts, x, &mut stats)
                 .with_context(|| format!("{}: layer {index} in {parts} slices", pkg.name()))?;
-            live.insert(entry.outputs[0].name.clone(), y);
-            index += 1;
+            live.store(pkg, index, [y])?;
+            index + 1
         } else {
-            let t = Instant::now();
-            let layer = load_layer(pkg, index)?;
-            // As after planning a tile (`run_group`).
-            crate::memory::release_free_heap();
-            stats.run.load += t.elapsed();
-            let t = Instant::now();
-            let entry = &m.layers[index];
-            let inputs = entry
-                .inputs
-                .iter()
-                .map(|t| {
-                    let last = last_reader.get(t.name.as_str()) == Some(&index);
-                    if last && !is_output(&t.name) {
-                        live.remove(&t.name)
-                    } else {
-                        live.get(&t.name).cloned()
-                    }
-                    .with_context(|| format!("layer {index} needs '{}', not available", t.name))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let outs = layer.plan.run_owned(inputs).with_context(|| {
-                format!("{}: layer {index} ({})", pkg.name(), entry.ops.join("+"))
-            })?;
-            drop(layer);
-            ensure!(
-                outs.len() == entry.outputs.len(),
-                "layer {index} gave {} outputs, expected {}",
-                outs.len(),
-                entry.outputs.len()
-            );
-            for (spec, value) in entry.outputs.iter().zip(outs) {
-                live.insert(spec.name.clone(), value);
-            }
-            stats.run.exec += t.elapsed();
-            index += 1;
-        }
-        retire(&mut live, index);
+            run_layer_step(pkg, index, &mut live, &mut stats)?
+        };
         crate::memory::release_free_heap();
         if let Ok(mem) = crate::memory::process_memory() {
             log::debug!(
@@ -356,13 +297,51 @@ pub fn run_tiled(pkg: &Package, input: FloatTensor, config: &Config) -> Result<T
             );
         }
     }
-    let outputs = m
-        .outputs
-        .iter()
-        .map(|o| {
-            live.remove(&o.name)
-                .with_context(|| format!("output '{}' was never produced", o.name))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let outputs = live.take_outputs(pkg)?;
     Ok(TiledRun { outputs, stats })
+}
+
+/// Runs group `g` tile by tile on the walk's values; returns the next layer.
+fn run_group_step(
+    pkg: &Package,
+    g: &GroupConfig,
+    live: &mut Activations<FloatTensor>,
+    stats: &mut TiledStats,
+) -> Result<usize> {
+    let t = Instant::now();
+    let group = load_group(pkg, &g.layers)?;
+    stats.run.load += t.elapsed();
+    let x = live
+        .get(g.layers.start, &group.graph.tensors[group.input].name)
+        .with_context(|| format!("{}: group {g}", pkg.name()))?;
+    let y = run_group(&group, g.rows, g.cols, x, stats)
+        .with_context(|| format!("{}: group {g}", pkg.name()))?;
+    live.store_named(&group.graph.tensors[group.output].name, y, g.layers.end);
+    Ok(g.layers.end)
+}
+
+/// Loads layer `index`, runs it whole on the walk's values (moving the buffers it is the
+/// last to read into tract) and frees it; returns the next layer.
+fn run_layer_step(
+    pkg: &Package,
+    index: usize,
+    live: &mut Activations<FloatTensor>,
+    stats: &mut TiledStats,
+) -> Result<usize> {
+    let t = Instant::now();
+    let layer = load_layer(pkg, index)?;
+    // As after planning a tile (`run_group`).
+    crate::memory::release_free_heap();
+    stats.run.load += t.elapsed();
+    let t = Instant::now();
+    let entry = &pkg.manifest.layers[index];
+    let inputs = live.take_inputs(pkg, index)?;
+    let outs = layer
+        .plan
+        .run_owned(inputs)
+        .with_context(|| format!("{}: layer {index} ({})", pkg.name(), entry.ops.join("+")))?;
+    drop(layer);
+    live.store(pkg, index, outs)?;
+    stats.run.exec += t.elapsed();
+    Ok(index + 1)
 }

@@ -248,101 +248,13 @@ impl Group {
                     continue;
                 }
                 let read = geo.reads[ix][slot].context("activation read without a region")?;
-                let have = region_of(t)?;
-                let mut id = *map.get(&t).with_context(|| {
+                let id = *map.get(&t).with_context(|| {
                     format!("'{}' read before it is computed", g.tensors[t].name)
                 })?;
-                let name = g.tensors[t].name.clone();
-                if read.region() != have {
-                    let [n, _, _, c] = self.shape(t);
-                    let begin = tile.add_tensor(Tensor::i32_constant(
-                        tile.fresh_name(&format!("{name}/tile_begin")),
-                        &[
-                            0,
-                            (read.h.span.start - have.h.start) as i32,
-                            (read.w.span.start - have.w.start) as i32,
-                            0,
-                        ],
-                    ));
-                    let size = tile.add_tensor(Tensor::i32_constant(
-                        tile.fresh_name(&format!("{name}/tile_size")),
-                        &[
-                            n as i32,
-                            read.h.span.len() as i32,
-                            read.w.span.len() as i32,
-                            c as i32,
-                        ],
-                    ));
-                    id = tile.add_node(
-                        Op::Slice,
-                        vec![id, begin, size],
-                        &[&format!("{name}/tile_slice")],
-                    )?[0];
-                }
-                if read.padded() {
-                    let Reach::Window { pad, .. } = self.reach[ix] else {
-                        bail!("a pointwise op reads padding");
-                    };
-                    let pads = tile.add_tensor(Tensor::constant(
-                        tile.fresh_name(&format!("{name}/tile_pads")),
-                        vec![4, 2],
-                        DType::I32,
-                        [
-                            0,
-                            0,
-                            read.h.pad_before as i32,
-                            read.h.pad_after as i32,
-                            read.w.pad_before as i32,
-                            read.w.pad_after as i32,
-                            0,
-                            0,
-                        ]
-                        .iter()
-                        .flat_map(|v| v.to_le_bytes())
-                        .collect::<Vec<u8>>(),
-                    ));
-                    id = match pad {
-                        PadValue::Zero => {
-                            tile.add_node(Op::Pad, vec![id, pads], &[&format!("{name}/tile_pad")])?
-                                [0]
-                        }
-                        PadValue::Lowest => {
-                            let value = tile.add_tensor(Tensor::f32_constant(
-                                tile.fresh_name(&format!("{name}/tile_pad_value")),
-                                vec![],
-                                &[f32::MIN],
-                            ));
-                            tile.add_node(
-                                Op::PadV2,
-                                vec![id, pads, value],
-                                &[&format!("{name}/tile_pad")],
-                            )?[0]
-                        }
-                    };
-                }
-                inputs.push(id);
+                inputs.push(self.tile_read(&mut tile, ix, t, id, read, region_of(t)?)?);
             }
-            let op = match &node.op {
-                Op::Conv2d(p) => Op::Conv2d(valid(*p)),
-                Op::DepthwiseConv2d {
-                    conv,
-                    depth_multiplier,
-                } => Op::DepthwiseConv2d {
-                    conv: valid(*conv),
-                    depth_multiplier: *depth_multiplier,
-                },
-                Op::MaxPool2d(p) => Op::MaxPool2d(crate::model::graph::PoolParams {
-                    padding: Padding::Valid,
-                    ..*p
-                }),
-                Op::AvgPool2d(p) => Op::AvgPool2d(crate::model::graph::PoolParams {
-                    padding: Padding::Valid,
-                    ..*p
-                }),
-                op => op.clone(),
-            };
             let out = node.outputs[0];
-            let id = tile.add_node(op, inputs, &[&g.tensors[out].name])?[0];
+            let id = tile.add_node(valid_op(&node.op), inputs, &[&g.tensors[out].name])?[0];
             let want = region_of(out)?;
             ensure!(
                 tile.tensors[id].shape[1..3] == [want.h.len(), want.w.len()],
@@ -356,6 +268,111 @@ impl Group {
         }
         tile.outputs = vec![map[&self.output]];
         Ok(tile)
+    }
+
+    /// What node `ix` reads of activation `t` (`id` in the tile graph, computed over
+    /// `have`): the slice it reads when `have` is larger, padded at the borders.
+    fn tile_read(
+        &self,
+        tile: &mut Graph,
+        ix: usize,
+        t: TensorId,
+        mut id: TensorId,
+        read: Read,
+        have: Region,
+    ) -> Result<TensorId> {
+        let name = self.graph.tensors[t].name.clone();
+        if read.region() != have {
+            let [n, _, _, c] = self.shape(t);
+            let begin = tile.add_tensor(Tensor::i32_constant(
+                tile.fresh_name(&format!("{name}/tile_begin")),
+                &[
+                    0,
+                    (read.h.span.start - have.h.start) as i32,
+                    (read.w.span.start - have.w.start) as i32,
+                    0,
+                ],
+            ));
+            let size = tile.add_tensor(Tensor::i32_constant(
+                tile.fresh_name(&format!("{name}/tile_size")),
+                &[
+                    n as i32,
+                    read.h.span.len() as i32,
+                    read.w.span.len() as i32,
+                    c as i32,
+                ],
+            ));
+            id = tile.add_node(
+                Op::Slice,
+                vec![id, begin, size],
+                &[&format!("{name}/tile_slice")],
+            )?[0];
+        }
+        if !read.padded() {
+            return Ok(id);
+        }
+        let Reach::Window { pad, .. } = self.reach[ix] else {
+            bail!("a pointwise op reads padding");
+        };
+        let pads = tile.add_tensor(Tensor::constant(
+            tile.fresh_name(&format!("{name}/tile_pads")),
+            vec![4, 2],
+            DType::I32,
+            [
+                0,
+                0,
+                read.h.pad_before as i32,
+                read.h.pad_after as i32,
+                read.w.pad_before as i32,
+                read.w.pad_after as i32,
+                0,
+                0,
+            ]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>(),
+        ));
+        let padded = match pad {
+            PadValue::Zero => {
+                tile.add_node(Op::Pad, vec![id, pads], &[&format!("{name}/tile_pad")])?
+            }
+            PadValue::Lowest => {
+                let value = tile.add_tensor(Tensor::f32_constant(
+                    tile.fresh_name(&format!("{name}/tile_pad_value")),
+                    vec![],
+                    &[f32::MIN],
+                ));
+                tile.add_node(
+                    Op::PadV2,
+                    vec![id, pads, value],
+                    &[&format!("{name}/tile_pad")],
+                )?
+            }
+        };
+        Ok(padded[0])
+    }
+}
+
+/// `op` with VALID padding: on a tile the padding is explicit.
+fn valid_op(op: &Op) -> Op {
+    match op {
+        Op::Conv2d(p) => Op::Conv2d(valid(*p)),
+        Op::DepthwiseConv2d {
+            conv,
+            depth_multiplier,
+        } => Op::DepthwiseConv2d {
+            conv: valid(*conv),
+            depth_multiplier: *depth_multiplier,
+        },
+        Op::MaxPool2d(p) => Op::MaxPool2d(crate::model::graph::PoolParams {
+            padding: Padding::Valid,
+            ..*p
+        }),
+        Op::AvgPool2d(p) => Op::AvgPool2d(crate::model::graph::PoolParams {
+            padding: Padding::Valid,
+            ..*p
+        }),
+        op => op.clone(),
     }
 }
 
@@ -372,6 +389,31 @@ fn valid(p: crate::model::graph::ConvParams) -> crate::model::graph::ConvParams 
         padding: Padding::Valid,
         ..p
     }
+}
+
+/// An elementwise op's reach (pointwise), if its inputs line up with its output `out`
+/// over H and W (constants broadcast over them).
+fn elementwise_reach(g: &Graph, inputs: &[TensorId], out: &[usize]) -> Result<Reach> {
+    for &t in inputs {
+        let s = g.tensors[t].shape.as_slice();
+        if g.tensors[t].is_const() {
+            // Aligned right against NHWC: H and W must broadcast.
+            let r = s.len();
+            ensure!(
+                (r < 3 || s[r - 3] == 1) && (r < 2 || s[r - 2] == 1) && r <= 4,
+                "constant {:?} varies over H or W",
+                s
+            );
+        } else {
+            ensure!(
+                s[1..3] == out[1..3],
+                "input {:?} does not match output {:?} over H and W",
+                s,
+                out
+            );
+        }
+    }
+    Ok(Reach::Pointwise)
 }
 
 /// How node `ix` reaches back into its inputs, or why it cannot be tiled.
@@ -437,26 +479,7 @@ fn reach_of(g: &Graph, ix: usize) -> Result<Reach> {
             }
         }
         Op::Unary(_) | Op::LeakyRelu { .. } | Op::Binary { .. } => {
-            for &t in &node.inputs {
-                let s = shape(t);
-                if g.tensors[t].is_const() {
-                    // Aligned right against NHWC: H and W must broadcast.
-                    let r = s.len();
-                    ensure!(
-                        (r < 3 || s[r - 3] == 1) && (r < 2 || s[r - 2] == 1) && r <= 4,
-                        "constant {:?} varies over H or W",
-                        s
-                    );
-                } else {
-                    ensure!(
-                        s[1..3] == out[1..3],
-                        "input {:?} does not match output {:?} over H and W",
-                        s,
-                        out
-                    );
-                }
-            }
-            Reach::Pointwise
+            elementwise_reach(g, &node.inputs, out)?
         }
         Op::Pad | Op::PadV2 => {
             let pads = g.tensors[node.inputs[1]].int_values()?;

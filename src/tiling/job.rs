@@ -2,9 +2,9 @@
 //! not fit the budget one at a time — or any package, with `auto` — runs tiled as one
 //! step of the schedule, budgeted at its predicted peak.
 
-use super::Config;
-use super::predictor::{CALIBRATION, Model};
+use super::predictor::{CALIBRATION, Predictor};
 use super::search::{Space, search};
+use super::{Tiling, TilingConfig};
 use crate::memory::Bytes;
 use crate::model::Package;
 use crate::runtime::{FloatTensor, Job, LayerCost, WholeRun};
@@ -19,35 +19,11 @@ use std::sync::Arc;
 /// predicted within 84 % of the budget then runs within it.
 const MARGIN_PERCENT: u64 = 16;
 
-/// When a batch tiles a package.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Never: a layer that does not fit the budget is an error.
-    Off,
-    /// Only a package with a layer that does not fit the budget on its own.
-    #[default]
-    Needed,
-    /// Whenever the search finds a tiled configuration faster than the untiled run
-    /// within the budget.
-    Auto,
-}
-
 /// A package that runs tiled: its configuration, and the one-step cost the scheduler
 /// reserves for it.
 #[derive(Clone)]
 pub struct TiledModel {
-    pub config: Config,
+    pub config: TilingConfig,
     package: Arc<Package>,
     /// One entry, shared by every job of this model so that the scheduler learns from
     /// one run's timing for the next.
@@ -56,14 +32,15 @@ pub struct TiledModel {
 }
 
 impl TiledModel {
-    /// Whether `pkg`, whose layers cost `layers`, runs tiled under `mode` and `budget`
+    /// Whether `pkg`, whose layers cost `layers`, runs tiled under `tiling` and `budget`
     /// (`None`: no limit known, nothing to tile for). `Ok(None)`: run it layer by layer.
     pub fn plan(
         pkg: &Arc<Package>,
         layers: &[LayerCost],
-        mode: Mode,
+        tiling: &Tiling,
         budget: Option<u64>,
     ) -> Result<Option<TiledModel>> {
+        tiling.check_shared()?;
         let Some(budget) = budget else {
             return Ok(None);
         };
@@ -76,10 +53,10 @@ impl TiledModel {
             .map(|(c, h)| c.footprint() + h)
             .max()
             .unwrap_or(0);
-        let wanted = match mode {
-            Mode::Off => false,
-            Mode::Needed => largest > budget,
-            Mode::Auto => true,
+        let wanted = match tiling {
+            Tiling::Off | Tiling::Fixed(_) => false,
+            Tiling::Needed => largest > budget,
+            Tiling::Auto => true,
         };
         if !wanted {
             return Ok(None);
@@ -91,7 +68,7 @@ impl TiledModel {
             .iter()
             .product::<usize>()
             .saturating_mul(4) as u64;
-        let model = Model::new(pkg, CALIBRATION).with_context(|| format!("{name}: tiling"))?;
+        let model = Predictor::new(pkg, CALIBRATION).with_context(|| format!("{name}: tiling"))?;
         let room = budget.saturating_sub(input_bytes);
         // Search within the margin for the predictor's error first, and use the whole
         // room only when nothing fits the margin.

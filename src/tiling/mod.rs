@@ -4,7 +4,7 @@
 //!
 //! `region` is the receptive-field arithmetic, `group` turns layers into a tileable graph
 //! and a tile into its own small graph, `slice` cuts a conv layer into output-channel
-//! slices, `execute` runs a package under a [`Config`], `predictor` gives a
+//! slices, `execute` runs a package under a [`TilingConfig`], `predictor` gives a
 //! configuration's peak memory and latency from shapes, `search` picks the fastest
 //! configuration that fits a budget, `job` runs a package tiled inside a batch. See
 //! `docs/tiling.md`.
@@ -18,7 +18,7 @@ pub mod search;
 pub mod slice;
 
 pub use execute::{load_group, run_tiled};
-pub use job::{Mode, TiledModel};
+pub use job::TiledModel;
 
 use anyhow::{Context, Result, ensure};
 use std::ops::Range;
@@ -37,16 +37,16 @@ pub struct GroupConfig {
 /// never holds more than a slice of a large kernel). Groups are in layer order and do not
 /// overlap.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Config {
+pub struct TilingConfig {
     pub groups: Vec<GroupConfig>,
     /// Untiled layer → number of output-channel slices (at least 2).
     pub slices: std::collections::BTreeMap<usize, usize>,
 }
 
-impl Config {
+impl TilingConfig {
     /// The configuration that tiles nothing.
-    pub fn untiled() -> Config {
-        Config::default()
+    pub fn untiled() -> TilingConfig {
+        TilingConfig::default()
     }
 
     pub fn is_untiled(&self) -> bool {
@@ -99,7 +99,7 @@ impl std::fmt::Display for GroupConfig {
     }
 }
 
-impl std::fmt::Display for Config {
+impl std::fmt::Display for TilingConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.groups.is_empty() && self.slices.is_empty() {
             return write!(f, "off");
@@ -114,17 +114,17 @@ impl std::fmt::Display for Config {
     }
 }
 
-impl std::str::FromStr for Config {
+impl std::str::FromStr for TilingConfig {
     type Err = anyhow::Error;
 
     /// `off`, or groups `FIRST-LAST:ROWSxCOLS` (layer indices inclusive) and sliced layers
     /// `LAYER/SLICES` separated by commas, e.g. `0-2:4x4,3-5:2x2,8/3`.
-    fn from_str(s: &str) -> Result<Config> {
+    fn from_str(s: &str) -> Result<TilingConfig> {
         let s = s.trim();
         if s == "off" {
-            return Ok(Config::untiled());
+            return Ok(TilingConfig::untiled());
         }
-        let mut config = Config::default();
+        let mut config = TilingConfig::default();
         for part in s.split(',') {
             let part = part.trim();
             let num = |v: &str, ctx: &str| {
@@ -160,13 +160,36 @@ impl std::str::FromStr for Config {
     }
 }
 
-/// How an inference uses tiling, as the user asked for it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Whether and how a run uses fused tiling: `--tiling` of `infer` and `batch`, `[run]
+/// tiling` of the daemon, with one meaning everywhere (docs/tiling.md). The budget is the
+/// run's (`--budget`; a batch and the daemon fall back to the headroom they read).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum Tiling {
+    /// Never tiled. (`infer --tiling off` runs the tiled executor with no groups, the
+    /// baseline a tiled run is compared with.)
     Off,
-    /// The configuration the search picks for the budget.
+    /// Tiled only when the untiled run does not fit the budget, as the runner counts it:
+    /// `infer` by the predictor's peak of the untiled run, a batch by the largest layer's
+    /// cost as the scheduler reserves it. With no budget known, never.
+    #[default]
+    Needed,
+    /// The configuration the search predicts fastest within the budget, which may tile
+    /// nothing.
     Auto,
-    Fixed(Config),
+    /// This configuration: `infer` only, as it names one package's layers.
+    Fixed(TilingConfig),
+}
+
+impl std::fmt::Display for Tiling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tiling::Off => write!(f, "off"),
+            Tiling::Needed => write!(f, "needed"),
+            Tiling::Auto => write!(f, "auto"),
+            Tiling::Fixed(c) => write!(f, "{c}"),
+        }
+    }
 }
 
 impl std::str::FromStr for Tiling {
@@ -175,11 +198,37 @@ impl std::str::FromStr for Tiling {
     fn from_str(s: &str) -> Result<Tiling> {
         Ok(match s.trim() {
             "off" => Tiling::Off,
+            "needed" => Tiling::Needed,
             "auto" => Tiling::Auto,
             other => Tiling::Fixed(other.parse().context(
-                "--tiling takes off, auto, or groups FIRST-LAST:ROWSxCOLS and sliced layers LAYER/SLICES separated by commas",
+                "tiling takes off, needed, auto, or groups FIRST-LAST:ROWSxCOLS and sliced layers LAYER/SLICES separated by commas",
             )?),
         })
+    }
+}
+
+impl From<Tiling> for String {
+    fn from(t: Tiling) -> String {
+        t.to_string()
+    }
+}
+
+impl TryFrom<String> for Tiling {
+    type Error = anyhow::Error;
+
+    fn try_from(s: String) -> Result<Tiling> {
+        s.parse()
+    }
+}
+
+impl Tiling {
+    /// Refuses a fixed configuration where several packages share the setting.
+    pub fn check_shared(&self) -> Result<()> {
+        ensure!(
+            !matches!(self, Tiling::Fixed(_)),
+            "tiling '{self}' names one package's layers; for several models use off, needed or auto"
+        );
+        Ok(())
     }
 }
 
@@ -189,7 +238,7 @@ mod tests {
 
     #[test]
     fn configs_parse_and_print_back() {
-        let c: Config = "0-2:4x4, 3-5:2x3".parse().unwrap();
+        let c: TilingConfig = "0-2:4x4, 3-5:2x3".parse().unwrap();
         assert_eq!(
             c.groups,
             vec![
@@ -206,14 +255,20 @@ mod tests {
             ]
         );
         assert_eq!(c.to_string(), "0-2:4x4,3-5:2x3");
-        let c: Config = "0-4:4x4,10/4,8/3".parse().unwrap();
+        let c: TilingConfig = "0-4:4x4,10/4,8/3".parse().unwrap();
         assert_eq!(c.slices, [(8, 3), (10, 4)].into_iter().collect());
         assert_eq!(c.to_string(), "0-4:4x4,8/3,10/4");
         for bad in ["8/1", "8/x", "2/2,0-3:2x2"] {
-            assert!(bad.parse::<Config>().is_err(), "{bad}");
+            assert!(bad.parse::<TilingConfig>().is_err(), "{bad}");
         }
-        assert_eq!("4:1x2".parse::<Config>().unwrap().groups[0].layers, 4..5);
-        assert_eq!("off".parse::<Config>().unwrap(), Config::untiled());
+        assert_eq!(
+            "4:1x2".parse::<TilingConfig>().unwrap().groups[0].layers,
+            4..5
+        );
+        assert_eq!(
+            "off".parse::<TilingConfig>().unwrap(),
+            TilingConfig::untiled()
+        );
         for bad in [
             "0-2",
             "0-2:4",
@@ -222,11 +277,31 @@ mod tests {
             "0-2:0x2",
             "a-b:2x2",
         ] {
-            assert!(bad.parse::<Config>().is_err(), "{bad}");
+            assert!(bad.parse::<TilingConfig>().is_err(), "{bad}");
         }
-        assert!("0-12:2x2".parse::<Config>().unwrap().check(12).is_err());
+        assert!(
+            "0-12:2x2"
+                .parse::<TilingConfig>()
+                .unwrap()
+                .check(12)
+                .is_err()
+        );
         assert_eq!("auto".parse::<Tiling>().unwrap(), Tiling::Auto);
         assert_eq!("off".parse::<Tiling>().unwrap(), Tiling::Off);
+        assert_eq!("needed".parse::<Tiling>().unwrap(), Tiling::Needed);
+        for t in ["off", "needed", "auto", "0-1:2x2,8/3"] {
+            let tiling: Tiling = t.parse().unwrap();
+            assert_eq!(tiling.to_string(), t);
+            let json = serde_json::to_value(&tiling).unwrap();
+            assert_eq!(json, serde_json::json!(t));
+            assert_eq!(serde_json::from_value::<Tiling>(json).unwrap(), tiling);
+        }
+        assert!(Tiling::Auto.check_shared().is_ok());
+        assert!(
+            Tiling::Fixed(TilingConfig::untiled())
+                .check_shared()
+                .is_err()
+        );
         assert_eq!(
             "0-1:2x2".parse::<Tiling>().unwrap(),
             Tiling::Fixed("0-1:2x2".parse().unwrap())

@@ -9,7 +9,7 @@ use super::execute::{batches, group_io};
 use super::group::Group;
 use super::region::split;
 use super::slice::{channel_slice, sliceable_channels};
-use super::{Config, GroupConfig};
+use super::{GroupConfig, TilingConfig};
 use crate::memory::Bytes;
 use crate::model::Package;
 use crate::model::graph::{Graph, Op, Padding};
@@ -93,19 +93,19 @@ type StepKey = (Range<usize>, usize, usize);
 
 /// A package read for prediction: its layer graphs (kept, so that groups can be formed
 /// from any range of them) and its activations' lifetimes.
-pub struct Model<'a> {
+pub struct Predictor<'a> {
     pub pkg: &'a Package,
     layers: Vec<Graph>,
     pub calibration: Calibration,
     steps: std::cell::RefCell<HashMap<StepKey, Result<Estimate, String>>>,
 }
 
-impl<'a> Model<'a> {
-    pub fn new(pkg: &'a Package, calibration: Calibration) -> Result<Model<'a>> {
+impl<'a> Predictor<'a> {
+    pub fn new(pkg: &'a Package, calibration: Calibration) -> Result<Predictor<'a>> {
         let layers = (0..pkg.manifest.layers.len())
             .map(|i| pkg.read_layer(i).map(|(_, g)| g))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Model {
+        Ok(Predictor {
             pkg,
             layers,
             calibration,
@@ -290,7 +290,7 @@ impl<'a> Model<'a> {
     }
 
     /// The whole run under `config`.
-    pub fn predict(&self, config: &Config) -> Result<Estimate> {
+    pub fn predict(&self, config: &TilingConfig) -> Result<Estimate> {
         config.check(self.layers.len())?;
         let starts: HashMap<usize, &GroupConfig> =
             config.groups.iter().map(|g| (g.layers.start, g)).collect();
