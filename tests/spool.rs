@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use image::{DynamicImage, Rgb, RgbImage};
 use memaflow::runtime::{FloatTensor, npy};
+use memaflow::spool::schema::{FailureRecord, FrameResult, ModelOutcome, ModelStage, Outputs};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
@@ -42,6 +43,14 @@ fn json(path: &Path) -> Value {
     let text =
         std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}: {text}", path.display()))
+}
+
+fn result(path: &Path) -> FrameResult {
+    FrameResult::read(path).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn failure(path: &Path) -> FailureRecord {
+    FailureRecord::read(path).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn names(dir: &Path) -> BTreeSet<String> {
@@ -139,10 +148,10 @@ fn once_on_shared_frames_equals_infer() {
     );
     for f in &frames {
         let name = f.file_name().unwrap().to_str().unwrap();
-        let result = json(&spool.join("out").join(format!("{name}.json")));
-        assert_eq!(result["frame"], name);
+        let result = result(&spool.join("out").join(format!("{name}.json")));
+        assert_eq!(result.frame, name);
         assert!(spool.join("done").join(name).is_file());
-        let models = result["models"].as_array().unwrap();
+        let models = &result.models;
         assert_eq!(models.len(), 3);
         for (k, pkg) in [&det, &lm].iter().enumerate() {
             let infer: Value = serde_json::from_str(&cli_ok(&[
@@ -152,20 +161,25 @@ fn once_on_shared_frames_equals_infer() {
                 f.to_str().unwrap(),
             ]))
             .unwrap();
+            let Some(Outputs::Summary(summary)) = models[k].outputs() else {
+                panic!("{name}: model {k} is summarised: {:?}", models[k]);
+            };
             assert_eq!(
-                models[k]["outputs"], infer["outputs"],
+                serde_json::to_value(summary).unwrap(),
+                infer["outputs"],
                 "{name}: {} differs from memaflow infer",
                 infer["model"]
             );
         }
         // Each model's share of the scheduler's ledger: none above the frame's high-water
         // mark, together at least that (two models in flight at once may overlap).
-        let frame_hw = result["memory"]["ledger_high_water_bytes"]
-            .as_u64()
-            .unwrap();
+        let frame_hw = result.memory.ledger_high_water_bytes;
         let shares: Vec<u64> = models
             .iter()
-            .map(|m| m["memory"]["ledger_high_water_bytes"].as_u64().unwrap())
+            .map(|m| match &m.outcome {
+                ModelOutcome::Ran(run) => run.memory.unwrap().ledger_high_water_bytes,
+                ModelOutcome::Failed { error } => panic!("{name}: {error:?}"),
+            })
             .collect();
         assert!(
             shares.iter().all(|&s| s > 0 && s <= frame_hw),
@@ -182,16 +196,12 @@ fn once_on_shared_frames_equals_infer() {
             "--npy-out",
             npy_dir.to_str().unwrap(),
         ]);
-        let raw = models[2]["outputs"].as_array().unwrap();
+        let Some(Outputs::Raw(raw)) = models[2].outputs() else {
+            panic!("{name}: the third model is raw");
+        };
         for (n, out) in raw.iter().enumerate() {
             let want = FloatTensor::from(npy::read(&npy_dir.join(format!("{n:02}.npy"))).unwrap());
-            let got: Vec<f32> = out["values"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect();
-            let got = FloatTensor::new(want.shape.clone(), got).unwrap();
+            let got = FloatTensor::new(want.shape.clone(), out.values.clone()).unwrap();
             assert!(got.bit_identical(&want), "{name}: raw output {n} differs");
         }
     }
@@ -212,8 +222,11 @@ fn once_on_shared_frames_equals_infer() {
             .iter()
             .map(|f| {
                 let name = f.file_name().unwrap().to_str().unwrap();
-                let result = json(&spool.join("out").join(format!("{name}.json")));
-                result["models"][k]["layers"]["loaded"].as_u64().unwrap()
+                let result = result(&spool.join("out").join(format!("{name}.json")));
+                match &result.models[k].outcome {
+                    ModelOutcome::Ran(run) => u64::from(run.layers.unwrap().loaded),
+                    ModelOutcome::Failed { error } => panic!("{name}: {error:?}"),
+                }
             })
             .sum();
         assert_eq!(
@@ -493,38 +506,33 @@ fn bad_inputs_get_a_reason_and_never_stop_the_daemon() {
     );
     assert!(names(&spool.join("work")).is_empty());
     for name in good {
-        let r = json(&spool.join("out").join(format!("{name}.json")));
-        let models = r["models"].as_array().unwrap();
-        assert_eq!(models.len(), 4, "{name}: {r}");
+        let r = result(&spool.join("out").join(format!("{name}.json")));
+        let models = &r.models;
+        assert_eq!(models.len(), 4, "{name}: {r:?}");
         assert!(
-            models[0]["outputs"].is_array(),
-            "{name}: the good model ran: {r}"
+            matches!(models[0].outputs(), Some(Outputs::Summary(_))),
+            "{name}: the good model ran: {r:?}"
         );
-        let error = |k: usize| models[k]["error"].clone();
-        assert_eq!(error(1)["stage"], "package");
-        assert_eq!(error(1)["layer"], 5, "{name}: {}", error(1));
-        assert!(error(1)["reason"].as_str().unwrap().contains("005.tflite"));
-        assert_eq!(error(2)["layer"], 3, "{name}: {}", error(2));
-        assert!(
-            error(3)["reason"]
-                .as_str()
-                .unwrap()
-                .contains("not a model package")
-        );
+        let error = |k: usize| models[k].error().unwrap().clone();
+        assert_eq!(error(1).stage, ModelStage::Package);
+        assert_eq!(error(1).layer, Some(5), "{name}: {:?}", error(1));
+        assert!(error(1).reason.contains("005.tflite"));
+        assert_eq!(error(2).layer, Some(3), "{name}: {:?}", error(2));
+        assert!(error(3).reason.contains("not a model package"));
         assert!(spool.join("done").join(name).exists());
     }
     let mut report = String::new();
     let mut wrong = vec![];
     for (name, stage, words) in &bad {
-        let record = json(&spool.join("failed").join(format!("{name}.error.json")));
-        let reason = record["reason"].as_str().unwrap().to_lowercase();
-        report += &format!("{name}: {} {reason}\n", record["stage"]);
-        assert_eq!(record["frame"], *name);
+        let record = failure(&spool.join("failed").join(format!("{name}.error.json")));
+        let reason = record.reason.to_lowercase();
+        report += &format!("{name}: {} {reason}\n", record.stage.name());
+        assert_eq!(record.frame, *name);
         assert!(
             std::fs::symlink_metadata(spool.join("failed").join(name)).is_ok(),
             "{name} itself is kept in failed/"
         );
-        if record["stage"] != *stage || !reason.contains(words) {
+        if record.stage.name() != *stage || !reason.contains(words) {
             wrong.push(format!(
                 "{name}: expected stage {stage} and '{words}' in the reason"
             ));
@@ -617,17 +625,20 @@ fn sigkill_at_random_moments_loses_nothing() {
     let mut expected_failed = BTreeSet::new();
     for (name, good) in &sent {
         if *good {
-            let r = json(&spool.join("out").join(format!("{name}.json")));
-            assert_eq!(r["frame"], name.as_str());
-            assert!(r["models"][0]["outputs"].is_array(), "{name}: {r}");
+            let r = result(&spool.join("out").join(format!("{name}.json")));
+            assert_eq!(r.frame, name.as_str());
+            assert!(
+                matches!(r.models[0].outputs(), Some(Outputs::Summary(_))),
+                "{name}: {r:?}"
+            );
             assert!(
                 spool.join("done").join(name).is_file(),
                 "{name} is in done/"
             );
             expected_out.insert(format!("{name}.json"));
         } else {
-            let e = json(&spool.join("failed").join(format!("{name}.error.json")));
-            assert_eq!(e["stage"], "decode", "{name}: {e}");
+            let e = failure(&spool.join("failed").join(format!("{name}.error.json")));
+            assert_eq!(e.stage.name(), "decode", "{name}: {e:?}");
             expected_failed.insert(name.clone());
             expected_failed.insert(format!("{name}.error.json"));
         }
@@ -712,8 +723,8 @@ fn sigterm_stops_cleanly_and_inotify_wakes_the_daemon() {
         "{out:?}"
     );
     assert_ne!(
-        json(&spool.join("out/w0.png.json"))["models"],
-        json(&spool.join("out/w0~1.png.json"))["models"],
+        result(&spool.join("out/w0.png.json")).models,
+        result(&spool.join("out/w0~1.png.json")).models,
         "two different frames named w0.png, two different results"
     );
     assert!(names(&spool.join("done")).is_empty(), "done = \"delete\"");
@@ -810,8 +821,11 @@ fn restart_finishes_work_without_running_a_frame_twice() {
         log.contains("done-already.png: result already written"),
         "{log}"
     );
-    let r = json(&spool.join("out/unfinished.png.json"));
-    assert!(r["models"][0]["outputs"].is_array(), "{r}");
+    let r = result(&spool.join("out/unfinished.png.json"));
+    assert!(
+        matches!(r.models[0].outputs(), Some(Outputs::Summary(_))),
+        "{r:?}"
+    );
     assert_eq!(
         json(&spool.join("failed/bad.png.error.json"))["reason"],
         "earlier"
@@ -847,19 +861,16 @@ fn a_frame_written_in_place_is_taken_once_complete() {
     std::io::Write::write_all(&mut f, &png[png.len() / 2..]).unwrap();
     drop(f);
     let t = Instant::now();
-    let result = spool.join("out/slow.png.json");
-    while !result.exists() {
+    let written = spool.join("out/slow.png.json");
+    while !written.exists() {
         assert!(
             t.elapsed() < hang_limit(Duration::from_secs(4)),
             "the closed file was not taken on IN_CLOSE_WRITE"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let r = json(&result);
-    assert_eq!(
-        (r["width"].as_u64(), r["height"].as_u64()),
-        (Some(48), Some(36))
-    );
+    let r = result(&written);
+    assert_eq!((r.width, r.height), (48, 36));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let out = child.wait(Duration::from_secs(5), "the daemon");
     assert!(out.status.success());

@@ -12,6 +12,7 @@
 use super::config::{Config, DonePolicy};
 use super::layout::Spool;
 use super::pipeline::{self, Model, Outcome, unix_now};
+use super::schema::{FailureRecord, FrameResult, FrameStage, Outputs};
 use super::status::{LastError, State, Status};
 use crate::memory::SystemMemory;
 use crate::runtime::{Executor, ExecutorOptions, SchedulerOptions};
@@ -21,7 +22,6 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use serde_json::{Value, json};
 use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::AsFd;
@@ -342,7 +342,7 @@ impl Daemon {
                 }))
                 .unwrap_or_else(|_| {
                     Outcome::Failed(pipeline::FrameError {
-                        stage: pipeline::FrameStage::Internal,
+                        stage: FrameStage::Internal,
                         reason: "processing panicked (a bug: please report it with the frame)"
                             .into(),
                         models: vec![],
@@ -484,13 +484,13 @@ impl Daemon {
                 log::info!("{name}: {}", one_line(&result, self.config.spool.done));
             }
             Outcome::Failed(e) => {
-                let record = json!({
-                    "frame": name,
-                    "stage": e.stage,
-                    "reason": e.reason,
-                    "models": e.models,
-                    "failed_unix": unix_now(),
-                });
+                let record = FailureRecord {
+                    frame: name.to_string(),
+                    stage: e.stage,
+                    reason: e.reason.clone(),
+                    models: e.models,
+                    failed_unix: unix_now(),
+                };
                 let mut bytes = serde_json::to_vec_pretty(&record)?;
                 bytes.push(b'\n');
                 self.spool
@@ -556,30 +556,25 @@ fn read_events(inotify: &Inotify, announced: &mut HashSet<OsString>) -> Result<b
 }
 
 /// The log line of a finished frame: each model's verdict and the time taken.
-fn one_line(result: &Value, done: DonePolicy) -> String {
-    let models: Vec<String> = result["models"]
-        .as_array()
-        .map(|ms| {
-            ms.iter()
-                .map(|m| {
-                    let name = m["name"].as_str().unwrap_or("?");
-                    if m.get("error").is_some() {
-                        format!("{name} error")
-                    } else if let Some(n) = m["outputs"]["detections"].as_array().map(Vec::len) {
-                        format!("{name} {n} detection(s)")
-                    } else {
-                        format!("{name} ok")
-                    }
-                })
-                .collect()
+fn one_line(result: &FrameResult, done: DonePolicy) -> String {
+    let models: Vec<String> = result
+        .models
+        .iter()
+        .map(|m| match m.outputs() {
+            None => format!("{} error", m.name),
+            Some(Outputs::Boxes(d)) => format!("{} {} detection(s)", m.name, d.detections.len()),
+            Some(Outputs::Landmarks(c)) => {
+                format!("{} {} of {} crop(s) found", m.name, c.found, c.crops)
+            }
+            Some(_) => format!("{} ok", m.name),
         })
-        .unwrap_or_default();
+        .collect();
     format!(
         "{}×{}, {} in {} ms; {}",
-        result["width"],
-        result["height"],
+        result.width,
+        result.height,
         models.join(", "),
-        result["time_ms"]["total"],
+        result.time_ms.total,
         match done {
             DonePolicy::Move => "moved to done/",
             DonePolicy::Delete => "deleted",

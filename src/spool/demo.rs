@@ -4,11 +4,11 @@
 //! out for every frame.
 
 use super::daemon::{self, RunOptions};
+use super::schema::{FailureRecord, FrameResult, ModelOutcome, ModelResult, Outputs};
 use crate::memory::Bytes;
 use crate::model::{self, Package, zoo};
 use anyhow::{Context, Result};
 use image::{Rgb, RgbImage};
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 /// Zoo networks small enough to generate in seconds.
@@ -112,66 +112,60 @@ fn print_results(spool: &Path) -> Result<()> {
         .collect();
     entries.sort();
     for path in entries {
-        let text = std::fs::read_to_string(&path)?;
-        let r: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not JSON", path.display()))?;
-        let frame = r["frame"].as_str().unwrap_or("?");
-        for m in r["models"].as_array().into_iter().flatten() {
+        let r = FrameResult::read(&path)?;
+        for m in &r.models {
+            let took = match &m.outcome {
+                ModelOutcome::Ran(run) => run
+                    .time_ms
+                    .map_or("-".into(), |t| format!("{:.1}", t.end - t.start)),
+                ModelOutcome::Failed { .. } => "-".into(),
+            };
             println!(
-                "{frame:<16} {:<28} {:<44} {:>8} ms",
-                m["name"].as_str().unwrap_or("?"),
-                verdict(m),
-                m["time_ms"]["end"]
-                    .as_f64()
-                    .zip(m["time_ms"]["start"].as_f64())
-                    .map_or("-".into(), |(e, s)| format!("{:.1}", e - s)),
+                "{:<16} {:<28} {:<44} {took:>8} ms",
+                r.frame,
+                m.name,
+                verdict(m)
             );
         }
     }
     for e in std::fs::read_dir(spool.join("failed"))?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.ends_with(".error.json") {
-            let r: Value = serde_json::from_str(&std::fs::read_to_string(e.path())?)?;
-            println!(
-                "{:<16} failed ({}): {}",
-                r["frame"].as_str().unwrap_or("?"),
-                r["stage"].as_str().unwrap_or("?"),
-                r["reason"].as_str().unwrap_or("?")
-            );
+            let r = FailureRecord::read(&e.path())?;
+            println!("{:<16} failed ({}): {}", r.frame, r.stage.name(), r.reason);
         }
     }
     Ok(())
 }
 
-fn verdict(m: &Value) -> String {
-    if let Some(e) = m.get("error") {
-        return format!("error: {}", e["reason"].as_str().unwrap_or("?"));
+fn verdict(m: &ModelResult) -> String {
+    let outputs = match &m.outcome {
+        ModelOutcome::Failed { error } => return format!("error: {}", error.reason),
+        ModelOutcome::Ran(run) => &run.outputs,
+    };
+    match outputs {
+        Outputs::Boxes(d) => {
+            let best = d.detections.iter().map(|d| d.score).fold(0.0, f32::max);
+            match d.detections.len() {
+                0 => "no face".into(),
+                n => format!("{n} face(s), best score {best:.3}"),
+            }
+        }
+        Outputs::Landmarks(c) => format!("landmarks on {} of {} crop(s)", c.found, c.crops),
+        Outputs::Topk(outs) => match outs.first().and_then(|o| o.top.first()) {
+            Some(top) => format!(
+                "{} ({:.3})",
+                top.label.clone().unwrap_or_else(|| top.index.to_string()),
+                top.value
+            ),
+            None => "no outputs".into(),
+        },
+        Outputs::Summary(outs) => match outs.first() {
+            Some(o) => format!("{} {:?} in [{:.3}, {:.3}]", o.name, o.shape, o.min, o.max),
+            None => "no outputs".into(),
+        },
+        Outputs::Raw(outs) => format!("{} raw output(s)", outs.len()),
     }
-    let outs = &m["outputs"];
-    if let Some(d) = outs["detections"].as_array() {
-        let best = d
-            .iter()
-            .filter_map(|d| d["score"].as_f64())
-            .fold(0.0, f64::max);
-        return match d.len() {
-            0 => "no face".into(),
-            n => format!("{n} face(s), best score {best:.3}"),
-        };
-    }
-    let first = &outs[0];
-    if let Some(top) = first["top"].get(0).or_else(|| first["top5"].get(0)) {
-        let label = top["label"]
-            .as_str()
-            .map_or_else(|| top["index"].to_string(), String::from);
-        return format!("{label} ({:.3})", top["value"].as_f64().unwrap_or(f64::NAN));
-    }
-    format!(
-        "{} {} in [{:.3}, {:.3}]",
-        first["name"].as_str().unwrap_or("?"),
-        first["shape"],
-        first["min"].as_f64().unwrap_or(f64::NAN),
-        first["max"].as_f64().unwrap_or(f64::NAN)
-    )
 }
 
 fn prepare_models(dir: &Path) -> Result<Vec<Package>> {

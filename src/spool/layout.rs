@@ -146,13 +146,11 @@ impl Spool {
 
     /// Whether `out/NAME.json` is a complete result for the frame `work/NAME`.
     pub fn has_result(&self, name: &str) -> bool {
-        read_json(&self.out.join(result_name(name)))
-            .is_some_and(|v| v.get("frame").and_then(|f| f.as_str()) == Some(name))
+        names_frame(&self.out.join(result_name(name)), name)
     }
 
     pub fn has_error_record(&self, name: &str) -> bool {
-        read_json(&self.failed.join(error_name(name)))
-            .is_some_and(|v| v.get("frame").and_then(|f| f.as_str()) == Some(name))
+        names_frame(&self.failed.join(error_name(name)), name)
     }
 
     /// Records the result, then lets the frame go: to `done/` or unlinked.
@@ -289,10 +287,18 @@ fn list(dir: &Path) -> Result<Vec<Entry>> {
     Ok(out)
 }
 
-/// A JSON file's value, or `None` if it is absent, unreadable or not complete JSON.
-fn read_json(path: &Path) -> Option<serde_json::Value> {
-    let bytes = super::fsutil::read_frame(path, 256 << 20).ok()?;
-    serde_json::from_slice(&bytes).ok()
+/// Whether `path` is complete JSON naming the frame `name` (`frame`, the one field a
+/// result and a failure record share). Only that is asked of a record written before a
+/// crash: whatever else it holds, it was written whole, so the frame is not run again.
+fn names_frame(path: &Path, name: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        frame: String,
+    }
+    super::fsutil::read_frame(path, 256 << 20)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Named>(&bytes).ok())
+        .is_some_and(|r| r.frame == name)
 }
 
 #[cfg(test)]

@@ -11,4 +11,5 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod publish_config;
 pub mod results;
+pub mod schema;
 pub mod status;

@@ -12,36 +12,17 @@ use super::config::{ModelConfig, RunConfig};
 use super::fsutil::read_frame;
 use super::preprocess::{self, Geometry};
 use super::results::Report;
+use super::schema::{
+    FrameMemory, FrameResult, FrameStage, FrameTimes, LayerCounts, ModelError, ModelMemory,
+    ModelOutcome, ModelResult, ModelRun, ModelStage, ModelTimes,
+};
 use crate::memory::SystemMemory;
 use crate::model::{Package, Preprocess};
 use crate::runtime::{Executor, InferenceOutput, LayerCost, ModelId};
 use crate::tiling::TiledModel;
-use serde::Serialize;
-use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Where a model failed.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ModelStage {
-    /// The start-up check of the package.
-    Package,
-    Preprocess,
-    Inference,
-    /// Rendering the outputs as configured.
-    Report,
-}
-
-/// Why a model produced no outputs for a frame.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct ModelError {
-    pub stage: ModelStage,
-    pub reason: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub layer: Option<usize>,
-}
 
 pub struct Model {
     /// The package's name, or its directory's name when it cannot be opened.
@@ -96,6 +77,14 @@ impl Model {
 
     pub fn error(&self) -> Option<&ModelError> {
         self.ready.as_ref().err()
+    }
+
+    /// Its entry in a result when it produced nothing.
+    fn failed(&self, error: ModelError) -> ModelResult {
+        ModelResult {
+            name: self.name.clone(),
+            outcome: ModelOutcome::Failed { error },
+        }
     }
 
     /// The tiling configuration it runs under, if it runs tiled.
@@ -168,41 +157,17 @@ fn check_package(
     })
 }
 
-/// Where a frame failed as a whole.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum FrameStage {
-    /// Refused (not a plain file, too large) or unreadable.
-    Read,
-    Decode,
-    /// No model produced outputs.
-    Inference,
-    /// Processing panicked: a bug.
-    Internal,
-}
-
-impl FrameStage {
-    pub fn name(self) -> &'static str {
-        match self {
-            FrameStage::Read => "read",
-            FrameStage::Decode => "decode",
-            FrameStage::Inference => "inference",
-            FrameStage::Internal => "internal",
-        }
-    }
-}
-
 /// Why a frame failed as a whole.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct FrameError {
     pub stage: FrameStage,
     pub reason: String,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub models: Vec<Value>,
+    /// With `FrameStage::Inference`: each model's error.
+    pub models: Vec<ModelResult>,
 }
 
 pub enum Outcome {
-    Done(Value),
+    Done(Box<FrameResult>),
     Failed(FrameError),
 }
 
@@ -258,23 +223,22 @@ pub fn process(frame: &str, path: &Path, cx: &Setup) -> Outcome {
     let decoded = t0.elapsed();
     let (fw, fh) = (img.width(), img.height());
 
-    let mut entries: Vec<Option<Value>> = vec![None; cx.models.len()];
+    let mut entries: Vec<Option<ModelResult>> = vec![None; cx.models.len()];
     let submitted_ms = cx.executor.now_ms();
     let mut running: Vec<(usize, usize)> = vec![];
     for (k, m) in cx.models.iter().enumerate() {
         match &m.ready {
-            Err(e) => entries[k] = Some(error_entry(m, e)),
+            Err(e) => entries[k] = Some(m.failed(e.clone())),
             Ok(r) => {
                 let shape = &r.package.manifest.inputs[0].shape;
                 match preprocess::to_input(&img, &r.preprocess, shape) {
                     Ok(input) => running.push((k, cx.executor.submit(r.id, input))),
                     Err(e) => {
-                        let err = ModelError {
+                        entries[k] = Some(m.failed(ModelError {
                             stage: ModelStage::Preprocess,
                             reason: format!("{e:#}"),
                             layer: None,
-                        };
-                        entries[k] = Some(error_entry(m, &err));
+                        }));
                     }
                 }
             }
@@ -290,41 +254,34 @@ pub fn process(frame: &str, path: &Path, cx: &Setup) -> Outcome {
         entries[k] = Some(model_entry(&cx.models[k], out, submitted_ms, (fw, fh)));
     }
     let inference = t_run.elapsed();
-    let models: Vec<Value> = entries.into_iter().flatten().collect();
-    let succeeded = models.iter().filter(|m| m.get("error").is_none()).count();
-    if succeeded == 0 {
+    let models: Vec<ModelResult> = entries.into_iter().flatten().collect();
+    if models.iter().all(|m| m.error().is_some()) {
         return Outcome::Failed(no_model_succeeded(models));
     }
-    Outcome::Done(json!({
-        "frame": frame,
-        "bytes": n_bytes,
-        "width": fw,
-        "height": fh,
-        "processed_unix": unix_now(),
-        "models": models,
-        "time_ms": {
-            "decode": ms(decoded),
-            "inference": ms(inference),
-            "total": ms(t0.elapsed()),
+    Outcome::Done(Box::new(FrameResult {
+        frame: frame.to_string(),
+        bytes: n_bytes as u64,
+        width: fw,
+        height: fh,
+        processed_unix: unix_now(),
+        models,
+        time_ms: FrameTimes {
+            decode: ms(decoded),
+            inference: ms(inference),
+            total: ms(t0.elapsed()),
         },
-        "memory": {
-            "budget_bytes": cx.run.budget,
-            "ledger_high_water_bytes": high_water,
-            "peak_rss_bytes": cx.executor.peak_rss(),
+        memory: FrameMemory {
+            budget_bytes: cx.run.budget,
+            ledger_high_water_bytes: high_water,
+            peak_rss_bytes: cx.executor.peak_rss(),
         },
     }))
 }
 
-fn no_model_succeeded(models: Vec<Value>) -> FrameError {
+fn no_model_succeeded(models: Vec<ModelResult>) -> FrameError {
     let reasons: Vec<String> = models
         .iter()
-        .map(|m| {
-            format!(
-                "{}: {}",
-                m["name"].as_str().unwrap_or("?"),
-                m["error"]["reason"].as_str().unwrap_or("?")
-            )
-        })
+        .filter_map(|m| Some(format!("{}: {}", m.name, m.error()?.reason)))
         .collect();
     FrameError {
         stage: FrameStage::Inference,
@@ -337,21 +294,29 @@ fn no_model_succeeded(models: Vec<Value>) -> FrameError {
     }
 }
 
+fn round3(v: f64) -> f64 {
+    (v * 1e3).round() / 1e3
+}
+
 /// One model's entry in a frame's result: its outputs as configured, or why there are none.
-fn model_entry(m: &Model, out: InferenceOutput, submitted_ms: f64, (fw, fh): (u32, u32)) -> Value {
+fn model_entry(
+    m: &Model,
+    out: InferenceOutput,
+    submitted_ms: f64,
+    (fw, fh): (u32, u32),
+) -> ModelResult {
     let r = match &m.ready {
         Ok(r) => r,
-        Err(e) => return error_entry(m, e),
+        Err(e) => return m.failed(e.clone()),
     };
     let outputs = match out.outputs {
         Ok(o) => o,
         Err(e) => {
-            let err = ModelError {
+            return m.failed(ModelError {
                 stage: ModelStage::Inference,
                 reason: format!("{e:#}"),
                 layer: None,
-            };
-            return error_entry(m, &err);
+            });
         }
     };
     let shape = &r.package.manifest.inputs[0].shape;
@@ -362,38 +327,36 @@ fn model_entry(m: &Model, out: InferenceOutput, submitted_ms: f64, (fw, fh): (u3
         shape[2] as u32,
         shape[1] as u32,
     );
-    let round = |v: f64| (v * 1e3).round() / 1e3;
     let t = out.timing;
     match r
         .report
         .render(&r.package.manifest.outputs, &outputs, &geometry)
     {
-        Ok(rendered) => json!({
-            "name": m.name,
-            "report": r.report.name(),
-            "outputs": rendered,
-            "time_ms": {
-                "start": round(t.start_ms - submitted_ms),
-                "end": round(t.end_ms - submitted_ms),
-                "load": round(t.load_ms),
-                "exec": round(t.exec_ms),
-            },
-            "layers": { "loaded": out.summary.misses, "resident": out.summary.hits },
-            "memory": { "ledger_high_water_bytes": out.summary.share_high_water },
+        Ok(outputs) => ModelResult {
+            name: m.name.clone(),
+            outcome: ModelOutcome::Ran(Box::new(ModelRun {
+                outputs,
+                time_ms: Some(ModelTimes {
+                    start: round3(t.start_ms - submitted_ms),
+                    end: round3(t.end_ms - submitted_ms),
+                    load: round3(t.load_ms),
+                    exec: round3(t.exec_ms),
+                }),
+                layers: Some(LayerCounts {
+                    loaded: out.summary.misses,
+                    resident: out.summary.hits,
+                }),
+                memory: Some(ModelMemory {
+                    ledger_high_water_bytes: out.summary.share_high_water,
+                }),
+            })),
+        },
+        Err(e) => m.failed(ModelError {
+            stage: ModelStage::Report,
+            reason: format!("{e:#}"),
+            layer: None,
         }),
-        Err(e) => error_entry(
-            m,
-            &ModelError {
-                stage: ModelStage::Report,
-                reason: format!("{e:#}"),
-                layer: None,
-            },
-        ),
     }
-}
-
-fn error_entry(m: &Model, e: &ModelError) -> Value {
-    json!({ "name": m.name, "error": e })
 }
 
 pub fn unix_now() -> f64 {

@@ -3,32 +3,14 @@
 //! head finds (anchors, regression decoding, non-maximum suppression).
 
 use super::preprocess::Geometry;
+use super::schema::{Detection, Detections, Outputs, Ranked, RawOutput, TopOutput};
 use crate::model::package::OutputSpec;
 use crate::runtime::FloatTensor;
 use anyhow::{Context, Result, ensure};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct OutputSummary {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub min: f32,
-    pub max: f32,
-    pub mean: f32,
-    /// For vector outputs (one axis longer than 1): the largest value's index.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub argmax: Option<usize>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub top5: Vec<Ranked>,
-}
-
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Ranked {
-    pub index: usize,
-    pub value: f32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub label: Option<String>,
-}
+/// What [`summarise`] makes (defined with the rest of the result schema).
+pub use super::schema::OutputSummary;
 
 pub fn summarise(name: &str, t: &FloatTensor, labels: Option<&[String]>) -> OutputSummary {
     let finite = t.data.iter().copied().filter(|v| v.is_finite());
@@ -87,20 +69,6 @@ pub enum Report {
     Boxes(Box<BoxDecoder>),
 }
 
-#[derive(Clone, Debug, Serialize)]
-struct RawOutput<'a> {
-    name: &'a str,
-    shape: &'a [usize],
-    values: &'a [f32],
-}
-
-#[derive(Clone, Debug, Serialize)]
-struct TopOutput<'a> {
-    name: &'a str,
-    shape: &'a [usize],
-    top: Vec<Ranked>,
-}
-
 impl Report {
     pub fn name(&self) -> &'static str {
         match self {
@@ -139,7 +107,7 @@ impl Report {
         specs: &[OutputSpec],
         outputs: &[FloatTensor],
         geometry: &Geometry,
-    ) -> Result<serde_json::Value> {
+    ) -> Result<Outputs> {
         ensure!(
             specs.len() == outputs.len(),
             "{} outputs for {} declared",
@@ -148,21 +116,21 @@ impl Report {
         );
         let pairs = specs.iter().zip(outputs);
         Ok(match self {
-            Report::Summary => serde_json::to_value(
+            Report::Summary => Outputs::Summary(
                 pairs
                     .map(|(s, t)| summarise(&s.name, t, s.labels.as_deref()))
-                    .collect::<Vec<_>>(),
-            )?,
-            Report::Raw => serde_json::to_value(
+                    .collect(),
+            ),
+            Report::Raw => Outputs::Raw(
                 pairs
                     .map(|(s, t)| RawOutput {
-                        name: &s.name,
-                        shape: &t.shape,
-                        values: &t.data,
+                        name: s.name.clone(),
+                        shape: t.shape.clone(),
+                        values: t.data.clone(),
                     })
-                    .collect::<Vec<_>>(),
-            )?,
-            Report::TopK { k, labels } => serde_json::to_value(
+                    .collect(),
+            ),
+            Report::TopK { k, labels } => Outputs::Topk(
                 pairs
                     .map(|(s, t)| {
                         let labels = labels
@@ -170,14 +138,14 @@ impl Report {
                             .filter(|l| l.len() == t.data.len())
                             .or(s.labels.as_deref());
                         TopOutput {
-                            name: &s.name,
-                            shape: &t.shape,
+                            name: s.name.clone(),
+                            shape: t.shape.clone(),
                             top: top_k(&t.data, *k, labels),
                         }
                     })
-                    .collect::<Vec<_>>(),
-            )?,
-            Report::Boxes(d) => serde_json::to_value(d.decode(specs, outputs, geometry)?)?,
+                    .collect(),
+            ),
+            Report::Boxes(d) => Outputs::Boxes(d.decode(specs, outputs, geometry)?),
         })
     }
 }
@@ -248,24 +216,6 @@ pub struct BoxDecoder {
     spec: BoxSpec,
     /// Anchor centres, normalised to the input.
     anchors: Vec<(f32, f32)>,
-}
-
-/// One detection, in the frame's pixels.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Detection {
-    pub score: f32,
-    /// x_min, y_min, x_max, y_max.
-    #[serde(rename = "box")]
-    pub bbox: [f32; 4],
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub keypoints: Vec<[f32; 2]>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Detections {
-    /// Anchors whose score passed the threshold, before suppression.
-    pub candidates: usize,
-    pub detections: Vec<Detection>,
 }
 
 impl BoxDecoder {
@@ -411,6 +361,7 @@ impl BoxDecoder {
                     score,
                     bbox: [x0, y0, x1, y1],
                     keypoints,
+                    crops: vec![],
                 }
             })
             .collect();
@@ -501,18 +452,23 @@ mod tests {
         let specs = [spec("prob", vec![1, 3])];
         let outs = [FloatTensor::new(vec![1, 3], vec![0.2, 0.7, 0.1]).unwrap()];
         let g = Geometry::stretch(1, 1);
-        let raw = Report::Raw.render(&specs, &outs, &g).unwrap();
-        assert_eq!(raw[0]["values"][1].as_f64().unwrap() as f32, 0.7);
+        let Outputs::Raw(raw) = Report::Raw.render(&specs, &outs, &g).unwrap() else {
+            panic!("raw renders raw outputs")
+        };
+        assert_eq!(raw[0].values[1], 0.7);
         let labels = Some(vec!["a".to_string(), "b".into(), "c".into()]);
-        let top = Report::TopK { k: 2, labels }
+        let Outputs::Topk(top) = Report::TopK { k: 2, labels }
             .render(&specs, &outs, &g)
-            .unwrap();
-        assert_eq!(top[0]["top"].as_array().unwrap().len(), 2);
-        assert_eq!(top[0]["top"][0]["label"], "b");
+            .unwrap()
+        else {
+            panic!("topk renders a ranking")
+        };
+        assert_eq!(top[0].top.len(), 2);
+        assert_eq!(top[0].top[0].label.as_deref(), Some("b"));
         let summary = Report::Summary.render(&specs, &outs, &g).unwrap();
         assert_eq!(
-            summary[0],
-            serde_json::to_value(summarise("prob", &outs[0], None)).unwrap()
+            summary,
+            Outputs::Summary(vec![summarise("prob", &outs[0], None)])
         );
         assert!(Report::Raw.render(&specs, &[], &g).is_err());
     }

@@ -2,7 +2,8 @@
 //! replaced atomically so a reader never sees half of it.
 
 use super::config::{Config, RunConfig};
-use super::pipeline::{FrameStage, Model, unix_now};
+use super::pipeline::{Model, unix_now};
+use super::schema::FrameStage;
 use crate::memory::{self, SystemMemory};
 use crate::runtime::ExecutorSnapshot;
 use serde::Serialize;
