@@ -3,6 +3,7 @@
 //! see `docs/spool.md`.
 
 pub mod config;
+pub mod crop;
 pub mod daemon;
 pub mod demo;
 pub mod fsutil;

@@ -1,7 +1,7 @@
 //! Frames → input tensors: decode (JPEG, PNG, PPM/PGM, BMP) within limits, resize, order
 //! channels and normalise as the model's manifest says.
 
-use crate::model::{ColorOrder, Preprocess, ResizeMode};
+use crate::model::{Preprocess, ResizeMode};
 use crate::runtime::FloatTensor;
 use anyhow::{Context, Result, ensure};
 use image::{DynamicImage, RgbImage, imageops::FilterType};
@@ -113,26 +113,9 @@ pub fn to_input(img: &DynamicImage, pre: &Preprocess, shape: &[usize]) -> Result
     );
     let (h, w, c) = (shape[1] as u32, shape[2] as u32, shape[3]);
     let rgb = fit(&img.to_rgb8(), w, h, pre.resize);
-    let param = |v: &[f32], ch: usize| if v.len() == 1 { v[0] } else { v[ch] };
     let mut data = Vec::with_capacity((w * h) as usize * c);
     for px in rgb.pixels() {
-        let [r, g, b] = px.0.map(f32::from);
-        if c == 1 || pre.color == ColorOrder::Gray {
-            // ITU-R BT.601 luma, as the image crate and OpenCV compute it.
-            let y = 0.299 * r + 0.587 * g + 0.114 * b;
-            for ch in 0..c {
-                data.push((y - param(&pre.mean, ch)) / param(&pre.std, ch));
-            }
-        } else {
-            let ordered = if pre.color == ColorOrder::Bgr {
-                [b, g, r]
-            } else {
-                [r, g, b]
-            };
-            for (ch, v) in ordered.into_iter().enumerate() {
-                data.push((v - param(&pre.mean, ch)) / param(&pre.std, ch));
-            }
-        }
+        super::crop::push_normalised(&mut data, px.0.map(f32::from), pre, c);
     }
     FloatTensor::new(shape.to_vec(), data)
 }
@@ -230,6 +213,7 @@ impl Geometry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ColorOrder;
     use image::Rgb;
 
     fn pre(resize: ResizeMode, color: ColorOrder) -> Preprocess {
