@@ -54,11 +54,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     log_start(&spool, &config);
     let system = SystemMemory::detect();
     let executor = Arc::new(Executor::start(executor_options(&config), system.clone())?);
-    let models: Vec<Model> = config
-        .models
-        .iter()
-        .map(|m| Model::load(m, &config.run, &system, &executor))
-        .collect();
+    let models = pipeline::load_all(&config.models, &config.run, &system, &executor);
     let usable = models.iter().filter(|m| m.error().is_none()).count();
     if models.is_empty() {
         log::warn!("no models configured: frames wait in incoming/ until there are some");
@@ -326,6 +322,7 @@ impl Daemon {
             self.executor.clone(),
         );
         let limit = self.config.spool.max_frame_bytes;
+        let dump_inputs = self.config.debug.dump_inputs.clone();
         let frame = name.clone();
         let done = self.done_tx.clone();
         std::thread::Builder::new()
@@ -336,6 +333,7 @@ impl Daemon {
                     run: &run,
                     max_frame_bytes: limit,
                     executor: &executor,
+                    dump_inputs: dump_inputs.as_deref(),
                 };
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     pipeline::process(&frame, &path, &cx)

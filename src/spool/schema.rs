@@ -134,7 +134,7 @@ pub struct ModelTimes {
     pub exec: f64,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct LayerCounts {
     /// Layers read and planned for this inference.
     pub loaded: u32,
@@ -259,8 +259,10 @@ pub struct CascadeSummary {
 pub struct CropResult {
     /// The cascade model's name.
     pub model: String,
-    /// The region cropped from the frame.
-    pub roi: Roi,
+    /// The region cropped from the frame; absent when the detection gives none (an empty
+    /// or non-finite box: the error says which).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roi: Option<Roi>,
     #[serde(flatten)]
     pub outcome: CropOutcome,
 }
@@ -432,11 +434,11 @@ mod tests {
         };
         let crop = CropResult {
             model: "landmarks".into(),
-            roi: Roi {
+            roi: Some(Roi {
                 center: [10.0, 20.0],
                 size: [30.0, 30.0],
                 rotation: 0.25,
-            },
+            }),
             outcome: CropOutcome::Ran(Box::new(Landmarks {
                 presence: Some(0.9),
                 present: true,
