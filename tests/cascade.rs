@@ -430,3 +430,63 @@ fn each_face_of_a_group_gets_its_own_landmarks() {
         assert_eq!(reference.len(), 4, "FaceMesh finds the four faces too");
     }
 }
+
+#[test]
+fn show_draws_the_result_on_the_frame() {
+    let Some(run) = run() else { return };
+    let result = run.dir.join("spool/out/astronaut.png.json");
+    let picture = run.dir.join("astronaut-shown.png");
+    // The frame by default from the spool's done/, as the daemon left it.
+    let printed = cli_ok(&[
+        "show",
+        result.to_str().unwrap(),
+        "--out",
+        picture.to_str().unwrap(),
+    ]);
+    let r = run.result("astronaut.png");
+    let points: usize = [(FACES, MESH), (PALMS, HAND)]
+        .iter()
+        .flat_map(|(source, cascade)| {
+            detections(r, source)
+                .iter()
+                .filter(|d| !d.crops.is_empty())
+                .map(|d| landmarks(d, cascade).1.points.len())
+        })
+        .sum();
+    assert!(
+        printed.contains(&format!("{points} landmark(s)")),
+        "{printed}"
+    );
+    let frame = image::open(run.frame_path("astronaut.png"))
+        .unwrap()
+        .to_rgb8();
+    let shown = image::open(&picture).unwrap().to_rgb8();
+    assert_eq!(shown.dimensions(), frame.dimensions());
+    let face = &detections(run.result("astronaut.png"), FACES)[0];
+    let [x0, y0, x1, _] = face.bbox.map(|v| v as u32);
+    // The box's top edge is drawn; a corner far from every finding is untouched.
+    let changed = (x0..=x1)
+        .filter(|&x| shown.get_pixel(x, y0) != frame.get_pixel(x, y0))
+        .count();
+    assert!(
+        changed * 10 >= (x1 - x0) as usize * 9,
+        "{changed} pixels of the top edge"
+    );
+    assert_eq!(shown.get_pixel(5, 500), frame.get_pixel(5, 500));
+    // A frame of another size is refused.
+    let small = run.dir.join("small.png");
+    RgbImage::new(16, 16).save(&small).unwrap();
+    let out = run_cli(
+        &[
+            "show",
+            result.to_str().unwrap(),
+            "--frame",
+            small.to_str().unwrap(),
+            "--out",
+            picture.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("16×16"));
+}

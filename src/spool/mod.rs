@@ -13,4 +13,5 @@ pub mod preprocess;
 pub mod publish_config;
 pub mod results;
 pub mod schema;
+pub mod show;
 pub mod status;
