@@ -6,7 +6,9 @@ mod common;
 use common::*;
 use image::{DynamicImage, Rgb, RgbImage};
 use memaflow::runtime::{FloatTensor, npy};
-use memaflow::spool::schema::{FailureRecord, FrameResult, ModelOutcome, ModelStage, Outputs};
+use memaflow::spool::schema::{
+    FailureRecord, FrameResult, ModelOutcome, ModelStage, OutputSummary, Outputs,
+};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
@@ -164,9 +166,10 @@ fn once_on_shared_frames_equals_infer() {
             let Some(Outputs::Summary(summary)) = models[k].outputs() else {
                 panic!("{name}: model {k} is summarised: {:?}", models[k]);
             };
+            let infer_outputs: Vec<OutputSummary> =
+                serde_json::from_value(infer["outputs"].clone()).unwrap();
             assert_eq!(
-                serde_json::to_value(summary).unwrap(),
-                infer["outputs"],
+                summary, &infer_outputs,
                 "{name}: {} differs from memaflow infer",
                 infer["model"]
             );
