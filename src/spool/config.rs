@@ -461,42 +461,16 @@ impl Config {
         if let Some(publish) = raw.publish {
             publish.validate(base)?;
         }
-        let models_dir = raw.models.dir.map(|d| absolute(base, &d));
-        let models = if raw.model.is_empty() {
-            match &models_dir {
-                Some(dir) => packages_in(dir)?
-                    .into_iter()
-                    .map(|path| ModelConfig {
-                        path,
-                        preprocess: PreprocessOverride::default(),
-                        report: Report::Summary,
-                        input: None,
-                    })
-                    .collect(),
-                None => bail!("no models: give [models] dir or one or more [[model]] entries"),
-            }
-        } else {
-            let from = models_dir.as_deref().unwrap_or(base);
-            raw.model
-                .into_iter()
-                .enumerate()
-                .map(|(k, m)| {
-                    let path = m.path.display().to_string();
-                    model_config(m, from, base)
-                        .with_context(|| format!("[[model]] {} ({path})", k + 1))
-                })
-                .collect::<Result<_>>()?
-        };
-        let debug = DebugConfig {
-            dump_inputs: raw.debug.dump_inputs.map(|d| absolute(base, &d)),
-        };
+        let models = models_of(raw.model, raw.models.dir.map(|d| absolute(base, &d)), base)?;
         Ok(Config {
             board: board.map(|b| b.name),
             log_level,
             spool,
             run,
             models,
-            debug,
+            debug: DebugConfig {
+                dump_inputs: raw.debug.dump_inputs.map(|d| absolute(base, &d)),
+            },
         })
     }
 }
@@ -545,6 +519,37 @@ impl PublisherConfig {
             publish,
         })
     }
+}
+
+/// The `[[model]]` entries, or with none every package in `[models] dir`.
+fn models_of(
+    raw_models: Vec<RawModel>,
+    models_dir: Option<PathBuf>,
+    base: &Path,
+) -> Result<Vec<ModelConfig>> {
+    if raw_models.is_empty() {
+        let Some(dir) = &models_dir else {
+            bail!("no models: give [models] dir or one or more [[model]] entries")
+        };
+        return Ok(packages_in(dir)?
+            .into_iter()
+            .map(|path| ModelConfig {
+                path,
+                preprocess: PreprocessOverride::default(),
+                report: Report::Summary,
+                input: None,
+            })
+            .collect());
+    }
+    let from = models_dir.as_deref().unwrap_or(base);
+    raw_models
+        .into_iter()
+        .enumerate()
+        .map(|(k, m)| {
+            let path = m.path.display().to_string();
+            model_config(m, from, base).with_context(|| format!("[[model]] {} ({path})", k + 1))
+        })
+        .collect()
 }
 
 fn log_level(text: Option<&str>) -> Result<log::LevelFilter> {

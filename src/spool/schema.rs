@@ -412,8 +412,9 @@ mod lenient {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_result_reads_back_as_itself() {
+    /// A result with one model of each kind that matters: boxes with a crop, a cascade, a
+    /// ranking, a failure.
+    fn sample() -> FrameResult {
         let run = |outputs| {
             ModelOutcome::Ran(Box::new(ModelRun {
                 outputs,
@@ -451,7 +452,7 @@ mod tests {
                 },
             })),
         };
-        let result = FrameResult {
+        FrameResult {
             frame: "a.png".into(),
             bytes: 10,
             width: 4,
@@ -511,7 +512,12 @@ mod tests {
                 ledger_high_water_bytes: 7,
                 peak_rss_bytes: 8,
             },
-        };
+        }
+    }
+
+    #[test]
+    fn a_result_reads_back_as_itself() {
+        let result = sample();
         let text = serde_json::to_string_pretty(&result).unwrap();
         let back: FrameResult = serde_json::from_str(&text).unwrap();
         assert_eq!(back, result);
