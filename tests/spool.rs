@@ -566,6 +566,19 @@ fn sigkill_at_random_moments_loses_nothing() {
         "rescan_secs = 0.2\nsettle_secs = 0",
         "threads = 1",
     );
+    // With a cascade: the detector's boxes (every anchor a candidate, so that even these
+    // small generated frames give crops) feed the landmark model, two crops a frame.
+    let lm = import_shared(LANDMARKS, &spool.join("../models"));
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text += &format!(
+        "report = \"boxes\"\n[model.boxes]\nboxes = \"regressors\"\nscores = \"classificators\"\n\
+         input_size = [128, 128]\nstrides = [8, 16, 16, 16]\nkeypoints = 6\n\
+         score_threshold = 0.0\nmax_boxes = 2\nnms = \"weighted\"\n\
+         [[model]]\npath = {lm:?}\nreport = \"landmarks\"\n[model.input]\n\
+         from = \"{DETECTOR}\"\nrotate_by = [0, 1]\nscale = 1.5\nsquare = true\nmax = 2\n\
+         [model.landmarks]\npoints = \"conv2d_20\"\npresence = \"conv2d_30\"\nsigmoid = true\n"
+    );
+    std::fs::write(&config, text).unwrap();
     // The kill schedule is reproducible.
     let mut rng = SplitMix64(4);
     let mut sent: Vec<(String, bool)> = vec![];
@@ -630,8 +643,18 @@ fn sigkill_at_random_moments_loses_nothing() {
         if *good {
             let r = result(&spool.join("out").join(format!("{name}.json")));
             assert_eq!(r.frame, name.as_str());
+            let boxes = r.models[0].detections().expect("the detector ran");
+            assert_eq!(boxes.detections.len(), 2, "{name}: {r:?}");
+            // Each detection has its crop's landmarks.
             assert!(
-                matches!(r.models[0].outputs(), Some(Outputs::Summary(_))),
+                boxes
+                    .detections
+                    .iter()
+                    .all(|d| d.crops.len() == 1 && d.crops[0].roi.is_some()),
+                "{name}: {r:?}"
+            );
+            assert!(
+                matches!(r.models[1].outputs(), Some(Outputs::Landmarks(c)) if c.crops == 2),
                 "{name}: {r:?}"
             );
             assert!(
