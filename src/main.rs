@@ -71,6 +71,17 @@ enum Command {
     /// The spool daemon: runs the configured models on every frame that arrives in the
     /// spool's incoming/ directory and writes one JSON result per frame (docs/spool.md).
     Run(RunArgs),
+    /// Draw a result on its frame: boxes, keypoints, crop regions and landmarks.
+    Show {
+        /// A result, out/NAME.json.
+        result: PathBuf,
+        /// The frame (default: done/NAME beside the result's out/).
+        #[arg(long, value_name = "PATH")]
+        frame: Option<PathBuf>,
+        /// The picture to write (PNG).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Send every result in the spool's out/ to the MQTT broker of the configuration's
     /// [publish] section, at least once, oldest first (docs/publish.md).
     #[cfg(feature = "publish")]
@@ -239,6 +250,16 @@ fn main() {
         Command::Bench(args) => bench(args),
         Command::Tile(command) => tile(command),
         Command::Demo { dir } => demo::run(&dir.unwrap_or_else(demo::default_dir)),
+        Command::Show { result, frame, out } => spool::show::show(&result, frame.as_deref(), &out)
+            .map(|d| {
+                println!(
+                    "{}: {} box(es), {} crop region(s), {} landmark(s)",
+                    out.display(),
+                    d.boxes,
+                    d.regions,
+                    d.landmarks
+                )
+            }),
     };
     if let Err(e) = result {
         eprintln!("memaflow: error: {e:#}");

@@ -6,7 +6,7 @@
 
 mod common;
 use common::*;
-use memaflow::spool::daemon::FailureRecord;
+use memaflow::spool::schema::FailureRecord;
 use memaflow::spool::status::{DiskState, State, Status};
 use serde_json::Value;
 use std::collections::BTreeMap;

@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use serde_json::Value;
+use memaflow::spool::schema::FrameResult;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -18,10 +18,6 @@ fn names(dir: &Path) -> BTreeSet<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 /// A spool in `dir` and a configuration running `models` (TOML `[[model]]` entries) with
@@ -102,11 +98,12 @@ fn frames_in_flight_give_the_results_of_one_frame_at_a_time() {
     once(&config_one);
     once(&config_many);
     for f in &frames {
-        let a = json(&spool_one.join("out").join(format!("{f}.json")));
-        let b = json(&spool_many.join("out").join(format!("{f}.json")));
+        let a = FrameResult::read(&spool_one.join("out").join(format!("{f}.json"))).unwrap();
+        let b = FrameResult::read(&spool_many.join("out").join(format!("{f}.json"))).unwrap();
         for k in 0..2 {
             assert_eq!(
-                a["models"][k]["outputs"], b["models"][k]["outputs"],
+                a.models[k].outputs(),
+                b.models[k].outputs(),
                 "{f}: model {k} differs with 4 frames in flight"
             );
         }

@@ -7,6 +7,7 @@
 mod common;
 use common::cgroup::TestCgroup;
 use common::*;
+use memaflow::spool::schema::{FailureRecord, FrameResult, ModelOutcome, Outputs};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
@@ -131,30 +132,26 @@ fn wait(child: &mut Child, limit: Duration, log: &Path) -> ExitStatus {
 
 /// Per frame and model: `Ok(outputs)` or `Err(reason)`; every frame must have a result
 /// or a failure record (none lost).
-fn outcomes(spool: &Path, frames: &[String]) -> Vec<Vec<Result<Value, String>>> {
+fn outcomes(spool: &Path, frames: &[String]) -> Vec<Vec<Result<Outputs, String>>> {
     frames
         .iter()
         .map(|f| {
             let result = spool.join("out").join(format!("{f}.json"));
             let failed = spool.join("failed").join(format!("{f}.error.json"));
             let models = if result.exists() {
-                json(&result)["models"].clone()
+                FrameResult::read(&result).unwrap().models
             } else if failed.exists() {
-                json(&failed)["models"].clone()
+                FailureRecord::read(&failed).unwrap().models
             } else {
                 panic!("{f}: no result and no failure record");
             };
             models
-                .as_array()
-                .map(|ms| {
-                    ms.iter()
-                        .map(|m| match m.get("error") {
-                            Some(e) => Err(e["reason"].as_str().unwrap_or("").to_string()),
-                            None => Ok(m["outputs"].clone()),
-                        })
-                        .collect()
+                .into_iter()
+                .map(|m| match m.outcome {
+                    ModelOutcome::Failed { error } => Err(error.reason),
+                    ModelOutcome::Ran(run) => Ok(run.outputs),
                 })
-                .unwrap_or_default()
+                .collect()
         })
         .collect()
 }

@@ -6,6 +6,9 @@ mod common;
 use common::*;
 use image::{DynamicImage, Rgb, RgbImage};
 use memaflow::runtime::{FloatTensor, npy};
+use memaflow::spool::schema::{
+    FailureRecord, FrameResult, ModelOutcome, ModelStage, OutputSummary, Outputs,
+};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
@@ -42,6 +45,14 @@ fn json(path: &Path) -> Value {
     let text =
         std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}: {text}", path.display()))
+}
+
+fn result(path: &Path) -> FrameResult {
+    FrameResult::read(path).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn failure(path: &Path) -> FailureRecord {
+    FailureRecord::read(path).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn names(dir: &Path) -> BTreeSet<String> {
@@ -139,10 +150,10 @@ fn once_on_shared_frames_equals_infer() {
     );
     for f in &frames {
         let name = f.file_name().unwrap().to_str().unwrap();
-        let result = json(&spool.join("out").join(format!("{name}.json")));
-        assert_eq!(result["frame"], name);
+        let result = result(&spool.join("out").join(format!("{name}.json")));
+        assert_eq!(result.frame, name);
         assert!(spool.join("done").join(name).is_file());
-        let models = result["models"].as_array().unwrap();
+        let models = &result.models;
         assert_eq!(models.len(), 3);
         for (k, pkg) in [&det, &lm].iter().enumerate() {
             let infer: Value = serde_json::from_str(&cli_ok(&[
@@ -152,20 +163,26 @@ fn once_on_shared_frames_equals_infer() {
                 f.to_str().unwrap(),
             ]))
             .unwrap();
+            let Some(Outputs::Summary(summary)) = models[k].outputs() else {
+                panic!("{name}: model {k} is summarised: {:?}", models[k]);
+            };
+            let infer_outputs: Vec<OutputSummary> =
+                serde_json::from_value(infer["outputs"].clone()).unwrap();
             assert_eq!(
-                models[k]["outputs"], infer["outputs"],
+                summary, &infer_outputs,
                 "{name}: {} differs from memaflow infer",
                 infer["model"]
             );
         }
         // Each model's share of the scheduler's ledger: none above the frame's high-water
         // mark, together at least that (two models in flight at once may overlap).
-        let frame_hw = result["memory"]["ledger_high_water_bytes"]
-            .as_u64()
-            .unwrap();
+        let frame_hw = result.memory.ledger_high_water_bytes;
         let shares: Vec<u64> = models
             .iter()
-            .map(|m| m["memory"]["ledger_high_water_bytes"].as_u64().unwrap())
+            .map(|m| match &m.outcome {
+                ModelOutcome::Ran(run) => run.memory.unwrap().ledger_high_water_bytes,
+                ModelOutcome::Failed { error } => panic!("{name}: {error:?}"),
+            })
             .collect();
         assert!(
             shares.iter().all(|&s| s > 0 && s <= frame_hw),
@@ -182,16 +199,12 @@ fn once_on_shared_frames_equals_infer() {
             "--npy-out",
             npy_dir.to_str().unwrap(),
         ]);
-        let raw = models[2]["outputs"].as_array().unwrap();
+        let Some(Outputs::Raw(raw)) = models[2].outputs() else {
+            panic!("{name}: the third model is raw");
+        };
         for (n, out) in raw.iter().enumerate() {
             let want = FloatTensor::from(npy::read(&npy_dir.join(format!("{n:02}.npy"))).unwrap());
-            let got: Vec<f32> = out["values"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect();
-            let got = FloatTensor::new(want.shape.clone(), got).unwrap();
+            let got = FloatTensor::new(want.shape.clone(), out.values.clone()).unwrap();
             assert!(got.bit_identical(&want), "{name}: raw output {n} differs");
         }
     }
@@ -212,8 +225,11 @@ fn once_on_shared_frames_equals_infer() {
             .iter()
             .map(|f| {
                 let name = f.file_name().unwrap().to_str().unwrap();
-                let result = json(&spool.join("out").join(format!("{name}.json")));
-                result["models"][k]["layers"]["loaded"].as_u64().unwrap()
+                let result = result(&spool.join("out").join(format!("{name}.json")));
+                match &result.models[k].outcome {
+                    ModelOutcome::Ran(run) => u64::from(run.layers.unwrap().loaded),
+                    ModelOutcome::Failed { error } => panic!("{name}: {error:?}"),
+                }
             })
             .sum();
         assert_eq!(
@@ -493,38 +509,33 @@ fn bad_inputs_get_a_reason_and_never_stop_the_daemon() {
     );
     assert!(names(&spool.join("work")).is_empty());
     for name in good {
-        let r = json(&spool.join("out").join(format!("{name}.json")));
-        let models = r["models"].as_array().unwrap();
-        assert_eq!(models.len(), 4, "{name}: {r}");
+        let r = result(&spool.join("out").join(format!("{name}.json")));
+        let models = &r.models;
+        assert_eq!(models.len(), 4, "{name}: {r:?}");
         assert!(
-            models[0]["outputs"].is_array(),
-            "{name}: the good model ran: {r}"
+            matches!(models[0].outputs(), Some(Outputs::Summary(_))),
+            "{name}: the good model ran: {r:?}"
         );
-        let error = |k: usize| models[k]["error"].clone();
-        assert_eq!(error(1)["stage"], "package");
-        assert_eq!(error(1)["layer"], 5, "{name}: {}", error(1));
-        assert!(error(1)["reason"].as_str().unwrap().contains("005.tflite"));
-        assert_eq!(error(2)["layer"], 3, "{name}: {}", error(2));
-        assert!(
-            error(3)["reason"]
-                .as_str()
-                .unwrap()
-                .contains("not a model package")
-        );
+        let error = |k: usize| models[k].error().unwrap().clone();
+        assert_eq!(error(1).stage, ModelStage::Package);
+        assert_eq!(error(1).layer, Some(5), "{name}: {:?}", error(1));
+        assert!(error(1).reason.contains("005.tflite"));
+        assert_eq!(error(2).layer, Some(3), "{name}: {:?}", error(2));
+        assert!(error(3).reason.contains("not a model package"));
         assert!(spool.join("done").join(name).exists());
     }
     let mut report = String::new();
     let mut wrong = vec![];
     for (name, stage, words) in &bad {
-        let record = json(&spool.join("failed").join(format!("{name}.error.json")));
-        let reason = record["reason"].as_str().unwrap().to_lowercase();
-        report += &format!("{name}: {} {reason}\n", record["stage"]);
-        assert_eq!(record["frame"], *name);
+        let record = failure(&spool.join("failed").join(format!("{name}.error.json")));
+        let reason = record.reason.to_lowercase();
+        report += &format!("{name}: {} {reason}\n", record.stage.name());
+        assert_eq!(record.frame, *name);
         assert!(
             std::fs::symlink_metadata(spool.join("failed").join(name)).is_ok(),
             "{name} itself is kept in failed/"
         );
-        if record["stage"] != *stage || !reason.contains(words) {
+        if record.stage.name() != *stage || !reason.contains(words) {
             wrong.push(format!(
                 "{name}: expected stage {stage} and '{words}' in the reason"
             ));
@@ -555,6 +566,19 @@ fn sigkill_at_random_moments_loses_nothing() {
         "rescan_secs = 0.2\nsettle_secs = 0",
         "threads = 1",
     );
+    // With a cascade: the detector's boxes (every anchor a candidate, so that even these
+    // small generated frames give crops) feed the landmark model, two crops a frame.
+    let lm = import_shared(LANDMARKS, &spool.join("../models"));
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text += &format!(
+        "report = \"boxes\"\n[model.boxes]\nboxes = \"regressors\"\nscores = \"classificators\"\n\
+         input_size = [128, 128]\nstrides = [8, 16, 16, 16]\nkeypoints = 6\n\
+         score_threshold = 0.0\nmax_boxes = 2\nnms = \"weighted\"\n\
+         [[model]]\npath = {lm:?}\nreport = \"landmarks\"\n[model.input]\n\
+         from = \"{DETECTOR}\"\nrotate_by = [0, 1]\nscale = 1.5\nsquare = true\nmax = 2\n\
+         [model.landmarks]\npoints = \"conv2d_20\"\npresence = \"conv2d_30\"\nsigmoid = true\n"
+    );
+    std::fs::write(&config, text).unwrap();
     // The kill schedule is reproducible.
     let mut rng = SplitMix64(4);
     let mut sent: Vec<(String, bool)> = vec![];
@@ -617,17 +641,30 @@ fn sigkill_at_random_moments_loses_nothing() {
     let mut expected_failed = BTreeSet::new();
     for (name, good) in &sent {
         if *good {
-            let r = json(&spool.join("out").join(format!("{name}.json")));
-            assert_eq!(r["frame"], name.as_str());
-            assert!(r["models"][0]["outputs"].is_array(), "{name}: {r}");
+            let r = result(&spool.join("out").join(format!("{name}.json")));
+            assert_eq!(r.frame, name.as_str());
+            let boxes = r.models[0].detections().expect("the detector ran");
+            assert_eq!(boxes.detections.len(), 2, "{name}: {r:?}");
+            // Each detection has its crop's landmarks.
+            assert!(
+                boxes
+                    .detections
+                    .iter()
+                    .all(|d| d.crops.len() == 1 && d.crops[0].roi.is_some()),
+                "{name}: {r:?}"
+            );
+            assert!(
+                matches!(r.models[1].outputs(), Some(Outputs::Landmarks(c)) if c.crops == 2),
+                "{name}: {r:?}"
+            );
             assert!(
                 spool.join("done").join(name).is_file(),
                 "{name} is in done/"
             );
             expected_out.insert(format!("{name}.json"));
         } else {
-            let e = json(&spool.join("failed").join(format!("{name}.error.json")));
-            assert_eq!(e["stage"], "decode", "{name}: {e}");
+            let e = failure(&spool.join("failed").join(format!("{name}.error.json")));
+            assert_eq!(e.stage.name(), "decode", "{name}: {e:?}");
             expected_failed.insert(name.clone());
             expected_failed.insert(format!("{name}.error.json"));
         }
@@ -712,8 +749,8 @@ fn sigterm_stops_cleanly_and_inotify_wakes_the_daemon() {
         "{out:?}"
     );
     assert_ne!(
-        json(&spool.join("out/w0.png.json"))["models"],
-        json(&spool.join("out/w0~1.png.json"))["models"],
+        result(&spool.join("out/w0.png.json")).models,
+        result(&spool.join("out/w0~1.png.json")).models,
         "two different frames named w0.png, two different results"
     );
     assert!(names(&spool.join("done")).is_empty(), "done = \"delete\"");
@@ -810,8 +847,11 @@ fn restart_finishes_work_without_running_a_frame_twice() {
         log.contains("done-already.png: result already written"),
         "{log}"
     );
-    let r = json(&spool.join("out/unfinished.png.json"));
-    assert!(r["models"][0]["outputs"].is_array(), "{r}");
+    let r = result(&spool.join("out/unfinished.png.json"));
+    assert!(
+        matches!(r.models[0].outputs(), Some(Outputs::Summary(_))),
+        "{r:?}"
+    );
     assert_eq!(
         json(&spool.join("failed/bad.png.error.json"))["reason"],
         "earlier"
@@ -847,19 +887,16 @@ fn a_frame_written_in_place_is_taken_once_complete() {
     std::io::Write::write_all(&mut f, &png[png.len() / 2..]).unwrap();
     drop(f);
     let t = Instant::now();
-    let result = spool.join("out/slow.png.json");
-    while !result.exists() {
+    let written = spool.join("out/slow.png.json");
+    while !written.exists() {
         assert!(
             t.elapsed() < hang_limit(Duration::from_secs(4)),
             "the closed file was not taken on IN_CLOSE_WRITE"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let r = json(&result);
-    assert_eq!(
-        (r["width"].as_u64(), r["height"].as_u64()),
-        (Some(48), Some(36))
-    );
+    let r = result(&written);
+    assert_eq!((r.width, r.height), (48, 36));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let out = child.wait(Duration::from_secs(5), "the daemon");
     assert!(out.status.success());

@@ -324,10 +324,23 @@ impl Executor {
         }
     }
 
-    /// Reserves `bytes` in the ledger for work outside the scheduler's tasks (decoding a
-    /// frame), waiting until they fit; fails if they cannot fit even with nothing else
-    /// in flight. Released when the guard drops.
+    /// Reserves `bytes` in the ledger for brief work outside the scheduler's tasks
+    /// (decoding a frame), waiting until they fit; fails if they cannot fit even with
+    /// nothing else in flight. Released when the guard drops. Hold the guard only for
+    /// work that does not wait for an inference: loads that do not fit wait for it.
     pub fn reserve(&self, bytes: u64) -> Result<Reserved<'_>> {
+        self.reserve_as(bytes, true)
+    }
+
+    /// Reserves `bytes` for memory kept while inferences run and are waited for (a frame
+    /// kept for the crops of its cascades until its detector is done). Counted in the
+    /// ledger like `reserve`, but no load waits for it: one that cannot fit beside it is
+    /// refused as if nothing would free memory, instead of waiting forever.
+    pub fn hold(&self, bytes: u64) -> Result<Reserved<'_>> {
+        self.reserve_as(bytes, false)
+    }
+
+    fn reserve_as(&self, bytes: u64, brief: bool) -> Result<Reserved<'_>> {
         let mut state = self.lock();
         loop {
             let reading = self.inner.read();
@@ -335,12 +348,13 @@ impl Executor {
                 seen_then: state.scheduler.seen(),
                 ..l
             });
-            match state.scheduler.reserve(bytes, live) {
+            match state.scheduler.reserve(bytes, live, brief) {
                 Reservation::Granted => {
                     drop_evicted(&mut state);
                     return Ok(Reserved {
                         executor: self,
                         bytes,
+                        brief,
                     });
                 }
                 Reservation::Never { available } => bail!(
@@ -413,11 +427,15 @@ impl Drop for Executor {
 pub struct Reserved<'a> {
     executor: &'a Executor,
     bytes: u64,
+    brief: bool,
 }
 
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
-        self.executor.lock().scheduler.release(self.bytes);
+        self.executor
+            .lock()
+            .scheduler
+            .release(self.bytes, self.brief);
         self.executor.inner.work.notify_all();
         self.executor.inner.finished.notify_all();
     }

@@ -285,6 +285,7 @@ pub struct Scheduler {
     seen: u64,
     /// Reservations outside tasks, and how many are held.
     external: u64,
+    /// Brief external reservations (see `reserve`).
     external_count: usize,
     high_water: u64,
     round: u64,
@@ -933,8 +934,12 @@ pub enum Reservation {
 
 impl Scheduler {
     /// Reserves bytes outside any task (a frame being decoded), making room from the
-    /// cache if it must. Release them with `release`.
-    pub fn reserve(&mut self, bytes: u64, live: Option<Live>) -> Reservation {
+    /// cache if it must. Release them with `release`. A `brief` reservation is released
+    /// without waiting for any inference, so a load that does not fit waits for it; one
+    /// that is not (a frame kept for its cascades' crops while its detector runs) may
+    /// outlive inferences, so nothing waits for it: a load that cannot fit beside it is
+    /// treated as if nothing else would free memory.
+    pub fn reserve(&mut self, bytes: u64, live: Option<Live>, brief: bool) -> Reservation {
         let mut room = self.room(live);
         if room.is_some_and(|r| r < bytes as i64) {
             let short = bytes as i64 - room.unwrap_or(0);
@@ -945,7 +950,7 @@ impl Scheduler {
             self.ledger += bytes;
             self.high_water = self.high_water.max(self.ledger);
             self.external += bytes;
-            self.external_count += 1;
+            self.external_count += usize::from(brief);
             return Reservation::Granted;
         }
         if !self.in_flight.is_empty() || self.external_count > 0 {
@@ -956,11 +961,11 @@ impl Scheduler {
         }
     }
 
-    pub fn release(&mut self, bytes: u64) {
-        debug_assert!(self.external >= bytes && self.external_count > 0);
+    pub fn release(&mut self, bytes: u64, brief: bool) {
+        debug_assert!(self.external >= bytes && (!brief || self.external_count > 0));
         self.ledger -= bytes;
         self.external -= bytes;
-        self.external_count -= 1;
+        self.external_count -= usize::from(brief);
     }
 
     /// Starts queued inferences while fewer than `parallel` run and, under MEMA, while the
@@ -1710,19 +1715,31 @@ mod tests {
             LayerCache::Keep,
         );
         assert_eq!(
-            s.reserve(4 << 20, Some(s.fresh(8 << 20))),
+            s.reserve(4 << 20, Some(s.fresh(8 << 20)), true),
             Reservation::Granted
         );
         // 4 MiB promised and not yet seen: 4 more do not fit 8 MiB of room... yet.
         assert_eq!(
-            s.reserve(5 << 20, Some(s.fresh(8 << 20))),
+            s.reserve(5 << 20, Some(s.fresh(8 << 20)), true),
             Reservation::Wait
         );
-        s.release(4 << 20);
+        s.release(4 << 20, true);
         assert_eq!(
-            s.reserve(9 << 20, Some(s.fresh(8 << 20))),
+            s.reserve(9 << 20, Some(s.fresh(8 << 20)), true),
             Reservation::Never { available: 8 << 20 }
         );
+        assert_eq!(s.ledger(), 0);
+        // Nothing waits for a reservation that is not brief: with only that one held, a
+        // request that does not fit can never fit.
+        assert_eq!(
+            s.reserve(4 << 20, Some(s.fresh(8 << 20)), false),
+            Reservation::Granted
+        );
+        assert_eq!(
+            s.reserve(5 << 20, Some(s.fresh(8 << 20)), true),
+            Reservation::Never { available: 4 << 20 }
+        );
+        s.release(4 << 20, false);
         assert_eq!(s.ledger(), 0);
     }
 }

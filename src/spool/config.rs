@@ -3,8 +3,9 @@
 //! policies enums, paths absolute, output reports ready-made decoders. Nothing downstream
 //! parses strings. `docs/spool.md` documents every key.
 
+use super::crop::{Border, RoiSpec};
 use super::publish_config::{PublishConfig, RawPublish};
-use super::results::{BoxDecoder, BoxSpec, OutputReport};
+use super::results::{BoxDecoder, BoxSpec, LandmarkSpec, OutputReport};
 use crate::memory::Bytes;
 use crate::model::{ColorOrder, ResizeMode, package::read_labels};
 use crate::runtime::{Eviction, LayerCache, LoadingPolicy, MAX_PARALLEL, SchedulingPolicy};
@@ -236,6 +237,21 @@ struct RawConfig {
     model: Vec<RawModel>,
     /// `memaflow publish`'s section; the daemon checks it and leaves it alone.
     publish: Option<RawPublish>,
+    #[serde(default)]
+    debug: RawDebug,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDebug {
+    dump_inputs: Option<PathBuf>,
+}
+
+/// Aids for checking a pipeline, off by default.
+#[derive(Clone, Debug, Default)]
+pub struct DebugConfig {
+    /// Every inference's input tensor is written here as `.npy` (docs/spool.md).
+    pub dump_inputs: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -269,6 +285,51 @@ struct RawModel {
     #[serde(default)]
     preprocess: PreprocessOverride,
     boxes: Option<BoxSpec>,
+    input: Option<RawInput>,
+    landmarks: Option<LandmarkSpec>,
+}
+
+/// `[model.input]`: a cascade's source and region (docs/spool.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInput {
+    from: String,
+    rotate_by: Option<[usize; 2]>,
+    #[serde(default)]
+    angle: f32,
+    #[serde(default)]
+    scale: Option<Scale>,
+    #[serde(default)]
+    shift: [f32; 2],
+    #[serde(default)]
+    square: bool,
+    max: Option<usize>,
+    #[serde(default)]
+    border: Border,
+}
+
+/// One factor for both axes, or `[x, y]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Scale {
+    Both(f32),
+    Each([f32; 2]),
+}
+
+/// Detections a cascade runs on, at most, by default.
+const DEFAULT_CASCADE_MAX: usize = 8;
+/// At most, ever: each is an inference, and the frame is held until all are submitted.
+pub const MAX_CASCADE: usize = 64;
+
+/// A model that runs on crops of an earlier model's detections.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CascadeConfig {
+    /// The source model's name (its package's name).
+    pub from: String,
+    pub roi: RoiSpec,
+    /// The best `max` detections get a crop each.
+    pub max: usize,
+    pub border: Border,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -279,6 +340,7 @@ enum ReportKind {
     Raw,
     Topk,
     Boxes,
+    Landmarks,
 }
 
 /// What happens to a frame once its result is written.
@@ -319,6 +381,8 @@ pub struct ModelConfig {
     pub path: PathBuf,
     pub preprocess: PreprocessOverride,
     pub report: OutputReport,
+    /// Set for a cascade: its input is crops of another model's detections.
+    pub input: Option<CascadeConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -364,6 +428,7 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub run: RunConfig,
     pub models: Vec<ModelConfig>,
+    pub debug: DebugConfig,
 }
 
 /// Reads the configuration file `path` and parses it with `parse`, relative paths taken
@@ -441,37 +506,16 @@ impl Config {
         if let Some(publish) = raw.publish {
             publish.validate(base)?;
         }
-        let models_dir = raw.models.dir.map(|d| absolute(base, &d));
-        let models = if raw.model.is_empty() {
-            match &models_dir {
-                Some(dir) => packages_in(dir)?
-                    .into_iter()
-                    .map(|path| ModelConfig {
-                        path,
-                        preprocess: PreprocessOverride::default(),
-                        report: OutputReport::Summary,
-                    })
-                    .collect(),
-                None => bail!("no models: give [models] dir or one or more [[model]] entries"),
-            }
-        } else {
-            let from = models_dir.as_deref().unwrap_or(base);
-            raw.model
-                .into_iter()
-                .enumerate()
-                .map(|(k, m)| {
-                    let path = m.path.display().to_string();
-                    model_config(m, from, base)
-                        .with_context(|| format!("[[model]] {} ({path})", k + 1))
-                })
-                .collect::<Result<_>>()?
-        };
+        let models = models_of(raw.model, raw.models.dir.map(|d| absolute(base, &d)), base)?;
         Ok(Config {
             board: board.map(|b| b.name),
             log_level,
             spool,
             run,
             models,
+            debug: DebugConfig {
+                dump_inputs: raw.debug.dump_inputs.map(|d| absolute(base, &d)),
+            },
         })
     }
 }
@@ -516,6 +560,37 @@ impl PublisherConfig {
     }
 }
 
+/// The `[[model]]` entries, or with none every package in `[models] dir`.
+fn models_of(
+    raw_models: Vec<RawModel>,
+    models_dir: Option<PathBuf>,
+    base: &Path,
+) -> Result<Vec<ModelConfig>> {
+    if raw_models.is_empty() {
+        let Some(dir) = &models_dir else {
+            bail!("no models: give [models] dir or one or more [[model]] entries")
+        };
+        return Ok(packages_in(dir)?
+            .into_iter()
+            .map(|path| ModelConfig {
+                path,
+                preprocess: PreprocessOverride::default(),
+                report: OutputReport::Summary,
+                input: None,
+            })
+            .collect());
+    }
+    let from = models_dir.as_deref().unwrap_or(base);
+    raw_models
+        .into_iter()
+        .enumerate()
+        .map(|(k, m)| {
+            let path = m.path.display().to_string();
+            model_config(m, from, base).with_context(|| format!("[[model]] {} ({path})", k + 1))
+        })
+        .collect()
+}
+
 fn log_level(text: Option<&str>) -> Result<log::LevelFilter> {
     match text {
         None => Ok(log::LevelFilter::Info),
@@ -539,6 +614,11 @@ fn model_config(m: RawModel, from: &Path, base: &Path) -> Result<ModelConfig> {
         m.report == ReportKind::Boxes || m.boxes.is_none(),
         "[model.boxes] goes with report = \"boxes\""
     );
+    ensure!(
+        (m.report == ReportKind::Landmarks) == m.input.is_some()
+            && (m.report == ReportKind::Landmarks) == m.landmarks.is_some(),
+        "a cascade has [model.input], report = \"landmarks\" and [model.landmarks], all three"
+    );
     let report = match m.report {
         ReportKind::Summary => OutputReport::Summary,
         ReportKind::Raw => OutputReport::Raw,
@@ -551,7 +631,12 @@ fn model_config(m: RawModel, from: &Path, base: &Path) -> Result<ModelConfig> {
             m.boxes
                 .context("report = \"boxes\" needs a [model.boxes] table")?,
         )?)),
+        ReportKind::Landmarks => OutputReport::Landmarks(Box::new(
+            m.landmarks
+                .context("checked above: landmarks go with input")?,
+        )),
     };
+    let input = m.input.map(cascade_config).transpose()?;
     let p = &m.preprocess;
     ensure!(
         p.mean.as_ref().map(Vec::len) == p.std.as_ref().map(Vec::len),
@@ -567,6 +652,43 @@ fn model_config(m: RawModel, from: &Path, base: &Path) -> Result<ModelConfig> {
         path: absolute(from, &m.path),
         preprocess: m.preprocess,
         report,
+        input,
+    })
+}
+
+fn cascade_config(raw: RawInput) -> Result<CascadeConfig> {
+    let scale = match raw.scale {
+        None => [1.0, 1.0],
+        Some(Scale::Both(s)) => [s, s],
+        Some(Scale::Each(s)) => s,
+    };
+    ensure!(
+        scale.iter().all(|s| s.is_finite() && *s > 0.0),
+        "input.scale must be positive"
+    );
+    ensure!(
+        raw.shift.iter().all(|s| s.is_finite()) && raw.angle.is_finite(),
+        "input.shift and input.angle must be finite"
+    );
+    let max = raw.max.unwrap_or(DEFAULT_CASCADE_MAX);
+    ensure!(
+        (1..=MAX_CASCADE).contains(&max),
+        "input.max must be 1 to {MAX_CASCADE}"
+    );
+    if let Some([a, b]) = raw.rotate_by {
+        ensure!(a != b, "input.rotate_by needs two different keypoints");
+    }
+    Ok(CascadeConfig {
+        from: raw.from,
+        roi: RoiSpec {
+            rotate_by: raw.rotate_by,
+            angle: raw.angle.to_radians(),
+            scale,
+            shift: raw.shift,
+            square: raw.square,
+        },
+        max,
+        border: raw.border,
     })
 }
 
@@ -741,6 +863,65 @@ mod tests {
             assert!(
                 Config::parse(bad, Path::new("/"), None).is_err(),
                 "accepted: {bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn cascade_keys() {
+        let text = r#"
+            [[model]]
+            path = "face"
+            [[model]]
+            path = "mesh"
+            report = "landmarks"
+            [model.input]
+            from = "face"
+            rotate_by = [0, 1]
+            angle = 90
+            scale = 1.5
+            shift = [0.0, -0.5]
+            square = true
+            max = 3
+            border = "zero"
+            [model.landmarks]
+            points = "p"
+            presence = "f"
+            sigmoid = true
+            [debug]
+            dump_inputs = "dump"
+        "#;
+        let c = Config::parse(text, Path::new("/etc/x"), Some("pi4-2g")).unwrap();
+        let input = c.models[1].input.as_ref().unwrap();
+        assert_eq!(input.from, "face");
+        assert_eq!(input.max, 3);
+        assert_eq!(input.border, Border::Zero);
+        assert_eq!(input.roi.rotate_by, Some([0, 1]));
+        assert!((input.roi.angle - std::f32::consts::FRAC_PI_2).abs() < 1e-6);
+        assert_eq!(input.roi.scale, [1.5, 1.5]);
+        assert_eq!(input.roi.shift, [0.0, -0.5]);
+        assert!(input.roi.square);
+        assert!(matches!(c.models[1].report, OutputReport::Landmarks(_)));
+        assert_eq!(
+            c.debug.dump_inputs.as_deref(),
+            Some(Path::new("/etc/x/dump"))
+        );
+        assert!(c.models[0].input.is_none());
+        for (from, to) in [
+            ("max = 3", "max = 0"),
+            ("max = 3", "max = 65"),
+            ("scale = 1.5", "scale = -1"),
+            ("scale = 1.5", "scale = [1.5]"),
+            ("rotate_by = [0, 1]", "rotate_by = [1, 1]"),
+            ("border = \"zero\"", "border = \"wrap\""),
+            ("report = \"landmarks\"", "report = \"summary\""),
+            ("[model.landmarks]", "[model.landmarks]\nsurprise = 1"),
+            ("square = true", "square = true\nsurprise = 1"),
+        ] {
+            let bad = text.replace(from, to);
+            assert!(
+                Config::parse(&bad, Path::new("/"), Some("pi4-2g")).is_err(),
+                "accepted: {to}"
             );
         }
     }

@@ -20,7 +20,8 @@ use super::config::{Config, DonePolicy};
 use super::fsutil::{free_bytes, is_disk_full, replace_file, shown};
 use super::layout::{Spool, name_bytes_hex};
 use super::metrics;
-use super::pipeline::{self, FrameError, FrameStage, Model, Outcome, unix_now};
+use super::pipeline::{self, FrameError, Model, Outcome, unix_now};
+use super::schema::{FailureRecord, FrameResult, FrameStage, ModelResult, ModelStage, Outputs};
 use super::status::{DiskState, LastError, State, Status};
 use crate::memory::SystemMemory;
 use crate::notify;
@@ -31,8 +32,6 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use std::collections::{HashSet, VecDeque};
 use std::ffi::OsString;
 use std::os::fd::AsFd;
@@ -71,11 +70,7 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     log_start(&spool, &config);
     let system = SystemMemory::detect();
     let executor = Arc::new(Executor::start(executor_options(&config), system.clone())?);
-    let models: Vec<Model> = config
-        .models
-        .iter()
-        .map(|m| Model::load(m, &config.run, &system, &executor))
-        .collect();
+    let models = pipeline::load_all(&config.models, &config.run, &system, &executor);
     let usable = models.iter().filter(|m| m.error().is_none()).count();
     if models.is_empty() {
         log::warn!("no models configured: frames wait in incoming/ until there are some");
@@ -204,29 +199,6 @@ struct Record {
 enum RecordKind {
     Done { bytes: Vec<u8>, line: String },
     Failed { bytes: Vec<u8>, error: FrameError },
-}
-
-/// `failed/NAME.error.json`: why a frame could not be processed.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct FailureRecord {
-    /// The frame's name; lossy where it is not UTF-8, and then `frame_bytes_hex` holds
-    /// the exact bytes.
-    pub frame: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frame_bytes_hex: Option<String>,
-    pub stage: FrameStage,
-    pub reason: String,
-    pub models: Vec<Value>,
-    pub failed_unix: f64,
-}
-
-/// A result as written: the pipeline's, plus the exact bytes of a name that is not UTF-8.
-#[derive(Serialize)]
-struct Named<'a, T: Serialize> {
-    #[serde(flatten)]
-    result: &'a T,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    frame_bytes_hex: Option<String>,
 }
 
 struct Daemon {
@@ -519,6 +491,7 @@ impl Daemon {
             self.executor.clone(),
         );
         let limit = self.config.spool.max_frame_bytes;
+        let dump_inputs = self.config.debug.dump_inputs.clone();
         let frame = name.clone();
         let done = self.done_tx.clone();
         std::thread::Builder::new()
@@ -529,6 +502,7 @@ impl Daemon {
                     run: &run,
                     max_frame_bytes: limit,
                     executor: &executor,
+                    dump_inputs: dump_inputs.as_deref(),
                 };
                 let shown_as = frame.to_string_lossy().into_owned();
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -717,16 +691,12 @@ impl Daemon {
     fn record(&self, name: OsString, outcome: Outcome, took: Duration) -> Result<Record> {
         let frame_bytes_hex = name_bytes_hex(&name);
         let (kind, inferences) = match outcome {
-            Outcome::Done(result) => {
-                let named = Named {
-                    result: &result,
-                    frame_bytes_hex,
-                };
-                let mut bytes = serde_json::to_vec_pretty(&named)?;
+            Outcome::Done(mut result) => {
+                result.frame_bytes_hex = frame_bytes_hex;
+                let mut bytes = serde_json::to_vec_pretty(&result)?;
                 bytes.push(b'\n');
-                let models = result["models"].as_array().map_or(&[][..], |m| m);
                 let line = one_line(&result, self.config.spool.done);
-                (RecordKind::Done { bytes, line }, inferences(models))
+                (RecordKind::Done { bytes, line }, inferences(&result.models))
             }
             Outcome::Failed(error) => {
                 let record = FailureRecord {
@@ -861,16 +831,13 @@ impl Daemon {
 
 /// The models of a result or failure record that ran: name, and whether it has outputs.
 /// A model whose package was unusable did not run and is not counted.
-fn inferences(models: &[Value]) -> Vec<(String, bool)> {
+fn inferences(models: &[ModelResult]) -> Vec<(String, bool)> {
     models
         .iter()
-        .filter_map(|m| {
-            let name = m["name"].as_str()?.to_string();
-            match m.get("error") {
-                None => Some((name, true)),
-                Some(e) if e["stage"] == "package" => None,
-                Some(_) => Some((name, false)),
-            }
+        .filter_map(|m| match m.error() {
+            None => Some((m.name.clone(), true)),
+            Some(e) if e.stage == ModelStage::Package => None,
+            Some(_) => Some((m.name.clone(), false)),
         })
         .collect()
 }
@@ -902,30 +869,25 @@ fn read_events(inotify: &Inotify, announced: &mut HashSet<OsString>) -> Result<b
 }
 
 /// The log line of a finished frame: each model's verdict and the time taken.
-fn one_line(result: &Value, done: DonePolicy) -> String {
-    let models: Vec<String> = result["models"]
-        .as_array()
-        .map(|ms| {
-            ms.iter()
-                .map(|m| {
-                    let name = m["name"].as_str().unwrap_or("?");
-                    if m.get("error").is_some() {
-                        format!("{name} error")
-                    } else if let Some(n) = m["outputs"]["detections"].as_array().map(Vec::len) {
-                        format!("{name} {n} detection(s)")
-                    } else {
-                        format!("{name} ok")
-                    }
-                })
-                .collect()
+fn one_line(result: &FrameResult, done: DonePolicy) -> String {
+    let models: Vec<String> = result
+        .models
+        .iter()
+        .map(|m| match m.outputs() {
+            None => format!("{} error", m.name),
+            Some(Outputs::Boxes(d)) => format!("{} {} detection(s)", m.name, d.detections.len()),
+            Some(Outputs::Landmarks(c)) => {
+                format!("{} {} of {} crop(s) found", m.name, c.found, c.crops)
+            }
+            Some(_) => format!("{} ok", m.name),
         })
-        .unwrap_or_default();
+        .collect();
     format!(
         "{}×{}, {} in {} ms; {}",
-        result["width"],
-        result["height"],
+        result.width,
+        result.height,
         models.join(", "),
-        result["time_ms"]["total"],
+        result.time_ms.total,
         match done {
             DonePolicy::Move => "moved to done/",
             DonePolicy::Delete => "deleted",

@@ -1,26 +1,31 @@
-//! `memaflow demo`: the embedded default. Generates a small model set (zoo networks, plus
-//! the shared real models when `../shared/models` is beside the checkout), sample frames,
-//! a spool and a configuration, runs the spool daemon over it once, and prints what came
-//! out for every frame.
+//! `memaflow demo`: the default pipeline on real frames. Imports MediaPipe's face
+//! detector and face landmark model (from `../shared/models` beside the checkout), runs
+//! the spool daemon once with the face pipeline (detection → landmarks on each face's
+//! crop) over `../shared/frames` (generated frames without it), writes one annotated
+//! picture per frame (`memaflow show`) and prints where. A few zoo networks run beside it
+//! as timing workloads: their weights are pseudo-random, so only their timings are shown,
+//! never a class.
 
 use super::daemon::{self, RunOptions};
+use super::schema::{FailureRecord, FrameResult, ModelOutcome, Outputs};
 use crate::memory::Bytes;
 use crate::model::{self, Package, zoo};
 use anyhow::{Context, Result};
 use image::{Rgb, RgbImage};
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-/// Zoo networks small enough to generate in seconds.
-const DEMO_ZOO: [&str; 3] = ["gendernet", "agenet", "sos_googlenet"];
-/// Shared real models that import cleanly, with their published input ranges.
-const SHARED_MODELS: [(&str, f32, f32); 3] = [
-    ("face_detection_short_range", -1.0, 1.0),
-    ("face_landmark_f32", 0.0, 1.0),
-    ("hand_recrop", -1.0, 1.0),
-];
-/// How the demo reports the face detector: boxes from MediaPipe's anchor layout.
-const FACE_DETECTOR_REPORT: &str = r#"report = "boxes"
+/// Zoo networks small enough to generate in seconds: timing workloads, random weights.
+const DEMO_ZOO: [&str; 2] = ["gendernet", "agenet"];
+const DETECTOR: &str = "face_detection_short_range";
+const LANDMARKS: &str = "face_landmark_f32";
+
+/// The face pipeline: MediaPipe's detector decoding and its face-landmark region
+/// (docs/spool.md, "Cascades"). `{detector}`, `{landmarks}`, `{points}`, `{presence}`
+/// are filled in.
+const FACE_PIPELINE: &str = r#"
+[[model]]
+path = "{detector}"
+report = "boxes"
 [model.preprocess]
 resize = "letterbox"
 [model.boxes]
@@ -29,6 +34,21 @@ scores = "classificators"
 input_size = [128, 128]
 strides = [8, 16, 16, 16]
 keypoints = 6
+nms = "weighted"
+
+[[model]]
+path = "{landmarks}"
+report = "landmarks"
+[model.input]
+from = "face_detection_short_range"
+rotate_by = [0, 1]
+scale = 1.5
+square = true
+max = 8
+[model.landmarks]
+points = "{points}"
+presence = "{presence}"
+sigmoid = true
 "#;
 
 pub fn default_dir() -> PathBuf {
@@ -38,7 +58,8 @@ pub fn default_dir() -> PathBuf {
 pub fn run(dir: &Path) -> Result<()> {
     // The configuration names packages by absolute path: it lives in another directory.
     let dir = &std::path::absolute(dir).context("resolving the demo directory")?;
-    let models = prepare_models(dir)?;
+    let face = prepare_face_models(dir)?;
+    let zoo = prepare_zoo(dir)?;
     let frames = prepare_frames(dir)?;
     let spool = dir.join("spool");
     if spool.exists() {
@@ -63,22 +84,34 @@ pub fn run(dir: &Path) -> Result<()> {
             .context("writing the damaged frame")?;
     }
     let config = dir.join("memaflow.toml");
-    std::fs::write(&config, config_text(&spool, &models))
+    std::fs::write(&config, config_text(&spool, face.as_ref(), &zoo)?)
         .with_context(|| format!("writing {}", config.display()))?;
-    println!(
-        "demo: {} models × {} frames (and a damaged one) through the spool daemon: \
-         memaflow run --config {} --once",
-        models.len(),
-        frames.len(),
-        config.display()
-    );
+    match &face {
+        Some(_) => println!(
+            "demo: face detection → face landmarks on {} frames (and a damaged one), \
+             {} zoo networks beside it as timing workloads: memaflow run --config {} --once",
+            frames.len(),
+            zoo.len(),
+            config.display()
+        ),
+        None => println!(
+            "demo: no face models ({DETECTOR}.tflite and {LANDMARKS}.tflite are looked for \
+             in ../shared/models): only the zoo timing workloads run: memaflow run --config {} --once",
+            config.display()
+        ),
+    }
     daemon::run(&RunOptions {
         config: config.clone(),
         board: None,
         once: true,
     })?;
-    print_results(&spool)?;
-    let total_weights: u64 = models.iter().map(|p| p.manifest.weight_bytes()).sum();
+    print_results(&spool, &dir.join("pictures"))?;
+    let total_weights: u64 = face
+        .iter()
+        .flat_map(|(d, l)| [d, l])
+        .chain(&zoo)
+        .map(|p| p.manifest.weight_bytes())
+        .sum();
     println!(
         "demo: done; {} of weights in all; results in {}, status in {}",
         Bytes(total_weights),
@@ -88,107 +121,108 @@ pub fn run(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn config_text(spool: &Path, models: &[Package]) -> String {
+/// The landmark model's outputs: the points (468 × 3 values) and the presence score.
+fn landmark_outputs(p: &Package) -> Result<(String, String)> {
+    let find = |n: usize| {
+        p.manifest
+            .outputs
+            .iter()
+            .find(|o| o.shape.iter().product::<usize>() == n)
+            .map(|o| o.name.clone())
+            .with_context(|| format!("{}: no output of {n} values", p.name()))
+    };
+    Ok((find(468 * 3)?, find(1)?))
+}
+
+fn config_text(spool: &Path, face: Option<&(Package, Package)>, zoo: &[Package]) -> Result<String> {
     let mut text = format!(
         "# Written by `memaflow demo`; see docs/spool.md for every key.\n\
          [spool]\nroot = {:?}\n\n[run]\nbudget = \"128M\"\nparallel = 2\n",
         spool.display().to_string()
     );
-    for p in models {
-        text += &format!("\n[[model]]\npath = {:?}\n", p.dir.display().to_string());
-        if p.name() == "face_detection_short_range" {
-            text += FACE_DETECTOR_REPORT;
-        } else if p.manifest.outputs.iter().any(|o| o.labels.is_some()) {
-            text += "report = \"topk\"\ntop_k = 1\n";
-        }
+    if let Some((detector, landmarks)) = face {
+        let (points, presence) = landmark_outputs(landmarks)?;
+        text += &FACE_PIPELINE
+            .replace("{detector}", &detector.dir.display().to_string())
+            .replace("{landmarks}", &landmarks.dir.display().to_string())
+            .replace("{points}", &points)
+            .replace("{presence}", &presence);
     }
-    text
+    for p in zoo {
+        // Summarised only: a class from random weights would mean nothing.
+        text += &format!("\n[[model]]\npath = {:?}\n", p.dir.display().to_string());
+    }
+    Ok(text)
 }
 
-/// One line per frame and model: the top class, the faces found, or the output's range.
-fn print_results(spool: &Path) -> Result<()> {
+/// Per frame: the faces and landmarks found, the picture, and each zoo network's time.
+fn print_results(spool: &Path, pictures: &Path) -> Result<()> {
+    std::fs::create_dir_all(pictures)
+        .with_context(|| format!("creating {}", pictures.display()))?;
     let mut entries: Vec<PathBuf> = std::fs::read_dir(spool.join("out"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     entries.sort();
     for path in entries {
-        let text = std::fs::read_to_string(&path)?;
-        let r: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not JSON", path.display()))?;
-        let frame = r["frame"].as_str().unwrap_or("?");
-        for m in r["models"].as_array().into_iter().flatten() {
-            println!(
-                "{frame:<16} {:<28} {:<44} {:>8} ms",
-                m["name"].as_str().unwrap_or("?"),
-                verdict(m),
-                m["time_ms"]["end"]
-                    .as_f64()
-                    .zip(m["time_ms"]["start"].as_f64())
-                    .map_or("-".into(), |(e, s)| format!("{:.1}", e - s)),
-            );
+        let r = FrameResult::read(&path)?;
+        let picture = pictures.join(format!("{}.png", r.frame));
+        let drawn = super::show::show(&path, None, &picture)?;
+        println!(
+            "{:<16} {} face(s), {} landmarks, {:.0} ms: {}",
+            r.frame,
+            drawn.boxes,
+            drawn.landmarks,
+            r.time_ms.total,
+            picture.display()
+        );
+        for m in &r.models {
+            let line = match &m.outcome {
+                ModelOutcome::Failed { error } => format!("error: {}", error.reason),
+                ModelOutcome::Ran(run) => match (&run.outputs, run.time_ms) {
+                    (Outputs::Summary(_), Some(t)) => format!(
+                        "timing workload (random weights): {:.1} ms",
+                        t.end - t.start
+                    ),
+                    (Outputs::Landmarks(c), _) => {
+                        format!("landmarks on {} of {} face crop(s)", c.found, c.crops)
+                    }
+                    _ => continue,
+                },
+            };
+            println!("{:<16}   {:<28} {line}", "", m.name);
         }
     }
     for e in std::fs::read_dir(spool.join("failed"))?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.ends_with(".error.json") {
-            let r: Value = serde_json::from_str(&std::fs::read_to_string(e.path())?)?;
-            println!(
-                "{:<16} failed ({}): {}",
-                r["frame"].as_str().unwrap_or("?"),
-                r["stage"].as_str().unwrap_or("?"),
-                r["reason"].as_str().unwrap_or("?")
-            );
+            let r = FailureRecord::read(&e.path())?;
+            println!("{:<16} failed ({}): {}", r.frame, r.stage.name(), r.reason);
         }
     }
     Ok(())
 }
 
-fn verdict(m: &Value) -> String {
-    if let Some(e) = m.get("error") {
-        return format!("error: {}", e["reason"].as_str().unwrap_or("?"));
-    }
-    let outs = &m["outputs"];
-    if let Some(d) = outs["detections"].as_array() {
-        let best = d
-            .iter()
-            .filter_map(|d| d["score"].as_f64())
-            .fold(0.0, f64::max);
-        return match d.len() {
-            0 => "no face".into(),
-            n => format!("{n} face(s), best score {best:.3}"),
-        };
-    }
-    let first = &outs[0];
-    if let Some(top) = first["top"].get(0).or_else(|| first["top5"].get(0)) {
-        let label = top["label"]
-            .as_str()
-            .map_or_else(|| top["index"].to_string(), String::from);
-        return format!("{label} ({:.3})", top["value"].as_f64().unwrap_or(f64::NAN));
-    }
-    format!(
-        "{} {} in [{:.3}, {:.3}]",
-        first["name"].as_str().unwrap_or("?"),
-        first["shape"],
-        first["min"].as_f64().unwrap_or(f64::NAN),
-        first["max"].as_f64().unwrap_or(f64::NAN)
-    )
-}
-
-fn prepare_models(dir: &Path) -> Result<Vec<Package>> {
+fn prepare_zoo(dir: &Path) -> Result<Vec<Package>> {
     let mut out = vec![];
     for name in DEMO_ZOO {
         let pkg_dir = dir.join("models").join(name);
         if Package::open(&pkg_dir).is_err() {
-            println!("demo: generating {name}");
+            println!("demo: generating {name} (random weights: a timing workload)");
             zoo::entry(name)?.write(&pkg_dir, true)?;
         }
         out.push(Package::open(&pkg_dir)?);
     }
+    Ok(out)
+}
+
+/// The face detector and landmark model, imported from `../shared/models` with their
+/// published input ranges; `None` when they are not there.
+fn prepare_face_models(dir: &Path) -> Result<Option<(Package, Package)>> {
     let shared = Path::new("../shared/models");
-    for (name, lo, hi) in SHARED_MODELS {
+    let import = |name: &str, lo: f32, hi: f32| -> Result<Option<Package>> {
         let src = shared.join(format!("{name}.tflite"));
         if !src.is_file() {
-            continue;
+            return Ok(None);
         }
         let pkg_dir = dir.join("models").join(name);
         if Package::open(&pkg_dir).is_err() {
@@ -209,13 +243,24 @@ fn prepare_models(dir: &Path) -> Result<Vec<Package>> {
                 },
             )?;
         }
-        out.push(Package::open(&pkg_dir)?);
-    }
-    Ok(out)
+        Ok(Some(Package::open(&pkg_dir)?))
+    };
+    Ok(import(DETECTOR, -1.0, 1.0)?.zip(import(LANDMARKS, 0.0, 1.0)?))
 }
 
-/// Three generated frames in three formats, plus the shared photos when present.
+/// The shared photos (`../shared/frames`) when present, else three generated frames in
+/// three formats (no faces in them: they show the formats and the timings).
 fn prepare_frames(dir: &Path) -> Result<Vec<PathBuf>> {
+    if let Ok(entries) = std::fs::read_dir("../shared/frames") {
+        let mut shared: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        shared.sort();
+        if !shared.is_empty() {
+            return Ok(shared);
+        }
+    }
     let frames = dir.join("frames");
     std::fs::create_dir_all(&frames).with_context(|| format!("creating {}", frames.display()))?;
     let mut out = vec![];
@@ -227,14 +272,6 @@ fn prepare_frames(dir: &Path) -> Result<Vec<PathBuf>> {
                 .with_context(|| format!("writing {}", path.display()))?;
         }
         out.push(path);
-    }
-    if let Ok(entries) = std::fs::read_dir("../shared/frames") {
-        let mut shared: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
-        shared.sort();
-        out.extend(shared);
     }
     Ok(out)
 }

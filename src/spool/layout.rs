@@ -147,11 +147,11 @@ impl Spool {
 
     /// Whether `out/NAME.json` is a complete result for the frame `work/NAME`.
     pub fn has_result(&self, name: &OsStr) -> bool {
-        read_json(&self.out.join(result_name(name))).is_some_and(|v| names_frame(&v, name))
+        names_frame(&self.out.join(result_name(name)), name)
     }
 
     pub fn has_error_record(&self, name: &OsStr) -> bool {
-        read_json(&self.failed.join(error_name(name))).is_some_and(|v| names_frame(&v, name))
+        names_frame(&self.failed.join(error_name(name)), name)
     }
 
     /// Records the result, then lets the frame go: to `done/` or unlinked.
@@ -244,13 +244,6 @@ pub fn name_bytes_hex(name: &OsStr) -> Option<String> {
 
 /// Whether a result or failure record is the one of frame `name`: its `frame` for a
 /// UTF-8 name, its `frame_bytes_hex` for any other.
-fn names_frame(record: &serde_json::Value, name: &OsStr) -> bool {
-    match (name.to_str(), name_bytes_hex(name)) {
-        (Some(s), _) => record.get("frame").and_then(|f| f.as_str()) == Some(s),
-        (None, hex) => record.get("frame_bytes_hex").and_then(|f| f.as_str()) == hex.as_deref(),
-    }
-}
-
 /// `name` with `~N` before its extension: `cam.jpg` → `cam~2.jpg`. Works on the bytes, so
 /// a name that is not UTF-8 keeps them.
 fn suffixed(name: &OsStr, n: u32) -> OsString {
@@ -312,10 +305,27 @@ fn list(dir: &Path) -> Result<Vec<Entry>> {
     Ok(out)
 }
 
-/// A JSON file's value, or `None` if it is absent, unreadable or not complete JSON.
-fn read_json(path: &Path) -> Option<serde_json::Value> {
-    let bytes = super::fsutil::read_frame(path, 256 << 20).ok()?;
-    serde_json::from_slice(&bytes).ok()
+/// Whether `path` is complete JSON naming the frame `name` (`frame`, the one field a
+/// result and a failure record share). Only that is asked of a record written before a
+/// crash: whatever else it holds, it was written whole, so the frame is not run again.
+/// Whether the record at `path` is `name`'s: by its `frame`, or by `frame_bytes_hex` for
+/// a name that is not UTF-8.
+fn names_frame(path: &Path, name: &OsStr) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        frame: String,
+        frame_bytes_hex: Option<String>,
+    }
+    let Some(record) = super::fsutil::read_frame(path, 256 << 20)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Named>(&bytes).ok())
+    else {
+        return false;
+    };
+    match name.to_str() {
+        Some(s) => record.frame == s,
+        None => record.frame_bytes_hex == name_bytes_hex(name),
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! see `docs/spool.md`.
 
 pub mod config;
+pub mod crop;
 pub mod daemon;
 pub mod demo;
 pub mod fsutil;
@@ -12,4 +13,6 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod publish_config;
 pub mod results;
+pub mod schema;
+pub mod show;
 pub mod status;

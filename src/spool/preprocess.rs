@@ -1,7 +1,7 @@
 //! Frames → input tensors: decode (JPEG, PNG, PPM/PGM, BMP) within limits, resize, order
 //! channels and normalise as the model's manifest says.
 
-use crate::model::{ColorOrder, Preprocess, ResizeMode};
+use crate::model::{Preprocess, ResizeMode};
 use crate::runtime::FloatTensor;
 use anyhow::{Context, Result, ensure};
 use image::{DynamicImage, RgbImage, imageops::FilterType};
@@ -33,9 +33,10 @@ pub fn decode(bytes: &[u8]) -> Result<DynamicImage> {
 }
 
 /// Bytes decoding `bytes` will allocate: the decoded pixels at their colour type, and the
-/// 8-bit RGB copy models are resized from. Reads only the header; fails as `decode` would
-/// on what `decode` refuses before decoding.
-pub fn decoded_bytes(bytes: &[u8]) -> Result<u64> {
+/// 8-bit RGB copy models are resized from (3 bytes a pixel); and the number of pixels.
+/// Reads only the header; fails as `decode` would on what `decode` refuses before
+/// decoding.
+pub fn decoded_bytes(bytes: &[u8]) -> Result<(u64, u64)> {
     use image::ImageDecoder;
     let (reader, format) = reader(bytes)?;
     let decoder = reader
@@ -43,7 +44,10 @@ pub fn decoded_bytes(bytes: &[u8]) -> Result<u64> {
         .with_context(|| format!("decoding {format:?}"))?;
     let (w, h) = decoder.dimensions();
     let pixels = u64::from(w) * u64::from(h);
-    Ok(pixels * (decoder.color_type().bytes_per_pixel() as u64 + 3) + (64 << 10))
+    Ok((
+        pixels * (decoder.color_type().bytes_per_pixel() as u64 + 3) + (64 << 10),
+        pixels,
+    ))
 }
 
 /// A reader for a supported, complete image, with the decoder's limits set.
@@ -106,33 +110,21 @@ fn jpeg_is_complete(b: &[u8]) -> bool {
 
 /// The model input for one frame: NHWC, `shape` = [1, H, W, C] with C of 1 or 3.
 pub fn to_input(img: &DynamicImage, pre: &Preprocess, shape: &[usize]) -> Result<FloatTensor> {
+    to_input_rgb(&img.to_rgb8(), pre, shape)
+}
+
+/// `to_input` for a frame already in 8-bit RGB.
+pub fn to_input_rgb(img: &RgbImage, pre: &Preprocess, shape: &[usize]) -> Result<FloatTensor> {
     ensure!(
         shape.len() == 4 && shape[0] == 1 && (shape[3] == 1 || shape[3] == 3),
         "image input must be [1, H, W, 1 or 3], the model wants {:?}",
         shape
     );
     let (h, w, c) = (shape[1] as u32, shape[2] as u32, shape[3]);
-    let rgb = fit(&img.to_rgb8(), w, h, pre.resize);
-    let param = |v: &[f32], ch: usize| if v.len() == 1 { v[0] } else { v[ch] };
+    let rgb = fit(img, w, h, pre.resize);
     let mut data = Vec::with_capacity((w * h) as usize * c);
     for px in rgb.pixels() {
-        let [r, g, b] = px.0.map(f32::from);
-        if c == 1 || pre.color == ColorOrder::Gray {
-            // ITU-R BT.601 luma, as the image crate and OpenCV compute it.
-            let y = 0.299 * r + 0.587 * g + 0.114 * b;
-            for ch in 0..c {
-                data.push((y - param(&pre.mean, ch)) / param(&pre.std, ch));
-            }
-        } else {
-            let ordered = if pre.color == ColorOrder::Bgr {
-                [b, g, r]
-            } else {
-                [r, g, b]
-            };
-            for (ch, v) in ordered.into_iter().enumerate() {
-                data.push((v - param(&pre.mean, ch)) / param(&pre.std, ch));
-            }
-        }
+        super::crop::push_normalised(&mut data, px.0.map(f32::from), pre, c);
     }
     FloatTensor::new(shape.to_vec(), data)
 }
@@ -230,6 +222,7 @@ impl Geometry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ColorOrder;
     use image::Rgb;
 
     fn pre(resize: ResizeMode, color: ColorOrder) -> Preprocess {

@@ -3,32 +3,16 @@
 //! head finds (anchors, regression decoding, non-maximum suppression).
 
 use super::preprocess::Geometry;
+use super::schema::{
+    Detection, Detections, Landmarks, ModelTimes, Outputs, Ranked, RawOutput, Roi, TopOutput,
+};
 use crate::model::package::OutputSpec;
 use crate::runtime::FloatTensor;
 use anyhow::{Context, Result, ensure};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct OutputSummary {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub min: f32,
-    pub max: f32,
-    pub mean: f32,
-    /// For vector outputs (one axis longer than 1): the largest value's index.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub argmax: Option<usize>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub top5: Vec<Ranked>,
-}
-
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Ranked {
-    pub index: usize,
-    pub value: f32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub label: Option<String>,
-}
+/// What [`summarise`] makes (defined with the rest of the result schema).
+pub use super::schema::OutputSummary;
 
 pub fn summarise(name: &str, t: &FloatTensor, labels: Option<&[String]>) -> OutputSummary {
     let finite = t.data.iter().copied().filter(|v| v.is_finite());
@@ -85,20 +69,8 @@ pub enum OutputReport {
     },
     /// Detections decoded from a box-regression and a score output.
     Boxes(Box<BoxDecoder>),
-}
-
-#[derive(Clone, Debug, Serialize)]
-struct RawOutput<'a> {
-    name: &'a str,
-    shape: &'a [usize],
-    values: &'a [f32],
-}
-
-#[derive(Clone, Debug, Serialize)]
-struct TopOutput<'a> {
-    name: &'a str,
-    shape: &'a [usize],
-    top: Vec<Ranked>,
+    /// Points in a cascade's crop, mapped back into the frame.
+    Landmarks(Box<LandmarkSpec>),
 }
 
 impl OutputReport {
@@ -108,6 +80,7 @@ impl OutputReport {
             OutputReport::Raw => "raw",
             OutputReport::TopK { .. } => "topk",
             OutputReport::Boxes(_) => "boxes",
+            OutputReport::Landmarks(_) => "landmarks",
         }
     }
 
@@ -115,6 +88,7 @@ impl OutputReport {
     pub fn check(&self, specs: &[OutputSpec]) -> Result<()> {
         match self {
             OutputReport::Boxes(d) => d.check(specs),
+            OutputReport::Landmarks(l) => l.check(specs),
             OutputReport::TopK {
                 labels: Some(labels),
                 ..
@@ -139,7 +113,7 @@ impl OutputReport {
         specs: &[OutputSpec],
         outputs: &[FloatTensor],
         geometry: &Geometry,
-    ) -> Result<serde_json::Value> {
+    ) -> Result<Outputs> {
         ensure!(
             specs.len() == outputs.len(),
             "{} outputs for {} declared",
@@ -148,21 +122,21 @@ impl OutputReport {
         );
         let pairs = specs.iter().zip(outputs);
         Ok(match self {
-            OutputReport::Summary => serde_json::to_value(
+            OutputReport::Summary => Outputs::Summary(
                 pairs
                     .map(|(s, t)| summarise(&s.name, t, s.labels.as_deref()))
-                    .collect::<Vec<_>>(),
-            )?,
-            OutputReport::Raw => serde_json::to_value(
+                    .collect(),
+            ),
+            OutputReport::Raw => Outputs::Raw(
                 pairs
                     .map(|(s, t)| RawOutput {
-                        name: &s.name,
-                        shape: &t.shape,
-                        values: &t.data,
+                        name: s.name.clone(),
+                        shape: t.shape.clone(),
+                        values: t.data.clone(),
                     })
-                    .collect::<Vec<_>>(),
-            )?,
-            OutputReport::TopK { k, labels } => serde_json::to_value(
+                    .collect(),
+            ),
+            OutputReport::TopK { k, labels } => Outputs::Topk(
                 pairs
                     .map(|(s, t)| {
                         let labels = labels
@@ -170,14 +144,131 @@ impl OutputReport {
                             .filter(|l| l.len() == t.data.len())
                             .or(s.labels.as_deref());
                         TopOutput {
-                            name: &s.name,
-                            shape: &t.shape,
+                            name: s.name.clone(),
+                            shape: t.shape.clone(),
                             top: top_k(&t.data, *k, labels),
                         }
                     })
-                    .collect::<Vec<_>>(),
-            )?,
-            OutputReport::Boxes(d) => serde_json::to_value(d.decode(specs, outputs, geometry)?)?,
+                    .collect(),
+            ),
+            OutputReport::Boxes(d) => Outputs::Boxes(d.decode(specs, outputs, geometry)?),
+            OutputReport::Landmarks(_) => {
+                anyhow::bail!("a landmarks report is made per crop (LandmarkSpec::decode)")
+            }
+        })
+    }
+}
+
+/// A landmark model's outputs as configured (`[model.landmarks]`): points in input
+/// pixels, and optionally a presence score.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LandmarkSpec {
+    /// Output with the points: N × `dims` values, x and y in the model input's pixels.
+    pub points: String,
+    /// Values per point: 2 (x, y) or 3 (x, y, z).
+    #[serde(default = "three")]
+    pub dims: usize,
+    /// Output with one presence score.
+    pub presence: Option<String>,
+    /// The presence score is a logit (apply the sigmoid).
+    #[serde(default)]
+    pub sigmoid: bool,
+    /// Presence below this: `present` is false (the points are still reported).
+    #[serde(default = "half")]
+    pub threshold: f32,
+}
+
+fn three() -> usize {
+    3
+}
+
+impl LandmarkSpec {
+    fn find(&self, specs: &[OutputSpec], name: &str) -> Result<usize> {
+        specs.iter().position(|s| s.name == name).with_context(|| {
+            format!(
+                "landmarks: the model has no output '{name}' (it has {})",
+                specs
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    }
+
+    pub fn check(&self, specs: &[OutputSpec]) -> Result<()> {
+        ensure!(
+            (2..=3).contains(&self.dims),
+            "landmarks.dims must be 2 or 3"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.threshold),
+            "landmarks.threshold is between 0 and 1"
+        );
+        let p = &specs[self.find(specs, &self.points)?];
+        let n: usize = p.shape.iter().product();
+        ensure!(
+            n > 0 && n.is_multiple_of(self.dims),
+            "landmarks: '{}' is {:?}, not a whole number of {}-value points",
+            p.name,
+            p.shape,
+            self.dims
+        );
+        if let Some(presence) = &self.presence {
+            let s = &specs[self.find(specs, presence)?];
+            ensure!(
+                s.shape.iter().product::<usize>() == 1,
+                "landmarks: presence '{}' is {:?}, not one score",
+                s.name,
+                s.shape
+            );
+        }
+        Ok(())
+    }
+
+    /// The points of one crop in the frame: input pixels (of a `w`×`h` input) → the
+    /// crop's region `roi`. z is scaled as x.
+    pub fn decode(
+        &self,
+        specs: &[OutputSpec],
+        outputs: &[FloatTensor],
+        roi: &Roi,
+        (w, h): (usize, usize),
+        time_ms: ModelTimes,
+    ) -> Result<Landmarks> {
+        self.check(specs)?;
+        ensure!(
+            specs.len() == outputs.len(),
+            "{} outputs for {} declared",
+            outputs.len(),
+            specs.len()
+        );
+        let raw = &outputs[self.find(specs, &self.points)?].data;
+        let points = raw
+            .chunks_exact(self.dims)
+            .map(|p| {
+                let [x, y] = roi.to_frame(p[0] / w as f32, p[1] / h as f32);
+                let z = p.get(2).map_or(0.0, |z| z / w as f32 * roi.size[0]);
+                [x, y, z]
+            })
+            .collect();
+        let presence = match &self.presence {
+            Some(name) => {
+                let v = outputs[self.find(specs, name)?].data[0];
+                Some(if self.sigmoid {
+                    1.0 / (1.0 + (-v.clamp(-100.0, 100.0)).exp())
+                } else {
+                    v
+                })
+            }
+            None => None,
+        };
+        Ok(Landmarks {
+            presence,
+            present: presence.is_none_or(|p| p >= self.threshold),
+            points,
+            time_ms,
         })
     }
 }
@@ -225,6 +316,19 @@ pub struct BoxSpec {
     /// Scores are logits (apply the sigmoid) rather than probabilities.
     #[serde(default = "yes")]
     pub sigmoid: bool,
+    #[serde(default)]
+    pub nms: Nms,
+}
+
+/// How overlapping candidates become one detection.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Nms {
+    /// Keep the best, drop what overlaps it.
+    #[default]
+    Greedy,
+    /// Average the best and what overlaps it, weighted by score (MediaPipe's detectors).
+    Weighted,
 }
 
 fn two() -> usize {
@@ -245,27 +349,9 @@ fn yes() -> bool {
 
 #[derive(Clone, Debug)]
 pub struct BoxDecoder {
-    spec: BoxSpec,
+    pub spec: BoxSpec,
     /// Anchor centres, normalised to the input.
     anchors: Vec<(f32, f32)>,
-}
-
-/// One detection, in the frame's pixels.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct Detection {
-    pub score: f32,
-    /// x_min, y_min, x_max, y_max.
-    #[serde(rename = "box")]
-    pub bbox: [f32; 4],
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub keypoints: Vec<[f32; 2]>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Detections {
-    /// Anchors whose score passed the threshold, before suppression.
-    pub candidates: usize,
-    pub detections: Vec<Detection>,
 }
 
 impl BoxDecoder {
@@ -362,7 +448,7 @@ impl BoxDecoder {
         let scores = &outputs[self.find(specs, &sp.scores)?.0];
         let stride = boxes.shape.last().copied().unwrap_or(0);
         let (sx, sy) = (sp.input_size[0] as f32, sp.input_size[1] as f32);
-        let mut found: Vec<(f32, [f32; 4], usize)> = vec![];
+        let mut found: Vec<Candidate> = vec![];
         for (k, &(ax, ay)) in self.anchors.iter().enumerate() {
             let raw = scores.data[k];
             let score = if sp.sigmoid {
@@ -374,43 +460,41 @@ impl BoxDecoder {
             if score.is_nan() || score < sp.score_threshold {
                 continue;
             }
-            let r = &boxes.data[k * stride..k * stride + 4];
+            let r = &boxes.data[k * stride..(k + 1) * stride];
             let (cx, cy) = (r[0] / sx + ax, r[1] / sy + ay);
             let (w, h) = (r[2] / sx, r[3] / sy);
-            found.push((
+            let keypoints = (0..sp.keypoints)
+                .map(|j| [r[4 + 2 * j] / sx + ax, r[5 + 2 * j] / sy + ay])
+                .collect();
+            found.push(Candidate {
                 score,
-                [cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0],
-                k,
-            ));
+                bbox: [cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0],
+                keypoints,
+            });
         }
         let candidates = found.len();
-        found.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let mut kept: Vec<(f32, [f32; 4], usize)> = vec![];
-        for f in found {
-            if kept.len() == sp.max_boxes {
-                break;
-            }
-            if kept.iter().all(|k| iou_of(&k.1, &f.1) < sp.iou_threshold) {
-                kept.push(f);
-            }
-        }
+        found.sort_by(|a, b| b.score.total_cmp(&a.score));
+        let kept = match sp.nms {
+            Nms::Greedy => greedy_nms(found, sp.iou_threshold, sp.max_boxes),
+            Nms::Weighted => weighted_nms(found, sp.iou_threshold, sp.max_boxes),
+        };
         let detections = kept
             .into_iter()
-            .map(|(score, b, k)| {
-                let (ax, ay) = self.anchors[k];
-                let (x0, y0) = geometry.to_frame(b[0], b[1]);
-                let (x1, y1) = geometry.to_frame(b[2], b[3]);
-                let keypoints = (0..sp.keypoints)
-                    .map(|j| {
-                        let r = &boxes.data[k * stride + 4 + 2 * j..];
-                        let (x, y) = geometry.to_frame(r[0] / sx + ax, r[1] / sy + ay);
-                        [x, y]
-                    })
-                    .collect();
+            .map(|c| {
+                let (x0, y0) = geometry.to_frame(c.bbox[0], c.bbox[1]);
+                let (x1, y1) = geometry.to_frame(c.bbox[2], c.bbox[3]);
                 Detection {
-                    score,
+                    score: c.score,
                     bbox: [x0, y0, x1, y1],
-                    keypoints,
+                    keypoints: c
+                        .keypoints
+                        .iter()
+                        .map(|p| {
+                            let (x, y) = geometry.to_frame(p[0], p[1]);
+                            [x, y]
+                        })
+                        .collect(),
+                    crops: vec![],
                 }
             })
             .collect();
@@ -419,6 +503,68 @@ impl BoxDecoder {
             detections,
         })
     }
+}
+
+/// A decoded anchor above the score threshold, normalised to the model input.
+#[derive(Clone, Debug)]
+struct Candidate {
+    score: f32,
+    bbox: [f32; 4],
+    keypoints: Vec<[f32; 2]>,
+}
+
+/// Highest score first; a candidate overlapping a kept one by `iou` or more is dropped.
+fn greedy_nms(sorted: Vec<Candidate>, iou: f32, max: usize) -> Vec<Candidate> {
+    let mut kept: Vec<Candidate> = vec![];
+    for c in sorted {
+        if kept.len() == max {
+            break;
+        }
+        if kept.iter().all(|k| iou_of(&k.bbox, &c.bbox) < iou) {
+            kept.push(c);
+        }
+    }
+    kept
+}
+
+/// MediaPipe's `WEIGHTED` suppression: the best candidate and every one overlapping it by
+/// more than `iou` become one detection, box and keypoints averaged by score, with the
+/// best score.
+fn weighted_nms(sorted: Vec<Candidate>, iou: f32, max: usize) -> Vec<Candidate> {
+    let mut kept = vec![];
+    let mut remaining = sorted;
+    while let Some(best) = remaining.first().cloned() {
+        if kept.len() == max {
+            break;
+        }
+        let (group, rest): (Vec<Candidate>, Vec<Candidate>) = remaining
+            .into_iter()
+            .partition(|c| iou_of(&best.bbox, &c.bbox) > iou);
+        let total: f32 = group.iter().map(|c| c.score).sum();
+        let mut merged = best.clone();
+        if total > 0.0 {
+            for (i, v) in merged.bbox.iter_mut().enumerate() {
+                *v = group.iter().map(|c| c.score * c.bbox[i]).sum::<f32>() / total;
+            }
+            for (j, p) in merged.keypoints.iter_mut().enumerate() {
+                for (i, v) in p.iter_mut().enumerate() {
+                    *v = group
+                        .iter()
+                        .map(|c| c.score * c.keypoints[j][i])
+                        .sum::<f32>()
+                        / total;
+                }
+            }
+        }
+        kept.push(merged);
+        remaining = if group.is_empty() {
+            // The best has no area (IoU 0 with itself): drop it alone.
+            rest.into_iter().skip(1).collect()
+        } else {
+            rest
+        };
+    }
+    kept
 }
 
 fn iou_of(a: &[f32; 4], b: &[f32; 4]) -> f32 {
@@ -456,6 +602,7 @@ mod tests {
             iou_threshold: 0.3,
             max_boxes: 100,
             sigmoid: true,
+            nms: Nms::Greedy,
         })
         .unwrap()
     }
@@ -494,6 +641,23 @@ mod tests {
         }
         assert_eq!(det.keypoints.len(), 6);
         assert!(d.check(&[spec("regressors", vec![1, 895, 16])]).is_err());
+        // Weighted suppression (MediaPipe's): the two become one, averaged by score. The
+        // weaker box is 8 px wider on the right: the merged one lies between.
+        let mut weighted = d.clone();
+        weighted.spec.nms = Nms::Weighted;
+        let mut shifted = outputs.clone();
+        shifted[0].data[16 + 2] = 40.0;
+        let r = weighted.decode(&specs, &shifted, &geometry).unwrap();
+        assert_eq!(r.detections.len(), 1);
+        let (s0, s1) = (1.0 / (1.0 + (-3f32).exp()), 1.0 / (1.0 + (-1f32).exp()));
+        let half_width = (s0 * 32.0 + s1 * 40.0) / (s0 + s1);
+        let want = 24.0 + half_width;
+        assert!(
+            (r.detections[0].bbox[2] - want).abs() < 1e-3,
+            "{:?} vs {want}",
+            r.detections[0].bbox
+        );
+        assert_eq!(r.detections[0].score, s0);
     }
 
     #[test]
@@ -501,18 +665,23 @@ mod tests {
         let specs = [spec("prob", vec![1, 3])];
         let outs = [FloatTensor::new(vec![1, 3], vec![0.2, 0.7, 0.1]).unwrap()];
         let g = Geometry::stretch(1, 1);
-        let raw = OutputReport::Raw.render(&specs, &outs, &g).unwrap();
-        assert_eq!(raw[0]["values"][1].as_f64().unwrap() as f32, 0.7);
+        let Outputs::Raw(raw) = OutputReport::Raw.render(&specs, &outs, &g).unwrap() else {
+            panic!("raw renders raw outputs")
+        };
+        assert_eq!(raw[0].values[1], 0.7);
         let labels = Some(vec!["a".to_string(), "b".into(), "c".into()]);
-        let top = OutputReport::TopK { k: 2, labels }
+        let Outputs::Topk(top) = OutputReport::TopK { k: 2, labels }
             .render(&specs, &outs, &g)
-            .unwrap();
-        assert_eq!(top[0]["top"].as_array().unwrap().len(), 2);
-        assert_eq!(top[0]["top"][0]["label"], "b");
+            .unwrap()
+        else {
+            panic!("topk renders a ranking")
+        };
+        assert_eq!(top[0].top.len(), 2);
+        assert_eq!(top[0].top[0].label.as_deref(), Some("b"));
         let summary = OutputReport::Summary.render(&specs, &outs, &g).unwrap();
         assert_eq!(
-            summary[0],
-            serde_json::to_value(summarise("prob", &outs[0], None)).unwrap()
+            summary,
+            Outputs::Summary(vec![summarise("prob", &outs[0], None)])
         );
         assert!(OutputReport::Raw.render(&specs, &[], &g).is_err());
     }

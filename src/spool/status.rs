@@ -4,7 +4,8 @@
 //! is rendered from the same value at the same moment, so the two always agree.
 
 use super::config::{Config, RunConfig};
-use super::pipeline::{FrameStage, Model, ModelError, unix_now};
+use super::pipeline::{Model, unix_now};
+use super::schema::{FrameStage, ModelError};
 use crate::memory::{self, SystemMemory};
 use crate::runtime::ExecutorSnapshot;
 use serde::{Deserialize, Serialize};
