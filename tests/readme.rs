@@ -5,10 +5,10 @@
 //! `memaflow`, in one fresh directory for all, in document order; nothing else of the line
 //! is rewritten. The directory holds the files the commands name, copied in before:
 //! `face_detection_short_range.tflite` (from `../shared/models`), `frame.jpg`, `a.jpg` and
-//! `b.jpg` (the shared `rocket.jpg`), `x.npy` (a 416×416×3 tensor of 0.5), `benches/`, a
-//! `memaflow.toml` (a spool beside it and the default pipeline, `models/pipeline.toml`,
-//! over packages built by `models/build` — a recorded skip without the fixtures), and
-//! `../shared` (a link to the shared directory).
+//! `b.jpg` (the shared `rocket.jpg`), `x.npy` (a 416×416×3 tensor of 0.5), `benches/`,
+//! `memaflow.toml` and `face.toml` (a spool beside them and the default pipeline,
+//! `models/pipeline.toml`, over packages `models/build` makes in `target/models` — a
+//! recorded skip without the fixtures), and `../shared` (a link to the shared directory).
 //!
 //! Every other line must be in [`NOT_RUN`] with the reason it is not run here (root,
 //! QEMU, the cross build, the network, hours of running, a daemon that runs forever); a
@@ -42,6 +42,9 @@ const NOT_RUN: &[(&str, &str)] = &[
     ("bitbake-config-build", "a Yocto build directory"),
     ("echo 'MEMAFLOW_PUBLISH_HOST", "a Yocto build directory"),
     ("MEMAFLOW_CONFIG=", "paths.env's contents, not a command"),
+    ("bash tests/fetch-fixtures", "the network (PyPI); run before the tests by tests/run"),
+    ("models/build", "tests/models.rs runs it (and this test, to make the packages)"),
+    ("printf '[spool]", "writes face.toml, which this test writes the same way"),
     ("MEMAFLOW_SPOOL=", "paths.env's contents, not a command"),
 ];
 
@@ -127,7 +130,7 @@ fn prepare(dir: &Path) -> bool {
     let built = std::process::Command::new("python3")
         .arg(repo().join("models/build"))
         .args(["--from", fixtures.to_str().unwrap(), "--out"])
-        .arg(dir.join("models"))
+        .arg(dir.join("target/models"))
         .args(["--memaflow", bin()])
         .status()
         .unwrap();
@@ -136,11 +139,9 @@ fn prepare(dir: &Path) -> bool {
     std::fs::create_dir_all(dir.join("spool/incoming")).unwrap();
     std::fs::copy(shared.join("frames/astronaut.png"), dir.join("spool/incoming/astronaut.png"))
         .unwrap();
-    std::fs::write(
-        dir.join("memaflow.toml"),
-        format!("[spool]\nroot = \"spool\"\n[models]\ndir = \"models\"\n{pipeline}"),
-    )
-    .unwrap();
+    let config = format!("[spool]\nroot = \"spool\"\n[models]\ndir = \"target/models\"\n{pipeline}");
+    std::fs::write(dir.join("memaflow.toml"), &config).unwrap();
+    std::fs::write(dir.join("face.toml"), &config).unwrap();
     true
 }
 
