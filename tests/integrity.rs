@@ -56,7 +56,10 @@ fn flip_weight_bit(pkg: &Path) -> (usize, PathBuf) {
         .max_by_key(|d| d.len())
         .unwrap();
     // The constant shares the file's buffer: its offset in the file is the distance.
-    let offset = weights.as_ptr() as usize - bytes.as_ptr() as usize;
+    let offset = (weights.as_ptr() as usize)
+        .checked_sub(bytes.as_ptr() as usize)
+        .filter(|o| o + weights.len() <= bytes.len())
+        .expect("the weights share the file's buffer");
     let middle = offset + (weights.len() / 8) * 4 + 3; // most significant byte of an f32
     let tensors = graph.tensors.len();
     drop(graph);
