@@ -31,7 +31,7 @@ mod run {
     use super::report::{self, LimitMode, RunRecord};
     use super::{plot, report::header_line};
     use crate::memory::Bytes;
-    use crate::model::{Package, zoo};
+    use crate::model::{OutdatedFormat, Package, zoo};
     use anyhow::{Context, Result, bail};
     use std::io::Write;
     use std::path::{Path, PathBuf};
@@ -231,18 +231,27 @@ mod run {
         bar
     }
 
-    /// `DIR/NAME`, generated from the zoo when absent (deterministic, so a cache).
+    /// `DIR/NAME`, generated from the zoo when absent (deterministic, so a cache), and
+    /// generated again when it is of an older package format (made by an older memaflow).
+    /// Any other package there is used as it is, its errors reported by the caller.
     fn prepare_model(dir: &Path, name: &str) -> Result<PathBuf> {
         let pkg = dir.join(name);
-        if pkg.join("model.toml").exists() {
-            return Ok(pkg);
-        }
-        let entry = zoo::entry(name).with_context(|| {
-            format!(
-                "model '{name}' is neither a package in {} nor a zoo network",
-                dir.display()
-            )
-        })?;
+        let outdated = match Package::open(&pkg) {
+            Ok(_) => return Ok(pkg),
+            Err(e) if OutdatedFormat::is_cause_of(&e) => Some(e),
+            Err(_) if pkg.join("model.toml").exists() => return Ok(pkg),
+            Err(_) => None,
+        };
+        let entry = match (zoo::entry(name), outdated) {
+            (Ok(entry), _) => entry,
+            (Err(_), Some(outdated)) => return Err(outdated),
+            (Err(e), None) => {
+                return Err(e.context(format!(
+                    "model '{name}' is neither a package in {} nor a zoo network",
+                    dir.display()
+                )));
+            }
+        };
         eprintln!(
             "memaflow bench: generating zoo network {name} into {}",
             pkg.display()

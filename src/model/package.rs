@@ -301,6 +301,35 @@ impl Manifest {
     }
 }
 
+/// A package of a format older than this memaflow reads: it must be imported again. A
+/// type of its own so that a cache of generated packages (the bench's, the demo's) can
+/// tell it from a damaged one and regenerate only this.
+#[derive(Debug)]
+pub struct OutdatedFormat {
+    pub format: u32,
+}
+
+impl std::fmt::Display for OutdatedFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "package format {} has no layer digests, so a damaged or changed layer file \
+             would run unnoticed; re-import the model (memaflow import) or regenerate it \
+             (memaflow zoo)",
+            self.format
+        )
+    }
+}
+
+impl std::error::Error for OutdatedFormat {}
+
+impl OutdatedFormat {
+    /// Whether `err`, or an error it wraps, is an outdated package format.
+    pub fn is_cause_of(err: &anyhow::Error) -> bool {
+        err.chain().any(|e| e.is::<OutdatedFormat>())
+    }
+}
+
 /// The format is read before the rest so that an older package is refused for what it is,
 /// not for a missing field. Format 1 predates layer digests: refused rather than run
 /// unchecked, since a flipped bit in its weights would go unnoticed.
@@ -312,11 +341,9 @@ fn check_format(text: &str) -> Result<()> {
     let Ok(Format { format }) = toml::from_str::<Format>(text) else {
         return Ok(()); // the full parse names what is wrong
     };
-    ensure!(
-        format != 1,
-        "package format 1 has no layer digests, so a damaged or changed layer file would run \
-         unnoticed; re-import the model (memaflow import) or regenerate it (memaflow zoo)"
-    );
+    if (1..FORMAT_VERSION).contains(&format) {
+        return Err(OutdatedFormat { format }.into());
+    }
     Ok(())
 }
 
