@@ -235,10 +235,8 @@ fn a_layer_damaged_while_the_daemon_runs_fails_on_its_reload() {
     );
 }
 
-#[test]
-fn packages_without_digests_are_refused_with_re_import() {
-    let dir = scratch("integrity-format-1");
-    let pkg = import_shared("hand_recrop", &dir);
+/// Rewrites a package's manifest as an older memaflow wrote it: format 1, no digests.
+fn downgrade_to_format_1(pkg: &Path) {
     let manifest = pkg.join("model.toml");
     let text = std::fs::read_to_string(&manifest).unwrap();
     let old: String = text
@@ -247,7 +245,29 @@ fn packages_without_digests_are_refused_with_re_import() {
         .map(|l| if l == "format = 2" { "format = 1" } else { l })
         .collect::<Vec<_>>()
         .join("\n");
+    assert_ne!(old, text);
     std::fs::write(&manifest, old).unwrap();
+}
+
+#[test]
+fn packages_without_digests_are_refused_with_re_import() {
+    let dir = scratch("integrity-format-1");
+    let pkg = import_shared("hand_recrop", &dir);
+    downgrade_to_format_1(&pkg);
     let err = fails(&["inspect", pkg.to_str().unwrap()], "format 1");
     assert!(err.contains("format 1") && err.contains("re-import"), "{err}");
+}
+
+/// The demo keeps its packages between runs: one an older memaflow left (format 1) is
+/// imported again, and the demo runs.
+#[test]
+fn the_demo_imports_again_a_cached_package_of_format_1() {
+    let dir = scratch("integrity-demo");
+    let pkg = import_shared("hand_recrop", &dir.join("models"));
+    downgrade_to_format_1(&pkg);
+    // The demo finds ../shared/models from the repository, where the tests run.
+    let out = cli_ok(&["demo", "--dir", dir.to_str().unwrap()]);
+    assert!(out.contains("demo: importing") && out.contains("hand_recrop"), "{out}");
+    let package = memaflow::model::Package::open(&pkg).unwrap();
+    assert_eq!(package.manifest.format, 2);
 }

@@ -107,6 +107,62 @@ fn models_build_checks_digests_and_is_reproducible() {
     assert!(!dir.join("c").exists(), "a package was written despite the wrong digest");
 }
 
+/// A wheel of the manifest's models (`modules/PATH` in a zip, as in the published wheel),
+/// made from the unpacked fixtures by Python's zipfile.
+fn make_wheel(from: &Path, wheel: &Path, modules: &str) {
+    let script = r#"
+import os, sys, zipfile
+src, dst, modules = sys.argv[1:4]
+with zipfile.ZipFile(dst, "w") as z:
+    for root, _, files in sorted(os.walk(src)):
+        for f in sorted(files):
+            if f.endswith(".tflite"):
+                p = os.path.join(root, f)
+                z.write(p, modules + "/" + os.path.relpath(p, src))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .args([from, wheel].map(|p| p.as_os_str()))
+        .arg(modules)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn models_build_reads_a_wheel_and_checks_its_digest() {
+    let Some(from) = fixtures("models_build_wheel") else {
+        return;
+    };
+    let dir = scratch("models-build-wheel");
+    let text = std::fs::read_to_string(repo().join("models/models.toml")).unwrap();
+    let source = &toml::from_str::<toml::Value>(&text).unwrap()["source"];
+    let (modules, published) = (
+        source["modules"].as_str().unwrap(),
+        source["sha256"].as_str().unwrap(),
+    );
+    let wheel = dir.join("mediapipe.whl");
+    make_wheel(&from, &wheel, modules);
+    std::fs::copy(repo().join("models/LICENSE.mediapipe"), dir.join("LICENSE.mediapipe")).unwrap();
+
+    // The wheel made here is not the published one: its digest is refused, nothing written.
+    let out = build(&wheel, &dir.join("refused"), &repo().join("models/models.toml"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("SHA-256") && stderr.contains(published), "{stderr}");
+    assert!(!dir.join("refused").exists(), "packages were written from a wrong wheel");
+
+    // With its digest in the manifest, the wheel gives the packages the directory gives.
+    let digest = memaflow::model::package::Sha256::of(&std::fs::read(&wheel).unwrap());
+    let manifest = dir.join("models.toml");
+    std::fs::write(&manifest, text.replace(published, &digest.to_string())).unwrap();
+    let out = build(&wheel, &dir.join("wheel"), &manifest);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = build(&from, &dir.join("dir"), &manifest);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(tree(&dir.join("wheel")) == tree(&dir.join("dir")), "wheel and directory builds differ");
+}
+
 #[test]
 fn the_image_default_configuration_runs_the_default_pipeline() {
     let text = std::fs::read_to_string(repo().join(IMAGE_CONFIG)).unwrap()

@@ -1,27 +1,33 @@
 //! Every command in README.md and docs/*.md that a user would type, run as written.
 //!
 //! The commands are the lines of the ```sh blocks (a trailing `\` joins the next line;
-//! `# …` comments are dropped). Each `memaflow …` line runs with the binary under test for
-//! `memaflow`, in one fresh directory for all, in document order; nothing else of the line
-//! is rewritten. The directory holds the files the commands name, copied in before:
-//! `face_detection_short_range.tflite` (from `../shared/models`), `frame.jpg`, `a.jpg` and
-//! `b.jpg` (the shared `rocket.jpg`), `x.npy` (a 416×416×3 tensor of 0.5), `benches/`,
-//! `memaflow.toml` and `face.toml` (a spool beside them and the default pipeline,
-//! `models/pipeline.toml`, over packages `models/build` makes in `target/models` — a
-//! recorded skip without the fixtures), and `../shared` (a link to the shared directory).
+//! `# …` comments are dropped). They run in one fresh directory for all, in document
+//! order, and nothing of a line is rewritten but the program: `memaflow …` and `cargo run
+//! --release -- …` run the binary under test (the release build cargo would run), and the
+//! lines of [`SHELL`] run under `sh -c` as they are. The directory holds the files the
+//! commands name, copied in before: `face_detection_short_range.tflite` (from
+//! `../shared/models`), `frame.jpg`, `a.jpg` and `b.jpg` (the shared `rocket.jpg`), `x.npy`
+//! (a 416×416×3 tensor of 0.5), `benches/`, `models/` (the checkout's), `target/fixtures`
+//! and `target/release/memaflow` (links to the unpacked wheel and the binary under test),
+//! `memaflow.toml` (a spool beside it and the default pipeline, `models/pipeline.toml`,
+//! over packages `models/build` makes in `target/models` — a recorded skip without the
+//! fixtures), and `../shared` (a link to the shared directory). Before each `memaflow run
+//! … --once`, a frame (`astronaut.png`) is dropped into `spool/incoming/`, and its result
+//! must come out without an error. The demo's `$TMPDIR` is the directory's `tmp/`.
 //!
 //! Every other line must be in [`NOT_RUN`] with the reason it is not run here (root,
-//! QEMU, the cross build, the network, hours of running, a daemon that runs forever); a
-//! line in neither fails the test, so a new command in the docs gets run or explained.
+//! QEMU, the cross build, the network, hours of running, a daemon that runs forever, the
+//! same command run by another test in CI); a line in none of them fails the test, so a
+//! new command in the docs gets run or explained.
 
 mod common;
 use common::*;
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 /// Lines not run here (a prefix of the command), with why.
 const NOT_RUN: &[(&str, &str)] = &[
-    ("cargo run --release -- demo", "builds memaflow; tests/spool.rs runs the demo"),
     ("bash tests/run", "the whole test suite, this test included"),
     ("board/build-firmware", "the aarch64 cross build (docs/firmware.md)"),
     ("bash tests/qemu/run", "boots QEMU"),
@@ -35,6 +41,11 @@ const NOT_RUN: &[(&str, &str)] = &[
     ("MEMAFLOW_TEST_RUNNER=qemu-aarch64-static", "the test suite under QEMU"),
     ("memaflow run --config /etc/memaflow/memaflow.toml", "watches the installed spool forever"),
     ("memaflow publish --config /etc/memaflow/memaflow.toml", "needs an MQTT broker; tests/publish.rs"),
+    (
+        "memaflow bench --plan benches/quick.toml --out target/bench-quick",
+        "minutes; the same command (benches/quick.toml into target/bench-quick) is CI's \
+         `cargo test --release --test bench -- --ignored quick_plan` (.ci/run)",
+    ),
     ("memaflow bench --plan benches/headline.toml", "minutes of runs; by hand (docs/results.md)"),
     ("memaflow bench --plan benches/large.toml", "minutes of runs; by hand (docs/results.md)"),
     ("memaflow bench --plan benches/five.toml", "half an hour; by hand (docs/results.md)"),
@@ -42,16 +53,25 @@ const NOT_RUN: &[(&str, &str)] = &[
     ("bitbake-config-build", "a Yocto build directory"),
     ("echo 'MEMAFLOW_PUBLISH_HOST", "a Yocto build directory"),
     ("MEMAFLOW_CONFIG=", "paths.env's contents, not a command"),
-    ("bash tests/fetch-fixtures", "the network (PyPI); run before the tests by tests/run"),
-    ("models/build", "tests/models.rs runs it (and this test, to make the packages)"),
-    ("printf '[spool]", "writes face.toml, which this test writes the same way"),
+    ("bash tests/fetch-fixtures", "the network (PyPI); tests/run runs it before the tests"),
+    (
+        "models/build --from mediapipe-0.10.14-",
+        "the published wheel (the network, 35 MB; fetch-fixtures keeps only its models); \
+         tests/models.rs runs models/build --from on a wheel made of the same models",
+    ),
     ("MEMAFLOW_SPOOL=", "paths.env's contents, not a command"),
+];
+
+/// Lines that are not `memaflow` commands, run under `sh -c` as written (a prefix).
+const SHELL: &[&str] = &[
+    "models/build --memaflow target/release/memaflow",
+    "printf '[spool]",
 ];
 
 /// Commands that fail by design, with what their error says.
 const FAILS: &[(&str, &str)] = &[(
     "memaflow batch --models pkgs/yolov2_16 --input-npy x.npy x.npy --budget 20M --tiling off",
-    "layer 8 needs",
+    "more than the whole budget of 20.0 MiB",
 )];
 
 /// The ```sh lines of a Markdown text, continuations joined, comments dropped.
@@ -118,31 +138,58 @@ fn prepare(dir: &Path) -> bool {
     }
     let x = vec![0.5f32; 416 * 416 * 3];
     memaflow::runtime::npy::write(&dir.join("x.npy"), &[1, 416, 416, 3], &x).unwrap();
-    std::fs::create_dir(dir.join("benches")).unwrap();
-    for e in std::fs::read_dir(repo().join("benches")).unwrap().flatten() {
-        std::fs::copy(e.path(), dir.join("benches").join(e.file_name())).unwrap();
+    for sub in ["benches", "models"] {
+        std::fs::create_dir(dir.join(sub)).unwrap();
+        for e in std::fs::read_dir(repo().join(sub)).unwrap().flatten() {
+            if e.path().is_file() {
+                std::fs::copy(e.path(), dir.join(sub).join(e.file_name())).unwrap();
+            }
+        }
     }
-    let fixtures = repo().join("target/fixtures/mediapipe");
-    if !fixtures.join(".complete").exists() {
+    std::fs::create_dir_all(dir.join("target/release")).unwrap();
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    std::os::unix::fs::symlink(bin(), dir.join("target/release/memaflow")).unwrap();
+    let fixtures = repo().join("target/fixtures");
+    std::os::unix::fs::symlink(&fixtures, dir.join("target/fixtures")).unwrap();
+    if !fixtures.join("mediapipe/.complete").exists() {
         skip("readme", "no target/fixtures/mediapipe (run tests/fetch-fixtures): the default pipeline cannot be built");
         return false;
     }
-    let built = std::process::Command::new("python3")
-        .arg(repo().join("models/build"))
-        .args(["--from", fixtures.to_str().unwrap(), "--out"])
-        .arg(dir.join("target/models"))
-        .args(["--memaflow", bin()])
-        .status()
-        .unwrap();
-    assert!(built.success(), "models/build failed");
+    // README's `memaflow run --config memaflow.toml` comes before docs/models.md builds
+    // the packages: they are built here first, as that page says.
+    let built = Running::spawn(
+        Command::new(dir.join("models/build"))
+            .args(["--memaflow", "target/release/memaflow"])
+            .current_dir(dir),
+    )
+    .wait(Duration::from_secs(300), "models/build");
+    assert!(built.status.success(), "models/build failed: {}", String::from_utf8_lossy(&built.stderr));
     let pipeline = std::fs::read_to_string(repo().join("models/pipeline.toml")).unwrap();
-    std::fs::create_dir_all(dir.join("spool/incoming")).unwrap();
-    std::fs::copy(shared.join("frames/astronaut.png"), dir.join("spool/incoming/astronaut.png"))
-        .unwrap();
     let config = format!("[spool]\nroot = \"spool\"\n[models]\ndir = \"target/models\"\n{pipeline}");
     std::fs::write(dir.join("memaflow.toml"), &config).unwrap();
-    std::fs::write(dir.join("face.toml"), &config).unwrap();
     true
+}
+
+/// The process that runs a documented line in `dir`, or why the line is not run.
+fn command_for(line: &str, dir: &Path) -> Result<Command, &'static str> {
+    if let Some((_, why)) = NOT_RUN.iter().find(|(p, _)| line.starts_with(p)) {
+        return Err(why);
+    }
+    let mut command = if SHELL.iter().any(|p| line.starts_with(p)) {
+        let mut sh = Command::new("sh");
+        sh.args(["-c", line]);
+        sh
+    } else {
+        let args = line
+            .strip_prefix("memaflow ")
+            .or_else(|| line.strip_prefix("cargo run --release -- "))
+            .unwrap_or_else(|| panic!("`{line}` is neither run nor listed in NOT_RUN with a reason"));
+        let mut memaflow = cli_command();
+        memaflow.args(args.split_whitespace());
+        memaflow
+    };
+    command.current_dir(dir).env("TMPDIR", dir.join("tmp"));
+    Ok(command)
 }
 
 #[test]
@@ -152,31 +199,39 @@ fn documented_commands_run_as_written() {
     if !prepare(&dir) {
         return;
     }
-    let mut ran = 0;
-    for (file, command) in documented() {
-        if let Some((_, why)) = NOT_RUN.iter().find(|(p, _)| command.starts_with(p)) {
-            skip("readme", &format!("{file}: `{command}` not run: {why}"));
-            continue;
+    let (mut ran, mut frames) = (0, 0);
+    for (file, line) in documented() {
+        let mut command = match command_for(&line, &dir) {
+            Ok(command) => command,
+            Err(why) => {
+                skip("readme", &format!("{file}: `{line}` not run: {why}"));
+                continue;
+            }
+        };
+        let daemon_once = line.starts_with("memaflow run ") && line.contains(" --once");
+        if daemon_once {
+            frames += 1;
+            std::fs::create_dir_all(dir.join("spool/incoming")).unwrap();
+            let frame = dir.join(format!("spool/incoming/astronaut-{frames}.png"));
+            std::fs::copy(shared().join("frames/astronaut.png"), frame).unwrap();
         }
-        let args: Vec<&str> = command.split_whitespace().collect();
-        assert_eq!(
-            args[0], "memaflow",
-            "{file}: `{command}` is neither run nor listed in NOT_RUN with a reason"
-        );
-        let out = Running::spawn(cli_command().args(&args[1..]).current_dir(&dir))
-            .wait(Duration::from_secs(600), &command);
+        let out = Running::spawn(&mut command).wait(Duration::from_secs(600), &line);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        match FAILS.iter().find(|(c, _)| *c == command) {
+        match FAILS.iter().find(|(c, _)| *c == line) {
             Some((_, says)) => assert!(
                 out.status.code() == Some(2) && stderr.contains(says),
-                "{file}: `{command}` should fail saying '{says}': {stderr}"
+                "{file}: `{line}` should fail saying '{says}': {stderr}"
             ),
-            None => assert!(out.status.success(), "{file}: `{command}` failed: {stderr}"),
+            None => assert!(out.status.success(), "{file}: `{line}` failed: {stderr}"),
+        }
+        if daemon_once {
+            let result = dir.join(format!("spool/out/astronaut-{frames}.png.json"));
+            let result = std::fs::read_to_string(&result)
+                .unwrap_or_else(|e| panic!("{file}: `{line}` wrote no {}: {e}", result.display()));
+            assert!(!result.contains("\"error\""), "{file}: `{line}`: {result}");
         }
         ran += 1;
     }
     assert!(ran >= 15, "only {ran} commands ran");
-    // The default pipeline ran on the frame `memaflow run … --once` found.
-    let result = std::fs::read_to_string(dir.join("spool/out/astronaut.png.json")).unwrap();
-    assert!(!result.contains("\"error\""), "{result}");
+    assert!(frames >= 2, "only {frames} `memaflow run … --once` ran");
 }

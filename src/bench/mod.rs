@@ -455,4 +455,36 @@ mod run {
         let line = text.lines().rev().find(|l| !l.trim().is_empty())?.trim();
         Some(line.chars().take(300).collect())
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn cached_zoo_packages_of_an_older_format_are_generated_again() {
+            let dir = std::env::temp_dir()
+                .join(format!("memaflow-bench-cache-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let pkg = prepare_model(&dir, "agenet").unwrap();
+            let manifest = pkg.join("model.toml");
+            let current = std::fs::read_to_string(&manifest).unwrap();
+            // What an older memaflow left: format 1, no digests.
+            let old: String = current
+                .lines()
+                .filter(|l| !l.starts_with("sha256 = "))
+                .map(|l| if l.starts_with("format = ") { "format = 1" } else { l })
+                .collect::<Vec<_>>()
+                .join("\n");
+            std::fs::write(&manifest, old).unwrap();
+            assert!(Package::open(&pkg).is_err());
+            assert_eq!(prepare_model(&dir, "agenet").unwrap(), pkg);
+            assert_eq!(std::fs::read_to_string(&manifest).unwrap(), current);
+            // An outdated package that is no zoo network is reported, not replaced.
+            std::fs::rename(&pkg, dir.join("mine")).unwrap();
+            std::fs::write(dir.join("mine/model.toml"), "format = 1\n").unwrap();
+            let err = prepare_model(&dir, "mine").unwrap_err();
+            assert!(OutdatedFormat::is_cause_of(&err), "{err:#}");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
 }

@@ -675,3 +675,33 @@ pub fn read_labels(path: &Path) -> Result<Vec<String>> {
     }
     Ok(labels)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_matches_the_standard_vectors_and_reads_back() {
+        // FIPS 180-2's examples: "abc" and the empty message.
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(Sha256::of(b"abc").to_string(), abc);
+        assert_eq!(
+            Sha256::of(b"").to_string(),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(abc.parse::<Sha256>().unwrap(), Sha256::of(b"abc"));
+        for bad in [&abc[1..], &abc.to_uppercase(), &abc.replace('b', "g"), ""] {
+            assert!(bad.parse::<Sha256>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn format_1_is_outdated_and_other_formats_are_left_to_the_full_check() {
+        let err = check_format("format = 1\nname = \"x\"\n").unwrap_err();
+        assert!(OutdatedFormat::is_cause_of(&err), "{err}");
+        assert!(err.to_string().contains("re-import"), "{err}");
+        assert!(check_format("format = 2\n").is_ok());
+        assert!(check_format("format = 3\n").is_ok()); // refused by Manifest::check
+        assert!(check_format("name = [").is_ok()); // the full parse says why
+    }
+}
