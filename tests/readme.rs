@@ -56,7 +56,7 @@ const NOT_RUN: &[(&str, &str)] = &[
     ("bash tests/fetch-fixtures", "the network (PyPI); tests/run runs it before the tests"),
     (
         "models/build --from mediapipe-0.10.14-",
-        "the published wheel (the network, 35 MB; fetch-fixtures keeps only its models); \
+        "the published wheel (the network; tests/fetch-fixtures keeps only its models); \
          tests/models.rs runs models/build --from on a wheel made of the same models",
     ),
     ("MEMAFLOW_SPOOL=", "paths.env's contents, not a command"),
