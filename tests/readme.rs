@@ -50,6 +50,7 @@ const NOT_RUN: &[(&str, &str)] = &[
     ("memaflow bench --plan benches/large.toml", "minutes of runs; by hand (docs/results.md)"),
     ("memaflow bench --plan benches/five.toml", "half an hour; by hand (docs/results.md)"),
     ("memaflow bench --plan benches/paper.toml", "hours; by hand (docs/results.md)"),
+    ("cargo bench --bench", "a measurement, run by hand on a quiet host"),
     ("bitbake-config-build", "a Yocto build directory"),
     ("echo 'MEMAFLOW_PUBLISH_HOST", "a Yocto build directory"),
     ("MEMAFLOW_CONFIG=", "paths.env's contents, not a command"),
