@@ -30,14 +30,23 @@ fn main() -> anyhow::Result<()> {
         }
         packages.push(dir);
     }
-    for name in ["face_detection_short_range", "face_landmark_f32", "hand_recrop"] {
+    for name in [
+        "face_detection_short_range",
+        "face_landmark_f32",
+        "hand_recrop",
+    ] {
         let dir = work.join(name);
         let model = root.join(format!("../shared/models/{name}.tflite"));
-        let options = ImportOptions { replace: true, ..Default::default() };
+        let options = ImportOptions {
+            replace: true,
+            ..Default::default()
+        };
         import(&model, &dir, &options)?;
         packages.push(dir);
     }
-    println!("| model | layers | files MiB | SHA-256 ms | MiB/s | load all layers ms | digest share |");
+    println!(
+        "| model | layers | files MiB | SHA-256 ms | MiB/s | load all layers ms | digest share |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for dir in &packages {
         let pkg = Package::open(dir)?;

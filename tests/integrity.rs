@@ -221,10 +221,17 @@ fn a_layer_damaged_while_the_daemon_runs_fails_on_its_reload() {
     )
     .unwrap();
     let status = daemon.wait().unwrap();
-    assert!(status.success(), "{}", std::fs::read_to_string(&log).unwrap());
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
 
     let first = json(&spool.join("out/first.png.json"));
-    assert!(has_outputs(entry(&first, "face_detection_short_range")), "{first}");
+    assert!(
+        has_outputs(entry(&first, "face_detection_short_range")),
+        "{first}"
+    );
     let second = json(&spool.join("out/second.png.json"));
     let broken = &entry(&second, "face_detection_short_range")["error"];
     assert_names_layer(broken["reason"].as_str().unwrap(), layer, "reload");
@@ -255,7 +262,10 @@ fn packages_without_digests_are_refused_with_re_import() {
     let pkg = import_shared("hand_recrop", &dir);
     downgrade_to_format_1(&pkg);
     let err = fails(&["inspect", pkg.to_str().unwrap()], "format 1");
-    assert!(err.contains("format 1") && err.contains("re-import"), "{err}");
+    assert!(
+        err.contains("format 1") && err.contains("re-import"),
+        "{err}"
+    );
 }
 
 /// The demo keeps its packages between runs: one an older memaflow left (format 1) is
@@ -267,7 +277,10 @@ fn the_demo_imports_again_a_cached_package_of_format_1() {
     downgrade_to_format_1(&pkg);
     // The demo finds ../shared/models from the repository, where the tests run.
     let out = cli_ok(&["demo", "--dir", dir.to_str().unwrap()]);
-    assert!(out.contains("demo: importing") && out.contains("hand_recrop"), "{out}");
+    assert!(
+        out.contains("demo: importing") && out.contains("hand_recrop"),
+        "{out}"
+    );
     let package = memaflow::model::Package::open(&pkg).unwrap();
     assert_eq!(package.manifest.format, 2);
 }

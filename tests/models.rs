@@ -19,7 +19,10 @@ fn fixtures(test: &str) -> Option<PathBuf> {
     if dir.join(".complete").exists() {
         Some(dir)
     } else {
-        skip(test, "no target/fixtures/mediapipe: run tests/fetch-fixtures");
+        skip(
+            test,
+            "no target/fixtures/mediapipe: run tests/fetch-fixtures",
+        );
         None
     }
 }
@@ -75,12 +78,20 @@ fn models_build_checks_digests_and_is_reproducible() {
     let manifest = repo().join("models/models.toml");
     for run in ["a", "b"] {
         let out = build(&from, &dir.join(run), &manifest);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let (a, b) = (tree(&dir.join("a")), tree(&dir.join("b")));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (path, bytes) in &a {
-        assert!(*bytes == b[path], "{} differs between two builds", path.display());
+        assert!(
+            *bytes == b[path],
+            "{} differs between two builds",
+            path.display()
+        );
     }
     assert!(a.contains_key(Path::new("LICENSE.mediapipe")));
     for name in manifest_names() {
@@ -99,12 +110,22 @@ fn models_build_checks_digests_and_is_reproducible() {
         ),
     )
     .unwrap();
-    std::fs::copy(repo().join("models/LICENSE.mediapipe"), dir.join("LICENSE.mediapipe")).unwrap();
+    std::fs::copy(
+        repo().join("models/LICENSE.mediapipe"),
+        dir.join("LICENSE.mediapipe"),
+    )
+    .unwrap();
     let out = build(&from, &dir.join("c"), &wrong);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("hand_landmark_lite") && stderr.contains("SHA-256"), "{stderr}");
-    assert!(!dir.join("c").exists(), "a package was written despite the wrong digest");
+    assert!(
+        stderr.contains("hand_landmark_lite") && stderr.contains("SHA-256"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.join("c").exists(),
+        "a package was written despite the wrong digest"
+    );
 }
 
 /// A wheel of the manifest's models (`modules/PATH` in a zip, as in the published wheel),
@@ -126,7 +147,11 @@ with zipfile.ZipFile(dst, "w") as z:
         .arg(modules)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -143,24 +168,49 @@ fn models_build_reads_a_wheel_and_checks_its_digest() {
     );
     let wheel = dir.join("mediapipe.whl");
     make_wheel(&from, &wheel, modules);
-    std::fs::copy(repo().join("models/LICENSE.mediapipe"), dir.join("LICENSE.mediapipe")).unwrap();
+    std::fs::copy(
+        repo().join("models/LICENSE.mediapipe"),
+        dir.join("LICENSE.mediapipe"),
+    )
+    .unwrap();
 
     // The wheel made here is not the published one: its digest is refused, nothing written.
-    let out = build(&wheel, &dir.join("refused"), &repo().join("models/models.toml"));
+    let out = build(
+        &wheel,
+        &dir.join("refused"),
+        &repo().join("models/models.toml"),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("SHA-256") && stderr.contains(published), "{stderr}");
-    assert!(!dir.join("refused").exists(), "packages were written from a wrong wheel");
+    assert!(
+        stderr.contains("SHA-256") && stderr.contains(published),
+        "{stderr}"
+    );
+    assert!(
+        !dir.join("refused").exists(),
+        "packages were written from a wrong wheel"
+    );
 
     // With its digest in the manifest, the wheel gives the packages the directory gives.
     let digest = memaflow::model::package::Sha256::of(&std::fs::read(&wheel).unwrap());
     let manifest = dir.join("models.toml");
     std::fs::write(&manifest, text.replace(published, &digest.to_string())).unwrap();
     let out = build(&wheel, &dir.join("wheel"), &manifest);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = build(&from, &dir.join("dir"), &manifest);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(tree(&dir.join("wheel")) == tree(&dir.join("dir")), "wheel and directory builds differ");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        tree(&dir.join("wheel")) == tree(&dir.join("dir")),
+        "wheel and directory builds differ"
+    );
 }
 
 #[test]
@@ -168,21 +218,32 @@ fn the_image_default_configuration_runs_the_default_pipeline() {
     let text = std::fs::read_to_string(repo().join(IMAGE_CONFIG)).unwrap()
         + &std::fs::read_to_string(repo().join("models/pipeline.toml")).unwrap();
     // As installed: every model of the pipeline is a package of the model set.
-    let config = memaflow::spool::config::Config::parse(&text, Path::new("/etc/memaflow"), None)
-        .unwrap();
+    let config =
+        memaflow::spool::config::Config::parse(&text, Path::new("/etc/memaflow"), None).unwrap();
     let names = manifest_names();
     assert!(config.models.len() >= 2);
     for m in &config.models {
         let name = m.path.strip_prefix(IMAGE_MODELS).unwrap().to_str().unwrap();
-        assert!(names.iter().any(|n| n == name), "{name} is not in models/models.toml");
+        assert!(
+            names.iter().any(|n| n == name),
+            "{name} is not in models/models.toml"
+        );
     }
 
     let Some(from) = fixtures("image_config") else {
         return;
     };
     let dir = scratch("models-image-config");
-    let out = build(&from, &dir.join("models"), &repo().join("models/models.toml"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = build(
+        &from,
+        &dir.join("models"),
+        &repo().join("models/models.toml"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let spool = dir.join("spool");
     std::fs::create_dir_all(spool.join("incoming")).unwrap();
     std::fs::copy(
@@ -194,7 +255,12 @@ fn the_image_default_configuration_runs_the_default_pipeline() {
         .replace(IMAGE_MODELS, dir.join("models").to_str().unwrap())
         .replace(IMAGE_SPOOL, spool.to_str().unwrap());
     std::fs::write(dir.join("memaflow.toml"), local).unwrap();
-    cli_ok(&["run", "--config", dir.join("memaflow.toml").to_str().unwrap(), "--once"]);
+    cli_ok(&[
+        "run",
+        "--config",
+        dir.join("memaflow.toml").to_str().unwrap(),
+        "--once",
+    ]);
     let result: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(spool.join("out/astronaut.png.json")).unwrap(),
     )
@@ -203,5 +269,9 @@ fn the_image_default_configuration_runs_the_default_pipeline() {
     assert_eq!(models.len(), config.models.len(), "{result}");
     assert!(models.iter().all(|m| m.get("error").is_none()), "{result}");
     let faces = &models[0]["outputs"]["detections"];
-    assert_eq!(faces.as_array().map(|b| b.len()), Some(1), "one face on astronaut.png: {result}");
+    assert_eq!(
+        faces.as_array().map(|b| b.len()),
+        Some(1),
+        "one face on astronaut.png: {result}"
+    );
 }

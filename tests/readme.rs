@@ -29,32 +29,68 @@ use std::time::Duration;
 /// Lines not run here (a prefix of the command), with why.
 const NOT_RUN: &[(&str, &str)] = &[
     ("bash tests/run", "the whole test suite, this test included"),
-    ("board/build-firmware", "the aarch64 cross build (docs/firmware.md)"),
+    (
+        "board/build-firmware",
+        "the aarch64 cross build (docs/firmware.md)",
+    ),
     ("bash tests/qemu/run", "boots QEMU"),
     ("bash tests/qemu/binfmt", "needs root"),
     ("rustup target add", "changes the toolchain"),
     ("apt-get install", "needs root and the network"),
-    ("B=target/aarch64-unknown-linux-musl", "the cross-built binary"),
+    (
+        "B=target/aarch64-unknown-linux-musl",
+        "the cross-built binary",
+    ),
     ("qemu-aarch64-static", "the cross-built binary under QEMU"),
     ("qemu-system-aarch64", "boots QEMU"),
-    ("target/release/memaflow", "the host half of a host/QEMU comparison; tests/qemu/run"),
-    ("MEMAFLOW_TEST_RUNNER=qemu-aarch64-static", "the test suite under QEMU"),
-    ("memaflow run --config /etc/memaflow/memaflow.toml", "watches the installed spool forever"),
-    ("memaflow publish --config /etc/memaflow/memaflow.toml", "needs an MQTT broker; tests/publish.rs"),
+    (
+        "target/release/memaflow",
+        "the host half of a host/QEMU comparison; tests/qemu/run",
+    ),
+    (
+        "MEMAFLOW_TEST_RUNNER=qemu-aarch64-static",
+        "the test suite under QEMU",
+    ),
+    (
+        "memaflow run --config /etc/memaflow/memaflow.toml",
+        "watches the installed spool forever",
+    ),
+    (
+        "memaflow publish --config /etc/memaflow/memaflow.toml",
+        "needs an MQTT broker; tests/publish.rs",
+    ),
     (
         "memaflow bench --plan benches/quick.toml --out target/bench-quick",
         "minutes; the same command (benches/quick.toml into target/bench-quick) is CI's \
          `cargo test --release --test bench -- --ignored quick_plan` (.ci/run)",
     ),
-    ("memaflow bench --plan benches/headline.toml", "minutes of runs; by hand (docs/results.md)"),
-    ("memaflow bench --plan benches/large.toml", "minutes of runs; by hand (docs/results.md)"),
-    ("memaflow bench --plan benches/five.toml", "half an hour; by hand (docs/results.md)"),
-    ("memaflow bench --plan benches/paper.toml", "hours; by hand (docs/results.md)"),
-    ("cargo bench --bench", "a measurement, run by hand on a quiet host"),
+    (
+        "memaflow bench --plan benches/headline.toml",
+        "minutes of runs; by hand (docs/results.md)",
+    ),
+    (
+        "memaflow bench --plan benches/large.toml",
+        "minutes of runs; by hand (docs/results.md)",
+    ),
+    (
+        "memaflow bench --plan benches/five.toml",
+        "half an hour; by hand (docs/results.md)",
+    ),
+    (
+        "memaflow bench --plan benches/paper.toml",
+        "hours; by hand (docs/results.md)",
+    ),
+    (
+        "cargo bench --bench",
+        "a measurement, run by hand on a quiet host",
+    ),
     ("bitbake-config-build", "a Yocto build directory"),
     ("echo 'MEMAFLOW_PUBLISH_HOST", "a Yocto build directory"),
     ("MEMAFLOW_CONFIG=", "paths.env's contents, not a command"),
-    ("bash tests/fetch-fixtures", "the network (PyPI); tests/run runs it before the tests"),
+    (
+        "bash tests/fetch-fixtures",
+        "the network (PyPI); tests/run runs it before the tests",
+    ),
     (
         "models/build --from mediapipe-0.10.14-",
         "the published wheel (the network; tests/fetch-fixtures keeps only its models); \
@@ -153,7 +189,10 @@ fn prepare(dir: &Path) -> bool {
     let fixtures = repo().join("target/fixtures");
     std::os::unix::fs::symlink(&fixtures, dir.join("target/fixtures")).unwrap();
     if !fixtures.join("mediapipe/.complete").exists() {
-        skip("readme", "no target/fixtures/mediapipe (run tests/fetch-fixtures): the default pipeline cannot be built");
+        skip(
+            "readme",
+            "no target/fixtures/mediapipe (run tests/fetch-fixtures): the default pipeline cannot be built",
+        );
         return false;
     }
     // README's `memaflow run --config memaflow.toml` comes before docs/models.md builds
@@ -164,9 +203,14 @@ fn prepare(dir: &Path) -> bool {
             .current_dir(dir),
     )
     .wait(Duration::from_secs(300), "models/build");
-    assert!(built.status.success(), "models/build failed: {}", String::from_utf8_lossy(&built.stderr));
+    assert!(
+        built.status.success(),
+        "models/build failed: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
     let pipeline = std::fs::read_to_string(repo().join("models/pipeline.toml")).unwrap();
-    let config = format!("[spool]\nroot = \"spool\"\n[models]\ndir = \"target/models\"\n{pipeline}");
+    let config =
+        format!("[spool]\nroot = \"spool\"\n[models]\ndir = \"target/models\"\n{pipeline}");
     std::fs::write(dir.join("memaflow.toml"), &config).unwrap();
     true
 }
@@ -184,7 +228,9 @@ fn command_for(line: &str, dir: &Path) -> Result<Command, &'static str> {
         let args = line
             .strip_prefix("memaflow ")
             .or_else(|| line.strip_prefix("cargo run --release -- "))
-            .unwrap_or_else(|| panic!("`{line}` is neither run nor listed in NOT_RUN with a reason"));
+            .unwrap_or_else(|| {
+                panic!("`{line}` is neither run nor listed in NOT_RUN with a reason")
+            });
         let mut memaflow = cli_command();
         memaflow.args(args.split_whitespace());
         memaflow

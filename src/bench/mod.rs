@@ -462,8 +462,8 @@ mod run {
 
         #[test]
         fn cached_zoo_packages_of_an_older_format_are_generated_again() {
-            let dir = std::env::temp_dir()
-                .join(format!("memaflow-bench-cache-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("memaflow-bench-cache-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             let pkg = prepare_model(&dir, "agenet").unwrap();
             let manifest = pkg.join("model.toml");
@@ -472,7 +472,13 @@ mod run {
             let old: String = current
                 .lines()
                 .filter(|l| !l.starts_with("sha256 = "))
-                .map(|l| if l.starts_with("format = ") { "format = 1" } else { l })
+                .map(|l| {
+                    if l.starts_with("format = ") {
+                        "format = 1"
+                    } else {
+                        l
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join("\n");
             std::fs::write(&manifest, old).unwrap();
