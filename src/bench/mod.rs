@@ -31,7 +31,7 @@ mod run {
     use super::report::{self, LimitMode, RunRecord};
     use super::{plot, report::header_line};
     use crate::memory::Bytes;
-    use crate::model::{Package, zoo};
+    use crate::model::{OutdatedFormat, Package, zoo};
     use crate::runtime::LayerCache;
     use anyhow::{Context, Result, bail};
     use std::io::Write;
@@ -242,18 +242,27 @@ mod run {
         bar
     }
 
-    /// `DIR/NAME`, generated from the zoo when absent (deterministic, so a cache).
+    /// `DIR/NAME`, generated from the zoo when absent (deterministic, so a cache), and
+    /// generated again when it is of an older package format (made by an older memaflow).
+    /// Any other package there is used as it is, its errors reported by the caller.
     fn prepare_model(dir: &Path, name: &str) -> Result<PathBuf> {
         let pkg = dir.join(name);
-        if pkg.join("model.toml").exists() {
-            return Ok(pkg);
-        }
-        let entry = zoo::entry(name).with_context(|| {
-            format!(
-                "model '{name}' is neither a package in {} nor a zoo network",
-                dir.display()
-            )
-        })?;
+        let outdated = match Package::open(&pkg) {
+            Ok(_) => return Ok(pkg),
+            Err(e) if OutdatedFormat::is_cause_of(&e) => Some(e),
+            Err(_) if pkg.join("model.toml").exists() => return Ok(pkg),
+            Err(_) => None,
+        };
+        let entry = match (zoo::entry(name), outdated) {
+            (Ok(entry), _) => entry,
+            (Err(_), Some(outdated)) => return Err(outdated),
+            (Err(e), None) => {
+                return Err(e.context(format!(
+                    "model '{name}' is neither a package in {} nor a zoo network",
+                    dir.display()
+                )));
+            }
+        };
         eprintln!(
             "memaflow bench: generating zoo network {name} into {}",
             pkg.display()
@@ -499,5 +508,43 @@ mod run {
         let text = std::fs::read_to_string(path).ok()?;
         let line = text.lines().rev().find(|l| !l.trim().is_empty())?.trim();
         Some(line.chars().take(300).collect())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn cached_zoo_packages_of_an_older_format_are_generated_again() {
+            let dir =
+                std::env::temp_dir().join(format!("memaflow-bench-cache-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let pkg = prepare_model(&dir, "agenet").unwrap();
+            let manifest = pkg.join("model.toml");
+            let current = std::fs::read_to_string(&manifest).unwrap();
+            // What an older memaflow left: format 1, no digests.
+            let old: String = current
+                .lines()
+                .filter(|l| !l.starts_with("sha256 = "))
+                .map(|l| {
+                    if l.starts_with("format = ") {
+                        "format = 1"
+                    } else {
+                        l
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            std::fs::write(&manifest, old).unwrap();
+            assert!(Package::open(&pkg).is_err());
+            assert_eq!(prepare_model(&dir, "agenet").unwrap(), pkg);
+            assert_eq!(std::fs::read_to_string(&manifest).unwrap(), current);
+            // An outdated package that is no zoo network is reported, not replaced.
+            std::fs::rename(&pkg, dir.join("mine")).unwrap();
+            std::fs::write(dir.join("mine/model.toml"), "format = 1\n").unwrap();
+            let err = prepare_model(&dir, "mine").unwrap_err();
+            assert!(OutdatedFormat::is_cause_of(&err), "{err:#}");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
     }
 }

@@ -25,7 +25,7 @@ pub struct ImportArgs {
     #[arg(long, value_name = "SIZE", default_value = "16M")]
     pub max_layer_weights: Bytes,
     /// Map pixels 0..255 linearly onto LO,HI (default 0,1). Exclusive with --mean/--std.
-    #[arg(long, value_name = "LO,HI", conflicts_with_all = ["mean", "std"])]
+    #[arg(long, value_name = "LO,HI", conflicts_with_all = ["mean", "std"], allow_hyphen_values = true)]
     pub range: Option<String>,
     /// Per-channel mean subtracted from 0..255 pixels, e.g. 127.5 or 104,117,123.
     #[arg(long, value_name = "M[,M,M]", requires = "std")]

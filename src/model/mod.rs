@@ -11,7 +11,9 @@ pub mod split;
 pub mod tflite;
 pub mod zoo;
 
-pub use package::{ColorOrder, LayerEntry, Manifest, Package, Preprocess, ResizeMode};
+pub use package::{
+    ColorOrder, LayerEntry, Manifest, OutdatedFormat, Package, Preprocess, ResizeMode,
+};
 pub use split::LayerKind;
 
 use anyhow::{Context, Result, ensure};

@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 pub const MANIFEST_FILE: &str = "model.toml";
-pub const FORMAT_VERSION: u32 = 1;
+/// Format 2 added each layer file's SHA-256 (`layers[].sha256`).
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -109,6 +110,9 @@ pub struct LayerEntry {
     pub kind: LayerKind,
     pub file: String,
     pub file_bytes: u64,
+    /// Digest of the layer file, checked on every read: a flipped bit or an edited file
+    /// fails the layer instead of running with wrong weights.
+    pub sha256: Sha256,
     pub weight_bytes: u64,
     pub flops: u64,
     /// The TFLite ops in the layer, in order.
@@ -123,6 +127,60 @@ pub struct TensorRef {
     pub name: String,
     pub shape: Vec<usize>,
     pub bytes: u64,
+}
+
+/// A SHA-256 digest, written in manifests as 64 lowercase hex digits (as `sha256sum`
+/// prints it, so a layer file can be checked by hand).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Sha256(pub [u8; 32]);
+
+impl Sha256 {
+    pub fn of(bytes: &[u8]) -> Sha256 {
+        use sha2::Digest;
+        Sha256(sha2::Sha256::digest(bytes).into())
+    }
+}
+
+impl std::fmt::Display for Sha256 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl std::fmt::Debug for Sha256 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sha256({self})")
+    }
+}
+
+impl std::str::FromStr for Sha256 {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Sha256> {
+        let digit = |c: u8| (c as char).to_digit(16).filter(|_| !c.is_ascii_uppercase());
+        let b = s.as_bytes();
+        ensure!(
+            b.len() == 64 && b.iter().all(|&c| digit(c).is_some()),
+            "'{s}' is not a SHA-256 digest (64 lowercase hex digits)"
+        );
+        let mut out = [0u8; 32];
+        for (i, pair) in b.chunks(2).enumerate() {
+            out[i] = (digit(pair[0]).unwrap_or(0) * 16 + digit(pair[1]).unwrap_or(0)) as u8;
+        }
+        Ok(Sha256(out))
+    }
+}
+
+impl Serialize for Sha256 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Sha256 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Sha256, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl LayerEntry {
@@ -245,6 +303,52 @@ impl Manifest {
     }
 }
 
+/// A package of a format older than this memaflow reads: it must be imported again. A
+/// type of its own so that a cache of generated packages (the bench's, the demo's) can
+/// tell it from a damaged one and regenerate only this.
+#[derive(Debug)]
+pub struct OutdatedFormat {
+    pub format: u32,
+}
+
+impl std::fmt::Display for OutdatedFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "package format {} has no layer digests, so a damaged or changed layer file \
+             would run unnoticed; re-import the model (memaflow import) or regenerate it \
+             (memaflow zoo)",
+            self.format
+        )
+    }
+}
+
+impl std::error::Error for OutdatedFormat {}
+
+impl OutdatedFormat {
+    /// Whether `err`, or an error it wraps, is an outdated package format.
+    pub fn is_cause_of(err: &anyhow::Error) -> bool {
+        err.chain().any(|e| e.is::<OutdatedFormat>())
+    }
+}
+
+/// The format is read before the rest so that an older package is refused for what it is,
+/// not for a missing field. Format 1 predates layer digests: refused rather than run
+/// unchecked, since a flipped bit in its weights would go unnoticed.
+fn check_format(text: &str) -> Result<()> {
+    #[derive(Deserialize)]
+    struct Format {
+        format: u32,
+    }
+    let Ok(Format { format }) = toml::from_str::<Format>(text) else {
+        return Ok(()); // the full parse names what is wrong
+    };
+    if (1..FORMAT_VERSION).contains(&format) {
+        return Err(OutdatedFormat { format }.into());
+    }
+    Ok(())
+}
+
 /// Layer file names are plain names under `layers/`: a manifest never points elsewhere.
 fn check_file_name(file: &str) -> Result<()> {
     let p = Path::new(file);
@@ -273,6 +377,7 @@ impl Package {
         let path = dir.join(MANIFEST_FILE);
         let text = read_limited(&path, 16 << 20)
             .with_context(|| format!("{}: not a model package", dir.display()))?;
+        check_format(&text).with_context(|| format!("{}", path.display()))?;
         let manifest: Manifest =
             toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
         manifest
@@ -289,8 +394,10 @@ impl Package {
         self.dir.join(&self.manifest.layers[index].file)
     }
 
-    /// Reads one layer file and checks it is what the manifest says: same size, same
-    /// inputs and outputs, only ops the runtime runs. Returns the bytes for tract.
+    /// Reads one layer file and checks it is what the manifest says: same size and SHA-256,
+    /// same inputs and outputs, only ops the runtime runs. Returns the bytes for tract.
+    /// Every reader of layer files (start-up checks, loads and reloads, whole-model and
+    /// tiled runs) comes through here, so none runs a damaged file.
     pub fn read_layer(&self, index: usize) -> Result<(bytes::Bytes, Graph)> {
         let entry = self
             .manifest
@@ -307,6 +414,14 @@ impl Package {
             ctx(),
             bytes.len(),
             entry.file_bytes
+        );
+        let digest = Sha256::of(&bytes);
+        ensure!(
+            digest == entry.sha256,
+            "{}: SHA-256 {digest} differs from the manifest's {}: the file is damaged or was \
+             changed; re-import the package",
+            ctx(),
+            entry.sha256
         );
         let graph = read_graph_shared(&bytes).with_context(ctx)?;
         let names = |ids: &[TensorId]| {
@@ -475,7 +590,7 @@ fn write_into(graph: &Graph, meta: &PackageMeta, dir: &Path) -> Result<Manifest>
         let sub = extract_layer(graph, plan);
         let bytes = write_graph(&sub, WriteOptions::default())?;
         std::fs::write(dir.join(&file), &bytes).with_context(|| format!("writing {file}"))?;
-        layers.push(layer_entry(graph, plan, index, file, bytes.len() as u64));
+        layers.push(layer_entry(graph, plan, index, file, &bytes));
     }
     let spec = |t: TensorId| TensorSpec {
         name: graph.tensors[t].name.clone(),
@@ -517,7 +632,7 @@ fn layer_entry(
     plan: &LayerPlan,
     index: usize,
     file: String,
-    file_bytes: u64,
+    bytes: &[u8],
 ) -> LayerEntry {
     let nodes = &graph.nodes[plan.nodes.clone()];
     let tref = |t: TensorId| TensorRef {
@@ -536,7 +651,8 @@ fn layer_entry(
         index,
         kind: plan.kind,
         file,
-        file_bytes,
+        file_bytes: bytes.len() as u64,
+        sha256: Sha256::of(bytes),
         weight_bytes: consts
             .iter()
             .map(|&t| graph.tensors[t].bytes() as u64)
@@ -560,4 +676,34 @@ pub fn read_labels(path: &Path) -> Result<Vec<String>> {
         bail!("{} holds no labels", path.display());
     }
     Ok(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_matches_the_standard_vectors_and_reads_back() {
+        // FIPS 180-2's examples: "abc" and the empty message.
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(Sha256::of(b"abc").to_string(), abc);
+        assert_eq!(
+            Sha256::of(b"").to_string(),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(abc.parse::<Sha256>().unwrap(), Sha256::of(b"abc"));
+        for bad in [&abc[1..], &abc.to_uppercase(), &abc.replace('b', "g"), ""] {
+            assert!(bad.parse::<Sha256>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn format_1_is_outdated_and_other_formats_are_left_to_the_full_check() {
+        let err = check_format("format = 1\nname = \"x\"\n").unwrap_err();
+        assert!(OutdatedFormat::is_cause_of(&err), "{err}");
+        assert!(err.to_string().contains("re-import"), "{err}");
+        assert!(check_format("format = 2\n").is_ok());
+        assert!(check_format("format = 3\n").is_ok()); // refused by Manifest::check
+        assert!(check_format("name = [").is_ok()); // the full parse says why
+    }
 }

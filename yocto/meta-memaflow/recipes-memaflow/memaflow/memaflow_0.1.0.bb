@@ -2,8 +2,8 @@ SUMMARY = "Runs several neural networks on every camera frame, layer by layer"
 DESCRIPTION = "memaflow loads and executes neural networks layer by layer under a \
                memory-aware scheduler, so that models larger than the free memory of \
                the board still run. This recipe builds the daemon from the source tree \
-               that holds this layer and installs it with its configuration, service \
-               files, board defaults and model packages."
+               that holds this layer and installs it with its configuration (the \
+               default pipeline), service files and board defaults."
 HOMEPAGE = "https://github.com/memaflow/memaflow"
 BUGTRACKER = "https://github.com/memaflow/memaflow/issues"
 SECTION = "console/utils"
@@ -66,27 +66,22 @@ INITSCRIPT_PARAMS = "defaults 90 10"
 # On the target: the daemon with its configuration, spool, services and data. The native
 # variant is the command alone, for recipes that import models at build time.
 do_install:append:class-target() {
+    # The default configuration runs the default pipeline (models/pipeline.toml) on the
+    # packages of memaflow-models.
     install -d ${D}${sysconfdir}/memaflow
-    install -m 0644 ${UNPACKDIR}/memaflow.toml ${D}${sysconfdir}/memaflow/memaflow.toml
+    cat ${UNPACKDIR}/memaflow.toml ${S}/models/pipeline.toml >${D}${sysconfdir}/memaflow/memaflow.toml
+    chmod 0644 ${D}${sysconfdir}/memaflow/memaflow.toml
 
     # The spool: only the daemon's user writes; producers in group memaflow drop
     # frames into incoming/.
     install -d -m 0750 -o memaflow -g memaflow ${D}${localstatedir}/spool/memaflow
     install -d -m 2770 -o memaflow -g memaflow ${D}${localstatedir}/spool/memaflow/incoming
 
-    # Board defaults and model packages from the checkout, those that exist.
-    install -d ${D}${datadir}/memaflow/boards ${D}${datadir}/memaflow/models
+    # Board defaults from the checkout. The model packages are memaflow-models'.
+    install -d ${D}${datadir}/memaflow/boards
     for board in ${S}/board/*.toml; do
         [ -f "$board" ] || continue
         install -m 0644 "$board" ${D}${datadir}/memaflow/boards/
-    done
-    for manifest in ${S}/models/*/model.toml; do
-        [ -f "$manifest" ] || continue
-        package=$(dirname "$manifest")
-        name=$(basename "$package")
-        (cd "$package" && find . -type f ! -name '.*') | while read -r file; do
-            install -D -m 0644 "$package/$file" "${D}${datadir}/memaflow/models/$name/$file"
-        done
     done
 
     # Both init systems; systemd.bbclass drops the one the distro does not use.
@@ -124,5 +119,7 @@ FILES:${PN} += "\
 "
 CONFFILES:${PN} = "${sysconfdir}/memaflow/memaflow.toml"
 RDEPENDS:${PN}-publish = "${PN}"
+# The default configuration's models.
+RDEPENDS:${PN}:append:class-target = " memaflow-models"
 
 BBCLASSEXTEND = "native"

@@ -8,4 +8,4 @@ LICENSE = "MIT"
 
 inherit packagegroup
 
-RDEPENDS:${PN} = "memaflow"
+RDEPENDS:${PN} = "memaflow memaflow-models"

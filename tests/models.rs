@@ -1,0 +1,280 @@
+//! The default model set (`models/`): `models/build` checks the sources' SHA-256 and makes
+//! the same packages byte for byte on every run, and the Yocto image's default
+//! configuration (its `memaflow.toml` followed by `models/pipeline.toml`) runs the default
+//! pipeline on them.
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const IMAGE_CONFIG: &str = "yocto/meta-memaflow/recipes-memaflow/memaflow/files/memaflow.toml";
+const IMAGE_MODELS: &str = "/usr/share/memaflow/models";
+const IMAGE_SPOOL: &str = "/var/spool/memaflow";
+
+/// The unpacked wheel's models, or `None` (a recorded skip).
+fn fixtures(test: &str) -> Option<PathBuf> {
+    let dir = repo().join("target/fixtures/mediapipe");
+    if dir.join(".complete").exists() {
+        Some(dir)
+    } else {
+        let reason = "no target/fixtures/mediapipe: run tests/fetch-fixtures (needs PyPI)";
+        // CI fetches the fixtures: there a missing model set is a failure, not a skip.
+        assert!(
+            std::env::var("MEMAFLOW_REQUIRE_REFERENCE").as_deref() != Ok("1"),
+            "{reason}"
+        );
+        skip(test, reason);
+        None
+    }
+}
+
+fn build(from: &Path, out: &Path, manifest: &Path) -> std::process::Output {
+    Running::spawn(
+        std::process::Command::new("python3")
+            .arg(repo().join("models/build"))
+            .args(["--manifest", manifest.to_str().unwrap()])
+            .args(["--from", from.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap()])
+            .args(["--memaflow", bin()]),
+    )
+    .wait(Duration::from_secs(600), "models/build")
+}
+
+/// Every file under `dir`, by relative path, with its bytes.
+fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_path_buf();
+                files.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    files
+}
+
+/// The model names `models/models.toml` lists.
+fn manifest_names() -> Vec<String> {
+    let text = std::fs::read_to_string(repo().join("models/models.toml")).unwrap();
+    let manifest: toml::Value = toml::from_str(&text).unwrap();
+    manifest["model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn models_build_checks_digests_and_is_reproducible() {
+    let Some(from) = fixtures("models_build") else {
+        return;
+    };
+    let dir = scratch("models-build");
+    let manifest = repo().join("models/models.toml");
+    for run in ["a", "b"] {
+        let out = build(&from, &dir.join(run), &manifest);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (a, b) = (tree(&dir.join("a")), tree(&dir.join("b")));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (path, bytes) in &a {
+        assert!(
+            *bytes == b[path],
+            "{} differs between two builds",
+            path.display()
+        );
+    }
+    assert!(a.contains_key(Path::new("LICENSE.mediapipe")));
+    for name in manifest_names() {
+        let pkg = memaflow::model::Package::open(dir.join("a").join(&name)).unwrap();
+        assert_eq!(pkg.name(), name);
+    }
+
+    // One wrong digest: nothing is imported, and the message names the model.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let wrong = dir.join("models.toml");
+    std::fs::write(
+        &wrong,
+        text.replace(
+            "048edd3645c9bf7397d19a9f6e3a42957d6e414c9bea6598030a2e9b624156e6",
+            "148edd3645c9bf7397d19a9f6e3a42957d6e414c9bea6598030a2e9b624156e6",
+        ),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo().join("models/LICENSE.mediapipe"),
+        dir.join("LICENSE.mediapipe"),
+    )
+    .unwrap();
+    let out = build(&from, &dir.join("c"), &wrong);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("hand_landmark_lite") && stderr.contains("SHA-256"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.join("c").exists(),
+        "a package was written despite the wrong digest"
+    );
+}
+
+/// A wheel of the manifest's models (`modules/PATH` in a zip, as in the published wheel),
+/// made from the unpacked fixtures by Python's zipfile.
+fn make_wheel(from: &Path, wheel: &Path, modules: &str) {
+    let script = r#"
+import os, sys, zipfile
+src, dst, modules = sys.argv[1:4]
+with zipfile.ZipFile(dst, "w") as z:
+    for root, _, files in sorted(os.walk(src)):
+        for f in sorted(files):
+            if f.endswith(".tflite"):
+                p = os.path.join(root, f)
+                z.write(p, modules + "/" + os.path.relpath(p, src))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .args([from, wheel].map(|p| p.as_os_str()))
+        .arg(modules)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn models_build_reads_a_wheel_and_checks_its_digest() {
+    let Some(from) = fixtures("models_build_wheel") else {
+        return;
+    };
+    let dir = scratch("models-build-wheel");
+    let text = std::fs::read_to_string(repo().join("models/models.toml")).unwrap();
+    let source = &toml::from_str::<toml::Value>(&text).unwrap()["source"];
+    let (modules, published) = (
+        source["modules"].as_str().unwrap(),
+        source["sha256"].as_str().unwrap(),
+    );
+    let wheel = dir.join("mediapipe.whl");
+    make_wheel(&from, &wheel, modules);
+    std::fs::copy(
+        repo().join("models/LICENSE.mediapipe"),
+        dir.join("LICENSE.mediapipe"),
+    )
+    .unwrap();
+
+    // The wheel made here is not the published one: its digest is refused, nothing written.
+    let out = build(
+        &wheel,
+        &dir.join("refused"),
+        &repo().join("models/models.toml"),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("SHA-256") && stderr.contains(published),
+        "{stderr}"
+    );
+    assert!(
+        !dir.join("refused").exists(),
+        "packages were written from a wrong wheel"
+    );
+
+    // With its digest in the manifest, the wheel gives the packages the directory gives.
+    let digest = memaflow::model::package::Sha256::of(&std::fs::read(&wheel).unwrap());
+    let manifest = dir.join("models.toml");
+    std::fs::write(&manifest, text.replace(published, &digest.to_string())).unwrap();
+    let out = build(&wheel, &dir.join("wheel"), &manifest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = build(&from, &dir.join("dir"), &manifest);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        tree(&dir.join("wheel")) == tree(&dir.join("dir")),
+        "wheel and directory builds differ"
+    );
+}
+
+#[test]
+fn the_image_default_configuration_runs_the_default_pipeline() {
+    let text = std::fs::read_to_string(repo().join(IMAGE_CONFIG)).unwrap()
+        + &std::fs::read_to_string(repo().join("models/pipeline.toml")).unwrap();
+    // As installed: every model of the pipeline is a package of the model set.
+    let config =
+        memaflow::spool::config::Config::parse(&text, Path::new("/etc/memaflow"), None).unwrap();
+    let names = manifest_names();
+    assert!(config.models.len() >= 2);
+    for m in &config.models {
+        let name = m.path.strip_prefix(IMAGE_MODELS).unwrap().to_str().unwrap();
+        assert!(
+            names.iter().any(|n| n == name),
+            "{name} is not in models/models.toml"
+        );
+    }
+
+    let Some(from) = fixtures("image_config") else {
+        return;
+    };
+    let dir = scratch("models-image-config");
+    let out = build(
+        &from,
+        &dir.join("models"),
+        &repo().join("models/models.toml"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spool = dir.join("spool");
+    std::fs::create_dir_all(spool.join("incoming")).unwrap();
+    std::fs::copy(
+        shared().join("frames/astronaut.png"),
+        spool.join("incoming/astronaut.png"),
+    )
+    .unwrap();
+    let local = text
+        .replace(IMAGE_MODELS, dir.join("models").to_str().unwrap())
+        .replace(IMAGE_SPOOL, spool.to_str().unwrap());
+    std::fs::write(dir.join("memaflow.toml"), local).unwrap();
+    cli_ok(&[
+        "run",
+        "--config",
+        dir.join("memaflow.toml").to_str().unwrap(),
+        "--once",
+    ]);
+    let result: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(spool.join("out/astronaut.png.json")).unwrap(),
+    )
+    .unwrap();
+    let models = result["models"].as_array().unwrap();
+    assert_eq!(models.len(), config.models.len(), "{result}");
+    assert!(models.iter().all(|m| m.get("error").is_none()), "{result}");
+    let faces = &models[0]["outputs"]["detections"];
+    assert_eq!(
+        faces.as_array().map(|b| b.len()),
+        Some(1),
+        "one face on astronaut.png: {result}"
+    );
+}
