@@ -348,9 +348,13 @@ impl Executor {
                 seen_then: state.scheduler.seen(),
                 ..l
             });
-            match state.scheduler.reserve(bytes, live, brief) {
+            let reservation = state.scheduler.reserve(bytes, live, brief);
+            // Whatever the answer, the plans of layers evicted for it go now, under this
+            // lock: a victim left in the outbox would later take the plan of the same
+            // layer loaded again in between, which the scheduler counts as resident.
+            drop_evicted(&mut state);
+            match reservation {
                 Reservation::Granted => {
-                    drop_evicted(&mut state);
                     return Ok(Reserved {
                         executor: self,
                         bytes,
@@ -363,7 +367,6 @@ impl Executor {
                     Bytes(available)
                 ),
                 Reservation::Wait => {
-                    drop_evicted(&mut state);
                     state = self
                         .inner
                         .finished
