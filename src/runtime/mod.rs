@@ -10,7 +10,7 @@ mod sequential;
 pub mod tasks;
 
 pub use batch::{BatchOptions, BatchReport, Job, run_batch};
-pub use engine::{LoadedLayer, Plan, load_layer};
+pub use engine::{LoadPhases, LoadedLayer, Plan, load_layer, load_layer_timed};
 pub use executor::{
     Executor, ExecutorOptions, ExecutorSnapshot, InferenceOutput, InferenceTiming, WholeRun,
 };
