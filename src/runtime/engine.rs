@@ -25,6 +25,11 @@ impl Plan {
         guard("planning", || Ok(Plan(model.into_runnable()?)))
     }
 
+    /// The optimised graph the plan runs.
+    pub(super) fn model(&self) -> &TypedModel {
+        self.0.model()
+    }
+
     pub fn run(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>> {
         guard("running", || self.0.run(inputs))
     }

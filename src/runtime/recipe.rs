@@ -55,7 +55,7 @@ const ONE: Dim = Dim {
 pub(super) struct Recipe {
     /// Values (f32 words) in the output.
     len: usize,
-    /// Weight values it reads (the sources' total).
+    /// Words of the layer file: a tag is the index of a weight's word in it.
     sources: usize,
     blocks: Vec<Block>,
 }
@@ -121,39 +121,88 @@ impl Recipe {
         (std::mem::size_of::<Recipe>() + self.blocks.len() * std::mem::size_of::<Block>()) as u64
     }
 
-    /// Fills `out` (zeroed, `len` words) from `weights` (the layer's weight values, in tag
-    /// order).
-    pub(super) fn apply(&self, weights: &[f32], out: &mut [f32]) -> Result<()> {
+    /// The innermost runs, in order: `len` values from `dst` on, gathered from word `src`
+    /// of the file on by `stride`, or (`fill`) all equal to the bits `src`.
+    fn runs(&self) -> impl Iterator<Item = (usize, usize, usize, isize, bool)> + '_ {
+        self.blocks.iter().flat_map(|b| {
+            let [d0, d1, d2] = b.dims;
+            (0..d2.count).flat_map(move |c| {
+                (0..d1.count).map(move |r| {
+                    let (c, r) = (c as isize, r as isize);
+                    let dst = b.dst as isize + c * d2.dst_step + r * d1.dst_step;
+                    let src = if b.fill {
+                        b.src as isize
+                    } else {
+                        b.src as isize + c * d2.src_step + r * d1.src_step
+                    };
+                    (dst as usize, src as usize, d0.count, d0.src_step, b.fill)
+                })
+            })
+        })
+    }
+
+    fn check(&self, file: &[u8], out: usize) -> Result<()> {
         ensure!(
-            weights.len() == self.sources && out.len() == self.len,
-            "recipe for {} values from {} weights applied to {} from {}",
+            file.len() / 4 == self.sources && out == self.len,
+            "recipe for {} values from a file of {} words applied to {} values from {}",
             self.len,
             self.sources,
-            out.len(),
-            weights.len()
+            out,
+            file.len() / 4
         );
-        for b in &self.blocks {
-            let [d0, d1, d2] = b.dims;
-            for c in 0..d2.count {
-                for r in 0..d1.count {
-                    let dst = b.dst as isize + c as isize * d2.dst_step + r as isize * d1.dst_step;
-                    let out = &mut out[dst as usize..dst as usize + d0.count];
-                    if b.fill {
-                        out.fill(f32::from_bits(b.src as u32));
-                        continue;
-                    }
-                    let src = b.src as isize + c as isize * d2.src_step + r as isize * d1.src_step;
-                    if d0.src_step == 1 {
-                        out.copy_from_slice(&weights[src as usize..src as usize + d0.count]);
-                    } else {
-                        for (i, o) in out.iter_mut().enumerate() {
-                            *o = weights[(src + i as isize * d0.src_step) as usize];
-                        }
-                    }
+        Ok(())
+    }
+
+    /// Fills `out` (zeroed, `len` values) from the layer file's bytes.
+    pub(super) fn apply(&self, file: &[u8], out: &mut [f32]) -> Result<()> {
+        self.check(file, out.len())?;
+        for (dst, src, len, stride, fill) in self.runs() {
+            let out = &mut out[dst..dst + len];
+            if fill {
+                out.fill(f32::from_bits(src as u32));
+            } else if stride == 1 {
+                let words = file[4 * src..4 * (src + len)].chunks_exact(4);
+                for (o, w) in out.iter_mut().zip(words) {
+                    *o = f32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+                }
+            } else {
+                for (i, o) in out.iter_mut().enumerate() {
+                    let at = 4 * (src as isize + i as isize * stride) as usize;
+                    *o = f32::from_le_bytes([file[at], file[at + 1], file[at + 2], file[at + 3]]);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Whether applying the recipe to `file` gives exactly `real` (bits), without
+    /// materialising it: every value a run writes matches, and `real` has no other
+    /// non-zero value.
+    pub(super) fn matches(&self, file: &[u8], real: &[u32]) -> Result<bool> {
+        self.check(file, real.len())?;
+        let word = |k: usize| {
+            u32::from_le_bytes([
+                file[4 * k],
+                file[4 * k + 1],
+                file[4 * k + 2],
+                file[4 * k + 3],
+            ])
+        };
+        let mut nonzero = 0;
+        for (dst, src, len, stride, fill) in self.runs() {
+            for (i, &r) in real[dst..dst + len].iter().enumerate() {
+                let v = if fill {
+                    src as u32
+                } else {
+                    word((src as isize + i as isize * stride) as usize)
+                };
+                if v != r {
+                    return Ok(false);
+                }
+                nonzero += usize::from(v != 0);
+            }
+        }
+        Ok(nonzero == real.iter().filter(|&&r| r != 0).count())
     }
 }
 
@@ -214,6 +263,10 @@ fn nest(blocks: Vec<Block>, level: usize) -> Vec<Block> {
 mod tests {
     use super::*;
 
+    fn file(values: &[f32]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
     fn tagged(indices: &[Option<usize>]) -> Vec<u32> {
         indices
             .iter()
@@ -242,9 +295,18 @@ mod tests {
             .collect();
         let recipe = Recipe::decode(&tagged(&indices), &real, weights.len()).unwrap();
         let mut out = vec![0.0; real.len()];
-        recipe.apply(&weights, &mut out).unwrap();
+        recipe.apply(&file(&weights), &mut out).unwrap();
         assert_eq!(out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), real);
+        assert!(recipe.matches(&file(&weights), &real).unwrap());
         assert!(recipe.blocks.len() <= 3, "{:?}", recipe.blocks);
+        let mut other = real.clone();
+        other[1] ^= 1;
+        assert!(!recipe.matches(&file(&weights), &other).unwrap());
+        // A value where the recipe leaves zero.
+        let gap = indices.iter().position(|i| i.is_none()).unwrap();
+        other = real.clone();
+        other[gap] = 1;
+        assert!(!recipe.matches(&file(&weights), &other).unwrap());
     }
 
     #[test]
@@ -255,13 +317,13 @@ mod tests {
         real.extend([weights[0].to_bits(), 7.0f32.to_bits()]);
         let recipe = Recipe::decode(&tagged(&indices), &real, 2).unwrap();
         let mut out = vec![0.0; 4];
-        recipe.apply(&weights, &mut out).unwrap();
+        recipe.apply(&file(&weights), &mut out).unwrap();
         assert_eq!(out, [-2.0, 7.0, 1.5, 7.0]);
     }
 
     #[test]
     fn a_recipe_refuses_weights_of_another_size() {
         let recipe = Recipe::decode(&tagged(&[Some(0)]), &[0], 1).unwrap();
-        assert!(recipe.apply(&[1.0, 2.0], &mut [0.0]).is_err());
+        assert!(recipe.apply(&file(&[1.0, 2.0]), &mut [0.0]).is_err());
     }
 }

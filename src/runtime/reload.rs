@@ -295,16 +295,16 @@ fn slots(real: &TypedModel, tagged: &TypedModel, sources: usize) -> Result<Vec<S
 }
 
 /// Plans layer `index` once from tagged weights, once for real, makes the template, and
-/// keeps it only if a reload through it gives the real plan exactly. Returns the real
-/// layer, and the template or why there is none.
+/// keeps it only if every weight tensor its recipes rebuild from the file is the real
+/// plan's, bit for bit. Returns the real layer, and the template or why there is none.
+/// Its peak is a full load's: the tagged plan is dropped before the real one is made, and
+/// the check reads the file again beside the real plan without building a second one.
 pub fn load_with_template(
     pkg: &Package,
     index: usize,
     phases: &mut LoadPhases,
 ) -> Result<(LoadedLayer, Result<LayerTemplate>)> {
     let ctx = || format!("{}: layer {index}", pkg.name());
-    // Tagged first, its weights dropped before the real plan is made: the peak is one
-    // plan's, as for a full load.
     let tagged = tagged_plan(pkg, index).with_context(ctx);
     let t = Instant::now();
     let (bytes, graph) = pkg.read_layer(index)?;
@@ -314,11 +314,28 @@ pub fn load_with_template(
     let mut real = parse(Vec::from(bytes)).with_context(ctx)?;
     phases.parse += t.elapsed();
     optimise(&mut real, phases).with_context(ctx)?;
-    let template = tagged.and_then(|(tagged, sources, file_bytes, fingerprint)| {
+    let template = tagged.and_then(|(tagged, sources)| {
         canonicalise(&mut real)?;
-        let n: usize = sources.iter().map(|s| s.len).sum();
-        let slots = slots(&real, &tagged, n)?;
+        let (bytes, graph) = pkg.read_layer(index)?;
+        drop(graph);
+        let slots = slots(&real, &tagged, bytes.len() / 4)?;
         drop(tagged);
+        for s in &slots {
+            log::trace!(
+                "{}: node {} weight {}: {} values in {} blocks",
+                ctx(),
+                s.node,
+                s.holder,
+                s.form.bytes() / 4,
+                s.recipe.blocks()
+            );
+            let data = &holders(real.node(s.node))?[s.holder];
+            ensure!(
+                s.recipe.matches(&bytes, &words(data)?)?,
+                "node {}: the weights rebuilt differ from the full load's",
+                real.node(s.node).name
+            );
+        }
         let mut graph = real.clone();
         for s in &slots {
             let empty = match s.form {
@@ -327,27 +344,13 @@ pub fn load_with_template(
             };
             install(&mut graph, s.node, s.holder, empty)?;
         }
-        let template = LayerTemplate {
+        Ok(LayerTemplate {
             graph,
             slots,
+            file_bytes: bytes.len(),
+            fingerprint: fingerprint(&bytes, &sources),
             sources,
-            file_bytes,
-            fingerprint,
-        };
-        let again = rebuild(pkg, index, &template, &mut LoadPhases::default())?;
-        if let Some(diff) = first_difference(&again, &real) {
-            bail!("a reload through the template differs from the full load: {diff}");
-        }
-        for s in &template.slots {
-            log::trace!(
-                "layer {index} node {} weight {}: {} values in {} blocks",
-                s.node,
-                s.holder,
-                s.form.bytes() / 4,
-                s.recipe.blocks()
-            );
-        }
-        Ok(template)
+        })
     });
     let t = Instant::now();
     let plan = Plan::from_model(real).with_context(ctx)?;
@@ -371,7 +374,8 @@ pub fn reload(
     Ok(LoadedLayer { index, plan })
 }
 
-fn rebuild(
+/// The optimised graph of layer `index`, from its template and its file.
+pub(super) fn rebuild(
     pkg: &Package,
     index: usize,
     template: &LayerTemplate,
@@ -385,8 +389,6 @@ fn rebuild(
             && fingerprint(&bytes, &template.sources) == template.fingerprint,
         "the layer file changed since its template was made"
     );
-    let weights = gather_sources(&bytes, &template.sources)?;
-    drop(bytes);
     phases.read += t.elapsed();
     let t = Instant::now();
     let mut graph = template.graph.clone();
@@ -395,15 +397,15 @@ fn rebuild(
             Form::Plain(shape) => {
                 let mut tensor = Tensor::zero_aligned::<f32>(shape, vector_size())?;
                 s.recipe.apply(
-                    &weights,
+                    &bytes,
                     tensor.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
                 )?;
                 Built::Plain(tensor)
             }
-            Form::Packed { bytes, align } => {
-                let mut tensor = Tensor::zero_aligned::<f32>(&[bytes / 4], *align)?;
+            Form::Packed { bytes: size, align } => {
+                let mut tensor = Tensor::zero_aligned::<f32>(&[size / 4], *align)?;
                 s.recipe.apply(
-                    &weights,
+                    &bytes,
                     tensor.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
                 )?;
                 Built::Packed(tensor.into_blob()?)
@@ -413,21 +415,6 @@ fn rebuild(
     }
     phases.optimize += t.elapsed();
     Ok(graph)
-}
-
-/// The tagged weights' values, in tag order.
-fn gather_sources(bytes: &[u8], sources: &[Source]) -> Result<Vec<f32>> {
-    let mut out = Vec::with_capacity(sources.iter().map(|s| s.len).sum());
-    for s in sources {
-        let data = bytes
-            .get(s.offset..s.offset + s.len * 4)
-            .context("weights beyond the file")?;
-        out.extend(
-            data.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        );
-    }
-    Ok(out)
 }
 
 /// A hash of the file's bytes outside the tagged weights (sorted by offset).
@@ -444,13 +431,14 @@ fn fingerprint(bytes: &[u8], sources: &[Source]) -> u64 {
     h.finish()
 }
 
-/// The layer planned from tagged weights, with where those weights lie in its file, the
-/// file's size and fingerprint.
-fn tagged_plan(pkg: &Package, index: usize) -> Result<(TypedModel, Vec<Source>, usize, u64)> {
+/// The layer planned from tagged weights (each f32 weight replaced by the tag of its
+/// word in the file), with where those weights lie.
+fn tagged_plan(pkg: &Package, index: usize) -> Result<(TypedModel, Vec<Source>)> {
     let (bytes, graph) = pkg.read_layer(index)?;
-    // Where each f32 constant's data lies in the file: the graph shares the buffer.
+    // Where each f32 constant's data lies in the file (the graph shares the buffer), and a
+    // hash of it: tract gets the buffer itself, and its constants must be found again.
     let base = bytes.as_ptr() as usize;
-    let located: Vec<(String, usize, usize)> = graph
+    let located: Vec<(String, Source, u64)> = graph
         .tensors
         .iter()
         .filter(|t| t.dtype == DType::F32)
@@ -458,13 +446,18 @@ fn tagged_plan(pkg: &Package, index: usize) -> Result<(TypedModel, Vec<Source>, 
             let d = t.data.as_ref()?;
             // Data decoded at read time (not a slice of the file) has no place in it.
             let offset = (d.as_ptr() as usize).checked_sub(base)?;
-            (offset + d.len() <= bytes.len()).then(|| (t.name.clone(), offset, d.len()))
+            let inside = offset + d.len() <= bytes.len() && offset % 4 == 0 && d.len() % 4 == 0;
+            let source = Source {
+                offset,
+                len: d.len() / 4,
+            };
+            inside.then(|| (t.name.clone(), source, hash(d)))
         })
         .collect();
     drop(graph);
-    let mut model = parse(bytes.to_vec())?;
+    ensure!(bytes.len() / 4 <= MAX_CODES, "too large a file to tag");
+    let mut model = parse(Vec::from(bytes))?;
     let mut sources = vec![];
-    let mut next = 0;
     for id in 0..model.nodes.len() {
         let node = &model.nodes[id];
         let Some(k) = node.op_as::<Const>() else {
@@ -477,31 +470,37 @@ fn tagged_plan(pkg: &Package, index: usize) -> Result<(TypedModel, Vec<Source>, 
             continue;
         }
         let data = t.try_as_plain_ram()?.as_bytes();
-        let &(_, offset, len) = located
+        let &(_, source, _) = located
             .iter()
-            .find(|(name, offset, len)| {
-                *name == node.name && *len == data.len() && &bytes[*offset..*offset + len] == data
-            })
+            .find(|(name, s, h)| *name == node.name && s.len * 4 == data.len() && *h == hash(data))
             .with_context(|| format!("constant {} not found in the file", node.name))?;
-        ensure!(next + len / 4 <= MAX_CODES, "too many weights to tag");
-        let codes: Vec<f32> = (next..next + len / 4).map(code).collect();
+        let codes: Vec<f32> = (source.offset / 4..source.offset / 4 + source.len)
+            .map(code)
+            .collect();
         let tagged = Const::new(Arc::new(Tensor::from_shape(t.shape(), &codes)?))?;
         let fact = tagged.output_facts(&[])?.remove(0);
         let node = model.node_mut(id);
         node.op = Box::new(tagged);
         node.outputs[0].fact = fact;
-        sources.push(Source {
-            offset,
-            len: len / 4,
-        });
-        next += len / 4;
+        sources.push(source);
     }
-    let fp = fingerprint(&bytes, &sources);
-    let file_bytes = bytes.len();
-    drop(bytes);
     optimise(&mut model, &mut LoadPhases::default())?;
     canonicalise(&mut model)?;
-    Ok((model, sources, file_bytes, fp))
+    Ok((model, sources))
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+impl LoadedLayer {
+    /// Where this layer's plan differs from `other`'s (nodes, wiring, ops with their
+    /// weights compared by value, facts), if it does: a reload must give a full load's plan.
+    pub fn plan_difference(&self, other: &LoadedLayer) -> Option<String> {
+        first_difference(self.plan.model(), other.plan.model())
+    }
 }
 
 /// Where two optimised graphs differ as plans (nodes, wiring, ops with their weights
