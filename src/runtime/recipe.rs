@@ -278,7 +278,7 @@ mod tests {
     /// panel p, depth k, row r holds w[(2p + r) * 3 + k].
     #[test]
     fn packing_is_rebuilt_exactly_in_few_blocks() {
-        let (m, k, mr) = (5, 3, 2);
+        let (m, k, mr) = (5usize, 3, 2);
         let weights: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.5 - 3.0).collect();
         let mut indices = vec![];
         for p in 0..m.div_ceil(mr) {
