@@ -120,6 +120,9 @@ pub struct LoadMeasure {
     pub resident: Option<u64>,
     /// Bytes above `resident` at the load's peak (the planner's transient copies).
     pub transient: Option<u64>,
+    /// The load also made the layer's plan template (`runtime/reload.rs`): the bytes of
+    /// weights every plan of the layer holds, which dropping one frees for sure.
+    pub template_weights: Option<u64>,
 }
 
 /// Counters of the layer cache since the scheduler was made.
@@ -184,6 +187,11 @@ struct Observed {
     exec_secs: Option<f64>,
     resident: Option<u64>,
     transient: Option<u64>,
+    /// The layer has a plan template: the weight bytes each plan of it holds.
+    weights: Option<u64>,
+    /// Bytes counted for its template, in the ledger (and seen) for good once the plan
+    /// that made it is dropped.
+    template: u64,
 }
 
 pub(super) struct ModelEntry {
@@ -214,6 +222,10 @@ impl ModelEntry {
         }
         if let Some(t) = o.transient {
             c.plan_bytes = c.plan_bytes.max(t);
+        }
+        if let Some(w) = o.weights.filter(|_| o.template > 0) {
+            // A reload through the template: its graph and recipes are counted already.
+            c.load_bytes = w;
         }
         c
     }
@@ -764,6 +776,9 @@ impl Scheduler {
         if measured.transient.is_some() {
             observed.transient = measured.transient;
         }
+        if let Some(w) = measured.template_weights {
+            observed.weights = Some(w.min(resident));
+        }
         self.release_for(inference, r.transient);
         self.ledger = self.ledger - r.resident + resident;
         self.high_water = self.high_water.max(self.ledger);
@@ -795,6 +810,12 @@ impl Scheduler {
         let passed = held[layer] - held[layer + 1];
         self.release_for(inference, r.exec + r.resident + passed);
         self.seen -= r.resident;
+        if r.resident > 0 {
+            // Its plan is dropped (`LayerCache::Off`); a template it made stays.
+            let kept = self.keep_template(model_index, layer, r.resident);
+            self.ledger += kept;
+            self.seen += kept;
+        }
         self.inferences[inference].reserved[layer] = Reserved::default();
         self.inferences[inference].executed = layer + 1;
         if self.models[model_index].keep {
@@ -865,6 +886,7 @@ impl Scheduler {
     fn end(&mut self, inference: usize) {
         let model_index = self.inferences[inference].model;
         let keep = self.models[model_index].keep;
+        let mut kept = 0;
         for layer in 0..self.inferences[inference].reserved.len() {
             let r = self.inferences[inference].reserved[layer];
             let residency = &mut self.models[model_index].residency[layer];
@@ -872,6 +894,8 @@ impl Scheduler {
                 self.seen -= r.resident;
                 if keep {
                     residency.unpin();
+                } else if r.resident > 0 {
+                    kept += self.keep_template(model_index, layer, r.resident);
                 }
             } else if keep && r.resident > 0 && *residency == Residency::Loading {
                 *residency = Residency::Absent;
@@ -890,6 +914,9 @@ impl Scheduler {
             .iter_mut()
             .for_each(|r| *r = Reserved::default());
         self.release_for(inference, own);
+        // Templates made by its dropped plans stay.
+        self.ledger += kept;
+        self.seen += kept;
         self.in_flight.retain(|&i| i != inference);
         self.waiting.retain(|&i| i != inference);
     }
@@ -1162,7 +1189,33 @@ impl Scheduler {
                 Residency::Resident { bytes, pins: 0 } => Some(bytes),
                 _ => None,
             })
-            .sum()
+            .sum::<u64>()
+            - self
+                .models
+                .iter()
+                .flat_map(|m| m.residency.iter().zip(&m.observed))
+                .filter_map(|(r, o)| match *r {
+                    Residency::Resident { bytes, pins: 0 } if o.template == 0 => {
+                        o.weights.map(|w| bytes.saturating_sub(w))
+                    }
+                    _ => None,
+                })
+                .sum::<u64>()
+    }
+
+    /// When a plan of `layer` holding `size` counted bytes is dropped: the bytes that
+    /// stay counted for the layer's template, the first time a plan of a layer with a
+    /// template is dropped (everything but its weights: the template and, conservatively,
+    /// that plan's own graph); 0 otherwise. Only the weights are freed for sure.
+    fn keep_template(&mut self, model: usize, layer: usize, size: u64) -> u64 {
+        let o = &mut self.models[model].observed[layer];
+        match o.weights {
+            Some(w) if o.template == 0 => {
+                o.template = size.saturating_sub(w);
+                o.template
+            }
+            _ => 0,
+        }
     }
 
     /// Evicts unpinned resident layers, the policy's choice first, until `bytes` are
@@ -1180,12 +1233,13 @@ impl Scheduler {
             };
             model.residency[key.layer] = Residency::Absent;
             model.resident_bytes -= size;
-            self.ledger -= size;
-            self.seen -= size;
+            let kept = self.keep_template(key.model.0, key.layer, size);
+            self.ledger -= size - kept;
+            self.seen -= size - kept;
             self.stats.evictions += 1;
-            self.stats.evicted_bytes += size;
+            self.stats.evicted_bytes += size - kept;
             self.evicted.push(key, size);
-            freed += size;
+            freed += size - kept;
         }
         freed
     }
