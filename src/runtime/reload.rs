@@ -248,35 +248,31 @@ fn words(data: &Data) -> Result<Vec<u32>> {
         .collect())
 }
 
-fn same_data(a: &Data, b: &Data) -> bool {
-    match (a, b) {
-        (Data::Plain(a), Data::Plain(b)) => a == b,
-        (Data::Packed(a), Data::Packed(b)) => a == b,
-        _ => false,
-    }
+/// What the tagged plan says of each node's weight data: the slots (data holding a tag,
+/// with their recipes, literals read off the tagged plan) and a hash of every other data,
+/// which must come out the same in the real plan.
+struct Reading {
+    nodes: usize,
+    slots: Vec<Slot>,
+    others: Vec<(usize, usize, u64)>,
 }
 
-/// The slots of `real`: weight data that differ from the same plan made from tagged
-/// weights, with their recipes.
-fn slots(real: &TypedModel, tagged: &TypedModel, sources: usize) -> Result<Vec<Slot>> {
-    ensure!(
-        real.nodes.len() == tagged.nodes.len(),
-        "tagged plan has {} nodes, the real one {}",
-        tagged.nodes.len(),
-        real.nodes.len()
-    );
+fn read_tagged(tagged: &TypedModel, sources: usize) -> Result<Reading> {
     let mut slots = vec![];
-    for (r, t) in real.nodes.iter().zip(&tagged.nodes) {
-        let (rh, th) = (holders(r)?, holders(t)?);
-        ensure!(rh.len() == th.len(), "node {} differs in weights", r.name);
-        for (holder, (rd, td)) in rh.iter().zip(&th).enumerate() {
-            if same_data(rd, td) {
+    let mut others = vec![];
+    for node in &tagged.nodes {
+        for (holder, data) in holders(node)?.iter().enumerate() {
+            let words = words(data).unwrap_or_default();
+            let tags = words.iter().any(|&w| {
+                let v = f32::from_bits(w);
+                v >= super::recipe::CODE_BASE && v < super::recipe::CODE_BASE + sources as f32
+            });
+            if !tags {
+                others.push((node.id, holder, data_hash(data)?));
                 continue;
             }
-            let (rw, tw) = (words(rd)?, words(td)?);
-            let recipe = Recipe::decode(&tw, &rw, sources)
-                .with_context(|| format!("node {}: weights differ in size", r.name))?;
-            let form = match rd {
+            let recipe = Recipe::decode(&words, &words, sources).context("weights of no size")?;
+            let form = match data {
                 Data::Plain(t) => Form::Plain(t.shape().into()),
                 Data::Packed(p) => Form::Packed {
                     bytes: p.packed.layout().size(),
@@ -284,14 +280,63 @@ fn slots(real: &TypedModel, tagged: &TypedModel, sources: usize) -> Result<Vec<S
                 },
             };
             slots.push(Slot {
-                node: r.id,
+                node: node.id,
                 holder,
                 form,
                 recipe,
             });
         }
     }
-    Ok(slots)
+    Ok(Reading {
+        nodes: tagged.nodes.len(),
+        slots,
+        others,
+    })
+}
+
+fn data_hash(data: &Data) -> Result<u64> {
+    Ok(match data {
+        Data::Plain(t) => {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            t.hash(&mut h);
+            h.finish()
+        }
+        Data::Packed(p) => {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            p.hash(&mut h);
+            h.finish()
+        }
+    })
+}
+
+/// Checks the real plan against what the tagged one said: same nodes, the same data
+/// where no weight goes, and each slot's recipe giving the real data from the file.
+fn check_real(real: &TypedModel, reading: &Reading, file: &[u8]) -> Result<()> {
+    ensure!(
+        real.nodes.len() == reading.nodes,
+        "the tagged plan has {} nodes, the real one {}",
+        reading.nodes,
+        real.nodes.len()
+    );
+    for &(node, holder, hash) in &reading.others {
+        let data = holders(real.node(node))?;
+        let d = data.get(holder).context("weights differ")?;
+        ensure!(
+            data_hash(d)? == hash,
+            "node {}: a tensor made from the weights without their tags",
+            real.node(node).name
+        );
+    }
+    for s in &reading.slots {
+        let data = holders(real.node(s.node))?;
+        let d = data.get(s.holder).context("weights differ")?;
+        ensure!(
+            s.recipe.matches(file, &words(d)?)?,
+            "node {}: the weights rebuilt differ from the full load's",
+            real.node(s.node).name
+        );
+    }
+    Ok(())
 }
 
 /// Plans layer `index` once from tagged weights, once for real, makes the template, and
@@ -305,7 +350,12 @@ pub fn load_with_template(
     phases: &mut LoadPhases,
 ) -> Result<(LoadedLayer, Result<LayerTemplate>)> {
     let ctx = || format!("{}: layer {index}", pkg.name());
-    let tagged = tagged_plan(pkg, index).with_context(ctx);
+    // The tagged plan is read and dropped before the real one is made: the peak is one
+    // plan's, as for a full load.
+    let reading = tagged_plan(pkg, index).and_then(|(tagged, sources)| {
+        let reading = read_tagged(&tagged, pkg_words(pkg, index)?)?;
+        Ok((reading, sources))
+    });
     let t = Instant::now();
     let (bytes, graph) = pkg.read_layer(index)?;
     drop(graph);
@@ -314,13 +364,12 @@ pub fn load_with_template(
     let mut real = parse(Vec::from(bytes)).with_context(ctx)?;
     phases.parse += t.elapsed();
     optimise(&mut real, phases).with_context(ctx)?;
-    let template = tagged.and_then(|(tagged, sources)| {
+    let template = reading.and_then(|(reading, sources)| {
         canonicalise(&mut real)?;
         let (bytes, graph) = pkg.read_layer(index)?;
         drop(graph);
-        let slots = slots(&real, &tagged, bytes.len() / 4)?;
-        drop(tagged);
-        for s in &slots {
+        check_real(&real, &reading, &bytes)?;
+        for s in &reading.slots {
             log::trace!(
                 "{}: node {} weight {}: {} values in {} blocks",
                 ctx(),
@@ -329,15 +378,9 @@ pub fn load_with_template(
                 s.form.bytes() / 4,
                 s.recipe.blocks()
             );
-            let data = &holders(real.node(s.node))?[s.holder];
-            ensure!(
-                s.recipe.matches(&bytes, &words(data)?)?,
-                "node {}: the weights rebuilt differ from the full load's",
-                real.node(s.node).name
-            );
         }
         let mut graph = real.clone();
-        for s in &slots {
+        for s in &reading.slots {
             let empty = match s.form {
                 Form::Plain(_) => Built::Plain(Tensor::zero::<f32>(&[0])?),
                 Form::Packed { .. } => Built::Packed(Blob::default()),
@@ -346,7 +389,7 @@ pub fn load_with_template(
         }
         Ok(LayerTemplate {
             graph,
-            slots,
+            slots: reading.slots,
             file_bytes: bytes.len(),
             fingerprint: fingerprint(&bytes, &sources),
             sources,
@@ -487,6 +530,11 @@ fn tagged_plan(pkg: &Package, index: usize) -> Result<(TypedModel, Vec<Source>)>
     optimise(&mut model, &mut LoadPhases::default())?;
     canonicalise(&mut model)?;
     Ok((model, sources))
+}
+
+/// Words of layer `index`'s file (the range of tags).
+fn pkg_words(pkg: &Package, index: usize) -> Result<usize> {
+    Ok(pkg.manifest.layers[index].file_bytes as usize / 4)
 }
 
 fn hash(bytes: &[u8]) -> u64 {

@@ -1727,6 +1727,56 @@ mod tests {
         assert_eq!(evicted.len(), 6 - s.resident(m).0);
     }
 
+    /// Runs one inference, its loads of layer 0 reporting a template with `weights`.
+    fn run_with_template(s: &mut Scheduler, m: ModelId, weights: u64) {
+        s.submit(m);
+        while !s.is_idle() {
+            let t = run(s, 0, None).expect("a task");
+            s.take_evicted().for_each(drop);
+            let measure = LoadMeasure {
+                template_weights: Some(weights),
+                ..LoadMeasure::default()
+            };
+            match s.kind(t) {
+                TaskKind::Load(0) => s.complete_measured(t, measure),
+                _ => s.complete(t),
+            }
+        }
+    }
+
+    #[test]
+    fn a_layer_template_stays_counted_and_its_plan_frees_only_its_weights() {
+        // Layer 0 counts 2 MiB resident, of which 1 MiB of weights: dropping its plan
+        // frees 1 MiB for sure, the rest stays counted as its template, and its reloads
+        // count only the weights.
+        let weights = 1 << 20;
+        for cache in CACHES {
+            let mut s = scheduler(
+                SchedulingPolicy::Mema,
+                LoadingPolicy::Partial,
+                None,
+                1,
+                cache,
+            );
+            let m = model(&mut s, costs(3, 2, 3), 0);
+            let full = s.models[0].cost(0).load_bytes;
+            run_with_template(&mut s, m, weights);
+            if cache == LayerCache::Keep {
+                // Everything resident: the reading drops far below, the cache empties.
+                s.submit(m);
+                let _ = run(&mut s, 0, Some(-(64 << 20)));
+                s.take_evicted().for_each(drop);
+                assert_eq!(s.resident(m).0, 0);
+                let total: u64 = (0..3).map(|l| s.models[0].costs[l].load_bytes).sum();
+                assert_eq!(s.cache_stats().evicted_bytes, total - (full - weights));
+            }
+            // The inferences hold no activations: all the ledger holds is the template.
+            assert_eq!(s.ledger(), full - weights, "{cache:?}");
+            assert_eq!(s.seen(), full - weights, "{cache:?}");
+            assert_eq!(s.models[0].cost(0).load_bytes, weights, "{cache:?}");
+        }
+    }
+
     #[test]
     fn two_inferences_in_flight_load_a_layer_once() {
         let mut s = scheduler(
