@@ -7,8 +7,7 @@
 //! daemon submits each frame's inferences as frames arrive, several frames in flight.
 
 use super::FloatTensor;
-use super::engine::{LoadPhases, LoadedLayer, load_layer};
-use super::reload::{LayerTemplate, load_with_template, reload};
+use super::engine::{LoadedLayer, load_layer};
 use super::scheduler::{
     CacheStats, Decision, InferenceSummary, Live, LoadMeasure, ModelId, Refusal, Reservation,
     Scheduler, SchedulerOptions, TaskRef,
@@ -110,20 +109,6 @@ struct ModelSlot {
     /// allocator reusing freed memory, not a smaller layer).
     weight_bytes: Vec<u64>,
     plans: Vec<Option<LoadedLayer>>,
-    /// Per layer, its plan template (`runtime/reload.rs`): made by its first load.
-    templates: Vec<Template>,
-}
-
-/// A layer's plan template, as far as the executor knows it.
-#[derive(Clone)]
-enum Template {
-    /// The next load makes one.
-    Untried,
-    /// A load is making it; other loads meanwhile are full ones.
-    Making,
-    Ready(Arc<LayerTemplate>),
-    /// Its plan did not check out: always loaded in full.
-    None,
 }
 
 /// A layer between its load and its exec, owned by one inference (`LayerCache::Off`, and
@@ -280,7 +265,6 @@ impl Executor {
             .add_model(package.name(), costs, held, cacheable)?;
         state.models.push(ModelSlot {
             plans: (0..steps).map(|_| None).collect(),
-            templates: vec![Template::Untried; steps],
             weight_bytes,
             package,
             whole,
@@ -555,7 +539,6 @@ enum Work {
         package: Arc<Package>,
         layer: usize,
         measure: Option<u64>,
-        template: Template,
     },
     Stage(WholeRun),
     Exec {
@@ -572,7 +555,7 @@ enum Work {
 enum Done {
     Init(Activations),
     InitWhole,
-    Loaded(Staged, LoadMeasure, Option<Result<LayerTemplate>>),
+    Loaded(Staged, LoadMeasure),
     Ran(tract_core::prelude::TVec<tract_core::prelude::TValue>),
     RanWhole(Vec<FloatTensor>),
 }
@@ -682,23 +665,14 @@ fn prepare(state: &mut State, task: TaskRef, kind: TaskKind) -> Result<Work> {
         },
         TaskKind::Load(layer) => match &slot.whole {
             Some(run) => Work::Stage(run.clone()),
-            None => {
-                let work = Work::Load {
-                    package: slot.package.clone(),
-                    layer,
-                    measure: state
-                        .scheduler
-                        .needs_measure(flight.model, layer)
-                        .then(|| slot.weight_bytes[layer]),
-                    template: slot.templates[layer].clone(),
-                };
-                let model = flight.model.0;
-                let template = &mut state.models[model].templates[layer];
-                if matches!(template, Template::Untried) {
-                    *template = Template::Making;
-                }
-                work
-            }
+            None => Work::Load {
+                package: slot.package.clone(),
+                layer,
+                measure: state
+                    .scheduler
+                    .needs_measure(flight.model, layer)
+                    .then(|| slot.weight_bytes[layer]),
+            },
         },
         TaskKind::Exec(layer) => {
             let staged = match flight.staged[layer].take() {
@@ -735,20 +709,17 @@ fn perform(work: Work, alone: bool) -> Result<Done> {
             package,
             layer,
             measure,
-            template,
-        } => {
-            let load = || load_any(&package, layer, &template);
-            let ((loaded, made), mut measured) = match measure.filter(|_| alone) {
-                Some(floor) => measured_load(load, floor)?,
-                None => (load()?, LoadMeasure::default()),
-            };
-            measured.template_weights = made
-                .as_ref()
-                .and_then(|t| t.as_ref().ok())
-                .map(|t| t.weight_bytes());
-            Done::Loaded(Staged::Layer(loaded), measured, made)
-        }
-        Work::Stage(run) => Done::Loaded(Staged::Whole(run), LoadMeasure::default(), None),
+        } => match measure.filter(|_| alone) {
+            Some(floor) => {
+                let (loaded, measured) = measured_load(&package, layer, floor)?;
+                Done::Loaded(Staged::Layer(loaded), measured)
+            }
+            None => Done::Loaded(
+                Staged::Layer(load_layer(&package, layer)?),
+                LoadMeasure::default(),
+            ),
+        },
+        Work::Stage(run) => Done::Loaded(Staged::Whole(run), LoadMeasure::default()),
         Work::Whole { run, input } => Done::RanWhole(run(input)?),
         Work::Exec {
             package,
@@ -763,37 +734,22 @@ fn perform(work: Work, alone: bool) -> Result<Done> {
     })
 }
 
-/// A layer's plan: through its template, or in full while making its template, or in full.
-/// The second part is the template made, if this load made one (or why it could not).
-fn load_any(
-    package: &Package,
-    layer: usize,
-    template: &Template,
-) -> Result<(LoadedLayer, Option<Result<LayerTemplate>>)> {
-    let mut phases = LoadPhases::default();
-    Ok(match template {
-        Template::Ready(t) => (reload(package, layer, t, &mut phases)?, None),
-        Template::Untried => {
-            let (loaded, made) = load_with_template(package, layer, &mut phases)?;
-            (loaded, Some(made))
-        }
-        Template::Making | Template::None => (load_layer(package, layer)?, None),
-    })
-}
-
-/// Runs `load` and measures what it keeps resident (RSS added, at least its weights
+/// Loads a layer and measures what it keeps resident (RSS added, at least its weights
 /// `floor` and at most the estimate the scheduler will compare it with) and the planner's
 /// transient peak above that. Only meaningful when nothing else runs meanwhile.
-fn measured_load<T>(load: impl FnOnce() -> Result<T>, floor: u64) -> Result<(T, LoadMeasure)> {
+fn measured_load(
+    package: &Package,
+    layer: usize,
+    floor: u64,
+) -> Result<(LoadedLayer, LoadMeasure)> {
     let before = memory::process_memory().ok();
     let reset = memory::reset_peak().is_ok();
-    let loaded = load()?;
+    let loaded = load_layer(package, layer)?;
     let after = memory::process_memory().ok();
     let measure = match (before, after, reset) {
         (Some(b), Some(a), true) => LoadMeasure {
             resident: Some(a.rss.saturating_sub(b.rss).max(floor)),
             transient: Some(a.peak_rss.saturating_sub(a.rss)),
-            template_weights: None,
         },
         _ => LoadMeasure::default(),
     };
@@ -853,20 +809,11 @@ fn apply_done(
             flight.timing.start_ms = start_ms;
             scheduler.complete(task);
         }
-        Done::Loaded(staged, measure, made) => {
+        Done::Loaded(staged, measure) => {
             flight.timing.load_ms += took_ms;
             let TaskKind::Load(layer) = scheduler.kind(task) else {
                 bail!("a load result for a task that is not a load");
             };
-            if let Some(made) = made {
-                slot.templates[layer] = match made {
-                    Ok(t) => Template::Ready(Arc::new(t)),
-                    Err(e) => {
-                        log::debug!("{e:#}: loaded in full every time");
-                        Template::None
-                    }
-                };
-            }
             match staged {
                 Staged::Layer(l) if scheduler.keeps(flight.model) => {
                     slot.plans[layer] = Some(l);
@@ -906,14 +853,6 @@ fn apply_done(
 
 /// Ends an inference whose task failed: the others go on.
 fn fail(inner: &Inner, state: &mut State, task: TaskRef, error: anyhow::Error) {
-    // A load that was making its layer's template failed: the next load tries again.
-    if let TaskKind::Load(layer) = state.scheduler.kind(task)
-        && let Some(flight) = state.flights[task.inference].as_ref()
-        && let Some(t) = state.models[flight.model.0].templates.get_mut(layer)
-        && matches!(t, Template::Making)
-    {
-        *t = Template::Untried;
-    }
     state.scheduler.abort(task);
     finish_flight(inner, state, task.inference, Instant::now(), Some(error));
 }
