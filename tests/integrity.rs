@@ -273,12 +273,12 @@ fn packages_without_digests_are_refused_with_re_import() {
 #[test]
 fn the_demo_imports_again_a_cached_package_of_format_1() {
     let dir = scratch("integrity-demo");
-    let pkg = import_shared("hand_recrop", &dir.join("models"));
+    let pkg = import_shared("face_detection_short_range", &dir.join("models"));
     downgrade_to_format_1(&pkg);
     // The demo finds ../shared/models from the repository, where the tests run.
     let out = cli_ok(&["demo", "--dir", dir.to_str().unwrap()]);
     assert!(
-        out.contains("demo: importing") && out.contains("hand_recrop"),
+        out.contains("demo: importing") && out.contains("face_detection_short_range"),
         "{out}"
     );
     let package = memaflow::model::Package::open(&pkg).unwrap();

@@ -4,6 +4,7 @@ use super::FloatTensor;
 use crate::model::Package;
 use anyhow::{Context, Result, anyhow};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::{Duration, Instant};
 use tract_core::prelude::*;
 
 /// An optimised, runnable tract model.
@@ -15,12 +16,18 @@ impl Plan {
     /// `read_graph` first): tract's reader trusts its input. Takes the buffer so that tract
     /// parses it in place: a copy would hold the weights three times at once.
     pub fn from_tflite(bytes: Vec<u8>) -> Result<Plan> {
-        guard("loading", || {
-            let mut model = tract_tflite::tflite().model_for_read(&mut HandOver(Some(bytes)))?;
-            declutter_within_layers().optimize(&mut model)?;
-            model.optimize()?;
-            Ok(Plan(model.into_runnable()?))
-        })
+        let model = optimised(bytes, &mut LoadPhases::default())?;
+        Plan::from_model(model)
+    }
+
+    /// The runnable plan of an optimised model.
+    pub(super) fn from_model(model: TypedModel) -> Result<Plan> {
+        guard("planning", || Ok(Plan(model.into_runnable()?)))
+    }
+
+    /// The optimised graph the plan runs.
+    pub(super) fn model(&self) -> &TypedModel {
+        self.0.model()
     }
 
     pub fn run(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>> {
@@ -44,6 +51,65 @@ impl Plan {
             })
             .collect::<Result<TVec<_>>>()?;
         self.run(inputs)?.iter().map(from_tvalue).collect()
+    }
+}
+
+/// Parses TFLite bytes into tract's graph, as its reader builds it (no pass run yet).
+pub(super) fn parse(bytes: Vec<u8>) -> Result<TypedModel> {
+    guard("reading", || {
+        tract_tflite::tflite().model_for_read(&mut HandOver(Some(bytes)))
+    })
+}
+
+/// tract's declutter (less one pass, see `declutter_within_layers`) and codegen.
+pub(super) fn optimise(model: &mut TypedModel, phases: &mut LoadPhases) -> Result<()> {
+    let t = Instant::now();
+    guard("decluttering", || declutter_within_layers().optimize(model))?;
+    phases.declutter += t.elapsed();
+    let t = Instant::now();
+    guard("optimising", || model.optimize())?;
+    phases.optimize += t.elapsed();
+    Ok(())
+}
+
+/// Parsed and optimised, timing each phase.
+fn optimised(bytes: Vec<u8>, phases: &mut LoadPhases) -> Result<TypedModel> {
+    let t = Instant::now();
+    let mut model = parse(bytes)?;
+    phases.parse += t.elapsed();
+    optimise(&mut model, phases)?;
+    Ok(model)
+}
+
+/// Where the time of loading layers went (`load_layer_timed`; `benches/reload.rs` prints
+/// it per model).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadPhases {
+    /// Reading the file and checking it (size, flatbuffer verifier, ops, manifest).
+    pub read: Duration,
+    /// tract's TFLite reader building its graph.
+    pub parse: Duration,
+    /// tract's declutter passes.
+    pub declutter: Duration,
+    /// tract's codegen: kernel choice, weight packing, fusing.
+    pub optimize: Duration,
+    /// The runnable plan: evaluation order, constants.
+    pub plan: Duration,
+}
+
+impl LoadPhases {
+    pub fn total(&self) -> Duration {
+        self.read + self.parse + self.declutter + self.optimize + self.plan
+    }
+}
+
+impl std::ops::AddAssign for LoadPhases {
+    fn add_assign(&mut self, o: LoadPhases) {
+        self.read += o.read;
+        self.parse += o.parse;
+        self.declutter += o.declutter;
+        self.optimize += o.optimize;
+        self.plan += o.plan;
     }
 }
 
@@ -116,11 +182,25 @@ pub struct LoadedLayer {
 }
 
 pub fn load_layer(pkg: &Package, index: usize) -> Result<LoadedLayer> {
+    load_layer_timed(pkg, index, &mut LoadPhases::default())
+}
+
+/// `load_layer`, adding the time of each phase to `phases`.
+pub fn load_layer_timed(
+    pkg: &Package,
+    index: usize,
+    phases: &mut LoadPhases,
+) -> Result<LoadedLayer> {
+    let t = Instant::now();
     let (bytes, graph) = pkg.read_layer(index)?;
     // The graph shares the buffer; once it is gone the buffer converts without a copy.
     drop(graph);
-    let plan = Plan::from_tflite(Vec::from(bytes))
+    phases.read += t.elapsed();
+    let model = optimised(Vec::from(bytes), phases)
         .with_context(|| format!("{}: layer {index}", pkg.name()))?;
+    let t = Instant::now();
+    let plan = Plan::from_model(model).with_context(|| format!("{}: layer {index}", pkg.name()))?;
+    phases.plan += t.elapsed();
     Ok(LoadedLayer { index, plan })
 }
 

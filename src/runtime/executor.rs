@@ -793,6 +793,7 @@ fn measured_load(
         (Some(b), Some(a), true) => LoadMeasure {
             resident: Some(a.rss.saturating_sub(b.rss).max(floor)),
             transient: Some(a.peak_rss.saturating_sub(a.rss)),
+            template_weights: None,
         },
         _ => LoadMeasure::default(),
     };

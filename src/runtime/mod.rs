@@ -4,16 +4,19 @@ pub mod batch;
 mod engine;
 pub mod executor;
 pub mod npy;
+mod recipe;
+pub mod reload;
 mod residency;
 pub mod scheduler;
 mod sequential;
 pub mod tasks;
 
 pub use batch::{BatchOptions, BatchReport, Job, run_batch};
-pub use engine::{LoadedLayer, Plan, load_layer};
+pub use engine::{LoadPhases, LoadedLayer, Plan, load_layer, load_layer_timed};
 pub use executor::{
     Executor, ExecutorOptions, ExecutorSnapshot, InferenceOutput, InferenceTiming, WholeRun,
 };
+pub use reload::{LayerTemplate, load_with_template, reload};
 pub use residency::{Eviction, LayerCache};
 pub use scheduler::{
     Decision, MAX_PARALLEL, ModelId, Scheduler, SchedulerOptions, SchedulingPolicy, TaskRef,

@@ -120,6 +120,9 @@ pub struct LoadMeasure {
     pub resident: Option<u64>,
     /// Bytes above `resident` at the load's peak (the planner's transient copies).
     pub transient: Option<u64>,
+    /// The load also made the layer's plan template (`runtime/reload.rs`): the bytes of
+    /// weights every plan of the layer holds, which dropping one frees for sure.
+    pub template_weights: Option<u64>,
 }
 
 /// Counters of the layer cache since the scheduler was made.
@@ -184,6 +187,11 @@ struct Observed {
     exec_secs: Option<f64>,
     resident: Option<u64>,
     transient: Option<u64>,
+    /// The layer has a plan template: the weight bytes each plan of it holds.
+    weights: Option<u64>,
+    /// Bytes counted for its template, in the ledger (and seen) for good once the plan
+    /// that made it is dropped.
+    template: u64,
 }
 
 pub(super) struct ModelEntry {
@@ -214,6 +222,10 @@ impl ModelEntry {
         }
         if let Some(t) = o.transient {
             c.plan_bytes = c.plan_bytes.max(t);
+        }
+        if let Some(w) = o.weights.filter(|_| o.template > 0) {
+            // A reload through the template: its graph and recipes are counted already.
+            c.load_bytes = w;
         }
         c
     }
@@ -769,6 +781,9 @@ impl Scheduler {
         if measured.transient.is_some() {
             observed.transient = measured.transient;
         }
+        if let Some(w) = measured.template_weights {
+            observed.weights = Some(w.min(resident));
+        }
         self.release_for(inference, r.transient);
         self.ledger = self.ledger - r.resident + resident;
         self.high_water = self.high_water.max(self.ledger);
@@ -800,6 +815,12 @@ impl Scheduler {
         let passed = held[layer] - held[layer + 1];
         self.release_for(inference, r.exec + r.resident + passed);
         self.seen -= r.resident;
+        if r.resident > 0 {
+            // Its plan is dropped (`LayerCache::Off`); a template it made stays.
+            let kept = self.keep_template(model_index, layer, r.resident);
+            self.ledger += kept;
+            self.seen += kept;
+        }
         self.inferences[inference].reserved[layer] = Reserved::default();
         self.inferences[inference].executed = layer + 1;
         if self.models[model_index].keep {
@@ -870,6 +891,7 @@ impl Scheduler {
     fn end(&mut self, inference: usize) {
         let model_index = self.inferences[inference].model;
         let keep = self.models[model_index].keep;
+        let mut kept = 0;
         for layer in 0..self.inferences[inference].reserved.len() {
             let r = self.inferences[inference].reserved[layer];
             let residency = &mut self.models[model_index].residency[layer];
@@ -877,6 +899,8 @@ impl Scheduler {
                 self.seen -= r.resident;
                 if keep {
                     residency.unpin();
+                } else if r.resident > 0 {
+                    kept += self.keep_template(model_index, layer, r.resident);
                 }
             } else if keep && r.resident > 0 && *residency == Residency::Loading {
                 *residency = Residency::Absent;
@@ -895,6 +919,9 @@ impl Scheduler {
             .iter_mut()
             .for_each(|r| *r = Reserved::default());
         self.release_for(inference, own);
+        // Templates made by its dropped plans stay.
+        self.ledger += kept;
+        self.seen += kept;
         self.in_flight.retain(|&i| i != inference);
         self.waiting.retain(|&i| i != inference);
     }
@@ -1172,7 +1199,33 @@ impl Scheduler {
                 Residency::Resident { bytes, pins: 0 } => Some(bytes),
                 _ => None,
             })
-            .sum()
+            .sum::<u64>()
+            - self
+                .models
+                .iter()
+                .flat_map(|m| m.residency.iter().zip(&m.observed))
+                .filter_map(|(r, o)| match *r {
+                    Residency::Resident { bytes, pins: 0 } if o.template == 0 => {
+                        o.weights.map(|w| bytes.saturating_sub(w))
+                    }
+                    _ => None,
+                })
+                .sum::<u64>()
+    }
+
+    /// When a plan of `layer` holding `size` counted bytes is dropped: the bytes that
+    /// stay counted for the layer's template, the first time a plan of a layer with a
+    /// template is dropped (everything but its weights: the template and, conservatively,
+    /// that plan's own graph); 0 otherwise. Only the weights are freed for sure.
+    fn keep_template(&mut self, model: usize, layer: usize, size: u64) -> u64 {
+        let o = &mut self.models[model].observed[layer];
+        match o.weights {
+            Some(w) if o.template == 0 => {
+                o.template = size.saturating_sub(w);
+                o.template
+            }
+            _ => 0,
+        }
     }
 
     /// Evicts unpinned resident layers, the policy's choice first, until `bytes` are
@@ -1190,16 +1243,17 @@ impl Scheduler {
             };
             model.residency[key.layer] = Residency::Absent;
             model.resident_bytes -= size;
-            self.ledger -= size;
-            self.seen -= size;
+            let kept = self.keep_template(key.model.0, key.layer, size);
+            self.ledger -= size - kept;
+            self.seen -= size - kept;
             self.stats.evictions += 1;
-            self.stats.evicted_bytes += size;
+            self.stats.evicted_bytes += size - kept;
             self.evicted.push(Evicted {
                 key,
-                bytes: size,
+                bytes: size - kept,
                 cause,
             });
-            freed += size;
+            freed += size - kept;
         }
         freed
     }
@@ -1685,6 +1739,56 @@ mod tests {
         let (_, left) = s.resident(m);
         assert!(bytes - left >= 5 << 20, "{} freed", bytes - left);
         assert_eq!(evicted.len(), 6 - s.resident(m).0);
+    }
+
+    /// Runs one inference, its loads of layer 0 reporting a template with `weights`.
+    fn run_with_template(s: &mut Scheduler, m: ModelId, weights: u64) {
+        s.submit(m);
+        while !s.is_idle() {
+            let t = run(s, 0, None).expect("a task");
+            s.take_evicted().for_each(drop);
+            let measure = LoadMeasure {
+                template_weights: Some(weights),
+                ..LoadMeasure::default()
+            };
+            match s.kind(t) {
+                TaskKind::Load(0) => s.complete_measured(t, measure),
+                _ => s.complete(t),
+            }
+        }
+    }
+
+    #[test]
+    fn a_layer_template_stays_counted_and_its_plan_frees_only_its_weights() {
+        // Layer 0 counts 2 MiB resident, of which 1 MiB of weights: dropping its plan
+        // frees 1 MiB for sure, the rest stays counted as its template, and its reloads
+        // count only the weights.
+        let weights = 1 << 20;
+        for cache in CACHES {
+            let mut s = scheduler(
+                SchedulingPolicy::Mema,
+                LoadingPolicy::Partial,
+                None,
+                1,
+                cache,
+            );
+            let m = model(&mut s, costs(3, 2, 3), 0);
+            let full = s.models[0].cost(0).load_bytes;
+            run_with_template(&mut s, m, weights);
+            if cache == LayerCache::Keep {
+                // Everything resident: the reading drops far below, the cache empties.
+                s.submit(m);
+                let _ = run(&mut s, 0, Some(-(64 << 20)));
+                s.take_evicted().for_each(drop);
+                assert_eq!(s.resident(m).0, 0);
+                let total: u64 = (0..3).map(|l| s.models[0].costs[l].load_bytes).sum();
+                assert_eq!(s.cache_stats().evicted_bytes, total - (full - weights));
+            }
+            // The inferences hold no activations: all the ledger holds is the template.
+            assert_eq!(s.ledger(), full - weights, "{cache:?}");
+            assert_eq!(s.seen(), full - weights, "{cache:?}");
+            assert_eq!(s.models[0].cost(0).load_bytes, weights, "{cache:?}");
+        }
     }
 
     #[test]
