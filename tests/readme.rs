@@ -34,6 +34,14 @@ const NOT_RUN: &[(&str, &str)] = &[
         "the aarch64 cross build (docs/firmware.md)",
     ),
     ("bash tests/qemu/run", "boots QEMU"),
+    (
+        "memaflow show spool/out/cam.jpg.json",
+        "needs a frame named cam.jpg done by a daemon; tests/cascade.rs runs `memaflow show` on a daemon's result, with and without --frame",
+    ),
+    (
+        "node_exporter ",
+        "Prometheus' exporter, not installed here; tests/fleet.rs checks the file it reads with promtool",
+    ),
     ("bash tests/qemu/binfmt", "needs root"),
     ("rustup target add", "changes the toolchain"),
     ("apt-get install", "needs root and the network"),

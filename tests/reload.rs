@@ -102,6 +102,15 @@ fn a_changed_layer_file_is_not_reloaded_through_an_old_template() {
         .expect("the name is in the file");
     bytes[at] = if bytes[at] == b'x' { b'y' } else { b'x' };
     std::fs::write(&path, &bytes).unwrap();
+    // Its digest in the manifest too: the change is not damage but a new file (the digest
+    // check would refuse it before the template's own check is reached).
+    let old_digest = pkg.manifest.layers[0].sha256.to_string();
+    let new_digest = memaflow::model::package::Sha256::of(&bytes).to_string();
+    let manifest = pkg_dir.join("model.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(text.contains(&old_digest));
+    std::fs::write(&manifest, text.replace(&old_digest, &new_digest)).unwrap();
+    let pkg = Package::open(&pkg_dir).unwrap();
     pkg.read_layer(0)
         .expect("the changed file is still a valid layer");
     let err = reload(&pkg, 0, &template, &mut LoadPhases::default())

@@ -810,6 +810,11 @@ fn apply(
     alone: bool,
     (start, end): (Instant, Instant),
 ) {
+    if state.scheduler.is_finished(task.inference) {
+        // The inference ended while this task ran (another of its tasks failed): the
+        // result has nobody to go to, and the scheduler has released what it held.
+        return;
+    }
     let secs_ms = end.duration_since(start).as_secs_f64() * 1e3;
     let result = apply_done(state, task, done, alone, secs_ms, inner.ms(start));
     if let Err(e) = result {
@@ -942,7 +947,10 @@ fn finish_flight(
         flight.walk = None;
         flight.input = None;
         if let Some(e) = error {
-            flight.outputs = Some(Err(e));
+            // The first error is the cause; a later one is its consequence.
+            if !matches!(flight.outputs, Some(Err(_))) {
+                flight.outputs = Some(Err(e));
+            }
         } else if flight.outputs.is_none() {
             flight.outputs = Some(Err(anyhow!("the inference ended without outputs")));
         }
