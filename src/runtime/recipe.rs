@@ -21,7 +21,7 @@ pub(super) fn code(index: usize) -> f32 {
 }
 
 fn decode(v: f32, sources: usize) -> Option<usize> {
-    (v >= CODE_BASE && v < CODE_BASE + sources as f32).then(|| (v - CODE_BASE) as usize)
+    (v >= CODE_BASE && v < CODE_BASE + sources as f32).then_some((v - CODE_BASE) as usize)
 }
 
 /// One dimension of a block: `count` steps of `dst_step` in the output and `src_step` in
