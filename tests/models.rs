@@ -277,4 +277,23 @@ fn the_image_default_configuration_runs_the_default_pipeline() {
         Some(1),
         "one face on astronaut.png: {result}"
     );
+    // The cascade: that face's crop gave the mesh, inside the frame.
+    let crops = faces[0]["crops"]
+        .as_array()
+        .expect("the face has its crops");
+    assert_eq!(crops.len(), 1, "{result}");
+    assert_eq!(crops[0]["present"], true, "{result}");
+    let points = crops[0]["points"].as_array().unwrap();
+    assert_eq!(points.len(), 468, "{result}");
+    let (w, h) = (
+        result["width"].as_f64().unwrap(),
+        result["height"].as_f64().unwrap(),
+    );
+    assert!(
+        points.iter().all(|p| {
+            let (x, y) = (p[0].as_f64().unwrap(), p[1].as_f64().unwrap());
+            (0.0..w).contains(&x) && (0.0..h).contains(&y)
+        }),
+        "landmarks outside the frame: {result}"
+    );
 }
