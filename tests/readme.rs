@@ -35,6 +35,10 @@ const NOT_RUN: &[(&str, &str)] = &[
     ),
     ("bash tests/qemu/run", "boots QEMU"),
     (
+        "python3 benches/stream.py",
+        "a benchmark of many minutes that makes memory cgroups (root)",
+    ),
+    (
         "memaflow show spool/out/cam.jpg.json",
         "needs a frame named cam.jpg done by a daemon; tests/cascade.rs runs `memaflow show` on a daemon's result, with and without --frame",
     ),
