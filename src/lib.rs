@@ -14,3 +14,7 @@ pub mod publish;
 pub mod runtime;
 pub mod spool;
 pub mod tiling;
+
+/// Counts what each thread keeps allocated (`memory::heap`): a plan template's bytes.
+#[global_allocator]
+static ALLOCATOR: memory::heap::CountingAllocator = memory::heap::CountingAllocator;

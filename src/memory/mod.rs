@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 
+pub mod heap;
 mod system;
 pub use system::{
     Cgroup, CgroupLevel, CgroupVersion, Reading, SystemMemory, parse_meminfo_available,

@@ -7,11 +7,12 @@
 //! daemon submits each frame's inferences as frames arrive, several frames in flight.
 
 use super::FloatTensor;
-use super::engine::{LoadedLayer, load_layer};
-use super::residency::EvictionCause;
+use super::engine::{LoadPhases, LoadedLayer, load_layer};
+use super::reload::{LayerTemplate, load_with_template, reload};
+use super::residency::{Evictable, EvictionCause};
 use super::scheduler::{
-    CacheStats, Decision, InferenceSummary, Live, LoadMeasure, ModelId, Refusal, Reservation,
-    Scheduler, SchedulerOptions, TaskRef,
+    CacheStats, Decision, InferenceSummary, Live, LoadMeasure, LoadWay, ModelId, Refusal,
+    Reservation, Scheduler, SchedulerOptions, TaskRef, TemplateMade,
 };
 use super::sequential::{Activations, held_bytes, run_layer};
 use super::tasks::{LayerCost, LoadingPolicy, TaskKind};
@@ -83,6 +84,9 @@ pub struct ModelResidency {
     pub resident_layers: usize,
     pub layers: usize,
     pub resident_bytes: u64,
+    /// Bytes of its layers' plan templates (what makes a reload cheap).
+    #[serde(default)]
+    pub template_bytes: u64,
 }
 
 /// The executor's state at one moment, for status files and reports.
@@ -110,6 +114,8 @@ struct ModelSlot {
     /// allocator reusing freed memory, not a smaller layer).
     weight_bytes: Vec<u64>,
     plans: Vec<Option<LoadedLayer>>,
+    /// Plan templates of layers evicted once (`runtime/reload.rs`), until evicted.
+    templates: Vec<Option<Arc<LayerTemplate>>>,
 }
 
 /// A layer between its load and its exec, owned by one inference (`LayerCache::Off`, and
@@ -266,6 +272,7 @@ impl Executor {
             .add_model(package.name(), costs, held, cacheable)?;
         state.models.push(ModelSlot {
             plans: (0..steps).map(|_| None).collect(),
+            templates: vec![None; steps],
             weight_bytes,
             package,
             whole,
@@ -462,6 +469,7 @@ fn snapshot(state: &State) -> ExecutorSnapshot {
                     resident_layers,
                     layers: slot.plans.len(),
                     resident_bytes,
+                    template_bytes: s.template_bytes(ModelId(m)),
                 }
             })
             .collect(),
@@ -477,11 +485,19 @@ fn drop_evicted(state: &mut State) -> bool {
     let rule = scheduler.eviction();
     for evicted in scheduler.take_evicted() {
         let key = evicted.key;
-        if models[key.model.0].plans[key.layer].take().is_some() {
+        let slot = &mut models[key.model.0];
+        let (dropped, what) = match evicted.what {
+            Evictable::Plan => (slot.plans[key.layer].take().is_some(), "layer"),
+            Evictable::Template => (
+                slot.templates[key.layer].take().is_some(),
+                "plan template of layer",
+            ),
+        };
+        if dropped {
             any = true;
             if log::log_enabled!(log::Level::Debug) {
                 log::debug!(
-                    "evicted {} layer {} ({} bytes, {:?} rule): {}",
+                    "evicted {} {what} {} ({} bytes, {:?} rule): {}",
                     models[key.model.0].package.name(),
                     key.layer,
                     evicted.bytes,
@@ -582,6 +598,8 @@ enum Work {
         package: Arc<Package>,
         layer: usize,
         measure: Option<u64>,
+        way: Way,
+        weights: u64,
     },
     Stage(WholeRun),
     Exec {
@@ -595,10 +613,22 @@ enum Work {
     },
 }
 
+/// A plan template is kept only if its layer's weights are at least this many times its
+/// size: evicting the plan then frees most of what it held, and the reload it allows
+/// (a tenth of a full load, `benches/reload.rs`) is worth the room the template keeps.
+const TEMPLATE_WORTH: u64 = 4;
+
+/// How a load is done (the scheduler's `LoadWay`, with the template to reload through).
+enum Way {
+    Full,
+    MakingTemplate,
+    Reload(Arc<LayerTemplate>),
+}
+
 enum Done {
     Init(Activations),
     InitWhole,
-    Loaded(Staged, LoadMeasure),
+    Loaded(Staged, LoadMeasure, Option<LayerTemplate>),
     Ran(tract_core::prelude::TVec<tract_core::prelude::TValue>),
     RanWhole(Vec<FloatTensor>),
 }
@@ -715,6 +745,16 @@ fn prepare(state: &mut State, task: TaskRef, kind: TaskKind) -> Result<Work> {
                     .scheduler
                     .needs_measure(flight.model, layer)
                     .then(|| slot.weight_bytes[layer]),
+                weights: slot.weight_bytes[layer],
+                way: match state.scheduler.load_way(task) {
+                    LoadWay::Full => Way::Full,
+                    LoadWay::FullMakingTemplate => Way::MakingTemplate,
+                    LoadWay::Reload => Way::Reload(
+                        slot.templates[layer]
+                            .clone()
+                            .context("a reload scheduled without its template")?,
+                    ),
+                },
             },
         },
         TaskKind::Exec(layer) => {
@@ -752,17 +792,51 @@ fn perform(work: Work, alone: bool) -> Result<Done> {
             package,
             layer,
             measure,
-        } => match measure.filter(|_| alone) {
-            Some(floor) => {
-                let (loaded, measured) = measured_load(&package, layer, floor)?;
-                Done::Loaded(Staged::Layer(loaded), measured)
+            way,
+            weights,
+        } => match (way, measure.filter(|_| alone)) {
+            (Way::Reload(template), _) => {
+                let loaded = reload(&package, layer, &template, &mut LoadPhases::default())?;
+                Done::Loaded(Staged::Layer(loaded), LoadMeasure::default(), None)
             }
-            None => Done::Loaded(
+            (Way::MakingTemplate, _) => {
+                let (loaded, template) =
+                    load_with_template(&package, layer, &mut LoadPhases::default())?;
+                let (made, template) = match template {
+                    // A template as large as the layer's weights saves a reload little
+                    // and costs the cache as much room as its plan: not kept.
+                    Ok(t) if t.bytes() > weights / TEMPLATE_WORTH => {
+                        log::debug!(
+                            "{} layer {layer}: no plan template kept: {} bytes for {} of weights",
+                            package.name(),
+                            t.bytes(),
+                            weights
+                        );
+                        (TemplateMade::Impossible, None)
+                    }
+                    Ok(t) => (TemplateMade::Made(t.bytes()), Some(t)),
+                    Err(e) => {
+                        log::debug!("no plan template: {e:#}");
+                        (TemplateMade::Impossible, None)
+                    }
+                };
+                let measure = LoadMeasure {
+                    template: made,
+                    ..LoadMeasure::default()
+                };
+                Done::Loaded(Staged::Layer(loaded), measure, template)
+            }
+            (Way::Full, Some(floor)) => {
+                let (loaded, measured) = measured_load(&package, layer, floor)?;
+                Done::Loaded(Staged::Layer(loaded), measured, None)
+            }
+            (Way::Full, None) => Done::Loaded(
                 Staged::Layer(load_layer(&package, layer)?),
                 LoadMeasure::default(),
+                None,
             ),
         },
-        Work::Stage(run) => Done::Loaded(Staged::Whole(run), LoadMeasure::default()),
+        Work::Stage(run) => Done::Loaded(Staged::Whole(run), LoadMeasure::default(), None),
         Work::Whole { run, input } => Done::RanWhole(run(input)?),
         Work::Exec {
             package,
@@ -793,7 +867,7 @@ fn measured_load(
         (Some(b), Some(a), true) => LoadMeasure {
             resident: Some(a.rss.saturating_sub(b.rss).max(floor)),
             transient: Some(a.peak_rss.saturating_sub(a.rss)),
-            template_weights: None,
+            template: TemplateMade::None,
         },
         _ => LoadMeasure::default(),
     };
@@ -858,11 +932,14 @@ fn apply_done(
             flight.timing.start_ms = start_ms;
             scheduler.complete(task);
         }
-        Done::Loaded(staged, measure) => {
+        Done::Loaded(staged, measure, template) => {
             flight.timing.load_ms += took_ms;
             let TaskKind::Load(layer) = scheduler.kind(task) else {
                 bail!("a load result for a task that is not a load");
             };
+            if let Some(template) = template {
+                slot.templates[layer] = Some(Arc::new(template));
+            }
             match staged {
                 Staged::Layer(l) if scheduler.keeps(flight.model) => {
                     slot.plans[layer] = Some(l);

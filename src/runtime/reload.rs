@@ -72,6 +72,8 @@ pub struct LayerTemplate {
     /// through the template is only for the file it was made from.
     file_bytes: usize,
     fingerprint: u64,
+    /// Heap bytes it holds (its graph, recipes and sources), measured when it was made.
+    bytes: u64,
 }
 
 impl LayerTemplate {
@@ -84,6 +86,21 @@ impl LayerTemplate {
     pub fn recipe_bytes(&self) -> u64 {
         self.slots.iter().map(|s| s.recipe.bytes()).sum()
     }
+
+    /// Heap bytes the template holds: what keeping it costs, and dropping it frees.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// Bytes of the constants of `graph` (an upper bound of what it shares with a plan).
+fn constant_bytes(graph: &TypedModel) -> u64 {
+    graph
+        .nodes
+        .iter()
+        .filter_map(|n| n.op_as::<Const>())
+        .map(|k| (k.val().len() * k.val().datum_type().size_of()) as u64)
+        .sum()
 }
 
 /// One weight data a node holds.
@@ -379,21 +396,33 @@ pub fn load_with_template(
                 s.recipe.blocks()
             );
         }
-        let mut graph = real.clone();
-        for s in &reading.slots {
-            let empty = match s.form {
-                Form::Plain(_) => Built::Plain(Tensor::zero::<f32>(&[0])?),
-                Form::Packed { .. } => Built::Packed(Blob::default()),
-            };
-            install(&mut graph, s.node, s.holder, empty)?;
-        }
-        Ok(LayerTemplate {
-            graph,
-            slots: reading.slots,
+        // What the graph's copy keeps on its own, measured; the constants it shares with
+        // the real plan stay when the plan goes, so they are counted too.
+        let (graph, own) = crate::memory::heap::kept_by(|| -> Result<TypedModel> {
+            let mut graph = real.clone();
+            for s in &reading.slots {
+                let empty = match s.form {
+                    Form::Plain(_) => Built::Plain(Tensor::zero::<f32>(&[0])?),
+                    Form::Packed { .. } => Built::Packed(Blob::default()),
+                };
+                install(&mut graph, s.node, s.holder, empty)?;
+            }
+            Ok(graph)
+        });
+        let graph = graph?;
+        let mut template = LayerTemplate {
+            bytes: 0,
             file_bytes: bytes.len(),
             fingerprint: fingerprint(&bytes, &sources),
+            slots: reading.slots,
             sources,
-        })
+            graph,
+        };
+        template.bytes = own
+            + constant_bytes(&template.graph)
+            + template.recipe_bytes()
+            + (template.sources.len() * std::mem::size_of::<Source>()) as u64;
+        Ok(template)
     });
     let t = Instant::now();
     let plan = Plan::from_model(real).with_context(ctx)?;

@@ -75,12 +75,22 @@ pub enum EvictionCause {
     RoomForReservation,
 }
 
+/// What of a layer an eviction drops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evictable {
+    /// Its plan: the next use loads it (a reload, with a template).
+    Plan,
+    /// Its plan template: the next load after its plan's eviction is a full one.
+    Template,
+}
+
 /// One eviction the executor has yet to act on.
 #[derive(Clone, Copy, Debug)]
 pub struct Evicted {
     pub key: LayerKey,
     pub bytes: u64,
     pub cause: EvictionCause,
+    pub what: Evictable,
 }
 
 /// Layers evicted by the scheduler whose plans the executor has yet to drop.
