@@ -104,7 +104,10 @@ fn daemon_in(cg: &TestCgroup, config: &Path, log: &Path, once: bool) -> Child {
         args.push("--once");
     }
     cg.command(&argv[0], &args)
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("MEMAFLOW_TEST_LOG").unwrap_or("info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())

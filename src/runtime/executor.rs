@@ -126,6 +126,8 @@ enum Staged {
 }
 
 struct Flight {
+    /// Which inference this is (`State::submitted`), of all that used its slot.
+    number: u64,
     model: ModelId,
     input: Option<FloatTensor>,
     walk: Option<Activations>,
@@ -139,6 +141,9 @@ struct State {
     models: Vec<ModelSlot>,
     /// Per inference slot of the scheduler.
     flights: Vec<Option<Flight>>,
+    /// Inferences submitted so far: each flight's number, which tells a task's result
+    /// from a later inference that reuses its slot.
+    submitted: u64,
     tasks: Vec<TaskRecord>,
     samples: Vec<BudgetSample>,
     /// Tasks being performed now, and how many have started since the executor began:
@@ -200,6 +205,7 @@ impl Executor {
                 scheduler: Scheduler::new(options.scheduler),
                 models: vec![],
                 flights: vec![],
+                submitted: 0,
                 tasks: vec![],
                 samples: vec![],
                 running: 0,
@@ -287,6 +293,7 @@ impl Executor {
         let steps = state.models[model.0].plans.len();
         let now = self.inner.ms(Instant::now());
         let flight = Flight {
+            number: 0,
             model,
             input: Some(input),
             walk: None,
@@ -300,7 +307,11 @@ impl Executor {
         if state.flights.len() <= id {
             state.flights.resize_with(id + 1, || None);
         }
-        state.flights[id] = Some(flight);
+        state.submitted += 1;
+        state.flights[id] = Some(Flight {
+            number: state.submitted,
+            ..flight
+        });
         drop(state);
         self.inner.work.notify_all();
         id
@@ -692,6 +703,7 @@ fn worker_loop(inner: &Inner, worker: usize, pool: usize) {
         state.started += 1;
         let alone = state.running == 1;
         let started = state.started;
+        let flight = flight_number(&state, task.inference);
         drop(state);
         let start = Instant::now();
         let result = perform(work, alone);
@@ -699,6 +711,12 @@ fn worker_loop(inner: &Inner, worker: usize, pool: usize) {
         state = inner.state.lock().unwrap_or_else(|p| p.into_inner());
         state.running -= 1;
         let alone = alone && state.started == started;
+        if flight_number(&state, task.inference) != flight {
+            // Its inference ended meanwhile (another of its tasks failed) and was waited
+            // for: the slot is empty or another inference's, which this result is not.
+            inner.work.notify_all();
+            continue;
+        }
         if inner.options.record {
             let record = TaskRecord {
                 inference: task.inference,
@@ -720,6 +738,11 @@ fn worker_loop(inner: &Inner, worker: usize, pool: usize) {
         }
         inner.work.notify_all();
     }
+}
+
+/// The number of the inference in slot `inference` now, if any.
+fn flight_number(state: &State, inference: usize) -> Option<u64> {
+    state.flights.get(inference)?.as_ref().map(|f| f.number)
 }
 
 /// Takes what a task needs from the shared state (under the lock).
@@ -802,6 +825,9 @@ fn perform(work: Work, alone: bool) -> Result<Done> {
             (Way::MakingTemplate, _) => {
                 let (loaded, template) =
                     load_with_template(&package, layer, &mut LoadPhases::default())?;
+                // Planning twice left a heap of freed blocks under the mmap threshold,
+                // which the reading would count as held until trimmed.
+                memory::release_free_heap();
                 let (made, template) = match template {
                     // A template as large as the layer's weights saves a reload little
                     // and costs the cache as much room as its plan: not kept.

@@ -702,7 +702,15 @@ impl Scheduler {
                 model: ModelId(inf.model),
                 layer,
             };
+            // A hit's own layer is pinned meanwhile: room for its exec must not come from
+            // evicting the very plan it is about to run.
+            if hit {
+                self.models[key.model.0].residency[layer].pin();
+            }
             freed = self.evict(short as u64, EvictionCause::RoomFor(key));
+            if hit {
+                self.models[key.model.0].residency[layer].unpin();
+            }
             *room = room.map(|r| r + freed as i64);
         }
         if room.is_none_or(|r| r >= bytes as i64) || self.opts.policy != SchedulingPolicy::Mema {
@@ -1927,7 +1935,10 @@ mod tests {
         let _ = run(&mut s, 0, Some(-(1 << 40)));
         let what: Vec<Evictable> = s.take_evicted().map(|e| e.what).collect();
         assert_eq!(what.iter().filter(|&&w| w == Evictable::Plan).count(), 3);
-        assert_eq!(what.iter().filter(|&&w| w == Evictable::Template).count(), 3);
+        assert_eq!(
+            what.iter().filter(|&&w| w == Evictable::Template).count(),
+            3
+        );
         assert_eq!(s.cache_stats().evictions, evicted_before + 6);
         assert_eq!(s.template_bytes(m), 0);
         assert_eq!(s.seen(), 0);
@@ -1966,12 +1977,116 @@ mod tests {
         let mut made = 0;
         for _ in 0..12 {
             let ways = run_loads(&mut s, m, None, 1 << 20);
-            made += ways.iter().filter(|&&w| w == LoadWay::FullMakingTemplate).count();
+            made += ways
+                .iter()
+                .filter(|&&w| w == LoadWay::FullMakingTemplate)
+                .count();
             assert!(s.high_water() <= budget, "{} > {budget}", s.high_water());
         }
         // Each layer makes its template once by evicting; after its eviction, only when
         // the room is there anyway: far fewer than one per load.
-        assert!(made >= 1 && made <= 16, "{made} templates made in 12 inferences");
+        assert!(
+            made >= 1 && made <= 16,
+            "{made} templates made in 12 inferences"
+        );
+    }
+
+    #[test]
+    fn under_pressure_every_exec_finds_its_plan_and_every_reload_its_template() {
+        // The executor's side, mirrored: plans and templates exist from their load's
+        // completion to the eviction that drops them. Random readings (some far below
+        // what is held), two inferences of two models in flight, completions in random
+        // order: an exec must always find its plan, a reload its template.
+        for budget in [None, Some(12 << 20)] {
+            for seed in 1..20 {
+                random_pressure(budget, seed);
+            }
+        }
+    }
+
+    fn random_pressure(budget: Option<u64>, seed: u64) {
+        let mut s = scheduler(
+            SchedulingPolicy::Mema,
+            LoadingPolicy::Partial,
+            budget,
+            2,
+            LayerCache::Keep,
+        );
+        let models = [
+            model(&mut s, costs(6, 2, 6), 1 << 20),
+            model(&mut s, costs(5, 1, 5), 1 << 20),
+        ];
+        let mut plans = vec![vec![false; 6]; 2];
+        let mut templates = vec![vec![false; 6]; 2];
+        let mut running: Vec<TaskRef> = vec![];
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64 ^ seed;
+        let mut random = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut submitted = 0;
+        for _ in 0..4000 {
+            if submitted < 60 && running.len() < 2 && random(3) == 0 {
+                s.submit(models[random(2) as usize]);
+                submitted += 1;
+            }
+            let live = match random(6) {
+                0 => Some(-((random(8) as i64) << 20)),
+                1 => Some((random(8) as i64) << 20),
+                _ => None,
+            };
+            if running.len() < 2
+                && let Some(decision) = s.next(0, live)
+            {
+                for e in s.take_evicted() {
+                    let (m, l) = (e.key.model.0, e.key.layer);
+                    match e.what {
+                        Evictable::Plan => assert!(std::mem::take(&mut plans[m][l])),
+                        Evictable::Template => assert!(std::mem::take(&mut templates[m][l])),
+                    }
+                }
+                if let Decision::Run(t) = decision {
+                    let m = s.model_of(t.inference).0;
+                    match s.kind(t) {
+                        TaskKind::Exec(l) => {
+                            assert!(plans[m][l], "exec of {m}/{l} without its plan")
+                        }
+                        TaskKind::Load(l) => {
+                            if s.load_way(t) == LoadWay::Reload {
+                                assert!(templates[m][l], "reload of {m}/{l} without its template");
+                            }
+                        }
+                        TaskKind::Init => {}
+                    }
+                    running.push(t);
+                }
+                continue;
+            }
+            if running.is_empty() {
+                continue;
+            }
+            let t = running.remove(random(running.len() as u64) as usize);
+            let m = s.model_of(t.inference).0;
+            let mut measure = LoadMeasure::default();
+            if let TaskKind::Load(l) = s.kind(t)
+                && !s.is_finished(t.inference)
+            {
+                plans[m][l] = true;
+                if s.load_way(t) == LoadWay::FullMakingTemplate {
+                    templates[m][l] = true;
+                    measure.template = TemplateMade::Made(256 << 10);
+                }
+            }
+            if !s.is_finished(t.inference) {
+                s.complete_measured(t, measure);
+            }
+            if s.is_finished(t.inference) && running.iter().all(|r| r.inference != t.inference) {
+                s.retire(t.inference);
+            }
+        }
+        assert!(s.cache_stats().evictions > 0, "{budget:?} {seed}");
     }
 
     #[test]
