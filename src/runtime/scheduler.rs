@@ -58,6 +58,10 @@ pub const MAX_PARALLEL: usize = 16;
 /// (low indices) starve an old one (high indices).
 const AGEING_ROUNDS: u64 = 8;
 
+/// Making a layer's plan template peaks at about this many plans of it beyond a load's
+/// footprint (a second plan, the file read again, packed weights copied to zero padding).
+const MAKING_PEAK_PLANS: u64 = 3;
+
 /// Weight of the newest observation in the running estimate of a duration.
 const OBSERVATION_WEIGHT: f64 = 0.3;
 
@@ -691,7 +695,7 @@ impl Scheduler {
         let template = if hit {
             None
         } else {
-            self.template_wanted(inf.model, layer)
+            self.template_wanted(inf.model, layer, live)
         };
         // Room is made for a first template, not for one evicted before (see `Template`).
         let wanted = bytes + template.filter(|t| t.evict_for_it).map_or(0, |t| t.bytes);
@@ -754,10 +758,26 @@ impl Scheduler {
     }
 
     /// Whether a load of `layer` should make its plan template, and the room to reserve.
-    fn template_wanted(&self, model: usize, layer: usize) -> Option<TemplateWanted> {
+    ///
+    /// Only under a configured budget, and only while the memory there is (the live
+    /// reading) has room for making one beside the load without evicting: making plans
+    /// the layer twice and copies its weights on the way (`runtime/reload.rs`), a peak of
+    /// about three times the plan, and near a cgroup's limit that peak is a risk no reload
+    /// saving is worth. There a layer is loaded in full, as without templates.
+    fn template_wanted(
+        &self,
+        model: usize,
+        layer: usize,
+        live: Option<Live>,
+    ) -> Option<TemplateWanted> {
         let m = &self.models[model];
         let o = &m.observed[layer];
-        if !m.keep || !o.loaded_before {
+        if !m.keep || !o.loaded_before || self.opts.budget.is_none() {
+            return None;
+        }
+        let cost = m.cost(layer);
+        let making_peak = cost.footprint() + MAKING_PEAK_PLANS * cost.load_bytes;
+        if self.live_room(live).is_some_and(|r| r < making_peak as i64) {
             return None;
         }
         let evict_for_it = match o.template {
@@ -767,7 +787,7 @@ impl Scheduler {
         };
         Some(TemplateWanted {
             // A template is the plan's graph without its weights: the plan bounds it.
-            bytes: m.cost(layer).load_bytes,
+            bytes: cost.load_bytes,
             evict_for_it,
         })
     }
@@ -1904,7 +1924,7 @@ mod tests {
         let mut s = scheduler(
             SchedulingPolicy::Mema,
             LoadingPolicy::Partial,
-            None,
+            Some(1 << 30),
             1,
             LayerCache::Keep,
         );
@@ -1942,6 +1962,39 @@ mod tests {
         assert_eq!(s.cache_stats().evictions, evicted_before + 6);
         assert_eq!(s.template_bytes(m), 0);
         assert_eq!(s.seen(), 0);
+    }
+
+    #[test]
+    fn near_a_live_limit_or_without_a_budget_layers_are_loaded_in_full() {
+        // Three layers of 2 MiB of weights, 3 MiB with their exec: a reading of 7 MiB has
+        // room for a load and a template's reservation (5 MiB), not for making one (9).
+        let layer = costs(1, 2, 1)[0];
+        let uniform: Arc<[LayerCost]> = vec![layer; 3].into();
+        for (budget, live) in [(None, None), (Some(1 << 30), Some(7 << 20))] {
+            let mut s = scheduler(
+                SchedulingPolicy::Mema,
+                LoadingPolicy::Partial,
+                budget,
+                1,
+                LayerCache::Keep,
+            );
+            let m = model(&mut s, uniform.clone(), 0);
+            run_loads(&mut s, m, None, 1 << 10);
+            // Everything evicted by a reading far below; every later reading leaves room
+            // for a load and a template, not for the peak of making one.
+            s.submit(m);
+            let mut first = Some(-(1 << 40));
+            let mut ways = vec![];
+            while !s.is_idle() {
+                let t = run(&mut s, 0, first.take().or(live)).expect("a task");
+                s.take_evicted().for_each(drop);
+                if let TaskKind::Load(_) = s.kind(t) {
+                    ways.push(s.load_way(t));
+                }
+                s.complete(t);
+            }
+            assert_eq!(ways, [LoadWay::Full; 3], "{budget:?} {live:?}");
+        }
     }
 
     #[test]
