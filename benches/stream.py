@@ -114,7 +114,7 @@ class Cgroup:
                 time.sleep(0.05)
 
 
-def run_daemon(work, pkgs, frames, threads, cache, budget, limit, tag, eviction="furthest-ahead"):
+def run_daemon(work, pkgs, frames, threads, cache, budget, limit, tag, eviction="cost-per-byte"):
     """One `memaflow run --once` over `frames`; returns its figures."""
     root = os.path.join(work, "spool-" + tag)
     shutil.rmtree(root, ignore_errors=True)

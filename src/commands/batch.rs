@@ -62,7 +62,7 @@ pub struct BatchArgs {
     #[arg(long, value_enum, default_value = "keep")]
     pub cache: LayerCache,
     /// Which resident layer makes room first when a load needs it.
-    #[arg(long, value_enum, default_value = "furthest-ahead")]
+    #[arg(long, value_enum, default_value = "cost-per-byte")]
     pub eviction: Eviction,
     /// Per-layer costs measured by `memaflow profile` (estimated from the manifest for
     /// packages it does not cover).

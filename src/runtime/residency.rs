@@ -25,10 +25,12 @@ pub enum LayerCache {
 pub enum Eviction {
     /// The layer whose next use is furthest ahead in expected time (Belady's rule, with
     /// the layer order every inference follows as the future).
-    #[default]
     FurthestAhead,
-    /// The layer cheapest to reload per byte it frees; layers an inference in flight has
-    /// still to run go last.
+    /// The layer cheapest to reload per byte it frees (a reload through a plan template
+    /// is cheap); layers an inference in flight has still to run go last. The default:
+    /// under a budget it reloads fewer layers and runs more frames per second
+    /// (docs/results.md).
+    #[default]
     CostPerByte,
 }
 
