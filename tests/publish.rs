@@ -1110,16 +1110,26 @@ fn a_full_disk_keeps_the_publisher_up_and_every_result_is_marked_once_there_is_r
             && metric("memaflow_publish_unmarked") == Some(n)
             && metric("memaflow_publish_unsent") == Some(0.0)
     };
-    wait_until("the full disk in the metrics", Duration::from_secs(20), || {
-        waiting(late.len() as f64)
-    });
+    wait_until(
+        "the full disk in the metrics",
+        Duration::from_secs(20),
+        || waiting(late.len() as f64),
+    );
     assert_eq!(metric("memaflow_publish_error"), Some(1.0));
     assert!(metric("memaflow_publish_disk_full_writes_total").unwrap() >= 1.0);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(child.try_wait().unwrap().is_none(), "the publisher exited");
-    assert_eq!(spool.marked().len(), 5, "a marker was written on a full disk?");
+    assert_eq!(
+        spool.marked().len(),
+        5,
+        "a marker was written on a full disk?"
+    );
     assert_eq!(spool.results().len(), 15, "a result was removed");
-    assert!(temp_files(&spool.dir).is_empty(), "{:?}", temp_files(&spool.dir));
+    assert!(
+        temp_files(&spool.dir).is_empty(),
+        "{:?}",
+        temp_files(&spool.dir)
+    );
 
     // Killed while the disk is full: the next publisher starts on it, sends the
     // unmarked results again (at least once, never lost) and waits the same way.
@@ -1142,21 +1152,33 @@ fn a_full_disk_keeps_the_publisher_up_and_every_result_is_marked_once_there_is_r
     wait_until("every result marked", Duration::from_secs(30), || {
         spool.marked().len() == 15
     });
-    wait_until("status.json after the full disk", Duration::from_secs(10), || {
-        let s = spool.status();
-        s["disk"] == "ok" && s["unmarked"] == 0 && s["sent"] == late.len()
-    });
+    wait_until(
+        "status.json after the full disk",
+        Duration::from_secs(10),
+        || {
+            let s = spool.status();
+            s["disk"] == "ok" && s["unmarked"] == 0 && s["sent"] == late.len()
+        },
+    );
     assert!(spool.status()["disk_full_writes"].as_u64().unwrap() >= 1);
     assert!(spool.status()["last_error"].is_null(), "{}", spool.status());
-    wait_until("the metrics after the full disk", Duration::from_secs(10), || {
-        metric("memaflow_publish_disk_state{state=\"ok\"}") == Some(1.0)
-            && metric("memaflow_publish_unmarked") == Some(0.0)
-            && metric("memaflow_publish_error") == Some(0.0)
-    });
+    wait_until(
+        "the metrics after the full disk",
+        Duration::from_secs(10),
+        || {
+            metric("memaflow_publish_disk_state{state=\"ok\"}") == Some(1.0)
+                && metric("memaflow_publish_unmarked") == Some(0.0)
+                && metric("memaflow_publish_error") == Some(0.0)
+        },
+    );
     signal(&child, "TERM");
     assert!(child.wait().unwrap().success(), "SIGTERM must exit 0");
     assert_eq!(spool.results().len(), 15, "a result was removed");
-    assert!(temp_files(&spool.dir).is_empty(), "{:?}", temp_files(&spool.dir));
+    assert!(
+        temp_files(&spool.dir).is_empty(),
+        "{:?}",
+        temp_files(&spool.dir)
+    );
 
     // Every message arrived; those acknowledged while the disk was full twice (the
     // second publisher could not know they were).
@@ -1172,5 +1194,9 @@ fn a_full_disk_keeps_the_publisher_up_and_every_result_is_marked_once_there_is_r
         2,
         "one line per publisher and change of state:\n{text}"
     );
-    assert_eq!(text.matches("spool disk has room again").count(), 1, "{text}");
+    assert_eq!(
+        text.matches("spool disk has room again").count(),
+        1,
+        "{text}"
+    );
 }
