@@ -924,7 +924,7 @@ fn a_frame_that_stops_the_daemon_every_time_is_failed_after_max_attempts() {
     let spool = dir.join("spool");
     std::fs::create_dir_all(spool.join("incoming")).unwrap();
     let config = dir.join("memaflow.toml");
-    // Slow frames (six models, no layer cache, one thread: a good part of a second each),
+    // Slow frames (twelve models, no layer cache, one thread: a few hundred ms each),
     // so that a kill right after a frame is dispatched finds it in flight; two frames in
     // flight at once.
     write_config(
@@ -932,7 +932,7 @@ fn a_frame_that_stops_the_daemon_every_time_is_failed_after_max_attempts() {
         &format!(
             "[spool]\nroot = \"spool\"\nrescan_secs = 0.2\nsettle_secs = 0\nmax_attempts = 3\n\
              [run]\nthreads = 1\ncache = \"off\"\nframes_in_flight = 2\n{}",
-            format!("[[model]]\npath = {lm:?}\n").repeat(6)
+            format!("[[model]]\npath = {lm:?}\n").repeat(12)
         ),
     );
     // `poison` stands for a frame that crashes the daemon: the test SIGKILLs it whenever
@@ -991,7 +991,7 @@ fn a_frame_that_stops_the_daemon_every_time_is_failed_after_max_attempts() {
     );
     for name in [innocent, later] {
         let r = result(&spool.join("out").join(format!("{name}.json")));
-        assert_eq!(r.models.len(), 6);
+        assert_eq!(r.models.len(), 12);
         assert!(r.models.iter().all(|m| m.outputs().is_some()), "{r:?}");
         assert!(spool.join("done").join(name).is_file());
     }
