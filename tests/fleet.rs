@@ -9,9 +9,7 @@ use common::*;
 use memaflow::spool::schema::FailureRecord;
 use memaflow::spool::status::{DiskState, State, Status};
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::io::Write;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -290,17 +288,6 @@ fn systemd_hears_ready_and_pings_that_stop_while_a_frame_is_wedged() {
     assert_eq!(status(&s.spool).state, State::Stopped);
 }
 
-/// `NAME{labels} value` lines of a metrics file, by name and labels.
-fn samples(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (key, value) = l.rsplit_once(' ').unwrap();
-            (key.to_string(), value.parse().unwrap())
-        })
-        .collect()
-}
-
 fn promtool_check(test: &str, file: &Path) {
     let Ok(out) = Command::new("promtool")
         .args(["check", "metrics"])
@@ -450,56 +437,11 @@ fn metrics_pass_promtool_and_agree_with_status_and_names_keep_their_bytes() {
     assert_eq!(get("memaflow_updated_time_seconds"), st.updated_unix);
 }
 
-/// A tmpfs mounted for the test, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mount -t tmpfs failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Tmpfs(dir.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// Writes `path` until the file system is full.
-fn fill(path: &Path) {
-    let mut f = std::fs::File::create(path).unwrap();
-    let chunk = vec![0x55u8; 16 << 10];
-    loop {
-        match f.write_all(&chunk) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => return,
-            Err(e) => panic!("filling: {e}"),
-        }
-    }
-}
-
-fn free_bytes(path: &Path) -> u64 {
-    let v = nix::sys::statvfs::statvfs(path).unwrap();
-    v.blocks_available() as u64 * v.fragment_size() as u64
-}
-
 #[test]
 fn a_full_disk_is_waited_out_and_every_frame_finishes() {
     let test = "a_full_disk_is_waited_out_and_every_frame_finishes";
     let base = scratch("fleet-disk");
-    let disk = match Tmpfs::mount(&base.join("disk"), "3m") {
+    let disk = match Tmpfs::mount(&base.join("disk"), "size=3m") {
         Ok(d) => d,
         Err(reason) => {
             skip(test, &reason);

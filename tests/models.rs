@@ -1,7 +1,7 @@
 //! The default model set (`models/`): `models/build` checks the sources' SHA-256 and makes
 //! the same packages byte for byte on every run, and the Yocto image's default
 //! configuration (its `memaflow.toml` followed by `models/pipeline.toml`) runs the default
-//! pipeline on them.
+//! pipeline on them, and waits for frames within 10 MiB resident.
 
 mod common;
 use common::*;
@@ -295,5 +295,103 @@ fn the_image_default_configuration_runs_the_default_pipeline() {
             (0.0..w).contains(&x) && (0.0..h).contains(&y)
         }),
         "landmarks outside the frame: {result}"
+    );
+}
+
+/// The daemon's resident set while it waits for frames: the goal of issue 17.
+const IDLE_RSS_GOAL: u64 = 10 << 20;
+
+#[test]
+fn the_idle_daemon_on_the_default_pipeline_stays_within_10_mib() {
+    let test = "the_idle_daemon_on_the_default_pipeline_stays_within_10_mib";
+    if std::env::var("MEMAFLOW_TEST_RUNNER").is_ok_and(|r| !r.is_empty()) {
+        skip(test, "under an emulator the resident set is the emulator's");
+        return;
+    }
+    if cfg!(debug_assertions) {
+        skip(
+            test,
+            "the goal is for release builds (a debug binary's code is larger)",
+        );
+        return;
+    }
+    let Some(from) = fixtures(test) else {
+        return;
+    };
+    let dir = scratch("models-idle-rss");
+    let out = build(
+        &from,
+        &dir.join("models"),
+        &repo().join("models/models.toml"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spool = dir.join("spool");
+    std::fs::create_dir_all(spool.join("incoming")).unwrap();
+    // The image's configuration and pipeline, its metrics file included.
+    let text = std::fs::read_to_string(repo().join(IMAGE_CONFIG)).unwrap()
+        + &std::fs::read_to_string(repo().join("models/pipeline.toml")).unwrap();
+    let local = text
+        .replace(IMAGE_MODELS, dir.join("models").to_str().unwrap())
+        .replace(IMAGE_SPOOL, spool.to_str().unwrap())
+        .replace(
+            "/var/lib/memaflow/metrics/memaflow.prom",
+            dir.join("memaflow.prom").to_str().unwrap(),
+        );
+    std::fs::write(dir.join("memaflow.toml"), local).unwrap();
+    // Ready (packages checked, spool recovered) as systemd hears it.
+    let socket_path = dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let child = Running::spawn(
+        cli_command()
+            .args([
+                "run",
+                "--config",
+                dir.join("memaflow.toml").to_str().unwrap(),
+            ])
+            // The smallest board, where the goal matters; four worker threads.
+            .args(["--board", "pi-zero-2w"])
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("RUST_LOG", "memaflow=info"),
+    );
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = socket.recv(&mut buf).expect("READY=1 within 60 s");
+        if String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "READY=1")
+        {
+            break;
+        }
+    }
+    // Idle for a while: nothing the start-up left may creep back.
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let memory = memaflow::memory::parse_status(&status).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait(Duration::from_secs(20), "the daemon");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "idle daemon, default pipeline, pi-zero-2w: VmRSS {:.1} MiB, VmHWM {:.1} MiB",
+        mib(memory.rss),
+        mib(memory.peak_rss)
+    );
+    assert!(
+        memory.rss <= IDLE_RSS_GOAL,
+        "idle VmRSS {:.1} MiB, over the 10 MiB goal:\n{log}",
+        mib(memory.rss)
     );
 }

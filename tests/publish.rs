@@ -5,7 +5,8 @@
 //! once over 50 SIGKILLs and a broker restart (duplicates counted and printed); nothing
 //! marked sent before the broker acknowledged it; TLS with a client certificate; wrong
 //! password, untrusted certificate and unknown host named in the log, retried, results
-//! kept; `publish.keep`; systemd's READY=1 and WATCHDOG=1.
+//! kept; `publish.keep`; systemd's READY=1 and WATCHDOG=1; a full disk (a small tmpfs)
+//! waited out without an exit, a result removed or a marker written early.
 #![cfg(feature = "publish")]
 
 mod common;
@@ -389,6 +390,12 @@ impl Spool {
 
     /// Writes a result the way the daemon does: temp file, then rename into `out/`.
     fn write_result(&self, id: u64) {
+        let staged = Self::stage_result(&self.dir.join("out/.result.tmp"), id);
+        std::fs::rename(&staged, self.dir.join("out").join(Self::result_name(id))).unwrap();
+    }
+
+    /// Writes result `id` to `path`, to be renamed into `out/` later.
+    fn stage_result(path: &Path, id: u64) -> PathBuf {
         let name = Self::result_name(id);
         let body = serde_json::json!({
             "frame": String::from_utf8_lossy(name.as_bytes()).trim_end_matches(".json"),
@@ -396,9 +403,8 @@ impl Spool {
             "written_unix": unix_now(),
             "models": MODELS.iter().map(|m| serde_json::json!({"name": m, "outputs": [id]})).collect::<Vec<_>>(),
         });
-        let tmp = self.dir.join("out/.result.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&body).unwrap()).unwrap();
-        std::fs::rename(&tmp, self.dir.join("out").join(&name)).unwrap();
+        std::fs::write(path, serde_json::to_vec_pretty(&body).unwrap()).unwrap();
+        path.to_path_buf()
     }
 
     fn marked(&self) -> BTreeSet<OsString> {
@@ -1009,6 +1015,188 @@ fn watchdog_pings_stop_while_the_loop_is_busy_and_metrics_pass_promtool() {
     }
     assert!(
         text.contains("memaflow_publish_state{state=\"stopped\"} 1"),
+        "{text}"
+    );
+}
+
+/// Hidden entries ending in `.tmp` under `dir`, one level down too (`out/`, `publish/`).
+fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = vec![];
+    for sub in ["", "out", "publish", "publish/sent"] {
+        for name in names_with_hidden(&dir.join(sub)) {
+            if name.as_bytes().ends_with(b".tmp") {
+                found.push(dir.join(sub).join(name));
+            }
+        }
+    }
+    found
+}
+
+fn names_with_hidden(dir: &Path) -> Vec<OsString> {
+    std::fs::read_dir(dir)
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_full_disk_keeps_the_publisher_up_and_every_result_is_marked_once_there_is_room() {
+    let test = "a_full_disk_keeps_the_publisher_up_and_every_result_is_marked_once_there_is_room";
+    if !have_mosquitto(test) {
+        return;
+    }
+    let dir = scratch("publish-disk");
+    // A 3 MiB spool with 256 inodes: once both are used up, neither a marker (an empty
+    // file: an inode) nor publish/status.json (blocks) fits.
+    let disk = match Tmpfs::mount(&dir.join("disk"), "size=3m,nr_inodes=256") {
+        Ok(d) => d,
+        Err(reason) => {
+            skip(test, &reason);
+            return;
+        }
+    };
+    let broker = Mosquitto::start(&dir);
+    let mut sub = Subscriber::start(&broker);
+    // The metrics file on another file system, as the Yocto layer has it: it shows the
+    // state while status.json cannot be written.
+    let prom = dir.join("publish.prom");
+    let spool = Spool::new(
+        &disk.0,
+        &format!(
+            "host = \"127.0.0.1\"\nport = {}\n{}\nmetrics = {prom:?}",
+            broker.port,
+            credentials()
+        ),
+    );
+    let metric = |k: &str| {
+        std::fs::read_to_string(&prom)
+            .ok()
+            .and_then(|t| samples(&t).get(k).copied())
+    };
+    let log = dir.join("publisher.log");
+    let mut child = spool.publisher(&log).spawn().map(Running).unwrap();
+    for id in 0..5 {
+        spool.write_result(id);
+    }
+    sub.wait_for(&[0, 1, 2, 3, 4], Duration::from_secs(20));
+    wait_until("the first markers", Duration::from_secs(10), || {
+        spool.marked().len() == 5
+    });
+
+    // Results that arrive while the disk is full, written while there was room.
+    let stage = disk.0.join("stage");
+    std::fs::create_dir(&stage).unwrap();
+    let late: Vec<u64> = (5..15).collect();
+    for &id in &late {
+        Spool::stage_result(&stage.join(id.to_string()), id);
+    }
+    fill(&disk.0.join("filler"));
+    let inodes = fill_inodes(&disk.0.join("inodes"));
+    assert!(
+        std::fs::File::create(disk.0.join("one-more")).is_err(),
+        "the disk is not full ({inodes} inodes filled)"
+    );
+    for &id in &late {
+        std::fs::rename(
+            stage.join(id.to_string()),
+            spool.dir.join("out").join(Spool::result_name(id)),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Sent and acknowledged, but not marked: the state is in the metrics.
+    sub.wait_for(&late, Duration::from_secs(30));
+    let waiting = |n: f64| {
+        metric("memaflow_publish_disk_state{state=\"full\"}") == Some(1.0)
+            && metric("memaflow_publish_unmarked") == Some(n)
+            && metric("memaflow_publish_unsent") == Some(0.0)
+    };
+    wait_until(
+        "the full disk in the metrics",
+        Duration::from_secs(20),
+        || waiting(late.len() as f64),
+    );
+    assert_eq!(metric("memaflow_publish_error"), Some(1.0));
+    assert!(metric("memaflow_publish_disk_full_writes_total").unwrap() >= 1.0);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(child.try_wait().unwrap().is_none(), "the publisher exited");
+    assert_eq!(
+        spool.marked().len(),
+        5,
+        "a marker was written on a full disk?"
+    );
+    assert_eq!(spool.results().len(), 15, "a result was removed");
+    assert!(
+        temp_files(&spool.dir).is_empty(),
+        "{:?}",
+        temp_files(&spool.dir)
+    );
+
+    // Killed while the disk is full: the next publisher starts on it, sends the
+    // unmarked results again (at least once, never lost) and waits the same way.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::remove_file(&prom).unwrap();
+    let mut child = spool.publisher(&log).spawn().map(Running).unwrap();
+    wait_until(
+        "the restarted publisher waiting for room",
+        Duration::from_secs(30),
+        || waiting(late.len() as f64),
+    );
+    assert!(child.try_wait().unwrap().is_none(), "the publisher exited");
+    assert_eq!(spool.marked().len(), 5);
+    assert_eq!(spool.results().len(), 15, "a result was removed");
+
+    // Room again: every marker is written, status.json says so, nothing is left over.
+    std::fs::remove_dir_all(disk.0.join("inodes")).unwrap();
+    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    wait_until("every result marked", Duration::from_secs(30), || {
+        spool.marked().len() == 15
+    });
+    wait_until(
+        "status.json after the full disk",
+        Duration::from_secs(10),
+        || {
+            let s = spool.status();
+            s["disk"] == "ok" && s["unmarked"] == 0 && s["sent"] == late.len()
+        },
+    );
+    assert!(spool.status()["disk_full_writes"].as_u64().unwrap() >= 1);
+    assert!(spool.status()["last_error"].is_null(), "{}", spool.status());
+    wait_until(
+        "the metrics after the full disk",
+        Duration::from_secs(10),
+        || {
+            metric("memaflow_publish_disk_state{state=\"ok\"}") == Some(1.0)
+                && metric("memaflow_publish_unmarked") == Some(0.0)
+                && metric("memaflow_publish_error") == Some(0.0)
+        },
+    );
+    signal(&child, "TERM");
+    assert!(child.wait().unwrap().success(), "SIGTERM must exit 0");
+    assert_eq!(spool.results().len(), 15, "a result was removed");
+    assert!(
+        temp_files(&spool.dir).is_empty(),
+        "{:?}",
+        temp_files(&spool.dir)
+    );
+
+    // Every message arrived; those acknowledged while the disk was full twice (the
+    // second publisher could not know they were).
+    let all: Vec<u64> = (0..15).collect();
+    let delivered = sub.wait_for(&all, Duration::from_secs(10));
+    for ((id, model), n) in &delivered {
+        let want = if *id >= 5 { 2 } else { 1 };
+        assert!(*n >= want, "result {id} ({model}) arrived {n} times");
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.matches("spool disk full").count(),
+        2,
+        "one line per publisher and change of state:\n{text}"
+    );
+    assert_eq!(
+        text.matches("spool disk has room again").count(),
+        1,
         "{text}"
     );
 }

@@ -1,6 +1,7 @@
 //! The spool daemon (`memaflow run`): results equal `memaflow infer`; bad input of every
 //! kind gets a reason and never stops it; SIGKILL at random moments loses no frame and
-//! leaves no half-written result; SIGTERM stops it cleanly; inotify wakes it.
+//! leaves no half-written result; a frame in flight at every stop is failed after
+//! `spool.max_attempts`, alone; SIGTERM stops it cleanly; inotify wakes it.
 
 mod common;
 use common::*;
@@ -561,9 +562,11 @@ fn chown_tree(path: &Path, id: u32) {
 
 #[test]
 fn sigkill_at_random_moments_loses_nothing() {
+    // The kills are the test's, not the frames' fault: no frame may run out of attempts
+    // (a frame in flight at three kills in a row would be failed as unfinished).
     let Fixture { spool, config } = detector_spool(
         "spool-sigkill",
-        "rescan_secs = 0.2\nsettle_secs = 0",
+        "rescan_secs = 0.2\nsettle_secs = 0\nmax_attempts = 1000",
         "threads = 1",
     );
     // With a cascade: the detector's boxes (every anchor a candidate, so that even these
@@ -900,4 +903,101 @@ fn a_frame_written_in_place_is_taken_once_complete() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let out = child.wait(Duration::from_secs(5), "the daemon");
     assert!(out.status.success());
+}
+
+/// Waits until `path` exists (a hang is a failure).
+fn wait_for_path(path: &Path, what: &str) {
+    let t = Instant::now();
+    while std::fs::symlink_metadata(path).is_err() {
+        assert!(
+            t.elapsed() < hang_limit(Duration::from_secs(60)),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_frame_that_stops_the_daemon_every_time_is_failed_after_max_attempts() {
+    let dir = scratch("spool-attempts");
+    let lm = import_shared(LANDMARKS, &dir.join("models"));
+    let spool = dir.join("spool");
+    std::fs::create_dir_all(spool.join("incoming")).unwrap();
+    let config = dir.join("memaflow.toml");
+    // Slow frames (twelve models, no layer cache, one thread: a few hundred ms each),
+    // so that a kill right after a frame is dispatched finds it in flight; two frames in
+    // flight at once.
+    write_config(
+        &config,
+        &format!(
+            "[spool]\nroot = \"spool\"\nrescan_secs = 0.2\nsettle_secs = 0\nmax_attempts = 3\n\
+             [run]\nthreads = 1\ncache = \"off\"\nframes_in_flight = 2\n{}",
+            format!("[[model]]\npath = {lm:?}\n").repeat(12)
+        ),
+    );
+    // `poison` stands for a frame that crashes the daemon: the test SIGKILLs it whenever
+    // that frame is in flight. `innocent` is in flight beside it the first time.
+    let (poison, innocent, later) = ("0-poison.png", "1-innocent.png", "2-later.png");
+    for (k, name) in [poison, innocent, later].into_iter().enumerate() {
+        drop_frame(
+            &spool,
+            name,
+            &frame_bytes(k as u32, image::ImageFormat::Png),
+        );
+    }
+    let work = spool.join("work");
+    let kill_when = |path: PathBuf, what: &str, run: usize| {
+        let log = std::fs::File::create(dir.join(format!("run{run}.log"))).unwrap();
+        let mut child = daemon(&config, &[])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_for_path(&path, what);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            names(&spool.join("out")).is_empty(),
+            "run {run}: a frame finished before the kill (frames too fast for this test)"
+        );
+    };
+    // The first stop: both frames in flight.
+    kill_when(work.join(innocent), "both frames claimed", 1);
+    assert!(work.join(poison).is_file());
+    // Attempts 2 and 3: the poison frame is retried first, alone, and stops the daemon.
+    for attempt in 2..=3 {
+        kill_when(
+            work.join(format!(".{poison}.attempt-{attempt}")),
+            &format!("attempt {attempt}"),
+            attempt,
+        );
+    }
+    // The fourth start fails it without running it; the others are done.
+    let log = once_ok(&config);
+    let e = failure(&spool.join(format!("failed/{poison}.error.json")));
+    assert_eq!(e.stage.name(), "unfinished", "{e:?}");
+    assert_eq!(e.attempts, Some(3), "{e:?}");
+    assert!(e.reason.contains("never finished in 3 attempt"), "{e:?}");
+    assert!(spool.join("failed").join(poison).is_file());
+    assert!(
+        log.contains(&format!("{poison}: failed (unfinished)")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "{innocent}: claimed by an earlier run that did not finish; retrying, alone (attempt 2 of 3)"
+        )),
+        "{log}"
+    );
+    for name in [innocent, later] {
+        let r = result(&spool.join("out").join(format!("{name}.json")));
+        assert_eq!(r.models.len(), 12);
+        assert!(r.models.iter().all(|m| m.outputs().is_some()), "{r:?}");
+        assert!(spool.join("done").join(name).is_file());
+    }
+    assert!(names(&work).is_empty(), "markers left: {:?}", names(&work));
+    assert!(names(&spool.join("incoming")).is_empty());
+    let status = json(&spool.join("status.json"));
+    assert_eq!(status["frames_failed"], 1, "{status}");
+    assert_eq!(status["last_error"]["stage"], "unfinished", "{status}");
 }

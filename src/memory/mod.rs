@@ -4,7 +4,9 @@
 use anyhow::{Context, Result};
 
 pub mod heap;
+mod mapped;
 mod system;
+pub use mapped::{Released, release_start_up};
 pub use system::{
     Cgroup, CgroupLevel, CgroupVersion, Reading, SystemMemory, parse_meminfo_available,
 };

@@ -125,7 +125,11 @@ impl Backlog {
             .collect();
         for name in gone {
             match self.states.remove(&name) {
-                Some(State::Sent) => remove_marker(&self.sent.join(&name))?,
+                Some(State::Sent) => {
+                    // Gone before its marker was written: none to write.
+                    self.to_mark.retain(|n| *n != name);
+                    remove_marker(&self.sent.join(&name))?
+                }
                 Some(State::Waiting(t)) => {
                     self.waiting.remove(&(t, name));
                 }
@@ -186,6 +190,12 @@ impl Backlog {
                 .values()
                 .filter(|s| matches!(s, State::InFlight { .. }))
                 .count()
+    }
+
+    /// Results acknowledged whose markers are not durable yet (the last `flush` failed,
+    /// or none has run since).
+    pub fn unmarked(&self) -> usize {
+        self.to_mark.len()
     }
 
     /// The oldest waiting result, now in flight, with its content; `None` when nothing
@@ -262,7 +272,10 @@ impl Backlog {
             {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+                Err(e) => {
+                    // The name came from outside: escaped, it cannot split the log line.
+                    return Err(e).with_context(|| format!("creating {}", shown(path.as_os_str())));
+                }
             }
         }
         sync_dir(&self.sent)?;
@@ -284,7 +297,7 @@ pub use crate::spool::fsutil::shown;
 fn remove_marker(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", path.display()))
+            Err(e).with_context(|| format!("removing {}", shown(path.as_os_str())))
         }
         _ => Ok(()),
     }

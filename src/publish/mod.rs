@@ -12,7 +12,7 @@ pub use backlog::{Counts, PUBLISH_DIR, shown};
 
 use crate::notify;
 use crate::spool::config::PublisherConfig;
-use crate::spool::fsutil::{replace_file, write_atomic};
+use crate::spool::fsutil::{is_disk_full, replace_file, write_atomic};
 use crate::spool::metrics::{Kind, Text};
 use anyhow::{Context, Result};
 use backlog::Backlog;
@@ -37,6 +37,10 @@ const FIRST_RETRY: Duration = Duration::from_millis(500);
 /// Requests the connection may hold beyond the window: one result is several messages
 /// when the topic has `{model}`.
 const REQUEST_SLACK: usize = 256;
+/// Markers that could not be written (a full disk) are tried again after this, doubling
+/// up to `MARK_LAST_RETRY`: each try is a failing system call per waiting marker.
+const MARK_FIRST_RETRY: Duration = Duration::from_millis(250);
+const MARK_LAST_RETRY: Duration = Duration::from_secs(4);
 
 /// Runs the publisher until SIGTERM or SIGINT.
 pub fn run(config_path: &Path) -> Result<()> {
@@ -65,6 +69,9 @@ pub fn run(config_path: &Path) -> Result<()> {
             status_dir: status_path,
             metrics: config.publish.metrics.clone(),
             last_written: (Instant::now(), vec![], LinkState::Stopped),
+            full: [false; 3],
+            mark_retry: None,
+            mark_problem: None,
         }
         .run(watch),
     )
@@ -95,6 +102,13 @@ struct Status {
     broker: String,
     /// Results not yet acknowledged (waiting or in flight).
     unsent: usize,
+    /// Results acknowledged whose markers are not written yet (a full disk): not sent
+    /// again by this process, sent again by the next if it starts before they are.
+    unmarked: usize,
+    /// `full` while the last marker, status or metrics write found the file system full.
+    disk: DiskState,
+    /// Writes (markers, status, metrics) that found the file system full, since start.
+    disk_full_writes: u64,
     #[serde(flatten)]
     counts: Counts,
     /// Connections made, and attempts or connections that failed, since start.
@@ -103,6 +117,26 @@ struct Status {
     last_error: Option<String>,
     started_unix: f64,
     updated_unix: f64,
+}
+
+/// The publisher's view of the disk: it has no `low` (it claims nothing), only whether
+/// its writes fit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum DiskState {
+    #[default]
+    Ok,
+    Full,
+}
+
+/// What the publisher writes; each may find the disk full on its own (markers need an
+/// inode, status.json and the metrics file blocks, and the metrics file may be on
+/// another file system).
+#[derive(Clone, Copy)]
+enum Written {
+    Markers = 0,
+    Status = 1,
+    Metrics = 2,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -182,6 +216,12 @@ struct Publisher {
     metrics: Option<std::path::PathBuf>,
     /// When `status.json` was last written, what it said (without its time), its state.
     last_written: (Instant, Vec<u8>, LinkState),
+    /// Whether the last write of each kind (`Written`) found the disk full.
+    full: [bool; 3],
+    /// After a failed marker write: when to try again, and the wait after that.
+    mark_retry: Option<(Instant, Duration)>,
+    /// The `last_error` a failed marker write set, cleared when the markers are written.
+    mark_problem: Option<String>,
 }
 
 impl Publisher {
@@ -220,9 +260,7 @@ impl Publisher {
             {
                 link = self.lost(reason, None);
             }
-            if let Err(e) = self.backlog.flush() {
-                self.problem(format!("cannot record results as sent (retrying): {e:#}"));
-            }
+            self.flush_markers();
             tokio::select! {
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
@@ -244,7 +282,10 @@ impl Publisher {
             watchdog.progress();
         }
         if let Err(e) = self.backlog.flush() {
-            log::warn!("cannot record results as sent: {e:#}");
+            log::warn!(
+                "cannot record results as sent: {e:#}; {} acknowledged result(s) will be sent again by the next start",
+                self.backlog.unmarked()
+            );
         }
         drop(link);
         self.status.state = LinkState::Stopped;
@@ -433,6 +474,73 @@ impl Publisher {
         }
     }
 
+    /// Makes the markers of acknowledged results durable. A failure (a full disk, a
+    /// read-only file system) keeps them in memory, none sent again meanwhile, and tries
+    /// again with a backoff; a full disk is the disk's state, anything else a problem.
+    fn flush_markers(&mut self) {
+        if self.backlog.unmarked() == 0 {
+            return;
+        }
+        if let Some((at, _)) = self.mark_retry
+            && Instant::now() < at
+        {
+            return;
+        }
+        let written = self.backlog.flush();
+        match &written {
+            Ok(()) => {
+                self.mark_retry = None;
+                if let Some(p) = self.mark_problem.take()
+                    && self.status.last_error.as_ref() == Some(&p)
+                {
+                    self.status.last_error = None;
+                }
+            }
+            Err(e) => {
+                let wait = self
+                    .mark_retry
+                    .map_or(MARK_FIRST_RETRY, |(_, w)| (w * 2).min(MARK_LAST_RETRY));
+                self.mark_retry = Some((Instant::now() + wait, wait));
+                let reason = format!("cannot record results as sent (retrying): {e:#}");
+                if is_disk_full(e) {
+                    // Said once by the disk's state line; no warning per marker.
+                    self.status.last_error = Some(reason.clone());
+                } else {
+                    self.problem(reason.clone());
+                }
+                self.mark_problem = Some(reason);
+            }
+        }
+        self.wrote(Written::Markers, &written);
+    }
+
+    /// Notes whether a write found the disk full; one log line (and `STATUS=`) when the
+    /// disk's state changes, never one per retry.
+    fn wrote(&mut self, what: Written, result: &Result<()>) {
+        let full = matches!(result, Err(e) if is_disk_full(e));
+        self.status.disk_full_writes += u64::from(full);
+        self.full[what as usize] = full;
+        let state = if self.full.contains(&true) {
+            DiskState::Full
+        } else {
+            DiskState::Ok
+        };
+        if state == self.status.disk {
+            return;
+        }
+        self.status.disk = state;
+        match (state, result) {
+            (DiskState::Full, Err(e)) => log::warn!(
+                "spool disk full ({e:#}): acknowledged results wait in memory to be marked sent (none is sent again meanwhile) and publish/status.json is not updated; retrying"
+            ),
+            _ => log::info!(
+                "spool disk has room again: markers and status written ({} result(s) marked sent so far)",
+                self.backlog.counts.sent
+            ),
+        }
+        notify::status(&self.summary());
+    }
+
     fn problem(&mut self, reason: String) {
         if self.status.last_error.as_deref() != Some(reason.as_str()) {
             log::warn!("{reason}");
@@ -441,7 +549,7 @@ impl Publisher {
     }
 
     fn summary(&self) -> String {
-        format!(
+        let mut s = format!(
             "{:?}: broker {}; {} unsent, {} sent, {} dropped",
             self.status.state,
             self.broker.name,
@@ -449,13 +557,22 @@ impl Publisher {
             self.backlog.counts.sent,
             self.backlog.counts.dropped
         )
-        .to_lowercase()
+        .to_lowercase();
+        if self.status.disk == DiskState::Full {
+            s.push_str(&format!(
+                "; disk full: {} acknowledged result(s) wait to be marked",
+                self.backlog.unmarked()
+            ));
+        }
+        s
     }
 
     /// Writes `status.json` when something in it changed: at once for a new connection
     /// state or `now`, else at most once a second (each write is an fsync in this loop).
+    /// A write that failed is tried again a second later, changed or not.
     fn write_status(&mut self, now: bool) {
         self.status.unsent = self.backlog.unsent();
+        self.status.unmarked = self.backlog.unmarked();
         self.status.counts = self.backlog.counts;
         self.status.updated_unix = 0.0;
         let content = serde_json::to_vec(&self.status).unwrap_or_default();
@@ -468,13 +585,18 @@ impl Publisher {
         self.status.updated_unix = unix_now();
         let mut bytes = serde_json::to_vec_pretty(&self.status).unwrap_or_default();
         bytes.push(b'\n');
-        if let Err(e) = write_atomic(&self.status_dir, STATUS_FILE, &bytes) {
+        let status = write_atomic(&self.status_dir, STATUS_FILE, &bytes);
+        if let Err(e) = &status {
             log::debug!("{e:#}");
+            self.last_written.1.clear();
         }
-        if let Some(path) = &self.metrics
-            && let Err(e) = replace_file(path, &render_metrics(&self.status))
-        {
-            log::debug!("{e:#}");
+        self.wrote(Written::Status, &status);
+        if let Some(path) = &self.metrics {
+            let metrics = replace_file(path, &render_metrics(&self.status));
+            if let Err(e) = &metrics {
+                log::debug!("{e:#}");
+            }
+            self.wrote(Written::Metrics, &metrics);
         }
     }
 }
@@ -517,6 +639,27 @@ fn render_metrics(s: &Status) -> Vec<u8> {
     ];
     for (name, help, value) in counters {
         t.single(name, Kind::Counter, help, value);
+    }
+    t.single(
+        "memaflow_publish_unmarked",
+        Kind::Gauge,
+        "Results acknowledged by the broker whose markers wait for disk space.",
+        s.unmarked,
+    );
+    t.single(
+        "memaflow_publish_disk_full_writes_total",
+        Kind::Counter,
+        "Writes of markers, status.json or this file that found the disk full, since start.",
+        s.disk_full_writes,
+    );
+    let name = "memaflow_publish_disk_state";
+    t.family(
+        name,
+        Kind::Gauge,
+        "The spool's disk as the publisher's writes found it: 1 for the current state.",
+    );
+    for (label, state) in [("ok", DiskState::Ok), ("full", DiskState::Full)] {
+        t.sample(name, &[("state", label)], u8::from(s.disk == state));
     }
     t.single(
         "memaflow_publish_error",

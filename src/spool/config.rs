@@ -45,6 +45,9 @@ const DEFAULT_STALL_SECS: f64 = 300.0;
 /// Free space below which no frame is claimed: room for the results and status of the
 /// frames in hand.
 const DEFAULT_MIN_FREE: u64 = 1 << 20;
+/// A frame in flight at this many stops (crashes, kills, watchdog restarts) is failed:
+/// one stop may be bad luck (a power cut), the third in a row is the frame.
+const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 
 /// A size written as `"256M"` or as a plain number of bytes.
 #[derive(Clone, Copy, Debug)]
@@ -265,6 +268,7 @@ struct RawSpool {
     stop_grace_secs: Option<f64>,
     stall_secs: Option<f64>,
     min_free: Option<Size>,
+    max_attempts: Option<u32>,
     metrics: Option<PathBuf>,
 }
 
@@ -401,6 +405,9 @@ pub struct SpoolConfig {
     pub stall: Duration,
     /// Bytes the spool's file system must have free for a frame to be claimed.
     pub min_free: u64,
+    /// How many times a frame is processed before a run that never finishes it (the
+    /// daemon stopped while it was in flight) fails it.
+    pub max_attempts: u32,
     /// The Prometheus text file (node_exporter's textfile collector), if any.
     pub metrics: Option<PathBuf>,
 }
@@ -485,11 +492,16 @@ impl Config {
             )?,
             stall: secs(raw.spool.stall_secs, DEFAULT_STALL_SECS, "stall_secs")?,
             min_free: raw.spool.min_free.map_or(DEFAULT_MIN_FREE, |s| s.0),
+            max_attempts: raw.spool.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
             metrics: raw.spool.metrics.map(|m| absolute(base, &m)),
         };
         ensure!(
             spool.stall >= Duration::from_millis(100),
             "spool.stall_secs must be at least 0.1"
+        );
+        ensure!(
+            spool.max_attempts >= 1,
+            "spool.max_attempts must be at least 1 (the first processing is an attempt)"
         );
         if let Some(m) = &spool.metrics {
             ensure!(
@@ -853,6 +865,8 @@ mod tests {
             "[run]\nparallel = 17\n[[model]]\npath = \"m\"",
             "[run]\ntiling = \"sometimes\"\n[[model]]\npath = \"m\"",
             "[spool]\nstop_grace_secs = -1\n[[model]]\npath = \"m\"",
+            "[spool]\nmax_attempts = 0\n[[model]]\npath = \"m\"",
+            "[spool]\nmax_attempts = -1\n[[model]]\npath = \"m\"",
             "board = \"pi9\"\n[[model]]\npath = \"m\"",
             "[[model]]\npath = \"m\"\ntop_k = 3",
             "[[model]]\npath = \"m\"\nreport = \"boxes\"",

@@ -104,6 +104,20 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     d.may_claim();
     d.write_status()?;
     d.recover()?;
+    if !opts.once {
+        // A daemon that waits for frames need not keep start-up's pages (a `--once` run
+        // is about to use them).
+        let r = crate::memory::release_start_up();
+        let rss = |m: Option<crate::memory::ProcessMemory>| {
+            m.map_or("?".into(), |m| crate::memory::Bytes(m.rss).to_string())
+        };
+        log::info!(
+            "start-up done: {} of mapped code and constants released, heap trimmed; resident {} → {}",
+            crate::memory::Bytes(r.mapped_bytes),
+            rss(r.before),
+            rss(r.after)
+        );
+    }
     notify::ready(&d.status.summary());
     d.main_loop(opts.once)?;
     d.stop_in_flight()?;
@@ -182,6 +196,8 @@ impl Signals {
 struct InFlight {
     name: OsString,
     since: Instant,
+    /// Retried from `work/` after a stop: processed with no other frame in flight.
+    alone: bool,
 }
 
 /// What a frame's thread sends back.
@@ -190,7 +206,8 @@ type Finished = (OsString, Outcome);
 /// A processed frame's outcome, ready to be written (again, if the disk was full).
 struct Record {
     name: OsString,
-    took: Duration,
+    /// How long processing took (`None`: it never finished, so no latency to observe).
+    took: Option<Duration>,
     kind: RecordKind,
     /// Each model that ran: its name and whether it produced outputs.
     inferences: Vec<(String, bool)>,
@@ -215,8 +232,9 @@ struct Daemon {
     unclaimable: HashSet<OsString>,
     status_written: Instant,
     in_flight: Vec<InFlight>,
-    /// Frames in `work/` from an earlier run, to process before claiming new ones.
-    retry: VecDeque<OsString>,
+    /// Frames in `work/` from an earlier run, to process before claiming new ones, one
+    /// at a time, each with the number of its next attempt.
+    retry: VecDeque<(OsString, u32)>,
     /// Outcomes that found the disk full, oldest first, and when to write them again.
     pending: VecDeque<Record>,
     retry_at: Option<Instant>,
@@ -345,11 +363,51 @@ impl Daemon {
                 log::info!("{shown}: failure already recorded by an earlier run");
                 self.spool.release_failed(&name)?;
             } else {
-                log::info!("{shown}: claimed by an earlier run that did not finish; retrying");
-                self.retry.push_back(name);
+                let attempts = self.spool.attempts(&name);
+                let max = self.config.spool.max_attempts;
+                if attempts >= max {
+                    // The failure's own log line (`account`) says why; so does its record.
+                    let record = self.unfinished(name, attempts)?;
+                    self.commit(record)?;
+                } else {
+                    log::info!(
+                        "{shown}: claimed by an earlier run that did not finish; retrying, alone (attempt {} of {max})",
+                        attempts + 1
+                    );
+                    self.retry.push_back((name, attempts + 1));
+                }
             }
         }
         Ok(())
+    }
+
+    /// The failure record of a frame that never finished in `attempts` attempts.
+    fn unfinished(&self, name: OsString, attempts: u32) -> Result<Record> {
+        let error = FrameError {
+            stage: FrameStage::Unfinished,
+            reason: format!(
+                "processing never finished in {attempts} attempt(s) (spool.max_attempts = {}): the daemon stopped each time it was in flight (a crash, a kill or a watchdog restart); not tried again",
+                self.config.spool.max_attempts
+            ),
+            models: vec![],
+        };
+        let failure = FailureRecord {
+            frame: name.to_string_lossy().into_owned(),
+            frame_bytes_hex: name_bytes_hex(&name),
+            stage: error.stage,
+            reason: error.reason.clone(),
+            models: vec![],
+            attempts: Some(attempts),
+            failed_unix: unix_now(),
+        };
+        let mut bytes = serde_json::to_vec_pretty(&failure)?;
+        bytes.push(b'\n');
+        Ok(Record {
+            name,
+            took: None,
+            kind: RecordKind::Failed { bytes, error },
+            inferences: vec![],
+        })
     }
 
     /// Whether new frames may be claimed as far as the disk goes: no outcome waits for
@@ -414,8 +472,24 @@ impl Daemon {
         announced: &mut HashSet<OsString>,
     ) -> Result<()> {
         while self.in_flight.len() < self.capacity() && !self.stop {
-            if let Some(name) = self.retry.pop_front() {
-                self.dispatch(name)?;
+            // A frame retried after a stop runs alone: if it stops the daemon again, no
+            // other frame's attempt is counted with it.
+            if self.in_flight.iter().any(|f| f.alone) {
+                return Ok(());
+            }
+            if let Some((name, attempt)) = self.retry.front().cloned() {
+                if !self.in_flight.is_empty() {
+                    return Ok(());
+                }
+                self.retry.pop_front();
+                if let Err(e) = self.spool.record_attempt(&name, attempt) {
+                    // Not counting is better than not processing (a full disk, mostly).
+                    log::warn!(
+                        "{}: attempt {attempt} not recorded ({e:#}); processed uncounted",
+                        shown(&name)
+                    );
+                }
+                self.dispatch(name, true)?;
                 continue;
             }
             if listing.names.is_empty() {
@@ -437,7 +511,7 @@ impl Daemon {
             match self.spool.claim(&entry) {
                 Ok(Some(name)) => {
                     self.unclaimable.remove(&entry);
-                    self.dispatch(name)?;
+                    self.dispatch(name, false)?;
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -482,8 +556,8 @@ impl Daemon {
         Ok(())
     }
 
-    /// Starts processing `work/NAME` on a thread of its own.
-    fn dispatch(&mut self, name: OsString) -> Result<()> {
+    /// Starts processing `work/NAME` on a thread of its own (`alone`: see `InFlight`).
+    fn dispatch(&mut self, name: OsString, alone: bool) -> Result<()> {
         let path = self.spool.work_path(&name);
         let (models, run, executor) = (
             self.models.clone(),
@@ -523,6 +597,7 @@ impl Daemon {
         self.in_flight.push(InFlight {
             name,
             since: Instant::now(),
+            alone,
         });
         Ok(())
     }
@@ -683,6 +758,9 @@ impl Daemon {
                 "{}: outcome not written (disk full); stays in work/ and is processed again on the next start",
                 shown(&r.name)
             );
+            // Processing finished: this stop is no attempt that failed. (An unlink needs
+            // no space.)
+            self.spool.forget_attempts(&r.name)?;
         }
         Ok(())
     }
@@ -705,6 +783,7 @@ impl Daemon {
                     stage: error.stage,
                     reason: error.reason.clone(),
                     models: error.models.clone(),
+                    attempts: None,
                     failed_unix: unix_now(),
                 };
                 let mut bytes = serde_json::to_vec_pretty(&record)?;
@@ -715,7 +794,7 @@ impl Daemon {
         };
         Ok(Record {
             name,
-            took,
+            took: Some(took),
             kind,
             inferences,
         })
@@ -782,7 +861,9 @@ impl Daemon {
 
     /// A frame's outcome is written: count it and log it.
     fn account(&mut self, r: Record) {
-        self.status.latency.observe(r.took);
+        if let Some(took) = r.took {
+            self.status.latency.observe(took);
+        }
         for (model, ok) in &r.inferences {
             self.status.inference(model, *ok);
         }

@@ -12,6 +12,12 @@
 //! yet moved on (moved on, not retried). Claims never replace: a name already used by an
 //! earlier frame gets a `~N` suffix before its extension.
 //!
+//! A frame retried from `work/` counts its attempts there: before its N-th processing
+//! (N ≥ 2) an empty marker `work/.F.attempt-N` is created (`O_EXCL`: whole or absent, no
+//! temp file) and `work/` fsynced, so a frame that stops the daemon every time is seen
+//! to, however often it happens. The markers go when the frame leaves `work/`; markers
+//! left without their frame (a crash right after it left) are removed on open.
+//!
 //! Names are kept as the bytes they are (`OsStr`): a frame whose name is not UTF-8 keeps
 //! it in `work/`, `out/` and `done/`; its result says which bytes (`frame_bytes_hex`).
 
@@ -24,12 +30,15 @@ use nix::errno::Errno;
 use nix::fcntl::Flock;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 pub const STATUS_FILE: &str = "status.json";
 const LOCK_FILE: &str = ".lock";
 const MAX_SUFFIX: u32 = 100_000;
+/// `work/.F.attempt-N`: frame F's N-th processing has begun.
+const ATTEMPT_MARK: &str = ".attempt-";
 
 /// An open spool; holds its lock, so one daemon at a time works on it.
 pub struct Spool {
@@ -78,6 +87,7 @@ impl Spool {
             failed: dir("failed")?,
             _lock: lock_exclusive(&root.join(LOCK_FILE), "daemon")?,
         };
+        spool.remove_orphan_attempts()?;
         for d in [&spool.out, &spool.failed, &spool.root] {
             let n = remove_temp_files(d)?;
             if n > 0 {
@@ -106,6 +116,72 @@ impl Spool {
     /// Frames in `work/`, in name order: claimed by a run that did not finish them.
     pub fn in_work(&self) -> Result<Vec<OsString>> {
         Ok(list(&self.work)?.into_iter().map(|e| e.name).collect())
+    }
+
+    /// How many times the frame `work/NAME` has been processed or begun to be: once
+    /// for its claim, once more for each attempt marker.
+    pub fn attempts(&self, name: &OsStr) -> u32 {
+        let mut n = 1;
+        while std::fs::symlink_metadata(self.work.join(attempt_marker(name, n + 1))).is_ok() {
+            n += 1;
+        }
+        n
+    }
+
+    /// Records durably that the frame `work/NAME` is about to be processed for the `n`-th
+    /// time (n ≥ 2), before it is.
+    pub fn record_attempt(&self, name: &OsStr, n: u32) -> Result<()> {
+        let path = self.work.join(attempt_marker(name, n));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&path)
+        {
+            Ok(_) => {}
+            // Made by a start that stopped before it processed the frame: the same attempt.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("creating {}", shown(path.as_os_str())));
+            }
+        }
+        sync_dir(&self.work)
+    }
+
+    /// Removes the attempt markers of `NAME`, which has left `work/`: the highest first,
+    /// so that a crash half-way leaves markers 2..k, still a count (and removed on open).
+    pub fn forget_attempts(&self, name: &OsStr) -> Result<()> {
+        for n in (2..=self.attempts(name)).rev() {
+            let path = self.work.join(attempt_marker(name, n));
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", shown(path.as_os_str())));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes attempt markers whose frame is no longer in `work/`.
+    fn remove_orphan_attempts(&self) -> Result<()> {
+        for entry in std::fs::read_dir(&self.work)
+            .with_context(|| format!("listing {}", self.work.display()))?
+        {
+            let marker = entry
+                .with_context(|| format!("listing {}", self.work.display()))?
+                .file_name();
+            let Some(frame) = frame_of_marker(&marker) else {
+                continue;
+            };
+            if std::fs::symlink_metadata(self.work.join(&frame)).is_err() {
+                let path = self.work.join(&marker);
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", shown(path.as_os_str())))?;
+            }
+        }
+        Ok(())
     }
 
     fn name_in_use(&self, name: &OsStr) -> bool {
@@ -181,7 +257,8 @@ impl Spool {
                 removed.with_context(|| format!("removing {}", shown(from.as_os_str())))?;
             }
         }
-        sync_dir(&self.work)
+        sync_dir(&self.work)?;
+        self.forget_attempts(name)
     }
 
     /// Records why the frame failed, then moves it to `failed/`.
@@ -193,16 +270,19 @@ impl Spool {
     pub fn release_failed(&self, name: &OsStr) -> Result<()> {
         move_unique(&self.work.join(name), &self.failed, name)?;
         sync_dir(&self.failed)?;
-        sync_dir(&self.work)
+        sync_dir(&self.work)?;
+        self.forget_attempts(name)
     }
 
     /// Puts a claimed frame back into `incoming/` (shutdown before it was done). If that
-    /// name is taken again it stays in `work/`, which the next start retries.
+    /// name is taken again it stays in `work/`, which the next start retries. A frame put
+    /// back starts its count again: the stop, not the frame, ended its attempt.
     pub fn requeue(&self, name: &OsStr) -> Result<()> {
         match rename_noreplace(&self.work.join(name), &self.incoming.join(name)) {
             Ok(()) => {
                 sync_dir(&self.incoming)?;
-                sync_dir(&self.work)
+                sync_dir(&self.work)?;
+                self.forget_attempts(name)
             }
             Err(Errno::EEXIST) => Ok(()),
             Err(e) => Err(e).with_context(|| format!("requeueing {}", shown(name))),
@@ -212,6 +292,26 @@ impl Spool {
     pub fn write_status(&self, bytes: &[u8]) -> Result<()> {
         write_atomic(&self.root, STATUS_FILE, bytes)
     }
+}
+
+/// `.F.attempt-N`, hidden (never claimed or listed as a frame).
+fn attempt_marker(frame: &OsStr, n: u32) -> OsString {
+    let mut s = OsString::from(".");
+    s.push(frame);
+    s.push(format!("{ATTEMPT_MARK}{n}"));
+    s
+}
+
+/// The frame an attempt marker belongs to (`None` for any other name).
+fn frame_of_marker(marker: &OsStr) -> Option<OsString> {
+    let b = marker.as_encoded_bytes().strip_prefix(b".")?;
+    let at = b
+        .windows(ATTEMPT_MARK.len())
+        .rposition(|w| w == ATTEMPT_MARK.as_bytes())?;
+    let (frame, n) = (&b[..at], &b[at + ATTEMPT_MARK.len()..]);
+    let numbered = !n.is_empty() && n.iter().all(u8::is_ascii_digit);
+    (numbered && !frame.is_empty())
+        .then(|| std::os::unix::ffi::OsStringExt::from_vec(frame.to_vec()))
 }
 
 pub fn result_name(frame: &OsStr) -> OsString {
@@ -347,6 +447,43 @@ mod tests {
             Some("636166e9")
         );
         assert_eq!(name_bytes_hex(OsStr::new("café")), None);
+    }
+
+    #[test]
+    fn attempts_are_counted_in_work_and_go_with_the_frame() {
+        use std::os::unix::ffi::OsStrExt;
+        let root = std::env::temp_dir().join(format!("memaflow-attempts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let spool = Spool::open(&root).unwrap();
+        let odd = OsStr::from_bytes(b"caf\xe9.attempt-2.png");
+        for name in [OsStr::new("a.png"), odd] {
+            std::fs::write(root.join("work").join(name), b"x").unwrap();
+            assert_eq!(spool.attempts(name), 1);
+            spool.record_attempt(name, 2).unwrap();
+            spool.record_attempt(name, 2).unwrap();
+            spool.record_attempt(name, 3).unwrap();
+            assert_eq!(spool.attempts(name), 3);
+            assert_eq!(
+                frame_of_marker(&attempt_marker(name, 3)).as_deref(),
+                Some(name)
+            );
+        }
+        assert_eq!(frame_of_marker(OsStr::new(".a.png.attempt-")), None);
+        assert_eq!(frame_of_marker(OsStr::new(".a.png.tmp")), None);
+        assert_eq!(frame_of_marker(OsStr::new("a.png.attempt-2")), None);
+        // The frame is hidden from the listing's markers and released with them.
+        assert_eq!(spool.in_work().unwrap().len(), 2);
+        spool
+            .release(OsStr::new("a.png"), DonePolicy::Delete)
+            .unwrap();
+        assert_eq!(spool.attempts(OsStr::new("a.png")), 1);
+        // A frame gone without its markers (a crash in between): removed on open.
+        std::fs::remove_file(root.join("work").join(odd)).unwrap();
+        drop(spool);
+        let spool = Spool::open(&root).unwrap();
+        assert_eq!(std::fs::read_dir(root.join("work")).unwrap().count(), 0);
+        drop(spool);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

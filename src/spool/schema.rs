@@ -340,6 +340,9 @@ pub enum FrameStage {
     Inference,
     /// Processing panicked: a bug.
     Internal,
+    /// Processing never finished in `spool.max_attempts` attempts: the daemon stopped
+    /// (a crash, a kill, a watchdog restart) each time the frame was in flight.
+    Unfinished,
 }
 
 impl FrameStage {
@@ -349,6 +352,7 @@ impl FrameStage {
             FrameStage::Decode => "decode",
             FrameStage::Inference => "inference",
             FrameStage::Internal => "internal",
+            FrameStage::Unfinished => "unfinished",
         }
     }
 }
@@ -364,6 +368,9 @@ pub struct FailureRecord {
     pub reason: String,
     /// With `stage = "inference"`: each model's error.
     pub models: Vec<ModelResult>,
+    /// With `stage = "unfinished"`: how many times processing was started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
     pub failed_unix: f64,
 }
 

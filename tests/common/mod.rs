@@ -387,3 +387,94 @@ pub fn input(graph: &mut Graph, shape: &[usize]) -> TensorId {
     graph.inputs.push(t);
     t
 }
+
+/// `NAME{labels} value` lines of a Prometheus text file, by name and labels.
+pub fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (key, value) = l.rsplit_once(' ').unwrap();
+            (key.to_string(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+/// A tmpfs mounted for a test (a small disk to fill), unmounted when dropped. As root
+/// `mount` runs directly, otherwise through `sudo -n` (CI's user), the file system then
+/// owned by the user. `Err` says why there is none, for the test to record as a skip.
+pub struct Tmpfs(pub PathBuf, bool);
+
+impl Tmpfs {
+    /// `options`: tmpfs' own, e.g. `size=3m,nr_inodes=256`.
+    pub fn mount(dir: &Path, options: &str) -> Result<Tmpfs, String> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::create_dir_all(dir).unwrap();
+        // The test's own user and group: those of the directory it just made.
+        let meta = std::fs::metadata(dir).unwrap();
+        let (uid, gid) = (meta.uid(), meta.gid());
+        let sudo = uid != 0;
+        let options = format!("{options},uid={uid},gid={gid},mode=0700");
+        let out = privileged(sudo, "mount")
+            .args(["-t", "tmpfs", "-o", &options, "tmpfs"])
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{}mount -t tmpfs failed: {}",
+                if sudo { "sudo -n " } else { "" },
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Tmpfs(dir.to_path_buf(), sudo))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = privileged(self.1, "umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn privileged(sudo: bool, program: &str) -> Command {
+    if sudo {
+        let mut c = Command::new("sudo");
+        c.args(["-n", program]);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Writes `path` until the file system has no block left.
+pub fn fill(path: &Path) {
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0x55u8; 16 << 10];
+    loop {
+        match f.write_all(&chunk) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => return,
+            Err(e) => panic!("filling: {e}"),
+        }
+    }
+}
+
+/// Creates empty files in the directory `dir` (created first) until the file system has
+/// no inode left: then not even an empty file fits. Returns how many were made.
+pub fn fill_inodes(dir: &Path) -> usize {
+    std::fs::create_dir(dir).unwrap();
+    let mut n = 0;
+    loop {
+        match std::fs::File::create(dir.join(n.to_string())) {
+            Ok(_) => n += 1,
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => return n,
+            Err(e) => panic!("filling inodes: {e}"),
+        }
+    }
+}
+
+/// Bytes free for an unprivileged writer on the file system of `path`.
+pub fn free_bytes(path: &Path) -> u64 {
+    let v = nix::sys::statvfs::statvfs(path).unwrap();
+    v.blocks_available() as u64 * v.fragment_size() as u64
+}
