@@ -284,3 +284,45 @@ fn the_image_default_configuration_runs_the_default_pipeline() {
         "landmarks outside the frame: {result}"
     );
 }
+
+/// `memaflow demo` imports the default pipeline's models itself (the binary embeds
+/// `models/models.toml` and `models/pipeline.toml`): its packages are the ones
+/// `models/build` makes, byte for byte.
+#[test]
+fn the_demo_imports_the_pipeline_as_models_build_does() {
+    let Some(from) = fixtures("demo_models") else {
+        return;
+    };
+    let dir = scratch("models-demo");
+    let out = models_build(
+        &from,
+        &dir.join("built"),
+        &repo().join("models/models.toml"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // From the repository, where the demo finds target/fixtures/mediapipe.
+    let printed = cli_ok(&["demo", "--dir", dir.join("demo").to_str().unwrap()]);
+    let pipeline = std::fs::read_to_string(repo().join("models/pipeline.toml")).unwrap();
+    let entries: toml::Value = toml::from_str(&pipeline).unwrap();
+    let names: Vec<&str> = entries["model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["path"].as_str().unwrap())
+        .collect();
+    assert!(names.len() >= 2, "{names:?}");
+    for name in names {
+        assert!(
+            tree(&dir.join("demo/models").join(name)) == tree(&dir.join("built").join(name)),
+            "{name}: the demo's package differs from models/build's"
+        );
+    }
+    assert!(
+        printed.contains("1 face(s), 468 landmarks"),
+        "the demo found no face with its mesh: {printed}"
+    );
+}

@@ -40,6 +40,11 @@ const NOT_RUN: &[(&str, &str)] = &[
         "a benchmark of many minutes that makes memory cgroups (root)",
     ),
     (
+        "python3 benches/face_pipeline.py",
+        "a benchmark (a minute of both cores), run by hand when the machine is quiet \
+         (docs/results.md)",
+    ),
+    (
         "memaflow show spool/out/cam.jpg.json",
         "needs a frame named cam.jpg done by a daemon; tests/cascade.rs runs `memaflow show` on a daemon's result, with and without --frame",
     ),
