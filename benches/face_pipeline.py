@@ -119,18 +119,28 @@ def main():
                       f"{res['peak_rss'] / MIB:.1f} MiB, load {res['load'][0]:.2f} → "
                       f"{res['load'][1]:.2f}", flush=True)
     with open(os.path.join(a.out, "face_pipeline.json"), "w") as f:
-        json.dump({f"{b} {l}": rs for (b, l), rs in rows.items()}, f, indent=1)
+        json.dump({f"{b}|{l}": rs for (b, l), rs in rows.items()}, f, indent=1)
+    print(table({f"{b}|{l}": rs for (b, l), rs in rows.items()}, a.frames))
+
+
+def table(rows, frames):
+    """The Markdown table of `rows` ("BOARD|PHOTO" → runs), medians over the runs."""
     loads = [x for rs in rows.values() for res in rs for x in res["load"]]
-    print(f"\n{a.frames} frames a run, {a.rounds} rounds (medians over rounds); 1-minute load "
-          f"average {min(loads):.2f}–{max(loads):.2f} (median {statistics.median(loads):.2f})\n")
-    print("| board (budget) | photo | frames/s | latency median ms | p90 ms | peak RSS MiB |")
-    print("|---|---|---:|---:|---:|---:|")
+    rounds = min(len(rs) for rs in rows.values())
+    lines = [f"\n{frames} frames a run, {rounds} rounds (medians over rounds); 1-minute load "
+             f"average {min(loads):.2f}–{max(loads):.2f} (median {statistics.median(loads):.2f})\n",
+             "| board (budget) | photo | frames/s | latency median ms | p90 ms | peak RSS MiB "
+             "| ledger high water MiB | layer loads |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     med = lambda rs, k: statistics.median(x[k] for x in rs)
-    for (board, label), rs in rows.items():
+    for key, rs in rows.items():
+        board, label = key.split("|")
         budget = rs[0]["budget"]
         name = f"{board} ({budget / MIB:.0f} MiB)" if budget else board
-        print(f"| {name} | {label} | {med(rs, 'fps'):.2f} | {med(rs, 'median_ms'):.0f} | "
-              f"{med(rs, 'p90_ms'):.0f} | {med(rs, 'peak_rss') / MIB:.1f} |")
+        lines.append(f"| {name} | {label} | {med(rs, 'fps'):.2f} | {med(rs, 'median_ms'):.0f} | "
+                     f"{med(rs, 'p90_ms'):.0f} | {med(rs, 'peak_rss') / MIB:.1f} | "
+                     f"{med(rs, 'ledger_high_water') / MIB:.1f} | {med(rs, 'loaded'):.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
