@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 const IMAGE_CONFIG: &str = "yocto/meta-memaflow/recipes-memaflow/memaflow/files/memaflow.toml";
 const IMAGE_MODELS: &str = "/usr/share/memaflow/models";
@@ -324,5 +325,79 @@ fn the_demo_imports_the_pipeline_as_models_build_does() {
     assert!(
         printed.contains("1 face(s), 468 landmarks"),
         "the demo found no face with its mesh: {printed}"
+    );
+}
+
+/// On a fresh machine without the wheel's models (no `target/fixtures/mediapipe` where the
+/// demo runs), `../shared/models`' float export of the face mesh stands in for
+/// `face_landmark`: checked against that directory's `SHA256SUMS`, imported under the set's
+/// name, and run by `models/pipeline.toml` with the mesh's output names mapped to the
+/// export's by shape. The demo runs in a directory of its own with a `../shared` beside it,
+/// as a checkout has.
+#[test]
+fn without_the_wheel_the_demo_runs_face_landmark_f32_in_its_place() {
+    let root = scratch("models-demo-stand-in");
+    let (work, models) = (root.join("work"), root.join("shared/models"));
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&models).unwrap();
+    let shared = shared().canonicalize().unwrap();
+    std::os::unix::fs::symlink(shared.join("frames"), root.join("shared/frames")).unwrap();
+    for file in [
+        "face_detection_short_range.tflite",
+        "face_landmark_f32.tflite",
+        "SHA256SUMS",
+    ] {
+        std::os::unix::fs::symlink(shared.join("models").join(file), models.join(file)).unwrap();
+    }
+    let demo = |dir: &str| {
+        Running::spawn(
+            cli_command()
+                .args(["demo", "--dir", root.join(dir).to_str().unwrap()])
+                .current_dir(&work),
+        )
+        .wait(Duration::from_secs(600), "memaflow demo")
+    };
+    let out = demo("demo");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        printed.lines().any(|l| l.starts_with(
+            "demo: face_landmark_f32 from ../shared/models \
+             stands in for face_landmark"
+        ) && l
+            .contains("conv2d_21, conv2d_31 are its conv2d_20, conv2d_30")),
+        "{printed}"
+    );
+    assert!(
+        printed
+            .lines()
+            .any(|l| l.starts_with("astronaut.png") && l.contains("1 face(s), 468 landmarks")),
+        "the demo found no face with its mesh on astronaut.png: {printed}"
+    );
+    let pkg = memaflow::model::Package::open(root.join("demo/models/face_landmark")).unwrap();
+    assert_eq!(pkg.name(), "face_landmark");
+    assert_eq!(
+        pkg.manifest.source.as_ref().map(|s| s.file.as_str()),
+        Some("face_landmark_f32.tflite")
+    );
+
+    // A stand-in whose digest is not SHA256SUMS' is refused, naming the file.
+    let sums = std::fs::read_to_string(models.join("SHA256SUMS")).unwrap();
+    std::fs::remove_file(models.join("SHA256SUMS")).unwrap();
+    std::fs::write(
+        models.join("SHA256SUMS"),
+        sums.replace("2efcb4f4de43c761", "3efcb4f4de43c761"),
+    )
+    .unwrap();
+    let out = demo("demo-wrong");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("face_landmark_f32.tflite") && stderr.contains("SHA256SUMS says"),
+        "{stderr}"
     );
 }

@@ -2,7 +2,10 @@
 //! pipeline (`models/pipeline.toml`, embedded) needs as the default model set
 //! (`models/models.toml`, embedded) describes them — from the unpacked `mediapipe` wheel
 //! (`target/fixtures/mediapipe`, made by `tests/fetch-fixtures`) or `../shared/models`,
-//! each checked against its SHA-256 — runs the spool daemon once with that pipeline (face
+//! each checked against its SHA-256; without the wheel's face mesh, `../shared/models`'
+//! other export of it (`face_landmark_f32`, checked against that directory's `SHA256SUMS`)
+//! stands in, with the pipeline's names for its outputs mapped to the export's — runs the
+//! spool daemon once with that pipeline (face
 //! detection → landmarks on each face's crop) over `../shared/frames` (generated frames
 //! without it), writes one annotated picture per frame (`memaflow show`) and prints where.
 //! A few zoo networks run beside it as timing workloads: their weights are pseudo-random,
@@ -33,6 +36,27 @@ const MODEL_SET: &str = include_str!("../../models/models.toml");
 /// shared models beside the checkout, by file name.
 const WHEEL_MODULES: &str = "target/fixtures/mediapipe";
 const SHARED_MODELS: &str = "../shared/models";
+/// The digests of the shared models, as `sha256sum` prints them.
+const SHARED_SUMS: &str = "../shared/models/SHA256SUMS";
+
+/// A model of the set whose published file may be replaced, when neither of the demo's
+/// paths has it, by another export of the same network in `../shared/models`: checked
+/// against `SHA256SUMS` there, imported with the set's options under the set's name, and
+/// run by `models/pipeline.toml` with the names of its outputs mapped to the export's.
+struct StandIn {
+    model: &'static str,
+    file: &'static str,
+}
+
+/// The face mesh as a float export (as on main before the model set): its outputs are
+/// `conv2d_20`/`conv2d_30` where the wheel's `face_landmark.tflite` has `conv2d_21`/`conv2d_31`.
+const STAND_INS: [StandIn; 1] = [StandIn {
+    model: "face_landmark",
+    file: "face_landmark_f32.tflite",
+}];
+
+/// The face mesh's points: 468 landmarks of x, y, z.
+const MESH_VALUES: usize = 468 * 3;
 
 /// `models/models.toml`, the parts the demo reads.
 #[derive(Deserialize)]
@@ -95,10 +119,14 @@ pub fn default_dir() -> PathBuf {
     std::env::temp_dir().join("memaflow-demo")
 }
 
-/// The default pipeline's packages, or the files that were looked for when a source is
-/// not on this machine.
+/// The default pipeline's packages and the pipeline's text for them (`models/pipeline.toml`,
+/// with a stand-in's output names mapped), or the files that were looked for when a source
+/// is not on this machine.
 enum Pipeline {
-    Ready(Vec<Package>),
+    Ready {
+        packages: Vec<Package>,
+        text: String,
+    },
     Missing(Vec<PathBuf>),
 }
 
@@ -133,13 +161,13 @@ pub fn run(dir: &Path) -> Result<()> {
     }
     let config = dir.join("memaflow.toml");
     let ready = match &pipeline {
-        Pipeline::Ready(_) => Some(models.as_path()),
+        Pipeline::Ready { text, .. } => Some((models.as_path(), text.as_str())),
         Pipeline::Missing(_) => None,
     };
     std::fs::write(&config, config_text(&spool, ready, &zoo))
         .with_context(|| format!("writing {}", config.display()))?;
     match &pipeline {
-        Pipeline::Ready(_) => println!(
+        Pipeline::Ready { .. } => println!(
             "demo: the default pipeline (models/pipeline.toml: face detection → face landmarks) \
              on {} frames (and a damaged one), {} zoo networks beside it as timing workloads: \
              memaflow run --config {} --once",
@@ -166,7 +194,7 @@ pub fn run(dir: &Path) -> Result<()> {
     })?;
     print_results(&spool, &dir.join("pictures"))?;
     let pipeline_packages = match &pipeline {
-        Pipeline::Ready(p) => p.as_slice(),
+        Pipeline::Ready { packages, .. } => packages.as_slice(),
         Pipeline::Missing(_) => &[],
     };
     let total_weights: u64 = pipeline_packages
@@ -183,18 +211,18 @@ pub fn run(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The daemon's configuration: the default pipeline over the packages in `models` (when
-/// they are there), then the zoo networks, summarised only (a class from random weights
-/// would mean nothing).
-fn config_text(spool: &Path, models: Option<&Path>, zoo: &[Package]) -> String {
+/// The daemon's configuration: the default pipeline (`pipeline`, its text) over the
+/// packages in `models` (when they are there), then the zoo networks, summarised only (a
+/// class from random weights would mean nothing).
+fn config_text(spool: &Path, pipeline: Option<(&Path, &str)>, zoo: &[Package]) -> String {
     let mut text = format!(
         "# Written by `memaflow demo`; see docs/spool.md for every key.\n\
          [spool]\nroot = {:?}\n\n[run]\nbudget = \"128M\"\nparallel = 2\n",
         spool.display().to_string()
     );
-    if let Some(models) = models {
+    if let Some((models, pipeline)) = pipeline {
         text += &format!(
-            "\n[models]\ndir = {:?}\n\n{PIPELINE}",
+            "\n[models]\ndir = {:?}\n\n{pipeline}",
             models.display().to_string()
         );
     }
@@ -265,8 +293,9 @@ fn prepare_zoo(dir: &Path) -> Result<Vec<Package>> {
 }
 
 /// Every model the default pipeline runs, imported into `models` as the model set says;
-/// `Missing` when a source file is on neither of the demo's paths. A source with another
-/// digest than the manifest's is an error: it is not the published model.
+/// `Missing` when a source file is on neither of the demo's paths and has no stand-in
+/// there. A source with another digest than the manifest's (a stand-in: than
+/// `SHA256SUMS`') is an error: it is not the published model.
 fn prepare_pipeline(models: &Path) -> Result<Pipeline> {
     let set: ModelSet = toml::from_str(MODEL_SET).context("the embedded models/models.toml")?;
     let entries: PipelineEntries =
@@ -289,37 +318,156 @@ fn prepare_pipeline(models: &Path) -> Result<Pipeline> {
             Path::new(WHEEL_MODULES).join(&m.path),
             Path::new(SHARED_MODELS).join(file),
         ];
-        match candidates.iter().find(|p| p.is_file()) {
-            Some(found) => sources.push((m, found.clone())),
-            None => missing.extend(candidates),
+        if let Some(found) = candidates.iter().find(|p| p.is_file()) {
+            sources.push((m, found.clone(), None));
+            continue;
+        }
+        let stand_in = STAND_INS
+            .iter()
+            .find(|s| s.model == m.name)
+            .map(|s| (s, Path::new(SHARED_MODELS).join(s.file)));
+        match stand_in {
+            Some((s, path)) if path.is_file() => sources.push((m, path, Some(s))),
+            _ => missing.extend(candidates.into_iter().chain(stand_in.map(|(_, p)| p))),
         }
     }
     if !missing.is_empty() {
         return Ok(Pipeline::Missing(missing));
     }
-    sources
-        .into_iter()
-        .map(|(m, source)| import(m, &source, &models.join(&m.name)))
-        .collect::<Result<_>>()
-        .map(Pipeline::Ready)
+    let mut packages = vec![];
+    let mut pipeline: Option<toml::Table> = None;
+    let mut stood_in = vec![];
+    for (m, source, stand_in) in sources {
+        let pkg_dir = models.join(&m.name);
+        let Some(s) = stand_in else {
+            packages.push(import(
+                m,
+                &source,
+                (&m.sha256, "models/models.toml", &m.name),
+                &pkg_dir,
+            )?);
+            continue;
+        };
+        let package = import(
+            m,
+            &source,
+            (&shared_sum(s.file)?, SHARED_SUMS, s.file),
+            &pkg_dir,
+        )?;
+        let table = match &mut pipeline {
+            Some(t) => t,
+            None => pipeline
+                .insert(toml::from_str(PIPELINE).context("the embedded models/pipeline.toml")?),
+        };
+        let renamed = map_landmark_outputs(table, &package)?;
+        let names = |i: usize| {
+            renamed
+                .iter()
+                .map(|r: &[String; 2]| r[i].as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let said = format!(
+            "{} from {SHARED_MODELS} stands in for {} (no {}): models/pipeline.toml's \
+             outputs {} are its {}",
+            Path::new(s.file)
+                .file_stem()
+                .unwrap_or_default()
+                .to_string_lossy(),
+            m.name,
+            Path::new(WHEEL_MODULES).join(&m.path).display(),
+            names(0),
+            names(1),
+        );
+        println!("demo: {said}");
+        stood_in.push(said);
+        packages.push(package);
+    }
+    let text = match pipeline {
+        None => PIPELINE.to_string(),
+        Some(table) => format!(
+            "# models/pipeline.toml, but {}\n{}",
+            stood_in.join("; "),
+            toml::to_string(&table).context("writing the pipeline")?
+        ),
+    };
+    Ok(Pipeline::Ready { packages, text })
 }
 
-/// `source` checked against the model set's digest and imported into `pkg_dir`, unless a
-/// package imported from the same file with the same preprocessing is already there.
-fn import(m: &SetModel, source: &Path, pkg_dir: &Path) -> Result<Package> {
+/// In the pipeline `table`, the `[model.landmarks]` outputs of the entry that runs
+/// `package` (a stand-in, by its name) renamed to the package's own: the points are its
+/// output of 468 × 3 values, the presence score its output of one. Returns the [old, new]
+/// names.
+fn map_landmark_outputs(table: &mut toml::Table, package: &Package) -> Result<Vec<[String; 2]>> {
+    let name = package.name();
+    let entry = table
+        .get_mut("model")
+        .and_then(|m| m.as_array_mut())
+        .and_then(|models| {
+            models
+                .iter_mut()
+                .find(|e| e.get("path").and_then(|p| p.as_str()) == Some(name))
+        })
+        .with_context(|| format!("models/pipeline.toml runs no {name}"))?;
+    let landmarks = entry
+        .get_mut("landmarks")
+        .and_then(|l| l.as_table_mut())
+        .with_context(|| {
+            format!("models/pipeline.toml: {name} has no [model.landmarks] for a stand-in's names")
+        })?;
+    let by_values = |n: usize| {
+        package
+            .manifest
+            .outputs
+            .iter()
+            .find(|o| o.shape.iter().product::<usize>() == n)
+            .map(|o| o.name.clone())
+            .with_context(|| format!("{name}: no output of {n} values"))
+    };
+    let mut renamed = vec![];
+    for (key, values) in [("points", MESH_VALUES), ("presence", 1)] {
+        let to = by_values(values)?;
+        let from = landmarks
+            .insert(key.to_string(), toml::Value::String(to.clone()))
+            .and_then(|v| v.as_str().map(str::to_string))
+            .with_context(|| format!("models/pipeline.toml: {name} has no landmarks.{key}"))?;
+        renamed.push([from, to]);
+    }
+    Ok(renamed)
+}
+
+/// The digest `../shared/models/SHA256SUMS` gives `file`.
+fn shared_sum(file: &str) -> Result<Sha256> {
+    let sums = std::fs::read_to_string(SHARED_SUMS)
+        .with_context(|| format!("reading {SHARED_SUMS} to check {file}"))?;
+    sums.lines()
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .find(|(_, f)| f.trim_start().trim_start_matches('*') == file)
+        .with_context(|| format!("{SHARED_SUMS} does not list {file}"))?
+        .0
+        .parse()
+}
+
+/// `source` checked against `digest` (`listed_in` gives it for `entry`) and imported into `pkg_dir` as the
+/// model set says, unless a package imported from the same file with the same
+/// preprocessing is already there.
+fn import(
+    m: &SetModel,
+    source: &Path,
+    (digest, listed_in, entry): (&Sha256, &str, &str),
+    pkg_dir: &Path,
+) -> Result<Package> {
     let bytes = std::fs::read(source).with_context(|| format!("reading {}", source.display()))?;
-    let digest = Sha256::of(&bytes);
-    if digest != m.sha256 {
+    let got = Sha256::of(&bytes);
+    if got != *digest {
         bail!(
-            "{}: SHA-256 {digest}, models/models.toml says {} for {}",
+            "{}: SHA-256 {got}, {listed_in} says {digest} for {entry}",
             source.display(),
-            m.sha256,
-            m.name
         );
     }
     let options = m.import_options()?;
     let same_source = model::package::Source {
-        file: Path::new(&m.path)
+        file: source
             .file_name()
             .unwrap_or_default()
             .to_string_lossy()
