@@ -115,25 +115,39 @@ class Cgroup:
 
 
 def run_daemon(work, pkgs, frames, threads, cache, budget, limit, tag, eviction="cost-per-byte"):
-    """One `memaflow run --once` over `frames`; returns its figures."""
+    """One `memaflow run --once` over `frames`, each model summarised; returns its figures."""
+    models = "\n".join(f'[[model]]\npath = "{p}"' for p in pkgs)
+    run = f'threads = {threads}\nparallel = {threads}\nframes_in_flight = {threads}\nreserve = "4M"\ncache = "{cache}"\neviction = "{eviction}"\n'
+    if budget:
+        run += f"budget = {budget}\n"
+    res = run_spool(work, tag, frames, run, models, limit=limit)
+    del res["results"]
+    return res
+
+
+def run_spool(work, tag, frames, run, models, board=None, limit=None):
+    """One `memaflow run --once [--board BOARD]` over copies of `frames`, with `run` as the
+    configuration's [run] section and `models` (its [models] and [[model]] entries) after
+    it, in a memory cgroup at `limit` bytes when given; returns its figures: frames/s of the
+    whole run (start-up included), latency (`time_ms.total`) median, p90 and p99 (`p50_ms`
+    is the upper median), the largest `peak_rss_bytes` of a result, the 1-minute load
+    average before and after, and the results themselves."""
     root = os.path.join(work, "spool-" + tag)
     shutil.rmtree(root, ignore_errors=True)
     os.makedirs(os.path.join(root, "incoming"))
     for k, f in enumerate(frames):
         shutil.copy(f, os.path.join(root, "incoming", f"{k:04d}-{os.path.basename(f)}"))
     config = os.path.join(work, f"{tag}.toml")
-    models = "\n".join(f'[[model]]\npath = "{p}"' for p in pkgs)
-    run = f'threads = {threads}\nparallel = {threads}\nframes_in_flight = {threads}\nreserve = "4M"\ncache = "{cache}"\neviction = "{eviction}"\n'
-    if budget:
-        run += f"budget = {budget}\n"
     with open(config, "w") as f:
         f.write(f'[spool]\nroot = "{root}"\nrescan_secs = 60\n[run]\n{run}{models}\n')
-    argv = [BIN, "run", "--config", config, "--once"]
+    argv = [BIN, "run", "--config", config, "--once"] + (["--board", board] if board else [])
     cg = Cgroup(tag, limit) if limit else None
     env = dict(os.environ, RUST_LOG="warn")
+    load_before = os.getloadavg()[0]
     t0 = time.monotonic()
     proc = subprocess.run(cg.wrap(argv) if cg else argv, capture_output=True, text=True, env=env)
     secs = time.monotonic() - t0
+    load_after = os.getloadavg()[0]
     oom = cg.oom_kills() if cg else 0
     peak = cg.peak() if cg else None
     if cg:
@@ -143,6 +157,7 @@ def run_daemon(work, pkgs, frames, threads, cache, budget, limit, tag, eviction=
     lat = sorted(r["time_ms"]["total"] for r in results)
     status = json.load(open(os.path.join(root, "status.json")))
     failed_models = sum(1 for r in results for m in r["models"] if "error" in m)
+    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
     return {
         "exit": proc.returncode,
         "oom_kills": oom,
@@ -150,12 +165,16 @@ def run_daemon(work, pkgs, frames, threads, cache, budget, limit, tag, eviction=
         "secs": secs,
         "fps": len(results) / secs,
         "p50_ms": lat[len(lat) // 2] if lat else None,
-        "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+        "median_ms": statistics.median(lat) if lat else None,
+        "p90_ms": pct(0.9),
+        "p99_ms": pct(0.99),
         "peak_rss": max((r["memory"]["peak_rss_bytes"] for r in results), default=None),
         "cgroup_peak": peak,
         "ledger_high_water": status["cache"]["ledger_high_water_bytes"],
         "loaded": sum(m.get("layers", {}).get("loaded", 0) for r in results for m in r["models"]),
         "model_errors": failed_models,
+        "load": (load_before, load_after),
+        "results": results,
         "stderr": proc.stderr.strip().splitlines()[-1:] if proc.returncode else [],
     }
 

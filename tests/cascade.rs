@@ -1,5 +1,6 @@
-//! Cascades in the spool daemon: face detection → face landmarks and palm detection → hand
-//! landmarks, MediaPipe's published models (the `mediapipe` wheel, `tests/fetch-fixtures`).
+//! Cascades in the spool daemon: the default pipeline (`models/pipeline.toml`, face
+//! detection → face landmarks) and palm detection → hand landmarks, on the default model
+//! set's packages (`models/build` from the `mediapipe` wheel, `tests/fetch-fixtures`).
 //!
 //! - Every crop's landmarks equal the reference interpreter (ai-edge-litert's reference
 //!   kernels) run on the same crop tensor (`[debug] dump_inputs`), mapped through the same
@@ -11,9 +12,11 @@
 //!   as is, mirrored, moved, moved and mirrored) each face gets its own landmarks, each set
 //!   agreeing with FaceMesh's for that face.
 //!
-//! The photos show no hands, so the palm detector runs with a low score threshold: its
-//! false detections still give the palm → hand cascade crops to check against the
-//! reference (the region rotated by wrist → middle finger, shifted, scaled by 2.6).
+//! - On three photos of a hand (the npm package fingerpose's, `tests/fetch-fixtures`: the
+//!   index finger straight, half and fully curled) one palm is found and the hand's 21
+//!   landmarks agree with MediaPipe's own Python Hands (static image mode, model complexity
+//!   0: the same lite pair) within 5 % of the palm box's size, mean point distance; they
+//!   lie inside the crop region (rotated by wrist → middle finger, shifted, scaled by 2.6).
 
 mod common;
 use common::*;
@@ -27,14 +30,20 @@ use std::time::Duration;
 
 const FACES: &str = "face_detection_short_range";
 const MESH: &str = "face_landmark";
-const PALMS: &str = "palm_detection_full";
-const HAND: &str = "hand_landmark_full";
+const PALMS: &str = "palm_detection_lite";
+const HAND: &str = "hand_landmark_lite";
 const MOSAIC: &str = "mosaic.png";
+/// The hand photos, as `tests/fetch-fixtures` names them in `target/fixtures/hands`.
+const HAND_PHOTOS: [&str; 3] = ["nocurl.jpg", "halfcurl.jpg", "fullcurl.jpg"];
 
 fn mediapipe_dir() -> PathBuf {
     std::env::var("MEMAFLOW_MEDIAPIPE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| repo().join("target/fixtures/mediapipe"))
+}
+
+fn hands_dir() -> PathBuf {
+    repo().join("target/fixtures/hands")
 }
 
 fn tflite(name: &str) -> PathBuf {
@@ -47,8 +56,12 @@ fn tflite(name: &str) -> PathBuf {
     mediapipe_dir().join(sub).join(format!("{name}.tflite"))
 }
 
-/// The pipeline under test: MediaPipe's numbers (docs/spool.md, "Cascades").
+/// The pipeline under test: the default pipeline (`models/pipeline.toml`, face detection
+/// → face landmarks), as the image and the demo run it, then a palm → hand cascade on the
+/// model set's hand pair (MediaPipe's numbers; docs/spool.md, "Cascades"), all over the
+/// model set's packages in `pkgs`.
 fn config_text(spool: &Path, pkgs: &Path, dump: &Path) -> String {
+    let pipeline = std::fs::read_to_string(repo().join("models/pipeline.toml")).unwrap();
     format!(
         r#"
 [spool]
@@ -57,36 +70,12 @@ root = {spool:?}
 frames_in_flight = 2
 [debug]
 dump_inputs = {dump:?}
+[models]
+dir = {pkgs:?}
 
+{pipeline}
 [[model]]
-path = {faces:?}
-report = "boxes"
-[model.preprocess]
-resize = "letterbox"
-[model.boxes]
-boxes = "regressors"
-scores = "classificators"
-input_size = [128, 128]
-strides = [8, 16, 16, 16]
-keypoints = 6
-nms = "weighted"
-
-[[model]]
-path = {mesh:?}
-report = "landmarks"
-[model.input]
-from = "{FACES}"
-rotate_by = [0, 1]
-scale = 1.5
-square = true
-max = 8
-[model.landmarks]
-points = "conv2d_21"
-presence = "conv2d_31"
-sigmoid = true
-
-[[model]]
-path = {palms:?}
+path = "{PALMS}"
 report = "boxes"
 [model.preprocess]
 resize = "letterbox"
@@ -97,10 +86,9 @@ input_size = [192, 192]
 strides = [8, 16, 16, 16]
 keypoints = 7
 nms = "weighted"
-score_threshold = 0.05
 
 [[model]]
-path = {hand:?}
+path = "{HAND}"
 report = "landmarks"
 [model.input]
 from = "{PALMS}"
@@ -113,11 +101,7 @@ max = 2
 [model.landmarks]
 points = "Identity"
 presence = "Identity_1"
-"#,
-        faces = pkgs.join(FACES),
-        mesh = pkgs.join(MESH),
-        palms = pkgs.join(PALMS),
-        hand = pkgs.join(HAND),
+"#
     )
 }
 
@@ -155,7 +139,7 @@ impl Run {
     }
 }
 
-/// Imports the four models, runs the daemon once over the photos, reads the results;
+/// Builds the model set, runs the daemon once over the photos, reads the results;
 /// `None` (recorded as a skip) without the fixtures. Shared by the tests.
 fn run() -> Option<&'static Run> {
     static RUN: OnceLock<Option<Run>> = OnceLock::new();
@@ -164,11 +148,13 @@ fn run() -> Option<&'static Run> {
         let missing: Vec<PathBuf> = [FACES, MESH, PALMS, HAND]
             .map(tflite)
             .into_iter()
+            .chain(HAND_PHOTOS.map(|f| hands_dir().join(f)))
             .chain([astronaut.clone()])
             .filter(|p| !p.is_file())
             .collect();
         if !missing.is_empty() {
-            let reason = format!("missing {missing:?}: run tests/fetch-fixtures (needs PyPI)");
+            let reason =
+                format!("missing {missing:?}: run tests/fetch-fixtures (needs PyPI and npm)");
             assert!(
                 std::env::var("MEMAFLOW_REQUIRE_REFERENCE").as_deref() != Ok("1"),
                 "{reason}"
@@ -177,29 +163,28 @@ fn run() -> Option<&'static Run> {
             return None;
         }
         let dir = scratch("cascade");
+        // The model set's packages, made as the image makes them.
         let pkgs = dir.join("pkgs");
-        for name in [FACES, MESH, PALMS, HAND] {
-            let range = if name == FACES {
-                "--range=-1,1"
-            } else {
-                "--range=0,1"
-            };
-            let out = pkgs.join(name);
-            cli_ok(&[
-                "import",
-                tflite(name).to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                range,
-            ]);
-        }
+        let built = models_build(&mediapipe_dir(), &pkgs, &repo().join("models/models.toml"));
+        assert!(
+            built.status.success(),
+            "{}",
+            String::from_utf8_lossy(&built.stderr)
+        );
         let frames = dir.join("frames");
         std::fs::create_dir_all(&frames).unwrap();
         std::fs::copy(&astronaut, frames.join("astronaut.png")).unwrap();
         mosaic(&astronaut).save(frames.join(MOSAIC)).unwrap();
+        for f in HAND_PHOTOS {
+            std::fs::copy(hands_dir().join(f), frames.join(f)).unwrap();
+        }
         let spool = dir.join("spool");
         std::fs::create_dir_all(spool.join("incoming")).unwrap();
-        for f in ["astronaut.png", MOSAIC] {
+        let all: Vec<&str> = ["astronaut.png", MOSAIC]
+            .into_iter()
+            .chain(HAND_PHOTOS)
+            .collect();
+        for f in &all {
             std::fs::copy(frames.join(f), spool.join("incoming").join(f)).unwrap();
         }
         let config = dir.join("memaflow.toml");
@@ -220,13 +205,14 @@ fn run() -> Option<&'static Run> {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let results = ["astronaut.png", MOSAIC]
+        let results = all
+            .iter()
             .map(|f| {
                 let r = FrameResult::read(&spool.join(format!("out/{f}.json")))
                     .unwrap_or_else(|e| panic!("{e:#}"));
                 (f.to_string(), r)
             })
-            .into();
+            .collect();
         Some(Run { dir, results })
     })
     .as_ref()
@@ -301,22 +287,23 @@ fn every_crop_equals_the_reference_interpreter_on_the_same_tensor() {
     );
 }
 
-/// MediaPipe's FaceMesh on `image`: each face's 468 points in pixels; `None` (recorded as
-/// a skip) without the wheel's Python solutions.
-fn face_mesh(image: &Path, max_faces: usize) -> Option<Vec<Vec<[f32; 2]>>> {
+/// MediaPipe's own Python solution `script` (`tests/reference/`) on `image`, up to `max`
+/// faces or hands: each one's points in pixels; `None` (recorded as a skip) without the
+/// wheel's Python solutions.
+fn mediapipe_points(script: &str, image: &Path, max: usize) -> Option<Vec<Vec<[f32; 2]>>> {
     let python = std::env::var("MEMAFLOW_MEDIAPIPE_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|_| repo().join("target/fixtures/mediapipe-py/bin/python"));
     let out = Command::new(&python)
-        .arg(repo().join("tests/reference/face_mesh.py"))
+        .arg(repo().join("tests/reference").join(script))
         .arg(image)
-        .arg(max_faces.to_string())
+        .arg(max.to_string())
         .output();
     match out {
         Ok(o) if o.status.success() => Some(serde_json::from_slice(&o.stdout).unwrap()),
         other => {
             let reason = format!(
-                "MediaPipe's FaceMesh ({}) did not run: {:?}; run tests/fetch-fixtures",
+                "MediaPipe's {script} ({}) did not run: {:?}; run tests/fetch-fixtures",
                 python.display(),
                 other.map(|o| String::from_utf8_lossy(&o.stderr).to_string())
             );
@@ -324,10 +311,15 @@ fn face_mesh(image: &Path, max_faces: usize) -> Option<Vec<Vec<[f32; 2]>>> {
                 std::env::var("MEMAFLOW_REQUIRE_REFERENCE").as_deref() != Ok("1"),
                 "{reason}"
             );
-            skip("cascade-face-mesh", &reason);
+            skip(&format!("cascade-{script}"), &reason);
             None
         }
     }
+}
+
+/// MediaPipe's FaceMesh on `image`: each face's 468 points in pixels.
+fn face_mesh(image: &Path, max_faces: usize) -> Option<Vec<Vec<[f32; 2]>>> {
+    mediapipe_points("face_mesh.py", image, max_faces)
 }
 
 /// Mean distance between corresponding points.
@@ -428,6 +420,36 @@ fn each_face_of_a_group_gets_its_own_landmarks() {
     assert_eq!(quarters.len(), 4, "one face in each quarter");
     if let Some(reference) = reference {
         assert_eq!(reference.len(), 4, "FaceMesh finds the four faces too");
+    }
+}
+
+#[test]
+fn each_hand_photo_agrees_with_mediapipe_hands() {
+    let Some(run) = run() else { return };
+    for photo in HAND_PHOTOS {
+        let palms = detections(run.result(photo), PALMS);
+        assert_eq!(palms.len(), 1, "{photo}: {palms:?}");
+        let (roi, hand) = landmarks(&palms[0], HAND);
+        assert!(hand.present, "{photo}: presence {:?}", hand.presence);
+        assert_eq!(hand.points.len(), 21);
+        assert!(
+            hand.points.iter().all(|p| inside(roi, p)),
+            "{photo}: outside {roi:?}"
+        );
+        let Some(reference) = mediapipe_points("hands.py", &run.frame_path(photo), 2) else {
+            return;
+        };
+        assert_eq!(
+            reference.len(),
+            1,
+            "{photo}: MediaPipe's Hands finds one hand"
+        );
+        let off = mean_distance(&hand.points, &reference[0]) / box_size(&palms[0]);
+        eprintln!(
+            "{photo}: mean distance to MediaPipe's Hands {:.2} % of the palm box",
+            off * 100.0
+        );
+        assert!(off <= 0.05, "{photo}: {:.2} % of the palm box", off * 100.0);
     }
 }
 

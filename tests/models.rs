@@ -30,18 +30,6 @@ fn fixtures(test: &str) -> Option<PathBuf> {
     }
 }
 
-fn build(from: &Path, out: &Path, manifest: &Path) -> std::process::Output {
-    Running::spawn(
-        std::process::Command::new("python3")
-            .arg(repo().join("models/build"))
-            .args(["--manifest", manifest.to_str().unwrap()])
-            .args(["--from", from.to_str().unwrap()])
-            .args(["--out", out.to_str().unwrap()])
-            .args(["--memaflow", bin()]),
-    )
-    .wait(Duration::from_secs(600), "models/build")
-}
-
 /// Every file under `dir`, by relative path, with its bytes.
 fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut files = BTreeMap::new();
@@ -80,7 +68,7 @@ fn models_build_checks_digests_and_is_reproducible() {
     let dir = scratch("models-build");
     let manifest = repo().join("models/models.toml");
     for run in ["a", "b"] {
-        let out = build(&from, &dir.join(run), &manifest);
+        let out = models_build(&from, &dir.join(run), &manifest);
         assert!(
             out.status.success(),
             "{}",
@@ -118,7 +106,7 @@ fn models_build_checks_digests_and_is_reproducible() {
         dir.join("LICENSE.mediapipe"),
     )
     .unwrap();
-    let out = build(&from, &dir.join("c"), &wrong);
+    let out = models_build(&from, &dir.join("c"), &wrong);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
@@ -178,7 +166,7 @@ fn models_build_reads_a_wheel_and_checks_its_digest() {
     .unwrap();
 
     // The wheel made here is not the published one: its digest is refused, nothing written.
-    let out = build(
+    let out = models_build(
         &wheel,
         &dir.join("refused"),
         &repo().join("models/models.toml"),
@@ -198,13 +186,13 @@ fn models_build_reads_a_wheel_and_checks_its_digest() {
     let digest = memaflow::model::package::Sha256::of(&std::fs::read(&wheel).unwrap());
     let manifest = dir.join("models.toml");
     std::fs::write(&manifest, text.replace(published, &digest.to_string())).unwrap();
-    let out = build(&wheel, &dir.join("wheel"), &manifest);
+    let out = models_build(&wheel, &dir.join("wheel"), &manifest);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = build(&from, &dir.join("dir"), &manifest);
+    let out = models_build(&from, &dir.join("dir"), &manifest);
     assert!(
         out.status.success(),
         "{}",
@@ -237,7 +225,7 @@ fn the_image_default_configuration_runs_the_default_pipeline() {
         return;
     };
     let dir = scratch("models-image-config");
-    let out = build(
+    let out = models_build(
         &from,
         &dir.join("models"),
         &repo().join("models/models.toml"),
@@ -319,7 +307,7 @@ fn the_idle_daemon_on_the_default_pipeline_stays_within_10_mib() {
         return;
     };
     let dir = scratch("models-idle-rss");
-    let out = build(
+    let out = models_build(
         &from,
         &dir.join("models"),
         &repo().join("models/models.toml"),
@@ -393,5 +381,121 @@ fn the_idle_daemon_on_the_default_pipeline_stays_within_10_mib() {
         memory.rss <= IDLE_RSS_GOAL,
         "idle VmRSS {:.1} MiB, over the 10 MiB goal:\n{log}",
         mib(memory.rss)
+    );
+}
+
+/// `memaflow demo` imports the default pipeline's models itself (the binary embeds
+/// `models/models.toml` and `models/pipeline.toml`): its packages are the ones
+/// `models/build` makes, byte for byte.
+#[test]
+fn the_demo_imports_the_pipeline_as_models_build_does() {
+    let Some(from) = fixtures("demo_models") else {
+        return;
+    };
+    let dir = scratch("models-demo");
+    let out = models_build(
+        &from,
+        &dir.join("built"),
+        &repo().join("models/models.toml"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // From the repository, where the demo finds target/fixtures/mediapipe.
+    let printed = cli_ok(&["demo", "--dir", dir.join("demo").to_str().unwrap()]);
+    let pipeline = std::fs::read_to_string(repo().join("models/pipeline.toml")).unwrap();
+    let entries: toml::Value = toml::from_str(&pipeline).unwrap();
+    let names: Vec<&str> = entries["model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["path"].as_str().unwrap())
+        .collect();
+    assert!(names.len() >= 2, "{names:?}");
+    for name in names {
+        assert!(
+            tree(&dir.join("demo/models").join(name)) == tree(&dir.join("built").join(name)),
+            "{name}: the demo's package differs from models/build's"
+        );
+    }
+    assert!(
+        printed.contains("1 face(s), 468 landmarks"),
+        "the demo found no face with its mesh: {printed}"
+    );
+}
+
+/// On a fresh machine without the wheel's models (no `target/fixtures/mediapipe` where the
+/// demo runs), `../shared/models`' float export of the face mesh stands in for
+/// `face_landmark`: checked against that directory's `SHA256SUMS`, imported under the set's
+/// name, and run by `models/pipeline.toml` with the mesh's output names mapped to the
+/// export's by shape. The demo runs in a directory of its own with a `../shared` beside it,
+/// as a checkout has.
+#[test]
+fn without_the_wheel_the_demo_runs_face_landmark_f32_in_its_place() {
+    let root = scratch("models-demo-stand-in");
+    let (work, models) = (root.join("work"), root.join("shared/models"));
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&models).unwrap();
+    let shared = shared().canonicalize().unwrap();
+    std::os::unix::fs::symlink(shared.join("frames"), root.join("shared/frames")).unwrap();
+    for file in [
+        "face_detection_short_range.tflite",
+        "face_landmark_f32.tflite",
+        "SHA256SUMS",
+    ] {
+        std::os::unix::fs::symlink(shared.join("models").join(file), models.join(file)).unwrap();
+    }
+    let demo = |dir: &str| {
+        Running::spawn(
+            cli_command()
+                .args(["demo", "--dir", root.join(dir).to_str().unwrap()])
+                .current_dir(&work),
+        )
+        .wait(Duration::from_secs(600), "memaflow demo")
+    };
+    let out = demo("demo");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        printed.lines().any(|l| l.starts_with(
+            "demo: face_landmark_f32 from ../shared/models \
+             stands in for face_landmark"
+        ) && l
+            .contains("conv2d_21, conv2d_31 are its conv2d_20, conv2d_30")),
+        "{printed}"
+    );
+    assert!(
+        printed
+            .lines()
+            .any(|l| l.starts_with("astronaut.png") && l.contains("1 face(s), 468 landmarks")),
+        "the demo found no face with its mesh on astronaut.png: {printed}"
+    );
+    let pkg = memaflow::model::Package::open(root.join("demo/models/face_landmark")).unwrap();
+    assert_eq!(pkg.name(), "face_landmark");
+    assert_eq!(
+        pkg.manifest.source.as_ref().map(|s| s.file.as_str()),
+        Some("face_landmark_f32.tflite")
+    );
+
+    // A stand-in whose digest is not SHA256SUMS' is refused, naming the file.
+    let sums = std::fs::read_to_string(models.join("SHA256SUMS")).unwrap();
+    std::fs::remove_file(models.join("SHA256SUMS")).unwrap();
+    std::fs::write(
+        models.join("SHA256SUMS"),
+        sums.replace("2efcb4f4de43c761", "3efcb4f4de43c761"),
+    )
+    .unwrap();
+    let out = demo("demo-wrong");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("face_landmark_f32.tflite") && stderr.contains("SHA256SUMS says"),
+        "{stderr}"
     );
 }

@@ -13,7 +13,8 @@
 //! over packages `models/build` makes in `target/models` — a recorded skip without the
 //! fixtures), and `../shared` (a link to the shared directory). Before each `memaflow run
 //! … --once`, a frame (`astronaut.png`) is dropped into `spool/incoming/`, and its result
-//! must come out without an error. The demo's `$TMPDIR` is the directory's `tmp/`.
+//! must come out without an error. The demo's `$TMPDIR` is the directory's `tmp/`; it must
+//! show one face with 468 landmarks on `astronaut.png` (the default pipeline ran).
 //!
 //! Every other line must be in [`NOT_RUN`] with the reason it is not run here (root,
 //! QEMU, the cross build, the network, hours of running, a daemon that runs forever, the
@@ -37,6 +38,11 @@ const NOT_RUN: &[(&str, &str)] = &[
     (
         "python3 benches/stream.py",
         "a benchmark of many minutes that makes memory cgroups (root)",
+    ),
+    (
+        "python3 benches/face_pipeline.py",
+        "a benchmark (a minute of both cores), run by hand when the machine is quiet \
+         (docs/results.md)",
     ),
     (
         "memaflow show spool/out/cam.jpg.json",
@@ -286,6 +292,18 @@ fn documented_commands_run_as_written() {
                 "{file}: `{line}` should fail saying '{says}': {stderr}"
             ),
             None => assert!(out.status.success(), "{file}: `{line}` failed: {stderr}"),
+        }
+        if line.ends_with(" demo") {
+            // The demo runs the default pipeline on the shared photos: the astronaut's face
+            // and its mesh, not only the timing workloads.
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                stdout
+                    .lines()
+                    .any(|l| l.starts_with("astronaut.png")
+                        && l.contains("1 face(s), 468 landmarks")),
+                "{file}: `{line}` found no face on astronaut.png: {stdout}"
+            );
         }
         if daemon_once {
             let result = dir.join(format!("spool/out/astronaut-{frames}.png.json"));

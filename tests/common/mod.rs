@@ -193,6 +193,20 @@ pub fn import_shared(name: &str, dir: &Path) -> PathBuf {
     pkg
 }
 
+/// `models/build` (the default model set's packages, as the image has them) from `from`
+/// (the wheel or its unpacked modules) into `out`, with `manifest`.
+pub fn models_build(from: &Path, out: &Path, manifest: &Path) -> Output {
+    Running::spawn(
+        Command::new("python3")
+            .arg(repo().join("models/build"))
+            .args(["--manifest", manifest.to_str().unwrap()])
+            .args(["--from", from.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap()])
+            .args(["--memaflow", bin()]),
+    )
+    .wait(Duration::from_secs(600), "models/build")
+}
+
 /// Records a skipped check so that the test script can print it.
 pub fn skip(test: &str, reason: &str) {
     let line = format!("SKIPPED {test}: {reason}");
