@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 /// The directory run cgroups are created in.
 #[derive(Debug)]
-pub struct BenchCgroups {
+pub(crate) struct BenchCgroups {
     parent: PathBuf,
     version: CgroupVersion,
     /// Removed at the end only when this bench created it (another bench may share it).

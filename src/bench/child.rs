@@ -63,12 +63,12 @@ pub enum Status {
 
 /// A finished child: how it ended and how long it took from spawn to reaping.
 #[derive(Clone, Copy, Debug)]
-pub struct Ended {
+pub(crate) struct Ended {
     pub exit: Exit,
-    pub wall: Duration,
+    pub(crate) wall: Duration,
     /// CPU time (user + system) of the child, where the kernel reports it.
     pub cpu: Option<Duration>,
-    pub timed_out: bool,
+    pub(crate) timed_out: bool,
 }
 
 /// User + system time of all reaped children of this process so far. The bench runs
@@ -100,7 +100,7 @@ fn children_cpu() -> Option<Duration> {
 /// it would need a second pipe, because `Command::spawn` only returns once the child has
 /// exec'd. The hook makes one `write(2)` on an inherited descriptor: async-signal-safe,
 /// no allocation, as code between fork and exec must be.
-pub fn run(
+pub(crate) fn run(
     program: &Path,
     args: &[String],
     stderr: &Path,
@@ -164,7 +164,7 @@ pub fn run(
 
 /// The verdict: a child that did not finish cleanly while its cgroup recorded an OOM
 /// kill was OOM-killed; any other unclean end failed.
-pub fn classify(ended: &Ended, stats: Option<&CgroupStats>, report_ok: bool) -> Status {
+pub(crate) fn classify(ended: &Ended, stats: Option<&CgroupStats>, report_ok: bool) -> Status {
     if ended.timed_out {
         return Status::Timeout;
     }

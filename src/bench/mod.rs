@@ -7,7 +7,7 @@
 //! --status-quo` uses it. The rest needs the `bench` feature (cgroups-rs, plotters,
 //! indicatif).
 
-pub mod status_quo;
+pub(crate) mod status_quo;
 
 #[cfg(feature = "bench")]
 mod cgroup;

@@ -78,7 +78,7 @@ pub const BASELINE: Combo = Combo::Layerwise(LoadingPolicy::Bulk, SchedulingPoli
 impl Combo {
     /// Status quo first, then the paper's table order (loading, then scheduling), then
     /// the cached rows in the same order.
-    pub fn sort_key(self) -> (usize, usize) {
+    pub(crate) fn sort_key(self) -> (usize, usize) {
         let position = |l: LoadingPolicy, s: SchedulingPolicy| {
             (
                 1 + LoadingPolicy::ALL.iter().position(|x| *x == l).unwrap_or(0),
@@ -211,7 +211,7 @@ pub struct Workload {
 /// A validated plan.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExperimentPlan {
-    pub repetitions: usize,
+    pub(crate) repetitions: usize,
     pub memory: Vec<MemoryLevel>,
     pub parallel: Vec<usize>,
     pub workers: Option<usize>,
@@ -225,7 +225,7 @@ pub struct ExperimentPlan {
 pub struct RunSpec {
     /// 1-based, in execution order.
     pub id: usize,
-    pub repetition: usize,
+    pub(crate) repetition: usize,
     pub memory: MemoryLevel,
     /// Index into `ExperimentPlan::workloads`.
     pub workload: usize,
@@ -406,7 +406,7 @@ impl ExperimentPlan {
         out
     }
 
-    pub fn max_frames(&self) -> usize {
+    pub(crate) fn max_frames(&self) -> usize {
         self.workloads.iter().map(|w| w.frames).max().unwrap_or(1)
     }
 

@@ -31,7 +31,7 @@ pub struct BatchArgs {
     pub images: Vec<PathBuf>,
     /// Float tensors to feed every model as is.
     #[arg(long, num_args = 1.., value_name = "FILE")]
-    pub input_npy: Vec<PathBuf>,
+    pub(crate) input_npy: Vec<PathBuf>,
     /// How layers are loaded relative to their execution.
     #[arg(long, value_enum, default_value = "partial")]
     pub loading: LoadingPolicy,
@@ -70,7 +70,7 @@ pub struct BatchArgs {
     pub profile: Option<PathBuf>,
     /// Write outputs as DIR/KK-MODEL/NN.npy (KK: inference number) with outputs.json.
     #[arg(long, value_name = "DIR")]
-    pub npy_out: Option<PathBuf>,
+    pub(crate) npy_out: Option<PathBuf>,
     /// Write the full report (timeline of every task, budget readings) as JSON.
     #[arg(long, value_name = "FILE.json")]
     pub report: Option<PathBuf>,
@@ -82,7 +82,7 @@ pub struct BatchArgs {
 
 /// How the batch runs.
 #[derive(Clone, Debug)]
-pub enum BatchEngine {
+pub(crate) enum BatchEngine {
     /// Layer by layer under the scheduler; packages tiled as `tiling` says.
     Layerwise {
         options: BatchOptions,
@@ -100,8 +100,8 @@ pub struct BatchRequest {
     pub models: Vec<PathBuf>,
     /// Every input goes through every model, inputs in the outer loop.
     pub inputs: Vec<InputSource>,
-    pub engine: BatchEngine,
-    pub npy_out: Option<PathBuf>,
+    pub(crate) engine: BatchEngine,
+    pub(crate) npy_out: Option<PathBuf>,
     /// Where the full report (`BatchReport` or `StatusQuoReport`) goes.
     pub report: Option<PathBuf>,
 }
@@ -158,7 +158,7 @@ pub struct LayerwiseSummary {
     pub loading: LoadingPolicy,
     pub scheduling: SchedulingPolicy,
     pub parallel: usize,
-    pub budget_bytes: Option<u64>,
+    pub(crate) budget_bytes: Option<u64>,
     pub makespan_ms: f64,
     pub ledger_high_water_bytes: u64,
     pub overdrafts: u64,
@@ -186,8 +186,8 @@ pub struct BatchInference {
     pub model: String,
     /// The input file as given.
     pub input: String,
-    pub start_ms: f64,
-    pub end_ms: f64,
+    pub(crate) start_ms: f64,
+    pub(crate) end_ms: f64,
     pub outputs: Vec<OutputSummary>,
 }
 

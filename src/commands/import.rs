@@ -35,7 +35,7 @@ pub struct ImportArgs {
     pub std: Option<String>,
     /// Channel order the model expects.
     #[arg(long, value_enum, default_value = "rgb")]
-    pub color: ColorOrder,
+    pub(crate) color: ColorOrder,
     /// How frames are fitted to the input size.
     #[arg(long, value_enum, default_value = "stretch")]
     pub resize: ResizeMode,

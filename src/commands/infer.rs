@@ -23,17 +23,17 @@ pub struct InferArgs {
     pub image: Option<PathBuf>,
     /// Feed this float tensor as the input, as is (no preprocessing).
     #[arg(long, value_name = "FILE")]
-    pub input_npy: Option<PathBuf>,
+    pub(crate) input_npy: Option<PathBuf>,
     /// Run the whole normalised model in tract instead of layer by layer.
     #[arg(long)]
     pub whole: bool,
     /// Write each output as DIR/NN.npy (NN = position in the model's outputs) and
     /// DIR/outputs.json with their names.
     #[arg(long, value_name = "DIR")]
-    pub npy_out: Option<PathBuf>,
+    pub(crate) npy_out: Option<PathBuf>,
     /// Also write the preprocessed input tensor to this .npy file.
     #[arg(long, value_name = "FILE")]
-    pub save_input: Option<PathBuf>,
+    pub(crate) save_input: Option<PathBuf>,
     /// Fused tiling of the early conv layers: `needed` (tile when the untiled run is
     /// predicted not to fit --budget; without --budget, never), `auto` (the fastest
     /// configuration predicted to fit --budget), `off` (the tiled executor with no group),
@@ -66,8 +66,8 @@ pub struct InferRequest {
     pub model: PathBuf,
     pub input: InputSource,
     pub execution: Execution,
-    pub npy_out: Option<PathBuf>,
-    pub save_input: Option<PathBuf>,
+    pub(crate) npy_out: Option<PathBuf>,
+    pub(crate) save_input: Option<PathBuf>,
 }
 
 impl InferArgs {
@@ -115,7 +115,7 @@ pub struct InferSummary {
     pub time_ms: InferTimes,
     pub peak_rss_bytes: Option<u64>,
     /// The run's own peak over the resident set before it (`VmHWM` reset before the run).
-    pub run_peak_delta_bytes: Option<u64>,
+    pub(crate) run_peak_delta_bytes: Option<u64>,
     /// Set when the run went through the tiled executor.
     pub tiling: Option<TilingSummary>,
 }

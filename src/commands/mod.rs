@@ -29,7 +29,10 @@ pub enum InputSource {
 impl InputSource {
     /// The source the user named: an `--input-npy` file over an image (clap makes them
     /// exclusive); `None` when neither was given.
-    pub fn from_args(image: Option<PathBuf>, npy_file: Option<PathBuf>) -> Option<InputSource> {
+    pub(crate) fn from_args(
+        image: Option<PathBuf>,
+        npy_file: Option<PathBuf>,
+    ) -> Option<InputSource> {
         npy_file
             .map(InputSource::Npy)
             .or(image.map(InputSource::Image))
@@ -42,7 +45,7 @@ impl InputSource {
     }
 
     /// The input tensor for `pkg`.
-    pub fn tensor_for(&self, pkg: &Package) -> Result<FloatTensor> {
+    pub(crate) fn tensor_for(&self, pkg: &Package) -> Result<FloatTensor> {
         match self {
             InputSource::Npy(path) => Ok(FloatTensor::from(npy::read(path)?)),
             InputSource::Image(path) => {

@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 pub use super::ops::{
     Activation, BinaryKind, ConvParams, Op, Padding, PoolParams, ReduceKind, StridedSliceParams,
-    UnaryKind, broadcast, conv_out, strided_bounds,
+    UnaryKind,
 };
 
 pub type TensorId = usize;
@@ -85,7 +85,7 @@ pub struct Sparsity {
 pub struct Tensor {
     pub name: String,
     pub shape: Vec<usize>,
-    pub dtype: DType,
+    pub(crate) dtype: DType,
     /// Raw little-endian bytes of a constant; `None` for activations and graph inputs.
     /// Shares the imported file's buffer where it can: import holds one copy of the weights.
     pub data: Option<Bytes>,
@@ -130,11 +130,11 @@ impl Tensor {
         Tensor::constant(name, vec![values.len()], DType::I32, bytes)
     }
 
-    pub fn is_const(&self) -> bool {
+    pub(crate) fn is_const(&self) -> bool {
         self.data.is_some()
     }
 
-    pub fn elements(&self) -> usize {
+    pub(crate) fn elements(&self) -> usize {
         self.shape.iter().product()
     }
 
@@ -143,7 +143,7 @@ impl Tensor {
     }
 
     /// The values of a small integer constant (shapes, axes, paddings).
-    pub fn int_values(&self) -> Result<Vec<i64>> {
+    pub(crate) fn int_values(&self) -> Result<Vec<i64>> {
         let data = self
             .data
             .as_ref()
@@ -165,7 +165,7 @@ impl Tensor {
         })
     }
 
-    pub fn f32_values(&self) -> Result<Vec<f32>> {
+    pub(crate) fn f32_values(&self) -> Result<Vec<f32>> {
         let data = self
             .data
             .as_ref()
@@ -214,7 +214,7 @@ impl Graph {
     }
 
     /// A tensor name not used yet, derived from `base`.
-    pub fn fresh_name(&self, base: &str) -> String {
+    pub(crate) fn fresh_name(&self, base: &str) -> String {
         let taken = |n: &str| self.tensors.iter().any(|t| t.name == n);
         if !taken(base) {
             return base.to_string();
@@ -264,7 +264,7 @@ impl Graph {
     }
 
     /// Output shapes of `op` applied to `inputs`, checking that the inputs make sense.
-    pub fn output_shapes(&self, op: &Op, inputs: &[TensorId]) -> Result<Vec<Vec<usize>>> {
+    pub(crate) fn output_shapes(&self, op: &Op, inputs: &[TensorId]) -> Result<Vec<Vec<usize>>> {
         let inputs = OpInputs {
             graph: self,
             ids: inputs,
@@ -387,7 +387,7 @@ impl Graph {
     }
 
     /// For each tensor, the index of the last node that reads it (`None` if none does).
-    pub fn last_readers(&self) -> Vec<Option<usize>> {
+    pub(crate) fn last_readers(&self) -> Vec<Option<usize>> {
         let mut last = vec![None; self.tensors.len()];
         for (ix, node) in self.nodes.iter().enumerate() {
             for &i in &node.inputs {
@@ -425,7 +425,7 @@ impl OpInputs<'_> {
     }
 
     /// Fails unless the op has an allowed number of inputs; check it before reading any.
-    pub fn arity(&self, allowed: std::ops::RangeInclusive<usize>) -> Result<()> {
+    pub(crate) fn arity(&self, allowed: std::ops::RangeInclusive<usize>) -> Result<()> {
         ensure!(
             allowed.contains(&self.ids.len()),
             "{} takes {:?} inputs, got {}",
@@ -437,7 +437,7 @@ impl OpInputs<'_> {
     }
 
     /// The output shape of an op that maps each element of its one input.
-    pub fn elementwise_shape(&self) -> Result<Vec<usize>> {
+    pub(crate) fn elementwise_shape(&self) -> Result<Vec<usize>> {
         self.arity(1..=1)?;
         Ok(self.shape(0).to_vec())
     }
@@ -453,7 +453,7 @@ impl OpInputs<'_> {
     }
 
     /// The shape of an NHWC input.
-    pub fn rank4(&self, slot: usize) -> Result<[usize; 4]> {
+    pub(crate) fn rank4(&self, slot: usize) -> Result<[usize; 4]> {
         match *self.shape(slot) {
             [n, h, w, c] => Ok([n, h, w, c]),
             ref other => bail!(
@@ -465,12 +465,12 @@ impl OpInputs<'_> {
     }
 
     /// The values of a constant integer input (a shape, axes, paddings).
-    pub fn const_ints(&self, slot: usize) -> Result<Vec<i64>> {
+    pub(crate) fn const_ints(&self, slot: usize) -> Result<Vec<i64>> {
         self.graph.tensors[self.ids[slot]].int_values()
     }
 
     /// Fails unless input `slot` is a bias of `channels` values.
-    pub fn check_bias(&self, slot: usize, channels: usize) -> Result<()> {
+    pub(crate) fn check_bias(&self, slot: usize, channels: usize) -> Result<()> {
         let bias = self.shape(slot);
         ensure!(
             bias == [channels],
@@ -483,7 +483,7 @@ impl OpInputs<'_> {
 }
 
 /// Axes as indices in `0..rank`, counting negative ones from the end.
-pub fn normalise_axes(axes: &[i64], rank: usize) -> Result<Vec<usize>> {
+pub(crate) fn normalise_axes(axes: &[i64], rank: usize) -> Result<Vec<usize>> {
     axes.iter()
         .map(|&a| {
             let a2 = if a < 0 { a + rank as i64 } else { a };

@@ -7,7 +7,7 @@ pub mod graph;
 pub mod normalise;
 mod ops;
 pub mod package;
-pub mod split;
+pub(crate) mod split;
 pub mod tflite;
 pub mod zoo;
 
@@ -51,7 +51,7 @@ impl Default for ImportOptions {
 
 /// Default for [`ImportOptions::max_layer_weights`]: small enough that one layer fits the
 /// smallest board's budget with room to spare, large enough to keep layers few.
-pub const DEFAULT_MAX_LAYER_WEIGHTS: u64 = 16 << 20;
+pub(crate) const DEFAULT_MAX_LAYER_WEIGHTS: u64 = 16 << 20;
 
 /// `memaflow import`: reads, normalises and splits a TFLite model into a package.
 pub fn import(model: &Path, out: &Path, options: &ImportOptions) -> Result<Manifest> {

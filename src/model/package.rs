@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-pub const MANIFEST_FILE: &str = "model.toml";
+pub(crate) const MANIFEST_FILE: &str = "model.toml";
 /// Format 2 added each layer file's SHA-256 (`layers[].sha256`).
-pub const FORMAT_VERSION: u32 = 2;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -45,7 +45,7 @@ pub struct Source {
 pub struct TensorSpec {
     pub name: String,
     pub shape: Vec<usize>,
-    pub dtype: DType,
+    pub(crate) dtype: DType,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -53,7 +53,7 @@ pub struct TensorSpec {
 pub struct OutputSpec {
     pub name: String,
     pub shape: Vec<usize>,
-    pub dtype: DType,
+    pub(crate) dtype: DType,
     /// Class names, one per element of a vector output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<Vec<String>>,
@@ -65,7 +65,7 @@ pub struct OutputSpec {
 #[serde(deny_unknown_fields)]
 pub struct Preprocess {
     pub resize: ResizeMode,
-    pub color: ColorOrder,
+    pub(crate) color: ColorOrder,
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
 }
@@ -184,10 +184,10 @@ impl<'de> Deserialize<'de> for Sha256 {
 }
 
 impl LayerEntry {
-    pub fn input_bytes(&self) -> u64 {
+    pub(crate) fn input_bytes(&self) -> u64 {
         self.inputs.iter().map(|t| t.bytes).sum()
     }
-    pub fn output_bytes(&self) -> u64 {
+    pub(crate) fn output_bytes(&self) -> u64 {
         self.outputs.iter().map(|t| t.bytes).sum()
     }
 }
@@ -204,7 +204,7 @@ impl Manifest {
     }
 
     /// For each tensor crossing a layer boundary, the last layer that reads it.
-    pub fn last_reader(&self) -> HashMap<&str, usize> {
+    pub(crate) fn last_reader(&self) -> HashMap<&str, usize> {
         let mut last = HashMap::new();
         for l in &self.layers {
             for t in &l.inputs {
@@ -484,7 +484,7 @@ fn read_limited(path: &Path, limit: u64) -> Result<String> {
 
 /// Reads a regular file of at most `limit` bytes; anything else is an error, not an
 /// allocation the size of whatever the file claims to be.
-pub fn read_limited_bytes(path: &Path, limit: u64) -> Result<Vec<u8>> {
+pub(crate) fn read_limited_bytes(path: &Path, limit: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -504,7 +504,7 @@ pub fn read_limited_bytes(path: &Path, limit: u64) -> Result<Vec<u8>> {
 
 /// What a package says about itself beyond the graph.
 #[derive(Clone, Debug)]
-pub struct PackageMeta {
+pub(crate) struct PackageMeta {
     pub name: String,
     pub source: Option<Source>,
     pub preprocess: Preprocess,
@@ -516,7 +516,7 @@ pub struct PackageMeta {
 /// Splits a normalised graph and writes the package to `dir`, atomically: the package is
 /// built beside it and renamed into place, so `dir` is either absent, the old package, or
 /// the complete new one.
-pub fn write_package(
+pub(crate) fn write_package(
     graph: &Graph,
     meta: &PackageMeta,
     dir: &Path,
@@ -665,7 +665,7 @@ fn layer_entry(
 }
 
 /// Reads labels from a text file, one per line.
-pub fn read_labels(path: &Path) -> Result<Vec<String>> {
+pub(crate) fn read_labels(path: &Path) -> Result<Vec<String>> {
     let text = read_limited(path, 4 << 20)?;
     let labels: Vec<String> = text
         .lines()

@@ -2,9 +2,7 @@
 //! order the scheduler picks, with the memory gate consulted before every decision.
 
 use super::FloatTensor;
-use super::executor::{
-    BudgetSample, Executor, ExecutorOptions, InferenceTiming, TaskRecord, WholeRun,
-};
+use super::executor::{BudgetSample, Executor, ExecutorOptions, TaskRecord, WholeRun};
 use super::residency::{Eviction, LayerCache};
 use super::scheduler::{CacheStats, ModelId, SchedulerOptions, SchedulingPolicy};
 use super::tasks::{LayerCost, LoadingPolicy};
@@ -68,9 +66,9 @@ impl Job {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct InferenceRecord {
     pub model: String,
-    pub arrival_ms: f64,
-    pub start_ms: f64,
-    pub end_ms: f64,
+    pub(crate) arrival_ms: f64,
+    pub(crate) start_ms: f64,
+    pub(crate) end_ms: f64,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -83,20 +81,17 @@ pub struct BatchReport {
     pub makespan_ms: f64,
     pub ledger_high_water: u64,
     pub overdrafts: u64,
-    pub cache_stats: CacheStats,
+    pub(crate) cache_stats: CacheStats,
     pub peak_rss: u64,
     pub inferences: Vec<InferenceRecord>,
-    pub tasks: Vec<TaskRecord>,
-    pub budget_readings: Vec<BudgetSample>,
+    pub(crate) tasks: Vec<TaskRecord>,
+    pub(crate) budget_readings: Vec<BudgetSample>,
     #[serde(skip)]
     pub outputs: Vec<Vec<FloatTensor>>,
-    /// Per inference, in job order.
-    #[serde(skip)]
-    pub timings: Vec<InferenceTiming>,
 }
 
 impl BatchOptions {
-    pub fn executor_options(&self, record: bool) -> ExecutorOptions {
+    pub(crate) fn executor_options(&self, record: bool) -> ExecutorOptions {
         ExecutorOptions {
             scheduler: SchedulerOptions {
                 policy: self.scheduling,
@@ -139,7 +134,6 @@ pub fn run_batch(
     }
     let mut outputs = vec![];
     let mut inferences = vec![];
-    let mut timings = vec![];
     for (name, id) in names.into_iter().zip(ids) {
         let out = executor.wait(id);
         outputs.push(out.outputs.with_context(|| format!("{name}: inference"))?);
@@ -149,7 +143,6 @@ pub fn run_batch(
             start_ms: out.timing.start_ms,
             end_ms: out.timing.end_ms,
         });
-        timings.push(out.timing);
     }
     let makespan_ms = executor.now_ms();
     let peak_rss = executor.peak_rss();
@@ -169,6 +162,5 @@ pub fn run_batch(
         tasks: report.tasks,
         budget_readings: report.budget_readings,
         outputs,
-        timings,
     })
 }

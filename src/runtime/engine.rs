@@ -42,7 +42,7 @@ impl Plan {
 
     /// Runs on float tensors given up by the caller: their buffers move into tract instead
     /// of being copied, so an input is never held twice (tiled execution's memory bound).
-    pub fn run_owned(&self, inputs: Vec<FloatTensor>) -> Result<Vec<FloatTensor>> {
+    pub(crate) fn run_owned(&self, inputs: Vec<FloatTensor>) -> Result<Vec<FloatTensor>> {
         let inputs = inputs
             .into_iter()
             .map(|t| {

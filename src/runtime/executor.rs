@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 /// Runs a whole inference as one step instead of layer by layer (tiled execution is one:
 /// `tiling::TiledModel`). Given the job's input, returns the package's outputs.
-pub type WholeRun = Arc<dyn Fn(FloatTensor) -> Result<Vec<FloatTensor>> + Send + Sync>;
+pub(crate) type WholeRun = Arc<dyn Fn(FloatTensor) -> Result<Vec<FloatTensor>> + Send + Sync>;
 
 #[derive(Clone, Debug)]
 pub struct ExecutorOptions {
@@ -42,37 +42,37 @@ pub struct TaskRecord {
     pub inference: usize,
     #[serde(flatten)]
     pub kind: TaskKind,
-    pub worker: usize,
-    pub start_ms: f64,
-    pub end_ms: f64,
+    pub(crate) worker: usize,
+    pub(crate) start_ms: f64,
+    pub(crate) end_ms: f64,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
-pub struct BudgetSample {
-    pub at_ms: f64,
+pub(crate) struct BudgetSample {
+    pub(crate) at_ms: f64,
     pub ledger: u64,
     /// What the live reading allowed beyond what is resident (`None`: unbounded).
-    pub headroom: Option<u64>,
-    pub mem_available: Option<u64>,
-    pub cgroup_limit: Option<u64>,
+    pub(crate) headroom: Option<u64>,
+    pub(crate) mem_available: Option<u64>,
+    pub(crate) cgroup_limit: Option<u64>,
 }
 
 /// When an inference ran and what it cost, in ms since the executor started.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-pub struct InferenceTiming {
-    pub arrival_ms: f64,
-    pub start_ms: f64,
-    pub end_ms: f64,
+pub(crate) struct InferenceTiming {
+    pub(crate) arrival_ms: f64,
+    pub(crate) start_ms: f64,
+    pub(crate) end_ms: f64,
     /// Summed durations of its layer loads and execs (on several workers they overlap).
-    pub load_ms: f64,
-    pub exec_ms: f64,
+    pub(crate) load_ms: f64,
+    pub(crate) exec_ms: f64,
 }
 
 /// A finished inference: its outputs (or why it has none), timing and cache use.
 #[derive(Debug)]
 pub struct InferenceOutput {
     pub outputs: Result<Vec<FloatTensor>>,
-    pub timing: InferenceTiming,
+    pub(crate) timing: InferenceTiming,
     pub summary: InferenceSummary,
 }
 
@@ -98,8 +98,8 @@ pub struct ExecutorSnapshot {
 /// What `finish` returns: the recorded timeline.
 pub struct ExecutorReport {
     pub tasks: Vec<TaskRecord>,
-    pub budget_readings: Vec<BudgetSample>,
-    pub snapshot: ExecutorSnapshot,
+    pub(crate) budget_readings: Vec<BudgetSample>,
+    pub(crate) snapshot: ExecutorSnapshot,
 }
 
 /// A registered model: its package, and its resident layers' plans.
@@ -378,7 +378,7 @@ impl Executor {
         }
     }
 
-    pub fn snapshot(&self) -> ExecutorSnapshot {
+    pub(crate) fn snapshot(&self) -> ExecutorSnapshot {
         snapshot(&self.lock())
     }
 
@@ -390,7 +390,7 @@ impl Executor {
     }
 
     /// Milliseconds since the executor started (the timeline of records and timings).
-    pub fn now_ms(&self) -> f64 {
+    pub(crate) fn now_ms(&self) -> f64 {
         self.inner.ms(Instant::now())
     }
 
@@ -427,7 +427,7 @@ impl Drop for Executor {
 }
 
 /// Reserved bytes (see `Executor::reserve`), released on drop.
-pub struct Reserved<'a> {
+pub(crate) struct Reserved<'a> {
     executor: &'a Executor,
     bytes: u64,
     brief: bool,

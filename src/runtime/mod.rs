@@ -1,31 +1,31 @@
 //! Running packages: tract plans for layers and whole models, and layer-by-layer execution.
 
-pub mod batch;
+pub(crate) mod batch;
 mod engine;
-pub mod executor;
+pub(crate) mod executor;
 pub mod npy;
 mod recipe;
 pub mod reload;
 mod residency;
-pub mod scheduler;
+pub(crate) mod scheduler;
 mod sequential;
-pub mod tasks;
+pub(crate) mod tasks;
 
-pub use batch::{BatchOptions, BatchReport, Job, run_batch};
+pub use batch::{BatchOptions, BatchReport, InferenceRecord, Job, run_batch};
 pub use engine::{LoadPhases, LoadedLayer, Plan, load_layer, load_layer_timed};
-pub use executor::{
-    Executor, ExecutorOptions, ExecutorSnapshot, InferenceOutput, InferenceTiming, WholeRun,
-};
+pub(crate) use executor::{Executor, ExecutorOptions, InferenceOutput, InferenceTiming, WholeRun};
+pub use executor::{ExecutorSnapshot, ModelResidency};
 pub use reload::{LayerTemplate, load_with_template, reload};
-pub use residency::{Eviction, LayerCache};
+pub use residency::{Evicted, Eviction, LayerCache};
+pub(crate) use scheduler::MAX_PARALLEL;
 pub use scheduler::{
-    Decision, MAX_PARALLEL, ModelId, Scheduler, SchedulerOptions, SchedulingPolicy, TaskRef,
+    CacheStats, Decision, LayerKey, ModelId, Refusal, Scheduler, SchedulerOptions,
+    SchedulingPolicy, TaskRef,
 };
 pub use sequential::{
-    Activations, RunResult, RunStats, Value, held_bytes, run_layers_preloaded, run_layerwise,
-    run_whole,
+    Activations, RunResult, RunStats, held_bytes, run_layers_preloaded, run_layerwise, run_whole,
 };
-pub use tasks::{LayerCost, LoadingPolicy, TaskKind};
+pub use tasks::{LayerCost, LoadingPolicy};
 
 use anyhow::{Result, ensure};
 

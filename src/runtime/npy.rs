@@ -16,7 +16,7 @@ pub fn write(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     std::fs::write(path, encode(shape, data)).with_context(|| format!("writing {}", path.display()))
 }
 
-pub fn encode(shape: &[usize], data: &[f32]) -> Vec<u8> {
+pub(crate) fn encode(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let dims = match shape.len() {
         1 => format!("{},", shape[0]),
         _ => shape

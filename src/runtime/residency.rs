@@ -34,7 +34,7 @@ pub enum Eviction {
 
 /// A layer's place in the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Residency {
+pub(crate) enum Residency {
     Absent,
     /// Being loaded: other inferences wait for it rather than loading it twice.
     Loading,
@@ -46,13 +46,13 @@ pub enum Residency {
 }
 
 impl Residency {
-    pub fn pin(&mut self) {
+    pub(crate) fn pin(&mut self) {
         if let Residency::Resident { pins, .. } = self {
             *pins += 1;
         }
     }
 
-    pub fn unpin(&mut self) {
+    pub(crate) fn unpin(&mut self) {
         if let Residency::Resident { pins, .. } = self {
             *pins = pins.saturating_sub(1);
         }
@@ -65,7 +65,7 @@ const MAX_VICTIMS: usize = 64;
 
 /// Why the scheduler evicted a resident layer: said in the executor's debug log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EvictionCause {
+pub(crate) enum EvictionCause {
     /// The memory reading fell below what the ledger holds (the limit was lowered, or
     /// another process grew): the cache shrinks before anything else is admitted.
     ReadingDropped,
@@ -80,18 +80,18 @@ pub enum EvictionCause {
 pub struct Evicted {
     pub key: LayerKey,
     pub bytes: u64,
-    pub cause: EvictionCause,
+    pub(crate) cause: EvictionCause,
 }
 
 /// Layers evicted by the scheduler whose plans the executor has yet to drop.
-pub struct Victims(heapless::Vec<Evicted, MAX_VICTIMS>);
+pub(crate) struct Victims(heapless::Vec<Evicted, MAX_VICTIMS>);
 
 impl Victims {
     pub fn new() -> Victims {
         Victims(heapless::Vec::new())
     }
 
-    pub fn is_full(&self) -> bool {
+    pub(crate) fn is_full(&self) -> bool {
         self.0.is_full()
     }
 

@@ -10,8 +10,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tract_core::prelude::{TValue, TVec};
 
-pub type Value = TValue;
-
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct RunStats {
     /// Reading, parsing and optimising layer files (or the whole model).
@@ -187,7 +185,7 @@ impl<V: Clone> Activations<V> {
     }
 
     /// The values layer `index` reads (copies of `V`: cheap for shared tract values).
-    pub fn inputs_for(&self, pkg: &Package, index: usize) -> Result<TVec<V>> {
+    pub(crate) fn inputs_for(&self, pkg: &Package, index: usize) -> Result<TVec<V>> {
         let entry = &pkg.manifest.layers[index];
         entry
             .inputs
@@ -198,7 +196,7 @@ impl<V: Clone> Activations<V> {
 
     /// The values layer `index` reads, those it is the last reader of moved out (so that
     /// the caller may hand their buffers on), the others copied.
-    pub fn take_inputs(&mut self, pkg: &Package, index: usize) -> Result<Vec<V>> {
+    pub(crate) fn take_inputs(&mut self, pkg: &Package, index: usize) -> Result<Vec<V>> {
         let entry = &pkg.manifest.layers[index];
         let mut values = Vec::with_capacity(entry.inputs.len());
         for t in &entry.inputs {
@@ -216,7 +214,7 @@ impl<V: Clone> Activations<V> {
     }
 
     /// Stores what layer `index` produced and drops every value no later layer reads.
-    pub fn store<I>(&mut self, pkg: &Package, index: usize, outs: I) -> Result<()>
+    pub(crate) fn store<I>(&mut self, pkg: &Package, index: usize, outs: I) -> Result<()>
     where
         I: IntoIterator<Item = V>,
         I::IntoIter: ExactSizeIterator,
@@ -239,7 +237,7 @@ impl<V: Clone> Activations<V> {
 
     /// Stores `value` as `name`, produced by layers before `next` (a group run as one),
     /// and drops every value no layer from `next` on reads.
-    pub fn store_named(&mut self, name: &str, value: V, next: usize) {
+    pub(crate) fn store_named(&mut self, name: &str, value: V, next: usize) {
         self.live.insert(name.to_string(), value);
         self.retire(next);
     }
@@ -257,7 +255,7 @@ impl<V: Clone> Activations<V> {
     }
 
     /// The model's outputs, in manifest order.
-    pub fn take_outputs(mut self, pkg: &Package) -> Result<Vec<V>> {
+    pub(crate) fn take_outputs(mut self, pkg: &Package) -> Result<Vec<V>> {
         pkg.manifest
             .outputs
             .iter()
@@ -276,7 +274,7 @@ impl Activations {
     }
 
     /// Bytes of the values alive now.
-    pub fn live_bytes(&self) -> u64 {
+    pub(crate) fn live_bytes(&self) -> u64 {
         self.live
             .values()
             .map(|v| (v.len() * v.datum_type().size_of()) as u64)

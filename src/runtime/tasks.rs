@@ -68,24 +68,24 @@ pub enum TaskKind {
 
 /// A task of one inference; `deps` index the same inference's task list.
 #[derive(Clone, Debug, PartialEq)]
-pub struct TaskSpec {
+pub(crate) struct TaskSpec {
     pub kind: TaskKind,
-    pub deps: Vec<usize>,
+    pub(crate) deps: Vec<usize>,
     /// Which worker pool runs it: 0, or 1 for DeepEye's fc preloads.
     pub pool: usize,
 }
 
 /// Task list layout: `[Init, Load(0..n), Exec(0..n)]`.
-pub fn load_index(layer: usize) -> usize {
+pub(crate) fn load_index(layer: usize) -> usize {
     1 + layer
 }
 
-pub fn exec_index(layers: usize, layer: usize) -> usize {
+pub(crate) fn exec_index(layers: usize, layer: usize) -> usize {
     1 + layers + layer
 }
 
 /// The tasks of one inference over `layers`, with dependencies for `policy`.
-pub fn plan_inference(policy: LoadingPolicy, layers: &[LayerCost]) -> Vec<TaskSpec> {
+pub(crate) fn plan_inference(policy: LoadingPolicy, layers: &[LayerCost]) -> Vec<TaskSpec> {
     let n = layers.len();
     let mut tasks = vec![TaskSpec {
         kind: TaskKind::Init,

@@ -27,7 +27,7 @@ const BOARDS: [(&str, &str); 6] = [
 
 /// Defaults with no board and no setting: the spool the Yocto layer installs
 /// (`yocto/meta-memaflow/.../paths.env`).
-pub const DEFAULT_SPOOL: &str = "/var/spool/memaflow";
+pub(crate) const DEFAULT_SPOOL: &str = "/var/spool/memaflow";
 pub const DEFAULT_CONFIG: &str = "/etc/memaflow/memaflow.toml";
 const DEFAULT_RESERVE: u64 = 16 << 20;
 const DEFAULT_MAX_FRAME: u64 = 64 << 20;
@@ -35,7 +35,7 @@ const DEFAULT_RESCAN_SECS: f64 = 10.0;
 const DEFAULT_SETTLE_SECS: f64 = 2.0;
 const DEFAULT_TOP_K: usize = 5;
 /// Most frames processed at once: each holds its decoded image while it is preprocessed.
-pub const MAX_FRAMES_IN_FLIGHT: usize = 64;
+pub(crate) const MAX_FRAMES_IN_FLIGHT: usize = 64;
 /// SIGTERM to exit: systemd's and the 5 s, less a margin for the last writes.
 const DEFAULT_STOP_GRACE_SECS: f64 = 4.0;
 /// A frame in flight this long is taken for wedged: far beyond a slow frame on the
@@ -319,17 +319,17 @@ enum Scale {
 /// Detections a cascade runs on, at most, by default.
 const DEFAULT_CASCADE_MAX: usize = 8;
 /// At most, ever: each is an inference, and the frame is held until all are submitted.
-pub const MAX_CASCADE: usize = 64;
+pub(crate) const MAX_CASCADE: usize = 64;
 
 /// A model that runs on crops of an earlier model's detections.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CascadeConfig {
     /// The source model's name (its package's name).
     pub from: String,
-    pub roi: RoiSpec,
+    pub(crate) roi: RoiSpec,
     /// The best `max` detections get a crop each.
     pub max: usize,
-    pub border: Border,
+    pub(crate) border: Border,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -359,13 +359,13 @@ pub enum DonePolicy {
 #[serde(deny_unknown_fields)]
 pub struct PreprocessOverride {
     pub resize: Option<ResizeMode>,
-    pub color: Option<ColorOrder>,
+    pub(crate) color: Option<ColorOrder>,
     pub mean: Option<Vec<f32>>,
     pub std: Option<Vec<f32>>,
 }
 
 impl PreprocessOverride {
-    pub fn apply(&self, base: &crate::model::Preprocess) -> crate::model::Preprocess {
+    pub(crate) fn apply(&self, base: &crate::model::Preprocess) -> crate::model::Preprocess {
         crate::model::Preprocess {
             resize: self.resize.unwrap_or(base.resize),
             color: self.color.unwrap_or(base.color),
@@ -380,7 +380,7 @@ impl PreprocessOverride {
 pub struct ModelConfig {
     pub path: PathBuf,
     pub preprocess: PreprocessOverride,
-    pub report: OutputReport,
+    pub(crate) report: OutputReport,
     /// Set for a cascade: its input is crops of another model's detections.
     pub input: Option<CascadeConfig>,
 }
@@ -396,7 +396,7 @@ pub struct SpoolConfig {
     /// once it has been unchanged this long: it may still be being written.
     pub settle: Duration,
     /// After SIGTERM, how long the frame in hand may take before it is put back.
-    pub stop_grace: Duration,
+    pub(crate) stop_grace: Duration,
     /// A frame in flight longer than this counts as wedged: the watchdog pings stop.
     pub stall: Duration,
     /// Bytes the spool's file system must have free for a frame to be claimed.
@@ -522,9 +522,11 @@ impl Config {
 
 /// What `memaflow publish` reads from the daemon's file: the spool and `[publish]`. The
 /// models and the board are the daemon's business, so they are parsed (unknown keys are
-/// still errors) but not checked against the disk.
+/// still errors) but not checked against the disk. Only the `publish` feature reads it
+/// (and this module's tests).
+#[cfg_attr(not(feature = "publish"), allow(dead_code))]
 #[derive(Clone, Debug)]
-pub struct PublisherConfig {
+pub(crate) struct PublisherConfig {
     pub spool_root: PathBuf,
     /// How often `out/` is listed in full, besides inotify's events.
     pub rescan: Duration,
@@ -532,6 +534,7 @@ pub struct PublisherConfig {
     pub publish: PublishConfig,
 }
 
+#[cfg_attr(not(feature = "publish"), allow(dead_code))]
 impl PublisherConfig {
     pub fn load(path: &Path) -> Result<PublisherConfig> {
         read_config(path, PublisherConfig::parse)

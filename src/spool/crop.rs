@@ -25,7 +25,7 @@ use serde::Deserialize;
 /// What happens where a crop reaches beyond the frame.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum Border {
+pub(crate) enum Border {
     /// The nearest edge pixel (MediaPipe's default for its landmark crops).
     #[default]
     Replicate,
@@ -105,7 +105,7 @@ fn normalise_radians(a: f32) -> f32 {
 /// The model input for the region `roi` of `frame`: [1, H, W, C] (`shape`), each input
 /// pixel sampled bilinearly at its centre's place in the region (the region stretched to
 /// the input), then ordered and normalised as `pre` says.
-pub fn crop_input(
+pub(crate) fn crop_input(
     frame: &RgbImage,
     roi: &Roi,
     border: Border,

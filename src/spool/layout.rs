@@ -27,7 +27,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-pub const STATUS_FILE: &str = "status.json";
+pub(crate) const STATUS_FILE: &str = "status.json";
 const LOCK_FILE: &str = ".lock";
 const MAX_SUFFIX: u32 = 100_000;
 
@@ -43,10 +43,10 @@ pub struct Spool {
 }
 
 /// A directory entry of `incoming/` that may be claimed.
-pub struct Entry {
+pub(crate) struct Entry {
     pub name: OsString,
     /// Regular files only: when it last changed (the settle rule applies to them).
-    pub modified: Option<SystemTime>,
+    pub(crate) modified: Option<SystemTime>,
 }
 
 impl Spool {
@@ -90,11 +90,11 @@ impl Spool {
         Ok(spool)
     }
 
-    pub fn incoming_dir(&self) -> &Path {
+    pub(crate) fn incoming_dir(&self) -> &Path {
         &self.incoming
     }
 
-    pub fn work_path(&self, name: &OsStr) -> PathBuf {
+    pub(crate) fn work_path(&self, name: &OsStr) -> PathBuf {
         self.work.join(name)
     }
 
@@ -104,7 +104,7 @@ impl Spool {
     }
 
     /// Frames in `work/`, in name order: claimed by a run that did not finish them.
-    pub fn in_work(&self) -> Result<Vec<OsString>> {
+    pub(crate) fn in_work(&self) -> Result<Vec<OsString>> {
         Ok(list(&self.work)?.into_iter().map(|e| e.name).collect())
     }
 
@@ -119,7 +119,7 @@ impl Spool {
 
     /// Moves `incoming/NAME` into `work/` under a name no earlier frame used; returns it.
     /// `None` when the entry is gone (taken or removed by someone else).
-    pub fn claim(&self, name: &OsStr) -> Result<Option<OsString>> {
+    pub(crate) fn claim(&self, name: &OsStr) -> Result<Option<OsString>> {
         let from = self.incoming.join(name);
         for n in 0..MAX_SUFFIX {
             let candidate = if n == 0 {
@@ -146,11 +146,11 @@ impl Spool {
     }
 
     /// Whether `out/NAME.json` is a complete result for the frame `work/NAME`.
-    pub fn has_result(&self, name: &OsStr) -> bool {
+    pub(crate) fn has_result(&self, name: &OsStr) -> bool {
         names_frame(&self.out.join(result_name(name)), name)
     }
 
-    pub fn has_error_record(&self, name: &OsStr) -> bool {
+    pub(crate) fn has_error_record(&self, name: &OsStr) -> bool {
         names_frame(&self.failed.join(error_name(name)), name)
     }
 
@@ -190,7 +190,7 @@ impl Spool {
         self.release_failed(name)
     }
 
-    pub fn release_failed(&self, name: &OsStr) -> Result<()> {
+    pub(crate) fn release_failed(&self, name: &OsStr) -> Result<()> {
         move_unique(&self.work.join(name), &self.failed, name)?;
         sync_dir(&self.failed)?;
         sync_dir(&self.work)
@@ -209,7 +209,7 @@ impl Spool {
         }
     }
 
-    pub fn write_status(&self, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn write_status(&self, bytes: &[u8]) -> Result<()> {
         write_atomic(&self.root, STATUS_FILE, bytes)
     }
 }
@@ -218,7 +218,7 @@ pub fn result_name(frame: &OsStr) -> OsString {
     with_suffix(frame, ".json")
 }
 
-pub fn error_name(frame: &OsStr) -> OsString {
+pub(crate) fn error_name(frame: &OsStr) -> OsString {
     with_suffix(frame, ".error.json")
 }
 
@@ -230,7 +230,7 @@ fn with_suffix(name: &OsStr, suffix: &str) -> OsString {
 
 /// The hexadecimal bytes of a name that is not UTF-8 (`None` for one that is): written
 /// beside the lossy `frame` of a result or failure record, so the exact name is there.
-pub fn name_bytes_hex(name: &OsStr) -> Option<String> {
+pub(crate) fn name_bytes_hex(name: &OsStr) -> Option<String> {
     if name.to_str().is_some() {
         return None;
     }

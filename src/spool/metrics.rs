@@ -10,7 +10,7 @@ use std::fmt::{Display, Write};
 
 /// The kinds of metric families used here.
 #[derive(Clone, Copy)]
-pub enum Kind {
+pub(crate) enum Kind {
     Counter,
     Gauge,
     Histogram,
@@ -18,7 +18,7 @@ pub enum Kind {
 
 /// A metrics file being written: families, each with its `HELP` and `TYPE` lines first.
 #[derive(Default)]
-pub struct Text(String);
+pub(crate) struct Text(String);
 
 impl Text {
     pub fn family(&mut self, name: &str, kind: Kind, help: &str) -> &mut Text {
@@ -76,7 +76,7 @@ fn flag(b: bool) -> u8 {
 }
 
 /// The daemon's metrics file from its status.
-pub fn render(s: &Status) -> Vec<u8> {
+pub(crate) fn render(s: &Status) -> Vec<u8> {
     let mut t = Text::default();
     frames(&mut t, s);
     cache(&mut t, s);

@@ -66,7 +66,7 @@ impl Ready {
 /// Loads every configured model in order (`Model::load`) and connects each cascade to its
 /// source: an earlier model of that name reporting boxes, with the keypoints the region
 /// rotates by. A cascade whose source is missing or unsuitable is broken, with the reason.
-pub fn load_all(
+pub(crate) fn load_all(
     configs: &[ModelConfig],
     run: &RunConfig,
     system: &SystemMemory,
@@ -251,14 +251,14 @@ fn check_package(
 
 /// Why a frame failed as a whole.
 #[derive(Clone, Debug)]
-pub struct FrameError {
+pub(crate) struct FrameError {
     pub stage: FrameStage,
     pub reason: String,
     /// With `FrameStage::Inference`: each model's error.
     pub models: Vec<ModelResult>,
 }
 
-pub enum Outcome {
+pub(crate) enum Outcome {
     Done(Box<FrameResult>),
     Failed(FrameError),
 }

@@ -14,7 +14,7 @@ use serde::Deserialize;
 /// What [`summarise`] makes (defined with the rest of the result schema).
 pub use super::schema::OutputSummary;
 
-pub fn summarise(name: &str, t: &FloatTensor, labels: Option<&[String]>) -> OutputSummary {
+pub(crate) fn summarise(name: &str, t: &FloatTensor, labels: Option<&[String]>) -> OutputSummary {
     let finite = t.data.iter().copied().filter(|v| v.is_finite());
     let (min, max) = finite
         .clone()
@@ -108,7 +108,7 @@ impl OutputReport {
 
     /// The `outputs` of one model in a result; `geometry` maps model-input coordinates
     /// back to the frame's pixels.
-    pub fn render(
+    pub(crate) fn render(
         &self,
         specs: &[OutputSpec],
         outputs: &[FloatTensor],
@@ -168,7 +168,7 @@ pub struct LandmarkSpec {
     pub points: String,
     /// Values per point: 2 (x, y) or 3 (x, y, z).
     #[serde(default = "three")]
-    pub dims: usize,
+    pub(crate) dims: usize,
     /// Output with one presence score.
     pub presence: Option<String>,
     /// The presence score is a logit (apply the sigmoid).
@@ -302,17 +302,17 @@ pub struct BoxSpec {
     /// Stride of each feature map; consecutive equal strides share a grid.
     pub strides: Vec<u32>,
     #[serde(default = "two")]
-    pub anchors_per_layer: usize,
+    pub(crate) anchors_per_layer: usize,
     #[serde(default = "half")]
-    pub anchor_offset: f32,
+    pub(crate) anchor_offset: f32,
     #[serde(default)]
     pub keypoints: usize,
     #[serde(default = "half")]
     pub score_threshold: f32,
     #[serde(default = "iou")]
-    pub iou_threshold: f32,
+    pub(crate) iou_threshold: f32,
     #[serde(default = "hundred")]
-    pub max_boxes: usize,
+    pub(crate) max_boxes: usize,
     /// Scores are logits (apply the sigmoid) rather than probabilities.
     #[serde(default = "yes")]
     pub sigmoid: bool,
@@ -323,7 +323,7 @@ pub struct BoxSpec {
 /// How overlapping candidates become one detection.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum Nms {
+pub(crate) enum Nms {
     /// Keep the best, drop what overlaps it.
     #[default]
     Greedy,
@@ -392,10 +392,6 @@ impl BoxDecoder {
             }
         }
         Ok(BoxDecoder { spec, anchors })
-    }
-
-    pub fn anchors(&self) -> usize {
-        self.anchors.len()
     }
 
     fn find<'a>(&self, specs: &'a [OutputSpec], name: &str) -> Result<(usize, &'a OutputSpec)> {
@@ -611,7 +607,7 @@ mod tests {
     fn mediapipe_face_anchors_and_decoding() {
         let d = face_decoder();
         // 16×16 cells × 2 + 8×8 cells × 6, as MediaPipe's short-range face detector.
-        assert_eq!(d.anchors(), 896);
+        assert_eq!(d.anchors.len(), 896);
         let specs = [
             spec("regressors", vec![1, 896, 16]),
             spec("classificators", vec![1, 896, 1]),

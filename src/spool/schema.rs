@@ -23,7 +23,7 @@ pub struct FrameResult {
     pub bytes: u64,
     pub width: u32,
     pub height: u32,
-    pub processed_unix: f64,
+    pub(crate) processed_unix: f64,
     /// In configuration order.
     pub models: Vec<ModelResult>,
     pub time_ms: FrameTimes,
@@ -54,7 +54,7 @@ pub struct FrameTimes {
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FrameMemory {
     /// The configured budget, if any.
-    pub budget_bytes: Option<u64>,
+    pub(crate) budget_bytes: Option<u64>,
     /// The executor's whole ledger at its highest while the frame's inferences ran.
     pub ledger_high_water_bytes: u64,
     /// The process's peak RSS since start.
@@ -187,9 +187,9 @@ pub struct OutputSummary {
     pub mean: f32,
     /// For vector outputs (one axis longer than 1): the largest value's index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub argmax: Option<usize>,
+    pub(crate) argmax: Option<usize>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub top5: Vec<Ranked>,
+    pub(crate) top5: Vec<Ranked>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -222,7 +222,7 @@ pub struct TopOutput {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Detections {
     /// Anchors whose score passed the threshold, before suppression.
-    pub candidates: usize,
+    pub(crate) candidates: usize,
     pub detections: Vec<Detection>,
 }
 
@@ -319,7 +319,7 @@ impl Roi {
     }
 
     /// The four corners, clockwise on screen from the top left.
-    pub fn corners(&self) -> [[f32; 2]; 4] {
+    pub(crate) fn corners(&self) -> [[f32; 2]; 4] {
         [
             self.to_frame(0.0, 0.0),
             self.to_frame(1.0, 0.0),
@@ -364,7 +364,7 @@ pub struct FailureRecord {
     pub reason: String,
     /// With `stage = "inference"`: each model's error.
     pub models: Vec<ModelResult>,
-    pub failed_unix: f64,
+    pub(crate) failed_unix: f64,
 }
 
 impl FailureRecord {
@@ -388,7 +388,7 @@ mod lenient {
         Option::<f32>::deserialize(d).map(or_nan)
     }
 
-    pub fn opt_f32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
+    pub(crate) fn opt_f32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
         // A present `null` is a NaN; an absent field is `None` (`#[serde(default)]`).
         Option::<f32>::deserialize(d).map(|v| Some(or_nan(v)))
     }
@@ -397,7 +397,9 @@ mod lenient {
         Vec::<Option<f32>>::deserialize(d).map(|v| v.into_iter().map(or_nan).collect())
     }
 
-    pub fn array<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<[f32; N], D::Error> {
+    pub(crate) fn array<'de, D: Deserializer<'de>, const N: usize>(
+        d: D,
+    ) -> Result<[f32; N], D::Error> {
         let v = Vec::<Option<f32>>::deserialize(d)?;
         let n = v.len();
         <[Option<f32>; N]>::try_from(v)

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// Upper bounds of the frame latency histogram's buckets, in seconds: from a small model
 /// on a PC to a tiled one on a Pi Zero.
-pub const LATENCY_BOUNDS_SECS: [f64; 12] = [
+pub(crate) const LATENCY_BOUNDS_SECS: [f64; 12] = [
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
@@ -25,7 +25,7 @@ pub struct Status {
     pub version: String,
     pub state: State,
     pub board: Option<String>,
-    pub started_unix: f64,
+    pub(crate) started_unix: f64,
     pub updated_unix: f64,
     /// Frames whose result (done) or failure record (failed) is written, since start.
     pub frames_done: u64,
@@ -63,7 +63,7 @@ pub struct LastError {
     pub frame: String,
     pub stage: FrameStage,
     pub reason: String,
-    pub at_unix: f64,
+    pub(crate) at_unix: f64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -79,8 +79,8 @@ pub struct ModelStatus {
 pub struct MemoryNow {
     pub rss_bytes: Option<u64>,
     pub peak_rss_bytes: Option<u64>,
-    pub mem_available_bytes: Option<u64>,
-    pub cgroup_limit_bytes: Option<u64>,
+    pub(crate) mem_available_bytes: Option<u64>,
+    pub(crate) cgroup_limit_bytes: Option<u64>,
     /// What the memory gate would allow beyond what is resident now (reserve deducted).
     pub headroom_bytes: Option<u64>,
     /// The kernel's memory event counters of the daemon's cgroup (`memory.events` or
@@ -92,7 +92,7 @@ pub struct MemoryNow {
 /// than the bound before; the last count is above every bound.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Histogram {
-    pub bounds_secs: Vec<f64>,
+    pub(crate) bounds_secs: Vec<f64>,
     pub counts: Vec<u64>,
     pub sum_secs: f64,
     pub count: u64,
@@ -130,11 +130,11 @@ pub struct Disk {
     pub state: DiskState,
     /// Free bytes for the daemon (`statvfs` f_bavail), at the last check.
     pub free_bytes: Option<u64>,
-    pub min_free_bytes: u64,
+    pub(crate) min_free_bytes: u64,
     /// Writes of a result, failure record or status that found the disk full, since start.
     pub full_writes: u64,
     /// When the state last changed.
-    pub since_unix: f64,
+    pub(crate) since_unix: f64,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -157,12 +157,12 @@ pub struct Watchdog {
     pub stalled: bool,
     pub stall_secs: f64,
     /// How long the oldest frame in hand has been in flight.
-    pub oldest_frame_secs: f64,
+    pub(crate) oldest_frame_secs: f64,
 }
 
 impl Status {
     /// A running daemon's status before its first frame.
-    pub fn new(config: &Config, models: &[Model], watchdog: bool) -> Status {
+    pub(crate) fn new(config: &Config, models: &[Model], watchdog: bool) -> Status {
         let now = unix_now();
         let mut status = Status {
             pid: std::process::id(),
@@ -237,7 +237,7 @@ impl Status {
     }
 
     /// Fresh timestamps and memory readings.
-    pub fn refresh(&mut self, system: &SystemMemory, cache: ExecutorSnapshot) {
+    pub(crate) fn refresh(&mut self, system: &SystemMemory, cache: ExecutorSnapshot) {
         self.updated_unix = unix_now();
         let process = memory::process_memory().ok();
         let reading = system.read().ok();
@@ -252,7 +252,7 @@ impl Status {
         self.cache = Some(cache);
     }
 
-    pub fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+    pub(crate) fn to_json(&self) -> serde_json::Result<Vec<u8>> {
         let mut bytes = serde_json::to_vec_pretty(self)?;
         bytes.push(b'\n');
         Ok(bytes)

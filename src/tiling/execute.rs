@@ -34,7 +34,7 @@ pub struct TiledRun {
 }
 
 /// The activations a run of `layers` reads from before them and hands on after them.
-pub fn group_io(pkg: &Package, layers: &Range<usize>) -> (Vec<String>, Vec<String>) {
+pub(crate) fn group_io(pkg: &Package, layers: &Range<usize>) -> (Vec<String>, Vec<String>) {
     let m = &pkg.manifest;
     let produced_in = |name: &str| {
         m.layers[layers.clone()]
@@ -91,7 +91,7 @@ pub fn load_group(pkg: &Package, layers: &Range<usize>) -> Result<Group> {
 }
 
 /// The output tiles of a `rows × cols` grid, row-major.
-pub fn tiles(group: &Group, rows: usize, cols: usize) -> Result<Vec<Region>> {
+pub(crate) fn tiles(group: &Group, rows: usize, cols: usize) -> Result<Vec<Region>> {
     let [_, h, w, _] = group.output_shape();
     let (hs, ws) = (split(h, rows)?, split(w, cols)?);
     Ok(hs

@@ -11,14 +11,14 @@
 
 pub mod execute;
 pub mod group;
-pub mod job;
+pub(crate) mod job;
 pub mod predictor;
-pub mod region;
+pub(crate) mod region;
 pub mod search;
 pub mod slice;
 
 pub use execute::{load_group, run_tiled};
-pub use job::TiledModel;
+pub(crate) use job::TiledModel;
 
 use anyhow::{Context, Result, ensure};
 use std::ops::Range;
@@ -223,7 +223,7 @@ impl TryFrom<String> for Tiling {
 
 impl Tiling {
     /// Refuses a fixed configuration where several packages share the setting.
-    pub fn check_shared(&self) -> Result<()> {
+    pub(crate) fn check_shared(&self) -> Result<()> {
         ensure!(
             !matches!(self, Tiling::Fixed(_)),
             "tiling '{self}' names one package's layers; for several models use off, needed or auto"

@@ -23,25 +23,25 @@ use std::ops::Range;
 pub struct Calibration {
     /// What the process keeps resident once tract has planned and run anything (its
     /// kernels' scratch space, the allocator's arenas): paid once per run.
-    pub runtime_bytes: u64,
+    pub(crate) runtime_bytes: u64,
     /// What a plan allocates while it runs beyond the values [`exec_peak`] follows (the
     /// matrix products' per-thread panel scratch, state built on a plan's first run):
     /// the residual of running steps once their values are modelled.
-    pub run_bytes: u64,
+    pub(crate) run_bytes: u64,
     /// Peak while tract parses a plan, in multiples of its weights (the file and two
     /// copies).
-    pub parse_copies: f64,
+    pub(crate) parse_copies: f64,
     /// Extra copies of one op's weights while tract optimises it (the kernel folded
     /// through layouts before the packed one remains); ops are optimised one by one.
-    pub optimise_copies: f64,
+    pub(crate) optimise_copies: f64,
     /// Execution time per floating-point operation (multiply-add = 2).
-    pub secs_per_flop: f64,
+    pub(crate) secs_per_flop: f64,
     /// Fixed cost of running one tile: cropping, tract's per-run set-up, pasting.
-    pub secs_per_tile: f64,
+    pub(crate) secs_per_tile: f64,
     /// Planning time per plan (writing, parsing, optimising; a sliced layer also reads
     /// its file again) and per byte of its weights (tract repacks them for every plan).
-    pub secs_per_plan: f64,
-    pub plan_secs_per_weight_byte: f64,
+    pub(crate) secs_per_plan: f64,
+    pub(crate) plan_secs_per_weight_byte: f64,
 }
 
 /// Latency terms fitted to CPU time by `python3 benches/tiling.py calibrate` on the
@@ -71,7 +71,7 @@ pub struct Estimate {
     /// Plans tract builds (layers and distinct tile geometries) and their weights: the
     /// planning-time terms.
     pub plans: usize,
-    pub plan_weight_bytes: u64,
+    pub(crate) plan_weight_bytes: u64,
     pub tiles: usize,
 }
 
@@ -96,7 +96,7 @@ type StepKey = (Range<usize>, usize, usize);
 pub struct Predictor<'a> {
     pub pkg: &'a Package,
     layers: Vec<Graph>,
-    pub calibration: Calibration,
+    pub(crate) calibration: Calibration,
     steps: std::cell::RefCell<HashMap<StepKey, Result<Estimate, String>>>,
 }
 
@@ -113,7 +113,7 @@ impl<'a> Predictor<'a> {
         })
     }
 
-    pub fn layer_count(&self) -> usize {
+    pub(crate) fn layer_count(&self) -> usize {
         self.layers.len()
     }
 
@@ -233,7 +233,7 @@ impl<'a> Predictor<'a> {
     }
 
     /// A group's estimate (cached: the search asks for each many times).
-    pub fn group_estimate(
+    pub(crate) fn group_estimate(
         &self,
         range: &Range<usize>,
         rows: usize,
@@ -250,7 +250,7 @@ impl<'a> Predictor<'a> {
         r.map_err(anyhow::Error::msg)
     }
 
-    pub fn layer_estimate(&self, index: usize) -> Result<Estimate> {
+    pub(crate) fn layer_estimate(&self, index: usize) -> Result<Estimate> {
         self.layer_step(index)
             .with_context(|| format!("{}: layer {index}", self.pkg.name()))
     }
@@ -259,7 +259,7 @@ impl<'a> Predictor<'a> {
     /// input and its whole output held throughout; per slice, the layer file (read again
     /// to cut the slice) and then tract planning and running the slice with a copy of the
     /// input.
-    pub fn sliced_estimate(&self, index: usize, parts: usize) -> Result<Estimate> {
+    pub(crate) fn sliced_estimate(&self, index: usize, parts: usize) -> Result<Estimate> {
         let c = &self.calibration;
         let g = &self.layers[index];
         let channels = sliceable_channels(g)?;
@@ -406,7 +406,7 @@ fn same_padded_bytes(g: &Graph, node: &crate::model::graph::Node) -> Option<u64>
 /// A tile's input is a region cropped for it and handed to tract, which flushes it after
 /// its last reader like any other value: run alone, the tile graph of `2-7:1x1` peaks at
 /// 11.1 MiB against 10.6 predicted (the 2.6 MiB input is not held to the end).
-pub fn exec_peak(g: &Graph) -> u64 {
+pub(crate) fn exec_peak(g: &Graph) -> u64 {
     let mut free_at = g.last_readers();
     let mut size: Vec<u64> = g.tensors.iter().map(|t| t.bytes() as u64).collect();
     // Per node, its input's bytes with the padding of a PAD folded into it.

@@ -248,7 +248,7 @@ fn better(a: &Estimate, b: &Estimate) -> std::cmp::Ordering {
 
 /// What `infer` runs: with `auto`, the search's choice for `budget`; without it, tiling
 /// only when the untiled run is predicted not to fit `budget`.
-pub fn for_inference(
+pub(crate) fn for_inference(
     pkg: &Package,
     budget: Option<u64>,
     auto: bool,

@@ -88,7 +88,7 @@ impl BinaryKind {
 }
 
 /// Numpy-style broadcast of two shapes.
-pub fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
+pub(crate) fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
     let r = a.len().max(b.len());
     let get = |s: &[usize], i: usize| {
         if i + s.len() >= r {

@@ -37,12 +37,12 @@ mod transpose;
 mod window;
 
 pub use conv::ConvParams;
-pub use elementwise::{BinaryKind, UnaryKind, broadcast};
+pub use elementwise::{BinaryKind, UnaryKind};
 pub use fused_activation::Activation;
 pub use pool::PoolParams;
 pub use reduce::ReduceKind;
-pub use slice::{StridedSliceParams, strided_bounds};
-pub use window::{Padding, conv_out};
+pub use slice::StridedSliceParams;
+pub use window::Padding;
 
 pub(crate) use dequantize::dequantize;
 pub(crate) use registry::{OperatorReader, OptionsWriter, Registry, WrittenOptions, registry};

@@ -9,9 +9,9 @@ use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StridedSliceParams {
-    pub begin_mask: u32,
-    pub end_mask: u32,
-    pub shrink_axis_mask: u32,
+    pub(crate) begin_mask: u32,
+    pub(crate) end_mask: u32,
+    pub(crate) shrink_axis_mask: u32,
 }
 
 impl StridedSliceParams {
@@ -37,7 +37,7 @@ impl StridedSliceParams {
 }
 
 /// Resolved [begin, end) of one strided-slice axis of extent `n`, clamped as TFLite does.
-pub fn strided_bounds(
+pub(crate) fn strided_bounds(
     n: usize,
     begin: i64,
     end: i64,

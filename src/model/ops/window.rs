@@ -28,7 +28,7 @@ impl Padding {
 
 /// Output extent (height, width) of a sliding window of `kernel` with `stride` and
 /// `dilation` over `h`×`w`, TFLite's rules for SAME and VALID.
-pub fn conv_out(
+pub(crate) fn conv_out(
     h: usize,
     w: usize,
     kernel: [usize; 2],
