@@ -30,7 +30,7 @@ impl Plan {
         self.0.model()
     }
 
-    pub fn run(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>> {
+    pub(crate) fn run(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>> {
         guard("running", || self.0.run(inputs))
     }
 

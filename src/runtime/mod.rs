@@ -22,6 +22,7 @@ pub use scheduler::{
     CacheStats, Decision, LayerKey, ModelId, Refusal, Scheduler, SchedulerOptions,
     SchedulingPolicy, TaskRef,
 };
+pub(crate) use sequential::Walk;
 pub use sequential::{
     Activations, RunResult, RunStats, held_bytes, run_layers_preloaded, run_layerwise, run_whole,
 };

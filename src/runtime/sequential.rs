@@ -140,23 +140,22 @@ pub fn held_bytes(pkg: &Package) -> Vec<u64> {
     held
 }
 
-/// The activations alive between layers of one inference, and when each goes: a value is
-/// dropped once no later layer reads it (unless it is a model output). Owned, so that a
-/// scheduler can keep one per inference in flight and run its layers on any worker.
+/// The values alive between layers of one inference, and when each goes: a value is
+/// dropped once no later layer reads it (unless it is a model output).
 ///
 /// The one walker of a package's layers: `V` is tract's value for the layer-by-layer runs
-/// (`Activations`), a [`FloatTensor`] for the tiled executor, which hands buffers to tract
-/// by move ([`Activations::take_inputs`]) and runs groups and channel slices on them.
+/// ([`Activations`]), a [`FloatTensor`] for the tiled executor, which hands buffers to
+/// tract by move ([`Walk::take_inputs`]) and runs groups and channel slices on them.
 #[derive(Clone)]
-pub struct Activations<V = TValue> {
+pub(crate) struct Walk<V> {
     live: HashMap<String, V>,
     last_reader: HashMap<String, usize>,
     outputs: Vec<String>,
 }
 
-impl<V: Clone> Activations<V> {
+impl<V: Clone> Walk<V> {
     /// The walk's start: the package's input alone is alive.
-    pub fn start(pkg: &Package, input: V) -> Activations<V> {
+    pub(crate) fn start(pkg: &Package, input: V) -> Walk<V> {
         let live = HashMap::from([(pkg.manifest.inputs[0].name.clone(), input)]);
         let last_reader = pkg
             .manifest
@@ -170,7 +169,7 @@ impl<V: Clone> Activations<V> {
             .iter()
             .map(|o| o.name.clone())
             .collect();
-        Activations {
+        Walk {
             live,
             last_reader,
             outputs,
@@ -178,7 +177,7 @@ impl<V: Clone> Activations<V> {
     }
 
     /// The value `name`, which layer `index` reads.
-    pub fn get(&self, index: usize, name: &str) -> Result<&V> {
+    pub(crate) fn get(&self, index: usize, name: &str) -> Result<&V> {
         self.live
             .get(name)
             .with_context(|| format!("layer {index} needs '{name}', which is not available"))
@@ -268,29 +267,51 @@ impl<V: Clone> Activations<V> {
     }
 }
 
+/// The activations of one layer-by-layer inference, between its layers: a [`Walk`] over
+/// tract's values, which stay tract's (no copy between layers) and out of this type's
+/// API. Owned, so that a scheduler can keep one per inference in flight and run its
+/// layers on any worker; `Clone` is cheap (tract's values are shared), which lets a
+/// benchmark run one layer many times on the same inputs.
+#[derive(Clone)]
+pub struct Activations(Walk<TValue>);
+
 impl Activations {
+    /// The start of an inference: `input` alone is alive (its shape is not checked here;
+    /// [`run_layerwise`] checks it against the manifest).
     pub fn new(pkg: &Package, input: &FloatTensor) -> Result<Activations> {
-        Ok(Activations::start(pkg, to_tvalue(input)?))
+        Ok(Activations(Walk::start(pkg, to_tvalue(input)?)))
     }
 
     /// Bytes of the values alive now.
     pub(crate) fn live_bytes(&self) -> u64 {
-        self.live
+        self.0
+            .live
             .values()
             .map(|v| (v.len() * v.datum_type().size_of()) as u64)
             .sum()
     }
 
-    /// Runs one loaded layer on the values it reads and keeps what it produces.
+    /// Runs one loaded layer on the values it reads and keeps what it produces; what no
+    /// later layer reads is dropped. Layers must come in the package's order.
     pub fn step(&mut self, pkg: &Package, layer: &LoadedLayer) -> Result<()> {
         let inputs = self.inputs_for(pkg, layer.index)?;
         let outs = run_layer(pkg, layer, inputs)?;
         self.store(pkg, layer.index, outs)
     }
 
-    /// The model's outputs, in manifest order.
+    /// The values layer `index` reads, for a worker to run it away from the walk's owner.
+    pub(crate) fn inputs_for(&self, pkg: &Package, index: usize) -> Result<TVec<TValue>> {
+        self.0.inputs_for(pkg, index)
+    }
+
+    /// Stores what layer `index` produced (run on [`Activations::inputs_for`]).
+    pub(crate) fn store(&mut self, pkg: &Package, index: usize, outs: TVec<TValue>) -> Result<()> {
+        self.0.store(pkg, index, outs)
+    }
+
+    /// The model's outputs, in manifest order; fails if a layer has not run.
     pub fn finish(self, pkg: &Package) -> Result<Vec<FloatTensor>> {
-        self.take_outputs(pkg)?.iter().map(from_tvalue).collect()
+        self.0.take_outputs(pkg)?.iter().map(from_tvalue).collect()
     }
 }
 

@@ -10,7 +10,7 @@ use super::{GroupConfig, TilingConfig};
 use crate::model::Package;
 use crate::model::split::stitch;
 use crate::model::tflite::{WriteOptions, write_graph};
-use crate::runtime::{Activations, FloatTensor, Plan, RunStats, load_layer};
+use crate::runtime::{FloatTensor, Plan, RunStats, Walk, load_layer};
 use anyhow::{Context, Result, ensure};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -269,7 +269,7 @@ pub fn run_tiled(pkg: &Package, input: FloatTensor, config: &TilingConfig) -> Re
         input.shape,
         m.inputs[0].shape
     );
-    let mut live = Activations::start(pkg, input);
+    let mut live = Walk::start(pkg, input);
     let mut stats = TiledStats::default();
     let groups: HashMap<usize, &GroupConfig> =
         config.groups.iter().map(|g| (g.layers.start, g)).collect();
@@ -305,7 +305,7 @@ pub fn run_tiled(pkg: &Package, input: FloatTensor, config: &TilingConfig) -> Re
 fn run_group_step(
     pkg: &Package,
     g: &GroupConfig,
-    live: &mut Activations<FloatTensor>,
+    live: &mut Walk<FloatTensor>,
     stats: &mut TiledStats,
 ) -> Result<usize> {
     let t = Instant::now();
@@ -325,7 +325,7 @@ fn run_group_step(
 fn run_layer_step(
     pkg: &Package,
     index: usize,
-    live: &mut Activations<FloatTensor>,
+    live: &mut Walk<FloatTensor>,
     stats: &mut TiledStats,
 ) -> Result<usize> {
     let t = Instant::now();
