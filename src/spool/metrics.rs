@@ -56,6 +56,14 @@ impl Text {
         self.family(name, kind, help).sample(name, &[], value);
     }
 
+    /// A gauge family with one sample a state (label `state`): 1 for the current one.
+    pub fn states(&mut self, name: &str, help: &str, states: &[(&str, bool)]) {
+        self.family(name, Kind::Gauge, help);
+        for &(label, current) in states {
+            self.sample(name, &[("state", label)], flag(current));
+        }
+    }
+
     pub fn into_bytes(self) -> Vec<u8> {
         self.0.into_bytes()
     }
@@ -265,32 +273,24 @@ fn memory(t: &mut Text, s: &Status) {
 }
 
 fn health(t: &mut Text, s: &Status) {
-    let name = "memaflow_state";
-    t.family(
-        name,
-        Kind::Gauge,
+    t.states(
+        "memaflow_state",
         "The daemon's state: 1 for the current one.",
+        &[
+            ("running", s.state == State::Running),
+            ("stopping", s.state == State::Stopping),
+            ("stopped", s.state == State::Stopped),
+        ],
     );
-    for (label, state) in [
-        ("running", State::Running),
-        ("stopping", State::Stopping),
-        ("stopped", State::Stopped),
-    ] {
-        t.sample(name, &[("state", label)], flag(s.state == state));
-    }
-    let name = "memaflow_disk_state";
-    t.family(
-        name,
-        Kind::Gauge,
+    t.states(
+        "memaflow_disk_state",
         "The spool's file system: ok, low (below min_free: not claiming) or full (outcomes wait): 1 for the current one.",
+        &[
+            ("ok", s.disk.state == DiskState::Ok),
+            ("low", s.disk.state == DiskState::Low),
+            ("full", s.disk.state == DiskState::Full),
+        ],
     );
-    for (label, state) in [
-        ("ok", DiskState::Ok),
-        ("low", DiskState::Low),
-        ("full", DiskState::Full),
-    ] {
-        t.sample(name, &[("state", label)], flag(s.disk.state == state));
-    }
     if let Some(free) = s.disk.free_bytes {
         t.single(
             "memaflow_disk_free_bytes",

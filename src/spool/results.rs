@@ -183,20 +183,22 @@ fn three() -> usize {
     3
 }
 
-impl LandmarkSpec {
-    fn find(&self, specs: &[OutputSpec], name: &str) -> Result<usize> {
-        specs.iter().position(|s| s.name == name).with_context(|| {
-            format!(
-                "landmarks: the model has no output '{name}' (it has {})",
-                specs
-                    .iter()
-                    .map(|s| s.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
-    }
+/// The index of output `name` among the model's outputs; an error names the report
+/// (`what`) and the outputs there are.
+fn output_index(specs: &[OutputSpec], what: &str, name: &str) -> Result<usize> {
+    specs.iter().position(|s| s.name == name).with_context(|| {
+        format!(
+            "{what}: the model has no output '{name}' (it has {})",
+            specs
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
 
+impl LandmarkSpec {
     pub fn check(&self, specs: &[OutputSpec]) -> Result<()> {
         ensure!(
             (2..=3).contains(&self.dims),
@@ -206,7 +208,7 @@ impl LandmarkSpec {
             (0.0..=1.0).contains(&self.threshold),
             "landmarks.threshold is between 0 and 1"
         );
-        let p = &specs[self.find(specs, &self.points)?];
+        let p = &specs[output_index(specs, "landmarks", &self.points)?];
         let n: usize = p.shape.iter().product();
         ensure!(
             n > 0 && n.is_multiple_of(self.dims),
@@ -216,7 +218,7 @@ impl LandmarkSpec {
             self.dims
         );
         if let Some(presence) = &self.presence {
-            let s = &specs[self.find(specs, presence)?];
+            let s = &specs[output_index(specs, "landmarks", presence)?];
             ensure!(
                 s.shape.iter().product::<usize>() == 1,
                 "landmarks: presence '{}' is {:?}, not one score",
@@ -244,7 +246,7 @@ impl LandmarkSpec {
             outputs.len(),
             specs.len()
         );
-        let raw = &outputs[self.find(specs, &self.points)?].data;
+        let raw = &outputs[output_index(specs, "landmarks", &self.points)?].data;
         let points = raw
             .chunks_exact(self.dims)
             .map(|p| {
@@ -255,7 +257,7 @@ impl LandmarkSpec {
             .collect();
         let presence = match &self.presence {
             Some(name) => {
-                let v = outputs[self.find(specs, name)?].data[0];
+                let v = outputs[output_index(specs, "landmarks", name)?].data[0];
                 Some(if self.sigmoid {
                     1.0 / (1.0 + (-v.clamp(-100.0, 100.0)).exp())
                 } else {
@@ -394,27 +396,10 @@ impl BoxDecoder {
         Ok(BoxDecoder { spec, anchors })
     }
 
-    fn find<'a>(&self, specs: &'a [OutputSpec], name: &str) -> Result<(usize, &'a OutputSpec)> {
-        specs
-            .iter()
-            .enumerate()
-            .find(|(_, s)| s.name == name)
-            .with_context(|| {
-                format!(
-                    "boxes: the model has no output '{name}' (it has {})",
-                    specs
-                        .iter()
-                        .map(|s| s.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })
-    }
-
     pub fn check(&self, specs: &[OutputSpec]) -> Result<()> {
         let n = self.anchors.len();
-        let (_, b) = self.find(specs, &self.spec.boxes)?;
-        let (_, s) = self.find(specs, &self.spec.scores)?;
+        let b = &specs[output_index(specs, "boxes", &self.spec.boxes)?];
+        let s = &specs[output_index(specs, "boxes", &self.spec.scores)?];
         let per = 4 + 2 * self.spec.keypoints;
         ensure!(
             b.shape.iter().product::<usize>() == n * b.shape.last().copied().unwrap_or(0)
@@ -440,8 +425,8 @@ impl BoxDecoder {
     ) -> Result<Detections> {
         self.check(specs)?;
         let sp = &self.spec;
-        let boxes = &outputs[self.find(specs, &sp.boxes)?.0];
-        let scores = &outputs[self.find(specs, &sp.scores)?.0];
+        let boxes = &outputs[output_index(specs, "boxes", &sp.boxes)?];
+        let scores = &outputs[output_index(specs, "boxes", &sp.scores)?];
         let stride = boxes.shape.last().copied().unwrap_or(0);
         let (sx, sy) = (sp.input_size[0] as f32, sp.input_size[1] as f32);
         let mut found: Vec<Candidate> = vec![];
