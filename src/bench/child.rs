@@ -64,10 +64,10 @@ pub enum Status {
 /// A finished child: how it ended and how long it took from spawn to reaping.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Ended {
-    pub exit: Exit,
+    pub(crate) exit: Exit,
     pub(crate) wall: Duration,
     /// CPU time (user + system) of the child, where the kernel reports it.
-    pub cpu: Option<Duration>,
+    pub(crate) cpu: Option<Duration>,
     pub(crate) timed_out: bool,
 }
 

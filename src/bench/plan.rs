@@ -16,7 +16,7 @@ pub enum MemoryLevel {
 }
 
 impl MemoryLevel {
-    pub fn bytes(self) -> Option<u64> {
+    pub(crate) fn bytes(self) -> Option<u64> {
         match self {
             MemoryLevel::Unlimited => None,
             MemoryLevel::Limit(b) => Some(b.0),
@@ -99,7 +99,7 @@ impl Combo {
     }
 
     /// The policies of a layer-wise combination.
-    pub fn policies(self) -> Option<(LoadingPolicy, SchedulingPolicy)> {
+    pub(crate) fn policies(self) -> Option<(LoadingPolicy, SchedulingPolicy)> {
         match self {
             Combo::Layerwise(l, s) | Combo::Cached(l, s) => Some((l, s)),
             Combo::StatusQuo => None,
@@ -205,7 +205,7 @@ pub struct Workload {
     pub models: Vec<String>,
     pub frames: usize,
     /// The combinations this workload runs (the plan's cross product unless it narrows it).
-    pub combos: Vec<Combo>,
+    pub(crate) combos: Vec<Combo>,
 }
 
 /// A validated plan.
@@ -216,7 +216,7 @@ pub struct ExperimentPlan {
     pub parallel: Vec<usize>,
     pub workers: Option<usize>,
     pub reserve: Option<Bytes>,
-    pub timeout_secs: u64,
+    pub(crate) timeout_secs: u64,
     pub workloads: Vec<Workload>,
 }
 

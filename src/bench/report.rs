@@ -36,7 +36,7 @@ pub struct RunRecord {
     pub parallel: usize,
     pub workers: usize,
     pub status: Status,
-    pub exit: Exit,
+    pub(crate) exit: Exit,
     /// From the child's report; only for runs that finished.
     pub makespan_ms: Option<f64>,
     /// Spawn to reaping, as the bench saw it (process start and model decoding included).
@@ -396,7 +396,7 @@ pub struct Cell {
 }
 
 impl Cell {
-    pub fn value(&self) -> Option<f64> {
+    pub(crate) fn value(&self) -> Option<f64> {
         mean(&self.ratios)
     }
 }
@@ -404,7 +404,7 @@ impl Cell {
 /// Rows (combinations, table order) × columns (memory levels, plan order) of `f(group
 /// outcomes of the combination, group outcomes of the reference)`.
 pub(crate) struct Table {
-    pub levels: Vec<MemoryLevel>,
+    pub(crate) levels: Vec<MemoryLevel>,
     pub rows: Vec<(Combo, Vec<Cell>)>,
 }
 
@@ -681,7 +681,7 @@ mod tests {
     use crate::memory::Bytes;
     use crate::runtime::{LoadingPolicy, SchedulingPolicy};
 
-    pub fn record(
+    pub(crate) fn record(
         run: usize,
         memory: MemoryLevel,
         combo: Combo,

@@ -28,7 +28,7 @@ pub struct BatchArgs {
     pub models: Vec<PathBuf>,
     /// Images to run through every model (JPEG, PNG, PPM/PGM, BMP).
     #[arg(long, num_args = 1.., value_name = "IMAGE", required_unless_present = "input_npy", conflicts_with = "input_npy")]
-    pub images: Vec<PathBuf>,
+    pub(crate) images: Vec<PathBuf>,
     /// Float tensors to feed every model as is.
     #[arg(long, num_args = 1.., value_name = "FILE")]
     pub(crate) input_npy: Vec<PathBuf>,
@@ -67,7 +67,7 @@ pub struct BatchArgs {
     /// Per-layer costs measured by `memaflow profile` (estimated from the manifest for
     /// packages it does not cover).
     #[arg(long, value_name = "FILE")]
-    pub profile: Option<PathBuf>,
+    pub(crate) profile: Option<PathBuf>,
     /// Write outputs as DIR/KK-MODEL/NN.npy (KK: inference number) with outputs.json.
     #[arg(long, value_name = "DIR")]
     pub(crate) npy_out: Option<PathBuf>,
@@ -77,7 +77,7 @@ pub struct BatchArgs {
     /// The status quo instead: each model run whole in tract, one inference after another
     /// (no layers, no scheduler, no budget).
     #[arg(long, conflicts_with_all = ["loading", "scheduling", "parallel", "budget", "workers", "profile", "tiling", "cache", "eviction"])]
-    pub status_quo: bool,
+    pub(crate) status_quo: bool,
 }
 
 /// How the batch runs.
@@ -165,9 +165,9 @@ pub struct LayerwiseSummary {
     pub cache: LayerCache,
     /// The layer cache's counters.
     pub layers: CacheStats,
-    pub peak_rss_bytes: u64,
+    pub(crate) peak_rss_bytes: u64,
     /// Package name → the tiling configuration it ran under, for the tiled ones.
-    pub tiled: BTreeMap<String, String>,
+    pub(crate) tiled: BTreeMap<String, String>,
     pub inferences: Vec<BatchInference>,
 }
 
@@ -176,7 +176,7 @@ pub struct StatusQuoSummary {
     /// Always `status-quo`.
     pub mode: &'static str,
     pub makespan_ms: f64,
-    pub peak_rss_bytes: u64,
+    pub(crate) peak_rss_bytes: u64,
     pub inferences: Vec<BatchInference>,
 }
 

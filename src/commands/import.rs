@@ -29,16 +29,16 @@ pub struct ImportArgs {
     pub range: Option<String>,
     /// Per-channel mean subtracted from 0..255 pixels, e.g. 127.5 or 104,117,123.
     #[arg(long, value_name = "M[,M,M]", requires = "std")]
-    pub mean: Option<String>,
+    pub(crate) mean: Option<String>,
     /// Per-channel divisor applied after the mean, e.g. 127.5 or 58.4,57.1,57.4.
     #[arg(long, value_name = "S[,S,S]", requires = "mean")]
-    pub std: Option<String>,
+    pub(crate) std: Option<String>,
     /// Channel order the model expects.
     #[arg(long, value_enum, default_value = "rgb")]
     pub(crate) color: ColorOrder,
     /// How frames are fitted to the input size.
     #[arg(long, value_enum, default_value = "stretch")]
-    pub resize: ResizeMode,
+    pub(crate) resize: ResizeMode,
     /// Text file with one class label per line, for the output with that many values.
     #[arg(long, value_name = "FILE")]
     pub labels: Option<PathBuf>,

@@ -65,7 +65,7 @@ pub enum Execution {
 pub struct InferRequest {
     pub model: PathBuf,
     pub input: InputSource,
-    pub execution: Execution,
+    pub(crate) execution: Execution,
     pub(crate) npy_out: Option<PathBuf>,
     pub(crate) save_input: Option<PathBuf>,
 }
@@ -112,8 +112,8 @@ pub struct InferSummary {
     /// The input file as given.
     pub input: String,
     pub outputs: Vec<OutputSummary>,
-    pub time_ms: InferTimes,
-    pub peak_rss_bytes: Option<u64>,
+    pub(crate) time_ms: InferTimes,
+    pub(crate) peak_rss_bytes: Option<u64>,
     /// The run's own peak over the resident set before it (`VmHWM` reset before the run).
     pub(crate) run_peak_delta_bytes: Option<u64>,
     /// Set when the run went through the tiled executor.
@@ -123,7 +123,7 @@ pub struct InferSummary {
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct InferTimes {
     pub load: f64,
-    pub exec: f64,
+    pub(crate) exec: f64,
     pub total: f64,
 }
 

@@ -10,7 +10,7 @@ pub use system::{Cgroup, CgroupVersion, Reading, SystemMemory};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub(crate) struct ProcessMemory {
     /// `VmRSS`, bytes.
-    pub rss: u64,
+    pub(crate) rss: u64,
     /// `VmHWM`: the high-water mark of the resident set, bytes.
     pub peak_rss: u64,
 }

@@ -77,7 +77,7 @@ impl Reading {
     /// Like `headroom`, but signed: negative when a cgroup's working set (or the system's
     /// use) is already beyond its limit less `reserve` — by how much the holder of the
     /// memory must shrink.
-    pub fn room(&self, reserve: u64) -> Option<i64> {
+    pub(crate) fn room(&self, reserve: u64) -> Option<i64> {
         let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let system = self.mem_available.map(|a| signed(a) - signed(reserve));
         let cgroup = self

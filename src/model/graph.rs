@@ -138,7 +138,7 @@ impl Tensor {
         self.shape.iter().product()
     }
 
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.elements() * self.dtype.size()
     }
 
@@ -446,7 +446,7 @@ impl OpInputs<'_> {
         &self.graph.tensors[self.ids[slot]].shape
     }
 
-    pub fn shapes(&self) -> impl Iterator<Item = &[usize]> {
+    pub(crate) fn shapes(&self) -> impl Iterator<Item = &[usize]> {
         self.ids
             .iter()
             .map(|&id| self.graph.tensors[id].shape.as_slice())

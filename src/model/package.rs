@@ -64,10 +64,10 @@ pub struct OutputSpec {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Preprocess {
-    pub resize: ResizeMode,
+    pub(crate) resize: ResizeMode,
     pub(crate) color: ColorOrder,
-    pub mean: Vec<f32>,
-    pub std: Vec<f32>,
+    pub(crate) mean: Vec<f32>,
+    pub(crate) std: Vec<f32>,
 }
 
 impl Default for Preprocess {

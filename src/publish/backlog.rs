@@ -64,9 +64,9 @@ pub(crate) struct Counts {
     /// Results marked sent since start.
     pub sent: u64,
     /// Results dropped unsent (the backlog was over `publish.keep`) since start.
-    pub dropped: u64,
+    pub(crate) dropped: u64,
     /// Files in `out/` that are not complete results.
-    pub unreadable: u64,
+    pub(crate) unreadable: u64,
 }
 
 impl Backlog {
@@ -112,7 +112,7 @@ impl Backlog {
     }
 
     /// Lists `out/`: new results wait, markers of results gone from `out/` are removed.
-    pub fn rescan(&mut self) -> Result<()> {
+    pub(crate) fn rescan(&mut self) -> Result<()> {
         let present: std::collections::HashSet<OsString> = names(&self.out)?
             .into_iter()
             .filter(|n| is_result_name(n))
@@ -144,7 +144,7 @@ impl Backlog {
     }
 
     /// A result that may have appeared in `out/` (an inotify event).
-    pub fn add(&mut self, name: &OsStr) {
+    pub(crate) fn add(&mut self, name: &OsStr) {
         if !is_result_name(name) || self.states.contains_key(name) {
             return;
         }
@@ -179,7 +179,7 @@ impl Backlog {
     }
 
     /// Results not yet acknowledged (waiting or in flight).
-    pub fn unsent(&self) -> usize {
+    pub(crate) fn unsent(&self) -> usize {
         self.waiting.len()
             + self
                 .states
@@ -210,7 +210,7 @@ impl Backlog {
     }
 
     /// `name` is not a result that can be published: reported once, then left alone.
-    pub fn refuse(&mut self, name: OsString, reason: &str) {
+    pub(crate) fn refuse(&mut self, name: OsString, reason: &str) {
         log::warn!("not publishing {}: {reason}", shown(&name));
         self.counts.unreadable += 1;
         self.states.insert(name, State::Unreadable);

@@ -34,12 +34,12 @@ pub struct ExecutorOptions {
     pub workers: usize,
     /// Keep every task's timing and every memory reading (for batch reports; a daemon
     /// running for months keeps none).
-    pub record: bool,
+    pub(crate) record: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TaskRecord {
-    pub inference: usize,
+    pub(crate) inference: usize,
     #[serde(flatten)]
     pub kind: TaskKind,
     pub(crate) worker: usize,
@@ -80,7 +80,7 @@ pub struct InferenceOutput {
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ModelResidency {
     pub name: String,
-    pub resident_layers: usize,
+    pub(crate) resident_layers: usize,
     pub layers: usize,
     pub resident_bytes: u64,
 }
@@ -97,7 +97,7 @@ pub struct ExecutorSnapshot {
 
 /// What `finish` returns: the recorded timeline.
 pub struct ExecutorReport {
-    pub tasks: Vec<TaskRecord>,
+    pub(crate) tasks: Vec<TaskRecord>,
     pub(crate) budget_readings: Vec<BudgetSample>,
     pub(crate) snapshot: ExecutorSnapshot,
 }
@@ -328,7 +328,7 @@ impl Executor {
     /// (decoding a frame), waiting until they fit; fails if they cannot fit even with
     /// nothing else in flight. Released when the guard drops. Hold the guard only for
     /// work that does not wait for an inference: loads that do not fit wait for it.
-    pub fn reserve(&self, bytes: u64) -> Result<Reserved<'_>> {
+    pub(crate) fn reserve(&self, bytes: u64) -> Result<Reserved<'_>> {
         self.reserve_as(bytes, true)
     }
 
@@ -336,7 +336,7 @@ impl Executor {
     /// kept for the crops of its cascades until its detector is done). Counted in the
     /// ledger like `reserve`, but no load waits for it: one that cannot fit beside it is
     /// refused as if nothing would free memory, instead of waiting forever.
-    pub fn hold(&self, bytes: u64) -> Result<Reserved<'_>> {
+    pub(crate) fn hold(&self, bytes: u64) -> Result<Reserved<'_>> {
         self.reserve_as(bytes, false)
     }
 

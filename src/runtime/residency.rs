@@ -99,7 +99,7 @@ impl Victims {
         let _ = self.0.push(evicted);
     }
 
-    pub fn drain(&mut self) -> impl Iterator<Item = Evicted> + '_ {
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = Evicted> + '_ {
         std::iter::from_fn(move || self.0.pop())
     }
 }

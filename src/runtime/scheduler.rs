@@ -72,8 +72,8 @@ pub struct LayerKey {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TaskRef {
-    pub inference: usize,
-    pub task: usize,
+    pub(crate) inference: usize,
+    pub(crate) task: usize,
 }
 
 /// What a free worker is told to do.
@@ -117,7 +117,7 @@ pub struct Live {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct LoadMeasure {
     /// Bytes the loaded layer keeps resident.
-    pub resident: Option<u64>,
+    pub(crate) resident: Option<u64>,
     /// Bytes above `resident` at the load's peak (the planner's transient copies).
     pub transient: Option<u64>,
     /// The load also made the layer's plan template (`runtime/reload.rs`): the bytes of

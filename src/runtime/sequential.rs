@@ -15,7 +15,7 @@ pub struct RunStats {
     /// Reading, parsing and optimising layer files (or the whole model).
     pub load: Duration,
     /// Running them.
-    pub exec: Duration,
+    pub(crate) exec: Duration,
 }
 
 #[derive(Clone, Debug)]

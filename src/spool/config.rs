@@ -160,7 +160,7 @@ pub struct Board {
 
 impl Board {
     /// A built-in board by name, or a board file by path.
-    pub fn named(name: &str) -> Result<Board> {
+    pub(crate) fn named(name: &str) -> Result<Board> {
         if let Some((_, text)) = BOARDS.iter().find(|(n, _)| *n == name) {
             return Board::parse(text).with_context(|| format!("built-in board {name}"));
         }
@@ -251,7 +251,7 @@ struct RawDebug {
 #[derive(Clone, Debug, Default)]
 pub struct DebugConfig {
     /// Every inference's input tensor is written here as `.npy` (docs/spool.md).
-    pub dump_inputs: Option<PathBuf>,
+    pub(crate) dump_inputs: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -358,10 +358,10 @@ pub enum DonePolicy {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PreprocessOverride {
-    pub resize: Option<ResizeMode>,
+    pub(crate) resize: Option<ResizeMode>,
     pub(crate) color: Option<ColorOrder>,
-    pub mean: Option<Vec<f32>>,
-    pub std: Option<Vec<f32>>,
+    pub(crate) mean: Option<Vec<f32>>,
+    pub(crate) std: Option<Vec<f32>>,
 }
 
 impl PreprocessOverride {
@@ -389,16 +389,16 @@ pub struct ModelConfig {
 pub struct SpoolConfig {
     pub root: PathBuf,
     pub done: DonePolicy,
-    pub max_frame_bytes: u64,
+    pub(crate) max_frame_bytes: u64,
     /// How often `incoming/` is listed even without an inotify event.
-    pub rescan: Duration,
+    pub(crate) rescan: Duration,
     /// A file found by a rescan (not announced by a rename or close-after-write) is taken
     /// once it has been unchanged this long: it may still be being written.
-    pub settle: Duration,
+    pub(crate) settle: Duration,
     /// After SIGTERM, how long the frame in hand may take before it is put back.
     pub(crate) stop_grace: Duration,
     /// A frame in flight longer than this counts as wedged: the watchdog pings stop.
-    pub stall: Duration,
+    pub(crate) stall: Duration,
     /// Bytes the spool's file system must have free for a frame to be claimed.
     pub min_free: u64,
     /// The Prometheus text file (node_exporter's textfile collector), if any.
@@ -412,7 +412,7 @@ pub struct RunConfig {
     pub loading: LoadingPolicy,
     pub scheduling: SchedulingPolicy,
     pub parallel: usize,
-    pub threads: usize,
+    pub(crate) threads: usize,
     pub tiling: Tiling,
     /// Whether layers stay resident across frames (docs/runtime.md).
     pub cache: LayerCache,
@@ -424,11 +424,11 @@ pub struct RunConfig {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub board: Option<String>,
-    pub log_level: log::LevelFilter,
+    pub(crate) log_level: log::LevelFilter,
     pub spool: SpoolConfig,
     pub run: RunConfig,
     pub models: Vec<ModelConfig>,
-    pub debug: DebugConfig,
+    pub(crate) debug: DebugConfig,
 }
 
 /// Reads the configuration file `path` and parses it with `parse`, relative paths taken
@@ -446,7 +446,7 @@ fn read_config<T>(path: &Path, parse: impl FnOnce(&str, &Path) -> Result<T>) -> 
 impl Config {
     /// Reads `path`; `board` (from the command line) overrides the file's `board`, and
     /// with neither the board is detected.
-    pub fn load(path: &Path, board: Option<&str>) -> Result<Config> {
+    pub(crate) fn load(path: &Path, board: Option<&str>) -> Result<Config> {
         read_config(path, |text, base| Config::parse(text, base, board))
     }
 
@@ -529,14 +529,14 @@ impl Config {
 pub(crate) struct PublisherConfig {
     pub spool_root: PathBuf,
     /// How often `out/` is listed in full, besides inotify's events.
-    pub rescan: Duration,
-    pub log_level: log::LevelFilter,
+    pub(crate) rescan: Duration,
+    pub(crate) log_level: log::LevelFilter,
     pub publish: PublishConfig,
 }
 
 #[cfg_attr(not(feature = "publish"), allow(dead_code))]
 impl PublisherConfig {
-    pub fn load(path: &Path) -> Result<PublisherConfig> {
+    pub(crate) fn load(path: &Path) -> Result<PublisherConfig> {
         read_config(path, PublisherConfig::parse)
     }
 

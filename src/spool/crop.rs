@@ -37,16 +37,16 @@ pub(crate) enum Border {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoiSpec {
     /// Keypoints (start, end) whose direction is rotated to `angle`; none: upright.
-    pub rotate_by: Option<[usize; 2]>,
+    pub(crate) rotate_by: Option<[usize; 2]>,
     /// Radians, the direction start → end has in the crop (0: to the right, π/2: up).
-    pub angle: f32,
+    pub(crate) angle: f32,
     /// Multiplies width and height, after squaring.
     pub scale: [f32; 2],
     /// Moves the centre by these fractions of the box's width and height, along the
     /// region's own (rotated) axes, before squaring.
-    pub shift: [f32; 2],
+    pub(crate) shift: [f32; 2],
     /// Make the region square on its long side.
-    pub square: bool,
+    pub(crate) square: bool,
 }
 
 impl RoiSpec {

@@ -99,7 +99,7 @@ impl Spool {
     }
 
     /// `incoming/` now, hidden names (producers' temp files) left out, in name order.
-    pub fn incoming(&self) -> Result<Vec<Entry>> {
+    pub(crate) fn incoming(&self) -> Result<Vec<Entry>> {
         list(&self.incoming)
     }
 
@@ -161,7 +161,7 @@ impl Spool {
     }
 
     /// The frame's result is durable: move it on from `work/`.
-    pub fn release(&self, name: &OsStr, policy: DonePolicy) -> Result<()> {
+    pub(crate) fn release(&self, name: &OsStr, policy: DonePolicy) -> Result<()> {
         let from = self.work.join(name);
         match policy {
             DonePolicy::Move => {
@@ -185,7 +185,7 @@ impl Spool {
     }
 
     /// Records why the frame failed, then moves it to `failed/`.
-    pub fn fail(&self, name: &OsStr, record: &[u8]) -> Result<()> {
+    pub(crate) fn fail(&self, name: &OsStr, record: &[u8]) -> Result<()> {
         write_atomic(&self.failed, error_name(name), record)?;
         self.release_failed(name)
     }
@@ -198,7 +198,7 @@ impl Spool {
 
     /// Puts a claimed frame back into `incoming/` (shutdown before it was done). If that
     /// name is taken again it stays in `work/`, which the next start retries.
-    pub fn requeue(&self, name: &OsStr) -> Result<()> {
+    pub(crate) fn requeue(&self, name: &OsStr) -> Result<()> {
         match rename_noreplace(&self.work.join(name), &self.incoming.join(name)) {
             Ok(()) => {
                 sync_dir(&self.incoming)?;

@@ -21,7 +21,7 @@ pub(crate) enum Kind {
 pub(crate) struct Text(String);
 
 impl Text {
-    pub fn family(&mut self, name: &str, kind: Kind, help: &str) -> &mut Text {
+    pub(crate) fn family(&mut self, name: &str, kind: Kind, help: &str) -> &mut Text {
         let kind = match kind {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
@@ -33,7 +33,7 @@ impl Text {
     }
 
     /// One sample; label values are escaped as the format asks.
-    pub fn sample(
+    pub(crate) fn sample(
         &mut self,
         name: &str,
         labels: &[(&str, &str)],
@@ -52,12 +52,12 @@ impl Text {
     }
 
     /// A family with one unlabelled sample.
-    pub fn single(&mut self, name: &str, kind: Kind, help: &str, value: impl Display) {
+    pub(crate) fn single(&mut self, name: &str, kind: Kind, help: &str, value: impl Display) {
         self.family(name, kind, help).sample(name, &[], value);
     }
 
     /// A gauge family with one sample a state (label `state`): 1 for the current one.
-    pub fn states(&mut self, name: &str, help: &str, states: &[(&str, bool)]) {
+    pub(crate) fn states(&mut self, name: &str, help: &str, states: &[(&str, bool)]) {
         self.family(name, Kind::Gauge, help);
         for &(label, current) in states {
             self.sample(name, &[("state", label)], flag(current));

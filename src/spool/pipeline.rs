@@ -130,7 +130,7 @@ impl Model {
     /// Opens and checks a configured model, decides whether it runs tiled under `run`
     /// (without a budget, under the memory `system` has free now) and registers it with
     /// the executor; a broken one is kept, with the reason.
-    pub fn load(
+    pub(crate) fn load(
         config: &ModelConfig,
         run: &RunConfig,
         system: &SystemMemory,
@@ -266,10 +266,10 @@ pub(crate) enum Outcome {
 pub struct Setup<'a> {
     pub models: &'a [Model],
     pub run: &'a RunConfig,
-    pub max_frame_bytes: u64,
+    pub(crate) max_frame_bytes: u64,
     pub executor: &'a Executor,
     /// `[debug] dump_inputs`: every input tensor is written there.
-    pub dump_inputs: Option<&'a Path>,
+    pub(crate) dump_inputs: Option<&'a Path>,
 }
 
 fn ms(d: std::time::Duration) -> f64 {

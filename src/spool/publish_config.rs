@@ -49,10 +49,10 @@ pub(crate) struct PublishConfig {
     pub port: u16,
     pub topic: TopicTemplate,
     /// `{device}` in the topic; `None`: the host name, read when the publisher starts.
-    pub device: Option<String>,
+    pub(crate) device: Option<String>,
     /// `None`: `memaflow-` and the device name.
     pub(crate) client_id: Option<String>,
-    pub credentials: Option<Credentials>,
+    pub(crate) credentials: Option<Credentials>,
     pub tls: Option<TlsFiles>,
     /// At most this many results wait unsent; beyond it the oldest are dropped.
     pub keep: usize,
@@ -65,7 +65,7 @@ pub(crate) struct PublishConfig {
 
 #[derive(Clone, Debug)]
 pub(crate) struct Credentials {
-    pub username: String,
+    pub(crate) username: String,
     pub password: Password,
 }
 
@@ -91,9 +91,9 @@ impl std::fmt::Debug for Password {
 /// TLS is on when a CA file is given; a client certificate is optional.
 #[derive(Clone, Debug)]
 pub(crate) struct TlsFiles {
-    pub ca: PathBuf,
+    pub(crate) ca: PathBuf,
     /// Certificate chain and private key, PEM.
-    pub client: Option<(PathBuf, PathBuf)>,
+    pub(crate) client: Option<(PathBuf, PathBuf)>,
 }
 
 /// A topic with `{device}` and `{model}` placeholders, checked once: no wildcards, no

@@ -173,7 +173,7 @@ pub struct LandmarkSpec {
     pub presence: Option<String>,
     /// The presence score is a logit (apply the sigmoid).
     #[serde(default)]
-    pub sigmoid: bool,
+    pub(crate) sigmoid: bool,
     /// Presence below this: `present` is false (the points are still reported).
     #[serde(default = "half")]
     pub threshold: f32,
@@ -231,7 +231,7 @@ impl LandmarkSpec {
 
     /// The points of one crop in the frame: input pixels (of a `w`×`h` input) → the
     /// crop's region `roi`. z is scaled as x.
-    pub fn decode(
+    pub(crate) fn decode(
         &self,
         specs: &[OutputSpec],
         outputs: &[FloatTensor],
@@ -298,11 +298,11 @@ pub struct BoxSpec {
     /// Output with the regressions, [1, anchors, 4 + 2·keypoints].
     pub boxes: String,
     /// Output with one score (logit) per anchor, [1, anchors, 1].
-    pub scores: String,
+    pub(crate) scores: String,
     /// Model input width and height the regressions are scaled by.
-    pub input_size: [u32; 2],
+    pub(crate) input_size: [u32; 2],
     /// Stride of each feature map; consecutive equal strides share a grid.
-    pub strides: Vec<u32>,
+    pub(crate) strides: Vec<u32>,
     #[serde(default = "two")]
     pub(crate) anchors_per_layer: usize,
     #[serde(default = "half")]
@@ -310,16 +310,16 @@ pub struct BoxSpec {
     #[serde(default)]
     pub keypoints: usize,
     #[serde(default = "half")]
-    pub score_threshold: f32,
+    pub(crate) score_threshold: f32,
     #[serde(default = "iou")]
     pub(crate) iou_threshold: f32,
     #[serde(default = "hundred")]
     pub(crate) max_boxes: usize,
     /// Scores are logits (apply the sigmoid) rather than probabilities.
     #[serde(default = "yes")]
-    pub sigmoid: bool,
+    pub(crate) sigmoid: bool,
     #[serde(default)]
-    pub nms: Nms,
+    pub(crate) nms: Nms,
 }
 
 /// How overlapping candidates become one detection.
@@ -351,7 +351,7 @@ fn yes() -> bool {
 
 #[derive(Clone, Debug)]
 pub struct BoxDecoder {
-    pub spec: BoxSpec,
+    pub(crate) spec: BoxSpec,
     /// Anchor centres, normalised to the input.
     anchors: Vec<(f32, f32)>,
 }
@@ -417,7 +417,7 @@ impl BoxDecoder {
         Ok(())
     }
 
-    pub fn decode(
+    pub(crate) fn decode(
         &self,
         specs: &[OutputSpec],
         outputs: &[FloatTensor],

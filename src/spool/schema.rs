@@ -18,7 +18,7 @@ pub struct FrameResult {
     /// where it is not UTF-8, and then `frame_bytes_hex` holds the exact bytes.
     pub frame: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frame_bytes_hex: Option<String>,
+    pub(crate) frame_bytes_hex: Option<String>,
     /// Size of the frame file.
     pub bytes: u64,
     pub width: u32,
@@ -26,7 +26,7 @@ pub struct FrameResult {
     pub(crate) processed_unix: f64,
     /// In configuration order.
     pub models: Vec<ModelResult>,
-    pub time_ms: FrameTimes,
+    pub(crate) time_ms: FrameTimes,
     pub memory: FrameMemory,
 }
 
@@ -47,7 +47,7 @@ impl FrameResult {
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FrameTimes {
     pub decode: f64,
-    pub inference: f64,
+    pub(crate) inference: f64,
     pub total: f64,
 }
 
@@ -58,7 +58,7 @@ pub struct FrameMemory {
     /// The executor's whole ledger at its highest while the frame's inferences ran.
     pub ledger_high_water_bytes: u64,
     /// The process's peak RSS since start.
-    pub peak_rss_bytes: u64,
+    pub(crate) peak_rss_bytes: u64,
 }
 
 /// One model's entry in a result.
@@ -108,7 +108,7 @@ pub struct ModelRun {
     pub outputs: Outputs,
     /// Absent for a cascade that had no detection to run on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub time_ms: Option<ModelTimes>,
+    pub(crate) time_ms: Option<ModelTimes>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<LayerCounts>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -134,7 +134,7 @@ pub struct ModelTimes {
     pub end: f64,
     /// Summed durations of layer loads and execs (on several workers they overlap).
     pub load: f64,
-    pub exec: f64,
+    pub(crate) exec: f64,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -142,7 +142,7 @@ pub struct LayerCounts {
     /// Layers read and planned for this inference.
     pub loaded: u32,
     /// Layers found resident.
-    pub resident: u32,
+    pub(crate) resident: u32,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
@@ -184,7 +184,7 @@ pub struct OutputSummary {
     #[serde(deserialize_with = "lenient::f32")]
     pub max: f32,
     #[serde(deserialize_with = "lenient::f32")]
-    pub mean: f32,
+    pub(crate) mean: f32,
     /// For vector outputs (one axis longer than 1): the largest value's index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) argmax: Option<usize>,
@@ -196,7 +196,7 @@ pub struct OutputSummary {
 pub struct Ranked {
     pub index: usize,
     #[serde(deserialize_with = "lenient::f32")]
-    pub value: f32,
+    pub(crate) value: f32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
 }
@@ -215,7 +215,7 @@ pub struct RawOutput {
 pub struct TopOutput {
     pub name: String,
     pub shape: Vec<usize>,
-    pub top: Vec<Ranked>,
+    pub(crate) top: Vec<Ranked>,
 }
 
 /// `boxes`: what a detector found.
@@ -230,7 +230,7 @@ pub struct Detections {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Detection {
     #[serde(deserialize_with = "lenient::f32")]
-    pub score: f32,
+    pub(crate) score: f32,
     /// x_min, y_min, x_max, y_max.
     #[serde(rename = "box", deserialize_with = "lenient::array")]
     pub bbox: [f32; 4],
@@ -293,7 +293,7 @@ pub struct Landmarks {
     /// mapped like x through the crop), relative, larger is farther.
     #[serde(deserialize_with = "lenient::points")]
     pub points: Vec<[f32; 3]>,
-    pub time_ms: ModelTimes,
+    pub(crate) time_ms: ModelTimes,
 }
 
 /// A rotated rectangle in the frame: centre, size and rotation (radians, clockwise on
@@ -359,7 +359,7 @@ pub struct FailureRecord {
     /// As in a result: lossy where not UTF-8, the exact bytes in `frame_bytes_hex`.
     pub frame: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frame_bytes_hex: Option<String>,
+    pub(crate) frame_bytes_hex: Option<String>,
     pub stage: FrameStage,
     pub reason: String,
     /// With `stage = "inference"`: each model's error.
@@ -393,7 +393,7 @@ mod lenient {
         Option::<f32>::deserialize(d).map(|v| Some(or_nan(v)))
     }
 
-    pub fn vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+    pub(crate) fn vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
         Vec::<Option<f32>>::deserialize(d).map(|v| v.into_iter().map(or_nan).collect())
     }
 

@@ -34,13 +34,13 @@ pub struct Status {
     /// and wait for disk space to record their outcome.
     pub frames_in_flight: usize,
     pub frames_deferred: usize,
-    pub last_error: Option<LastError>,
+    pub(crate) last_error: Option<LastError>,
     /// Claim to record of every recorded frame (done and failed).
     pub latency: Histogram,
     /// Per model name that can run: its inferences with outputs (`ok`) and without.
     pub inferences: Vec<InferenceCount>,
     pub disk: Disk,
-    pub watchdog: Watchdog,
+    pub(crate) watchdog: Watchdog,
     pub run: RunConfig,
     pub models: Vec<ModelStatus>,
     pub memory: Option<MemoryNow>,
@@ -78,7 +78,7 @@ pub struct ModelStatus {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MemoryNow {
     pub rss_bytes: Option<u64>,
-    pub peak_rss_bytes: Option<u64>,
+    pub(crate) peak_rss_bytes: Option<u64>,
     pub(crate) mem_available_bytes: Option<u64>,
     pub(crate) cgroup_limit_bytes: Option<u64>,
     /// What the memory gate would allow beyond what is resident now (reserve deducted).
@@ -129,7 +129,7 @@ pub struct InferenceCount {
 pub struct Disk {
     pub state: DiskState,
     /// Free bytes for the daemon (`statvfs` f_bavail), at the last check.
-    pub free_bytes: Option<u64>,
+    pub(crate) free_bytes: Option<u64>,
     pub(crate) min_free_bytes: u64,
     /// Writes of a result, failure record or status that found the disk full, since start.
     pub full_writes: u64,
@@ -218,7 +218,7 @@ impl Status {
     }
 
     /// Counts one inference of `model`.
-    pub fn inference(&mut self, model: &str, ok: bool) {
+    pub(crate) fn inference(&mut self, model: &str, ok: bool) {
         let i = match self.inferences.iter().position(|c| c.model == model) {
             Some(i) => i,
             None => {

@@ -45,7 +45,7 @@ pub struct Need {
 /// One axis of a sliding-window op (convolution or pool) as the untiled model runs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Window {
-    pub kernel: usize,
+    pub(crate) kernel: usize,
     pub stride: usize,
     pub dilation: usize,
     /// Input extent of the untiled op.
@@ -98,7 +98,7 @@ impl Window {
     /// The input an output span reads. With the returned padding around it, a VALID window
     /// of the same kernel, stride and dilation yields exactly `out.len()` outputs, equal to
     /// the untiled op's outputs `out`.
-    pub fn needs(&self, out: Span) -> Result<Need> {
+    pub(crate) fn needs(&self, out: Span) -> Result<Need> {
         ensure!(
             !out.is_empty() && out.end <= self.output,
             "output span {}..{} outside 0..{}",

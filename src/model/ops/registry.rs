@@ -73,8 +73,8 @@ pub(crate) fn registry() -> &'static Registry {
 /// range before a reader runs; -1 marks an omitted optional input.
 pub(crate) struct OperatorReader<'a, 'file> {
     pub graph: &'a mut Graph,
-    pub opcode: BuiltinOperator,
-    pub operator: &'a tflite::Operator<'file>,
+    pub(crate) opcode: BuiltinOperator,
+    pub(crate) operator: &'a tflite::Operator<'file>,
     pub(crate) raw_inputs: &'a [i32],
     pub(crate) raw_outputs: &'a [i32],
 }
@@ -82,7 +82,7 @@ pub(crate) struct OperatorReader<'a, 'file> {
 impl<'file> OperatorReader<'_, 'file> {
     /// The operator's options table, which `get` reads (one of the generated
     /// `builtin_options_as_…`), or an error naming the table when the operator has none.
-    pub fn options<T>(&self, get: fn(&tflite::Operator<'file>) -> Option<T>) -> Result<T> {
+    pub(crate) fn options<T>(&self, get: fn(&tflite::Operator<'file>) -> Option<T>) -> Result<T> {
         get(self.operator).with_context(|| format!("missing {}", table_name::<T>()))
     }
 
@@ -201,7 +201,7 @@ pub(crate) struct WrittenOptions {
 
 impl WrittenOptions {
     /// An op that has no options table.
-    pub fn none() -> WrittenOptions {
+    pub(crate) fn none() -> WrittenOptions {
         WrittenOptions {
             kind: BuiltinOptions::NONE,
             table: None,
@@ -209,7 +209,7 @@ impl WrittenOptions {
     }
 
     /// The options table `table`, of type `kind`.
-    pub fn table<T>(kind: BuiltinOptions, table: WIPOffset<T>) -> WrittenOptions {
+    pub(crate) fn table<T>(kind: BuiltinOptions, table: WIPOffset<T>) -> WrittenOptions {
         WrittenOptions {
             kind,
             table: Some(table.as_union_value()),
