@@ -98,6 +98,7 @@ pub struct LoadPhases {
 }
 
 impl LoadPhases {
+    /// The whole load: every phase summed.
     pub fn total(&self) -> Duration {
         self.read + self.parse + self.declutter + self.optimize + self.plan
     }
@@ -177,10 +178,13 @@ fn guard<T>(what: &str, f: impl FnOnce() -> TractResult<T>) -> Result<T> {
 /// One layer, parsed and optimised, its weights resident until it is dropped.
 #[derive(Clone, Debug)]
 pub struct LoadedLayer {
+    /// The layer's index in its package.
     pub index: usize,
+    /// Its tract plan, ready to run.
     pub plan: Plan,
 }
 
+/// Reads (checking it, see [`Package::read_layer`]), parses and plans layer `index`.
 pub fn load_layer(pkg: &Package, index: usize) -> Result<LoadedLayer> {
     load_layer_timed(pkg, index, &mut LoadPhases::default())
 }

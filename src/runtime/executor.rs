@@ -79,19 +79,28 @@ pub struct InferenceOutput {
 /// Per model: its resident layers now.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ModelResidency {
+    /// The model's name.
     pub name: String,
-    pub(crate) resident_layers: usize,
+    /// Layers resident now.
+    pub resident_layers: usize,
+    /// Layers it has.
     pub layers: usize,
+    /// Bytes the ledger counts for its resident layers.
     pub resident_bytes: u64,
 }
 
 /// The executor's state at one moment, for status files and reports.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ExecutorSnapshot {
+    /// The ledger now: resident layers and reservations, bytes.
     pub ledger_bytes: u64,
+    /// The ledger's highest value since start, bytes.
     pub ledger_high_water_bytes: u64,
+    /// Times the ledger went beyond the budget.
     pub overdrafts: u64,
+    /// The layer cache's counters.
     pub cache: CacheStats,
+    /// Per registered model, what of it is resident.
     pub models: Vec<ModelResidency>,
 }
 

@@ -33,11 +33,14 @@ use anyhow::{Result, ensure};
 /// A dense float32 tensor in C order: what goes into and comes out of a model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FloatTensor {
+    /// Its shape; the product of its dimensions is `data.len()`.
     pub shape: Vec<usize>,
+    /// Its values, in C order.
     pub data: Vec<f32>,
 }
 
 impl FloatTensor {
+    /// A tensor of `shape` holding `data`; fails when their sizes disagree.
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<FloatTensor> {
         ensure!(
             shape.iter().product::<usize>() == data.len(),
@@ -48,6 +51,7 @@ impl FloatTensor {
         Ok(FloatTensor { shape, data })
     }
 
+    /// A tensor of `shape` with every value `value`.
     pub fn filled(shape: Vec<usize>, value: f32) -> FloatTensor {
         let n = shape.iter().product();
         FloatTensor {

@@ -78,7 +78,9 @@ pub(crate) enum EvictionCause {
 /// One eviction the executor has yet to act on.
 #[derive(Clone, Copy, Debug)]
 pub struct Evicted {
+    /// The layer.
     pub key: LayerKey,
+    /// Bytes the ledger counted for it (freed once its plan is dropped).
     pub bytes: u64,
     pub(crate) cause: EvictionCause,
 }

@@ -26,6 +26,7 @@ use std::sync::Arc;
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
 )]
+/// Which ready task a free worker gets (the paper's four; one scheduler, one pick each).
 #[serde(rename_all = "lowercase")]
 pub enum SchedulingPolicy {
     /// The earliest submitted ready task.
@@ -39,6 +40,7 @@ pub enum SchedulingPolicy {
 }
 
 impl SchedulingPolicy {
+    /// Every policy, in the order tables and plans list them.
     pub const ALL: [SchedulingPolicy; 4] = [
         SchedulingPolicy::Fcfs,
         SchedulingPolicy::Sjf,
@@ -66,10 +68,14 @@ pub struct ModelId(pub usize);
 /// One layer of one model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LayerKey {
+    /// The model.
     pub model: ModelId,
+    /// The layer's index in the model.
     pub layer: usize,
 }
 
+/// One task of one inference in flight: what a [`Decision::Run`] hands a worker, and what
+/// it reports back with [`Scheduler::observe`] and [`Scheduler::complete`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TaskRef {
     pub(crate) inference: usize,
@@ -79,6 +85,7 @@ pub struct TaskRef {
 /// What a free worker is told to do.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Decision {
+    /// Run this task now; its memory is already counted in the ledger.
     Run(TaskRef),
     /// The inference cannot run within the memory there is: it has been ended and its
     /// reservations released. Its loaded layers must be dropped.
@@ -89,7 +96,9 @@ pub enum Decision {
 /// for) needs more than can be made free.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Refusal {
+    /// The model of the layer that needed the room.
     pub model: ModelId,
+    /// The layer that needed the room.
     pub layer: usize,
     /// The layer's footprint with what its inference holds (activations, reservations).
     pub needs: u64,
@@ -132,8 +141,10 @@ pub struct CacheStats {
     pub hits: u64,
     /// Loads that read and planned a layer.
     pub misses: u64,
+    /// Resident layers dropped to make room.
     pub evictions: u64,
-    pub(crate) evicted_bytes: u64,
+    /// Bytes those evictions freed.
+    pub evicted_bytes: u64,
     /// Inferences ended because they could not fit.
     pub refusals: u64,
 }
@@ -255,13 +266,17 @@ impl ModelEntry {
 /// How the scheduler runs: policies, bounds and the layer cache.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SchedulerOptions {
+    /// Which ready task runs next.
     pub policy: SchedulingPolicy,
+    /// Which tasks of an inference may run before which.
     pub loading: LoadingPolicy,
     /// Bounds the ledger (`None`: only live readings bound it).
     pub budget: Option<u64>,
     /// Inferences in flight at once (1 to `MAX_PARALLEL`).
     pub parallel: usize,
+    /// Whether layers outlive the inference that loaded them.
     pub cache: LayerCache,
+    /// Which resident layer goes first when room is needed.
     pub eviction: Eviction,
 }
 
@@ -284,6 +299,10 @@ impl SchedulerOptions {
     }
 }
 
+/// The pure scheduling state of an executor: inferences in flight, their task graphs, the
+/// ledger of expected resident bytes and the resident layers. No threads and no clock:
+/// workers ask [`Scheduler::next`] under a lock and report back, so every policy can be
+/// tested (and simulated) without running a layer.
 pub struct Scheduler {
     opts: SchedulerOptions,
     pub(super) models: Vec<ModelEntry>,
@@ -307,6 +326,7 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
+    /// An idle scheduler with an empty ledger.
     pub fn new(opts: SchedulerOptions) -> Scheduler {
         Scheduler {
             opts: SchedulerOptions {
@@ -330,6 +350,7 @@ impl Scheduler {
         }
     }
 
+    /// The options it was made with.
     pub fn options(&self) -> &SchedulerOptions {
         &self.opts
     }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tract_core::prelude::{TValue, TVec};
 
+/// Where a run's time went.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct RunStats {
     /// Reading, parsing and optimising layer files (or the whole model).
@@ -18,10 +19,12 @@ pub struct RunStats {
     pub(crate) exec: Duration,
 }
 
+/// The outputs of one run and what it took.
 #[derive(Clone, Debug)]
 pub struct RunResult {
     /// In the order of the manifest's outputs.
     pub outputs: Vec<FloatTensor>,
+    /// Load and exec time.
     pub stats: RunStats,
 }
 

@@ -22,6 +22,7 @@ pub enum LoadingPolicy {
 }
 
 impl LoadingPolicy {
+    /// Every policy, in the order tables and plans list them.
     pub const ALL: [LoadingPolicy; 4] = [
         LoadingPolicy::Bulk,
         LoadingPolicy::Linear,
@@ -33,6 +34,7 @@ impl LoadingPolicy {
 /// What the scheduler knows of one layer ahead of running it.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LayerCost {
+    /// What its weighted op is.
     pub kind: LayerKind,
     /// Resident bytes from the end of its load to the end of its exec (weights + plan).
     pub load_bytes: u64,
@@ -42,7 +44,9 @@ pub struct LayerCost {
     pub plan_bytes: u64,
     /// Extra bytes while it executes (activations in and out, workspace).
     pub exec_bytes: u64,
+    /// Expected duration of its load, seconds.
     pub load_secs: f64,
+    /// Expected duration of its exec, seconds.
     pub exec_secs: f64,
 }
 

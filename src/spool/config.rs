@@ -28,6 +28,8 @@ const BOARDS: [(&str, &str); 6] = [
 /// Defaults with no board and no setting: the spool the Yocto layer installs
 /// (`yocto/meta-memaflow/.../paths.env`).
 pub(crate) const DEFAULT_SPOOL: &str = "/var/spool/memaflow";
+/// The configuration file `memaflow run` reads without `--config` (where the Yocto
+/// layer installs it).
 pub const DEFAULT_CONFIG: &str = "/etc/memaflow/memaflow.toml";
 const DEFAULT_RESERVE: u64 = 16 << 20;
 const DEFAULT_MAX_FRAME: u64 = 64 << 20;
@@ -151,7 +153,7 @@ struct RawBoard {
 
 /// A board: its memory and the run settings that suit it.
 #[derive(Clone, Debug)]
-pub struct Board {
+pub(crate) struct Board {
     pub name: String,
     pub memory: u64,
     device_tree: Vec<String>,
@@ -323,7 +325,7 @@ pub(crate) const MAX_CASCADE: usize = 64;
 
 /// A model that runs on crops of an earlier model's detections.
 #[derive(Clone, Debug, PartialEq)]
-pub struct CascadeConfig {
+pub(crate) struct CascadeConfig {
     /// The source model's name (its package's name).
     pub from: String,
     pub(crate) roi: RoiSpec,
@@ -346,7 +348,7 @@ enum ReportKind {
 /// What happens to a frame once its result is written.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum DonePolicy {
+pub(crate) enum DonePolicy {
     /// Moved to `done/`.
     #[default]
     Move,
@@ -357,7 +359,7 @@ pub enum DonePolicy {
 /// Per-model changes to the manifest's preprocessing.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct PreprocessOverride {
+pub(crate) struct PreprocessOverride {
     pub(crate) resize: Option<ResizeMode>,
     pub(crate) color: Option<ColorOrder>,
     pub(crate) mean: Option<Vec<f32>>,
@@ -378,15 +380,16 @@ impl PreprocessOverride {
 /// One configured model: where its package is and how its outputs are reported.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
+    /// The package's directory, absolute.
     pub path: PathBuf,
-    pub preprocess: PreprocessOverride,
+    pub(crate) preprocess: PreprocessOverride,
     pub(crate) report: OutputReport,
     /// Set for a cascade: its input is crops of another model's detections.
-    pub input: Option<CascadeConfig>,
+    pub(crate) input: Option<CascadeConfig>,
 }
 
 #[derive(Clone, Debug)]
-pub struct SpoolConfig {
+pub(crate) struct SpoolConfig {
     pub root: PathBuf,
     pub done: DonePolicy,
     pub(crate) max_frame_bytes: u64,
@@ -405,28 +408,40 @@ pub struct SpoolConfig {
     pub metrics: Option<PathBuf>,
 }
 
+/// `[run]` as checked: how the daemon's executor schedules, bounds and caches; the
+/// board's defaults filled in. Also written to `status.json`, so what ran is on record.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RunConfig {
+    /// Upper bound on the ledger, bytes (`None`: only live readings bound it).
     pub budget: Option<u64>,
+    /// Bytes kept free below MemAvailable and the cgroup limit.
     pub reserve: u64,
+    /// The loading policy.
     pub loading: LoadingPolicy,
+    /// The scheduling policy.
     pub scheduling: SchedulingPolicy,
+    /// Inferences in flight at once.
     pub parallel: usize,
     pub(crate) threads: usize,
+    /// Whether and how models run tiled.
     pub tiling: Tiling,
     /// Whether layers stay resident across frames (docs/runtime.md).
     pub cache: LayerCache,
+    /// Which resident layer goes first when room is needed.
     pub eviction: Eviction,
     /// Frames claimed and processed at once; all their inferences share the one gate.
     pub frames_in_flight: usize,
 }
 
+/// The daemon's configuration file, checked once at start: sizes are bytes, policies
+/// enums, paths absolute; nothing downstream parses a string of it.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub board: Option<String>,
+    pub(crate) board: Option<String>,
     pub(crate) log_level: log::LevelFilter,
-    pub spool: SpoolConfig,
-    pub run: RunConfig,
+    pub(crate) spool: SpoolConfig,
+    pub(crate) run: RunConfig,
+    /// The models run on every frame, in the order results list them.
     pub models: Vec<ModelConfig>,
     pub(crate) debug: DebugConfig,
 }

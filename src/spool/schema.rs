@@ -17,16 +17,22 @@ pub struct FrameResult {
     /// The frame's name in the spool (`cam.jpg`, or `cam~1.jpg` after a collision); lossy
     /// where it is not UTF-8, and then `frame_bytes_hex` holds the exact bytes.
     pub frame: String,
+    /// The frame's name as bytes, in hex, when it is not UTF-8 (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) frame_bytes_hex: Option<String>,
+    pub frame_bytes_hex: Option<String>,
     /// Size of the frame file.
     pub bytes: u64,
+    /// Width of the decoded frame, pixels.
     pub width: u32,
+    /// Height of the decoded frame, pixels.
     pub height: u32,
-    pub(crate) processed_unix: f64,
+    /// When the result was written, seconds since the Unix epoch.
+    pub processed_unix: f64,
     /// In configuration order.
     pub models: Vec<ModelResult>,
-    pub(crate) time_ms: FrameTimes,
+    /// Where the frame's time went.
+    pub time_ms: FrameTimes,
+    /// The memory gate's view of the frame.
     pub memory: FrameMemory,
 }
 
@@ -44,21 +50,26 @@ impl FrameResult {
     }
 }
 
+/// Milliseconds a frame spent in each stage, from its claim.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FrameTimes {
+    /// Reading and decoding the frame.
     pub decode: f64,
-    pub(crate) inference: f64,
+    /// From the submission of its first inference to the end of the last.
+    pub inference: f64,
+    /// Claim to result.
     pub total: f64,
 }
 
+/// Memory while the frame was processed, as the memory gate counted it.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FrameMemory {
     /// The configured budget, if any.
-    pub(crate) budget_bytes: Option<u64>,
+    pub budget_bytes: Option<u64>,
     /// The executor's whole ledger at its highest while the frame's inferences ran.
     pub ledger_high_water_bytes: u64,
     /// The process's peak RSS since start.
-    pub(crate) peak_rss_bytes: u64,
+    pub peak_rss_bytes: u64,
 }
 
 /// One model's entry in a result.
@@ -66,11 +77,13 @@ pub struct FrameMemory {
 pub struct ModelResult {
     /// The package's name (its directory's name when it cannot be opened).
     pub name: String,
+    /// What the model produced, or why it produced nothing.
     #[serde(flatten)]
     pub outcome: ModelOutcome,
 }
 
 impl ModelResult {
+    /// The error, when the model produced no outputs.
     pub fn error(&self) -> Option<&ModelError> {
         match &self.outcome {
             ModelOutcome::Failed { error } => Some(error),
@@ -78,6 +91,7 @@ impl ModelResult {
         }
     }
 
+    /// The outputs, when the model ran.
     pub fn outputs(&self) -> Option<&Outputs> {
         match &self.outcome {
             ModelOutcome::Failed { .. } => None,
@@ -98,19 +112,26 @@ impl ModelResult {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum ModelOutcome {
+    /// The model produced nothing: `error` says at which stage and why.
     Failed { error: ModelError },
+    /// The model ran (boxed: the outputs are far larger than an error).
     Ran(Box<ModelRun>),
 }
 
+/// A model that ran on the frame: its outputs as reported, and what running it cost.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ModelRun {
+    /// The outputs, rendered as the model's `report` asks.
     #[serde(flatten)]
     pub outputs: Outputs,
-    /// Absent for a cascade that had no detection to run on.
+    /// When it ran, relative to the frame's submission; absent for a cascade that had no
+    /// detection to run on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) time_ms: Option<ModelTimes>,
+    pub time_ms: Option<ModelTimes>,
+    /// How many layers it loaded and found resident (absent for a cascade).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<LayerCounts>,
+    /// Its share of the ledger (absent for a cascade).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<ModelMemory>,
 }
@@ -119,9 +140,13 @@ pub struct ModelRun {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "report", content = "outputs", rename_all = "lowercase")]
 pub enum Outputs {
+    /// `summary`: shape and statistics of each output.
     Summary(Vec<OutputSummary>),
+    /// `raw`: every value of each output.
     Raw(Vec<RawOutput>),
+    /// `topk`: the largest values of each output, labelled when the package has labels.
     Topk(Vec<TopOutput>),
+    /// `boxes`: decoded detections after non-maximum suppression.
     Boxes(Detections),
     /// A cascade: its results are under the source model's detections (`crops`).
     Landmarks(CascadeSummary),
@@ -130,21 +155,26 @@ pub enum Outputs {
 /// Inference timing, from the frame's submission; for a cascade, over all its crops.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ModelTimes {
+    /// Milliseconds from the frame's submission to the inference's first task.
     pub start: f64,
+    /// Milliseconds from the frame's submission to the inference's last task.
     pub end: f64,
     /// Summed durations of layer loads and execs (on several workers they overlap).
     pub load: f64,
-    pub(crate) exec: f64,
+    /// Summed durations of layer execs (on several workers they overlap).
+    pub exec: f64,
 }
 
+/// Layers of one inference: read from disk, or found resident from an earlier frame.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct LayerCounts {
     /// Layers read and planned for this inference.
     pub loaded: u32,
     /// Layers found resident.
-    pub(crate) resident: u32,
+    pub resident: u32,
 }
 
+/// One model's part of the memory gate's ledger during the frame.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ModelMemory {
     /// High-water mark of this model's share of the scheduler's ledger.
@@ -159,7 +189,9 @@ pub enum ModelStage {
     Package,
     /// A cascade's source model produced no detections list for this frame.
     Source,
+    /// Turning the frame into the model's input tensor (resize, colours, normalisation).
     Preprocess,
+    /// Loading or running a layer (`layer` says which, when one did).
     Inference,
     /// Rendering the outputs as configured.
     Report,
@@ -168,8 +200,11 @@ pub enum ModelStage {
 /// Why a model (or one crop of a cascade) produced no outputs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ModelError {
+    /// Where it failed.
     pub stage: ModelStage,
+    /// The error and its causes, outermost first.
     pub reason: String,
+    /// The layer that failed, for an error while loading or running one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer: Option<usize>,
 }
@@ -177,26 +212,36 @@ pub struct ModelError {
 /// `summary`: one output summarised, as `memaflow infer` prints it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct OutputSummary {
+    /// The output tensor's name in the manifest.
     pub name: String,
+    /// The output tensor's shape.
     pub shape: Vec<usize>,
+    /// Smallest value (NaN reads back from `null`).
     #[serde(deserialize_with = "lenient::f32")]
     pub min: f32,
+    /// Largest value.
     #[serde(deserialize_with = "lenient::f32")]
     pub max: f32,
+    /// Mean of the values.
     #[serde(deserialize_with = "lenient::f32")]
-    pub(crate) mean: f32,
+    pub mean: f32,
     /// For vector outputs (one axis longer than 1): the largest value's index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) argmax: Option<usize>,
+    pub argmax: Option<usize>,
+    /// For vector outputs: the five largest values, largest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(crate) top5: Vec<Ranked>,
+    pub top5: Vec<Ranked>,
 }
 
+/// One of the largest values of an output: where it is, and its label if the package has labels.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Ranked {
+    /// Its index in the flattened output.
     pub index: usize,
+    /// The value.
     #[serde(deserialize_with = "lenient::f32")]
-    pub(crate) value: f32,
+    pub value: f32,
+    /// The package's label for the index, if it has labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
 }
@@ -204,8 +249,11 @@ pub struct Ranked {
 /// `raw`: every value of one output.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RawOutput {
+    /// The output tensor's name in the manifest.
     pub name: String,
+    /// The output tensor's shape.
     pub shape: Vec<usize>,
+    /// Every value, in C order.
     #[serde(deserialize_with = "lenient::vec")]
     pub values: Vec<f32>,
 }
@@ -213,24 +261,29 @@ pub struct RawOutput {
 /// `topk`: the largest values of one output.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TopOutput {
+    /// The output tensor's name in the manifest.
     pub name: String,
+    /// The output tensor's shape.
     pub shape: Vec<usize>,
-    pub(crate) top: Vec<Ranked>,
+    /// The `k` largest values, largest first.
+    pub top: Vec<Ranked>,
 }
 
 /// `boxes`: what a detector found.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Detections {
     /// Anchors whose score passed the threshold, before suppression.
-    pub(crate) candidates: usize,
+    pub candidates: usize,
+    /// What suppression kept, highest score first.
     pub detections: Vec<Detection>,
 }
 
 /// One detection, in the frame's pixels.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Detection {
+    /// Confidence in 0..1 (after the sigmoid when configured).
     #[serde(deserialize_with = "lenient::f32")]
-    pub(crate) score: f32,
+    pub score: f32,
     /// x_min, y_min, x_max, y_max.
     #[serde(rename = "box", deserialize_with = "lenient::array")]
     pub bbox: [f32; 4],
@@ -239,6 +292,7 @@ pub struct Detection {
         skip_serializing_if = "Vec::is_empty",
         deserialize_with = "lenient::points"
     )]
+    /// The detector's keypoints (x, y), in its order (for a face: eyes, nose, mouth, ears).
     pub keypoints: Vec<[f32; 2]>,
     /// What each cascade fed by this detection found in its crop, in configuration order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -266,14 +320,18 @@ pub struct CropResult {
     /// or non-finite box: the error says which).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub roi: Option<Roi>,
+    /// The landmarks found in the crop, or why there are none.
     #[serde(flatten)]
     pub outcome: CropOutcome,
 }
 
+/// What one cascade model made of one crop.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum CropOutcome {
+    /// No landmarks: `error` says why (no region, a failed inference).
     Failed { error: ModelError },
+    /// The landmarks, mapped into the frame.
     Ran(Box<Landmarks>),
 }
 
@@ -293,15 +351,19 @@ pub struct Landmarks {
     /// mapped like x through the crop), relative, larger is farther.
     #[serde(deserialize_with = "lenient::points")]
     pub points: Vec<[f32; 3]>,
-    pub(crate) time_ms: ModelTimes,
+    /// When the crop's inference ran, relative to the frame's submission.
+    pub time_ms: ModelTimes,
 }
 
 /// A rotated rectangle in the frame: centre, size and rotation (radians, clockwise on
 /// screen since y points down; 0 is upright).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Roi {
+    /// Centre (x, y) in the frame's pixels.
     pub center: [f32; 2],
+    /// Width and height along the rectangle's own axes, pixels.
     pub size: [f32; 2],
+    /// Clockwise rotation on screen, radians.
     pub rotation: f32,
 }
 
@@ -335,6 +397,7 @@ impl Roi {
 pub enum FrameStage {
     /// Refused (not a plain file, too large) or unreadable.
     Read,
+    /// The file is not an image in a format memaflow decodes, or is damaged.
     Decode,
     /// No model produced outputs.
     Inference,
@@ -343,6 +406,7 @@ pub enum FrameStage {
 }
 
 impl FrameStage {
+    /// The stage as `stage` writes it in a failure record.
     pub fn name(self) -> &'static str {
         match self {
             FrameStage::Read => "read",
@@ -358,16 +422,21 @@ impl FrameStage {
 pub struct FailureRecord {
     /// As in a result: lossy where not UTF-8, the exact bytes in `frame_bytes_hex`.
     pub frame: String,
+    /// The frame's name as bytes, in hex, when it is not UTF-8 (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) frame_bytes_hex: Option<String>,
+    pub frame_bytes_hex: Option<String>,
+    /// Where the frame failed.
     pub stage: FrameStage,
+    /// The error and its causes, outermost first.
     pub reason: String,
     /// With `stage = "inference"`: each model's error.
     pub models: Vec<ModelResult>,
-    pub(crate) failed_unix: f64,
+    /// When the record was written, seconds since the Unix epoch.
+    pub failed_unix: f64,
 }
 
 impl FailureRecord {
+    /// Reads and parses a failure record.
     pub fn read(path: &Path) -> Result<FailureRecord> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_slice(&bytes)
