@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 /// How a child ended, as the process table says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Exit {
+pub(crate) enum Exit {
     Code(i32),
     Signal(i32),
 }
@@ -55,9 +55,13 @@ impl From<ExitStatus> for Exit {
 /// The verdict on a run (its names: `crate::names`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Status {
+    /// Finished and wrote its report.
     Ok,
+    /// Killed by the kernel's OOM killer in its cgroup.
     OomKilled,
+    /// Ended otherwise without a report (an error, someone else's signal).
     Failed,
+    /// Killed by the bench after the plan's timeout.
     Timeout,
 }
 

@@ -11,7 +11,9 @@ use std::path::Path;
 /// time" every limited level is compared with).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MemoryLevel {
+    /// No limit: the reference every limited level is compared with.
     Unlimited,
+    /// A memory cgroup limit of that many bytes.
     Limit(Bytes),
 }
 
@@ -67,8 +69,11 @@ impl std::str::FromStr for MemoryLevel {
 /// after another).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Combo {
+    /// Layer by layer, every inference loading its own layers (the paper's runs).
     Layerwise(LoadingPolicy, SchedulingPolicy),
+    /// Layer by layer with layers kept resident across inferences.
     Cached(LoadingPolicy, SchedulingPolicy),
+    /// Each model whole in tract, one after another.
     StatusQuo,
 }
 
@@ -201,8 +206,11 @@ fn default_timeout() -> u64 {
 /// One batch: these models, each on every one of `frames` frames.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Workload {
+    /// Its name in the plan (and in `runs.csv`).
     pub name: String,
+    /// Model packages by name, in submission order.
     pub models: Vec<String>,
+    /// Frames each model runs on.
     pub frames: usize,
     /// The combinations this workload runs (the plan's cross product unless it narrows it).
     pub(crate) combos: Vec<Combo>,
@@ -212,11 +220,16 @@ pub struct Workload {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExperimentPlan {
     pub(crate) repetitions: usize,
+    /// The memory levels, in plan order.
     pub memory: Vec<MemoryLevel>,
+    /// The parallelisms (inferences in flight) tried.
     pub parallel: Vec<usize>,
+    /// Workers of each child (its default when absent).
     pub workers: Option<usize>,
+    /// The children's `--reserve` (their default when absent).
     pub reserve: Option<Bytes>,
     pub(crate) timeout_secs: u64,
+    /// The workloads, in plan order.
     pub workloads: Vec<Workload>,
 }
 
@@ -226,21 +239,26 @@ pub struct RunSpec {
     /// 1-based, in execution order.
     pub id: usize,
     pub(crate) repetition: usize,
+    /// The memory level it runs under.
     pub memory: MemoryLevel,
     /// Index into `ExperimentPlan::workloads`.
     pub workload: usize,
+    /// What it runs.
     pub combo: Combo,
     /// Inferences in flight; the status quo runs one at a time and has 1.
     pub parallel: usize,
 }
 
 impl ExperimentPlan {
+    /// Reads and validates a plan file.
     pub fn read(path: &Path) -> Result<ExperimentPlan> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         ExperimentPlan::parse(&text).with_context(|| format!("plan {}", path.display()))
     }
 
+    /// Validates a plan's text: every level, policy and workload checked, so that a plan
+    /// fails before its first run rather than in the middle.
     pub fn parse(text: &str) -> Result<ExperimentPlan> {
         let raw: RawPlan = toml::from_str(text)?;
         ensure!(raw.repetitions >= 1, "repetitions must be at least 1");

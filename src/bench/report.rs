@@ -22,19 +22,28 @@ pub enum LimitMode {
 /// One row of `runs.csv`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunRecord {
+    /// The run's number (1-based, execution order).
     pub run: usize,
     pub(crate) repetition: usize,
+    /// The memory level it ran under.
     pub memory: MemoryLevel,
+    /// How the level was enforced (a cgroup, or only a `--budget`).
     pub limit: LimitMode,
+    /// The workload's name.
     pub workload: String,
     /// Model names joined by `+`.
     pub models: String,
+    /// Frames each model ran on.
     pub frames: usize,
     /// Layers executed by the whole batch (all models × frames): the x axis of Figure 9.
     pub layers: usize,
+    /// What ran.
     pub combo: Combo,
+    /// Inferences in flight at once.
     pub parallel: usize,
+    /// Workers of the child.
     pub workers: usize,
+    /// The verdict.
     pub status: Status,
     pub(crate) exit: Exit,
     /// From the child's report; only for runs that finished.
@@ -50,8 +59,11 @@ pub struct RunRecord {
     pub peak_rss: Option<u64>,
     /// The cgroup's peak usage (page cache included).
     pub cgroup_peak: Option<u64>,
+    /// OOM kills in the run's cgroup.
     pub oom_kills: Option<u64>,
+    /// The ledger's highest value, from the child's report.
     pub ledger_high_water: Option<u64>,
+    /// Times the ledger went beyond the budget, from the child's report.
     pub overdrafts: Option<u64>,
     /// Why a run did not finish: the last line the child wrote to stderr.
     pub error: String,
@@ -299,7 +311,7 @@ fn parse_record(head: &[String], r: &[String]) -> Result<RunRecord> {
 
 /// Runs of one combination in one comparable group (memory level, workload, parallelism).
 #[derive(Clone, Debug, Default)]
-pub struct Outcomes {
+pub(crate) struct Outcomes {
     /// Makespans of the runs that finished, ms.
     pub(crate) makespans: Vec<f64>,
     pub peak_rss: Vec<u64>,
@@ -315,7 +327,7 @@ impl Outcomes {
     }
 }
 
-pub fn mean(v: &[f64]) -> Option<f64> {
+pub(crate) fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
@@ -324,7 +336,7 @@ pub(crate) type GroupKey = (MemoryLevel, String, usize);
 
 /// Every combination's outcomes per group. The status quo runs once per memory level and
 /// workload (it has no parallelism), so it joins every parallelism's group of those.
-pub fn group(records: &[RunRecord]) -> BTreeMap<GroupKey, BTreeMap<ComboKey, Outcomes>> {
+pub(crate) fn group(records: &[RunRecord]) -> BTreeMap<GroupKey, BTreeMap<ComboKey, Outcomes>> {
     let parallels: Vec<usize> = {
         let mut p: Vec<usize> = records
             .iter()
@@ -364,7 +376,7 @@ pub fn group(records: &[RunRecord]) -> BTreeMap<GroupKey, BTreeMap<ComboKey, Out
 
 /// `Combo` ordered as the paper's table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ComboKey(pub Combo);
+pub(crate) struct ComboKey(pub Combo);
 
 impl Ord for ComboKey {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
@@ -381,7 +393,7 @@ impl PartialOrd for ComboKey {
 /// One cell of a speed-up table: the mean over the groups at that memory level where
 /// both the baseline and the combination finished, and why the other groups have none.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Cell {
+pub(crate) struct Cell {
     pub(crate) ratios: Vec<f64>,
     /// Groups where no reference run finished (all OOM-killed or failed), and of those
     /// the groups where at least one reference run was OOM-killed.

@@ -97,16 +97,17 @@ pub(crate) enum BatchEngine {
 /// `memaflow batch`, checked.
 #[derive(Clone, Debug)]
 pub struct BatchRequest {
-    pub models: Vec<PathBuf>,
+    pub(crate) models: Vec<PathBuf>,
     /// Every input goes through every model, inputs in the outer loop.
-    pub inputs: Vec<InputSource>,
+    pub(crate) inputs: Vec<InputSource>,
     pub(crate) engine: BatchEngine,
     pub(crate) npy_out: Option<PathBuf>,
     /// Where the full report (`BatchReport` or `StatusQuoReport`) goes.
-    pub report: Option<PathBuf>,
+    pub(crate) report: Option<PathBuf>,
 }
 
 impl BatchArgs {
+    /// Checks the arguments once into a request: inputs exist, engines and budgets parse.
     pub fn check(self) -> Result<BatchRequest> {
         let inputs = if self.input_npy.is_empty() {
             self.images.into_iter().map(InputSource::Image).collect()
@@ -149,45 +150,66 @@ impl BatchArgs {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum BatchSummary {
+    /// The layer-wise executor's batch.
     Layerwise(LayerwiseSummary),
+    /// The status quo's batch (`--status-quo`).
     StatusQuo(StatusQuoSummary),
 }
 
+/// What a layer-wise batch did, as `memaflow batch` prints it.
 #[derive(Debug, Serialize)]
 pub struct LayerwiseSummary {
+    /// The loading policy.
     pub loading: LoadingPolicy,
+    /// The scheduling policy.
     pub scheduling: SchedulingPolicy,
+    /// Inferences in flight at once.
     pub parallel: usize,
-    pub(crate) budget_bytes: Option<u64>,
+    /// The ledger's bound, if one was given.
+    pub budget_bytes: Option<u64>,
+    /// From the executor's start to the last inference's end.
     pub makespan_ms: f64,
+    /// The ledger's highest value.
     pub ledger_high_water_bytes: u64,
+    /// Times the ledger went beyond the budget.
     pub overdrafts: u64,
+    /// Whether layers stayed resident across inferences.
     pub cache: LayerCache,
     /// The layer cache's counters.
     pub layers: CacheStats,
-    pub(crate) peak_rss_bytes: u64,
+    /// The process's peak resident set.
+    pub peak_rss_bytes: u64,
     /// Package name → the tiling configuration it ran under, for the tiled ones.
-    pub(crate) tiled: BTreeMap<String, String>,
+    pub tiled: BTreeMap<String, String>,
+    /// Every inference, in submission order.
     pub inferences: Vec<BatchInference>,
 }
 
+/// What a status-quo batch did, as `memaflow batch --status-quo` prints it.
 #[derive(Debug, Serialize)]
 pub struct StatusQuoSummary {
     /// Always `status-quo`.
     pub mode: &'static str,
+    /// Wall-clock time of the whole batch, models' loads included.
     pub makespan_ms: f64,
-    pub(crate) peak_rss_bytes: u64,
+    /// The process's peak resident set.
+    pub peak_rss_bytes: u64,
+    /// Every inference, in submission order.
     pub inferences: Vec<BatchInference>,
 }
 
 /// One inference of a batch, in submission order.
 #[derive(Debug, Serialize)]
 pub struct BatchInference {
+    /// The package's name.
     pub model: String,
     /// The input file as given.
     pub input: String,
-    pub(crate) start_ms: f64,
-    pub(crate) end_ms: f64,
+    /// When it started, ms from the batch's start.
+    pub start_ms: f64,
+    /// When it ended, ms from the batch's start.
+    pub end_ms: f64,
+    /// Its outputs, summarised.
     pub outputs: Vec<OutputSummary>,
 }
 

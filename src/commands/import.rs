@@ -47,9 +47,9 @@ pub struct ImportArgs {
 /// `memaflow import`, checked.
 #[derive(Clone, Debug)]
 pub struct ImportRequest {
-    pub model: PathBuf,
-    pub out: PathBuf,
-    pub options: ImportOptions,
+    pub(crate) model: PathBuf,
+    pub(crate) out: PathBuf,
+    pub(crate) options: ImportOptions,
 }
 
 fn floats(text: &str, what: &str) -> Result<Vec<f32>> {
@@ -63,6 +63,7 @@ fn floats(text: &str, what: &str) -> Result<Vec<f32>> {
 }
 
 impl ImportArgs {
+    /// Checks the arguments once into a request (preprocessing parsed, labels read).
     pub fn check(self) -> Result<ImportRequest> {
         let mut preprocess = Preprocess {
             color: self.color,
@@ -105,13 +106,17 @@ impl ImportArgs {
 
 /// What an import wrote, and what it cost.
 pub struct ImportSummary {
+    /// The package's manifest.
     pub manifest: Manifest,
+    /// The package's directory.
     pub out: PathBuf,
+    /// Wall-clock time of the import.
     pub took: Duration,
     /// The process's peak resident set after the import.
     pub peak_rss: Option<u64>,
 }
 
+/// Imports the model into a package (see [`crate::model::import`]) and measures what it cost.
 pub fn run(request: &ImportRequest) -> Result<ImportSummary> {
     let t = Instant::now();
     let manifest = model::import(&request.model, &request.out, &request.options)?;

@@ -53,7 +53,7 @@ pub struct InferArgs {
 
 /// How the inference runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Execution {
+pub(crate) enum Execution {
     /// The whole normalised model as one tract model.
     Whole,
     /// Layer by layer, tiled as `tiling` says for `budget`.
@@ -63,14 +63,15 @@ pub enum Execution {
 /// `memaflow infer`, checked.
 #[derive(Clone, Debug)]
 pub struct InferRequest {
-    pub model: PathBuf,
-    pub input: InputSource,
+    pub(crate) model: PathBuf,
+    pub(crate) input: InputSource,
     pub(crate) execution: Execution,
     pub(crate) npy_out: Option<PathBuf>,
     pub(crate) save_input: Option<PathBuf>,
 }
 
 impl InferArgs {
+    /// Checks the arguments once into a request: input exists, execution and budget parse.
     pub fn check(self) -> Result<InferRequest> {
         let Some(input) = InputSource::from_args(self.image, self.input_npy) else {
             bail!("give an IMAGE or --input-npy FILE");
@@ -97,41 +98,56 @@ impl InferArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InferMode {
+    /// The whole normalised model as one tract model.
     Whole,
     /// Layer by layer (also under a configuration that tiles nothing).
     Layers,
+    /// Through the tiled executor.
     Tiled,
 }
 
 /// What `memaflow infer` prints.
 #[derive(Clone, Debug, Serialize)]
 pub struct InferSummary {
+    /// The package's name.
     pub model: String,
+    /// Which executor ran it.
     pub mode: InferMode,
+    /// Layers of the package.
     pub layers: usize,
     /// The input file as given.
     pub input: String,
+    /// Its outputs, summarised.
     pub outputs: Vec<OutputSummary>,
-    pub(crate) time_ms: InferTimes,
-    pub(crate) peak_rss_bytes: Option<u64>,
+    /// Where its time went.
+    pub time_ms: InferTimes,
+    /// The process's peak resident set.
+    pub peak_rss_bytes: Option<u64>,
     /// The run's own peak over the resident set before it (`VmHWM` reset before the run).
-    pub(crate) run_peak_delta_bytes: Option<u64>,
+    pub run_peak_delta_bytes: Option<u64>,
     /// Set when the run went through the tiled executor.
     pub tiling: Option<TilingSummary>,
 }
 
+/// Milliseconds an inference spent loading, executing, and in all.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct InferTimes {
+    /// Reading, parsing and planning layers (or the whole model).
     pub load: f64,
-    pub(crate) exec: f64,
+    /// Running them.
+    pub exec: f64,
+    /// From the start of the run to its outputs.
     pub total: f64,
 }
 
+/// How a tiled inference was cut.
 #[derive(Clone, Debug, Serialize)]
 pub struct TilingSummary {
     /// As `--tiling` takes it.
     pub config: String,
+    /// Tiles run.
     pub tiles: usize,
+    /// Tract plans built for tiles and channel slices.
     pub plans: usize,
 }
 

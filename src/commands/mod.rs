@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 /// Where an inference's input comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum InputSource {
+pub(crate) enum InputSource {
     /// An image, decoded and preprocessed as the package's manifest says.
     Image(PathBuf),
     /// A float tensor fed as is.
@@ -38,7 +38,7 @@ impl InputSource {
             .or(image.map(InputSource::Image))
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         match self {
             InputSource::Image(p) | InputSource::Npy(p) => p,
         }

@@ -6,10 +6,14 @@
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 
+/// Which cgroup hierarchy the process's memory cgroup is in (both are read the same way
+/// after this).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CgroupVersion {
+    /// cgroup v1: `memory.limit_in_bytes`, `memory.usage_in_bytes`, `memory.oom_control`.
     V1,
+    /// cgroup v2: `memory.max`, `memory.current`, `memory.events`.
     V2,
 }
 
@@ -17,6 +21,7 @@ pub enum CgroupVersion {
 /// hierarchy's mount point, innermost first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cgroup {
+    /// Which hierarchy its directories are in.
     pub version: CgroupVersion,
     pub(crate) dirs: Vec<PathBuf>,
 }
@@ -44,6 +49,7 @@ impl CgroupLevel {
 pub struct Reading {
     /// `MemAvailable`, bytes.
     pub(crate) mem_available: Option<u64>,
+    /// The cgroup hierarchy the levels were read from, if any.
     pub cgroup: Option<CgroupVersion>,
     /// Limit and usage of each cgroup level that has a limit, innermost first.
     pub(crate) cgroup_levels: Vec<CgroupLevel>,
@@ -132,6 +138,7 @@ impl SystemMemory {
         given.or_else(|| self.read().ok().and_then(|r| r.headroom(reserve)))
     }
 
+    /// The process's memory cgroup, if it has one that can be read.
     pub fn cgroup(&self) -> Option<&Cgroup> {
         self.cgroup.as_ref()
     }
@@ -151,6 +158,8 @@ impl SystemMemory {
         Some(parse_events(&text))
     }
 
+    /// Reads MemAvailable and every limited cgroup level now; fails only when
+    /// `/proc/meminfo` cannot be read.
     pub fn read(&self) -> Result<Reading> {
         let meminfo = self.root.join("proc/meminfo");
         let mem_available = match std::fs::read_to_string(&meminfo) {

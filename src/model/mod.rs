@@ -23,10 +23,13 @@ use std::path::Path;
 /// are not used by vision models of the size this appliance runs.
 const MAX_MODEL_BYTES: u64 = 4 << 30;
 
+/// What `memaflow import` may change about a model: its name, preprocessing, labels and
+/// how large a layer may be. Everything else comes from the file.
 #[derive(Clone, Debug)]
 pub struct ImportOptions {
     /// Package name; the file stem when absent.
     pub name: Option<String>,
+    /// How frames are turned into its input (the file does not say).
     pub preprocess: Preprocess,
     /// One label per line, attached to the output with as many values.
     pub labels: Option<Vec<String>>,

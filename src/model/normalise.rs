@@ -12,6 +12,10 @@ use std::collections::BTreeMap;
 /// What normalisation changed, by rewrite, for the manifest and the log.
 pub type Rewrites = BTreeMap<&'static str, usize>;
 
+/// Makes an imported graph one tract 0.23 runs: folds the nodes that only decode a
+/// constant, turns weights into f32, rewrites each op tract cannot read (or reads wrongly)
+/// through its family's rewrite, then checks structure, shapes and that every op is one
+/// tract runs. Returns what was done, by rewrite, for the manifest.
 pub fn normalise(graph: &mut Graph) -> Result<Rewrites> {
     let mut report = Rewrites::new();
     fold_constants(graph, &mut report)?;

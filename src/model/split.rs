@@ -9,12 +9,18 @@ use super::graph::*;
 use anyhow::{Context, Result, ensure};
 use std::collections::HashMap;
 
+/// What a layer's weighted op is: the scheduler's estimates and DeepEye's pools depend
+/// on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LayerKind {
+    /// CONV_2D.
     Conv,
+    /// DEPTHWISE_CONV_2D.
     DwConv,
+    /// FULLY_CONNECTED or BATCH_MATMUL with constant weights.
     Fc,
+    /// No weighted op: the weightless ops before the model's first weighted one.
     Other,
 }
 
@@ -25,6 +31,7 @@ impl LayerKind {
         node.op.family().weighted_layer(graph, node)
     }
 
+    /// The name manifests and profiles use.
     pub fn name(self) -> &'static str {
         match self {
             LayerKind::Conv => "conv",

@@ -14,6 +14,7 @@ pub(crate) const MAX_SIDE: u32 = 16384;
 /// Largest allocation the decoder may make.
 pub(crate) const MAX_DECODE_ALLOC: u64 = 512 << 20;
 
+/// Reads a frame file (refusing one over the frame size limit) and decodes it.
 pub fn decode_file(path: &Path) -> Result<DynamicImage> {
     let bytes = crate::model::package::read_limited_bytes(path, MAX_FRAME_BYTES)?;
     decode(&bytes).with_context(|| path.display().to_string())
@@ -215,6 +216,7 @@ impl Geometry {
         }
     }
 
+    /// The frame's pixel (x, y) of the input's pixel (x, y).
     pub fn to_frame(&self, x: f32, y: f32) -> (f32, f32) {
         (
             x * self.scale.0 + self.offset.0,

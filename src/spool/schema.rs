@@ -113,7 +113,10 @@ impl ModelResult {
 #[serde(untagged)]
 pub enum ModelOutcome {
     /// The model produced nothing: `error` says at which stage and why.
-    Failed { error: ModelError },
+    Failed {
+        /// Where and why.
+        error: ModelError,
+    },
     /// The model ran (boxed: the outputs are far larger than an error).
     Ran(Box<ModelRun>),
 }
@@ -330,7 +333,10 @@ pub struct CropResult {
 #[serde(untagged)]
 pub enum CropOutcome {
     /// No landmarks: `error` says why (no region, a failed inference).
-    Failed { error: ModelError },
+    Failed {
+        /// Where and why.
+        error: ModelError,
+    },
     /// The landmarks, mapped into the frame.
     Ran(Box<Landmarks>),
 }

@@ -16,8 +16,11 @@ const LANDMARK: Rgb<u8> = Rgb([0, 220, 255]);
 /// What was drawn.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Drawn {
+    /// Detection boxes.
     pub boxes: usize,
+    /// Cascade crop regions.
     pub regions: usize,
+    /// Landmark points.
     pub landmarks: usize,
 }
 

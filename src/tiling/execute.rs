@@ -19,17 +19,21 @@ use std::time::Instant;
 /// What a tiled run did, beside its outputs.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct TiledStats {
+    /// Load and exec time.
     pub run: RunStats,
     /// Tract plans built for tiles (distinct tile geometries, summed over groups) and
     /// channel slices.
     pub plans: usize,
+    /// Tiles run, summed over groups.
     pub tiles: usize,
 }
 
+/// A tiled run's outputs and what it did.
 #[derive(Clone, Debug)]
 pub struct TiledRun {
     /// In the order of the manifest's outputs.
     pub outputs: Vec<FloatTensor>,
+    /// What it did.
     pub stats: TiledStats,
 }
 

@@ -68,6 +68,8 @@ impl Read {
     }
 }
 
+/// Consecutive layers as one graph of convolutions and pools (and elementwise ops), with
+/// what each op's output reads of its input, so that any tile can be cut out of it.
 #[derive(Clone, Debug)]
 pub struct Group {
     pub(crate) graph: Graph,
@@ -161,6 +163,7 @@ impl Group {
         [s[0], s[1], s[2], s[3]]
     }
 
+    /// The NHWC shape of the group's output.
     pub fn output_shape(&self) -> [usize; 4] {
         self.shape(self.output)
     }

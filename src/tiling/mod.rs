@@ -27,8 +27,11 @@ use std::ops::Range;
 /// `rows × cols` tiles.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct GroupConfig {
+    /// Package layers in the group.
     pub layers: Range<usize>,
+    /// Tile rows of the group's output.
     pub rows: usize,
+    /// Tile columns of the group's output.
     pub cols: usize,
 }
 
@@ -38,6 +41,7 @@ pub struct GroupConfig {
 /// overlap.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct TilingConfig {
+    /// The fused groups, in layer order.
     pub groups: Vec<GroupConfig>,
     /// Untiled layer → number of output-channel slices (at least 2).
     pub slices: std::collections::BTreeMap<usize, usize>,
@@ -49,6 +53,7 @@ impl TilingConfig {
         TilingConfig::default()
     }
 
+    /// Whether it tiles and slices nothing.
     pub fn is_untiled(&self) -> bool {
         self.groups.is_empty() && self.slices.is_empty()
     }

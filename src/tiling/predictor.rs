@@ -65,6 +65,7 @@ pub const CALIBRATION: Calibration = Calibration {
 pub struct Estimate {
     /// Peak resident bytes above the process's resident set before the run.
     pub peak_bytes: u64,
+    /// Predicted duration, seconds.
     pub secs: f64,
     /// Floating-point operations, halos recomputed included.
     pub flops: u64,
@@ -72,11 +73,12 @@ pub struct Estimate {
     /// planning-time terms.
     pub plans: usize,
     pub(crate) plan_weight_bytes: u64,
+    /// Tiles run.
     pub tiles: usize,
 }
 
 impl Estimate {
-    pub fn then(self, o: Estimate) -> Estimate {
+    pub(crate) fn then(self, o: Estimate) -> Estimate {
         Estimate {
             peak_bytes: self.peak_bytes.max(o.peak_bytes),
             secs: self.secs + o.secs,
@@ -94,13 +96,14 @@ type StepKey = (Range<usize>, usize, usize);
 /// A package read for prediction: its layer graphs (kept, so that groups can be formed
 /// from any range of them) and its activations' lifetimes.
 pub struct Predictor<'a> {
-    pub pkg: &'a Package,
+    pub(crate) pkg: &'a Package,
     layers: Vec<Graph>,
     pub(crate) calibration: Calibration,
     steps: std::cell::RefCell<HashMap<StepKey, Result<Estimate, String>>>,
 }
 
 impl<'a> Predictor<'a> {
+    /// Reads every layer of `pkg` (each file checked) for prediction under `calibration`.
     pub fn new(pkg: &'a Package, calibration: Calibration) -> Result<Predictor<'a>> {
         let layers = (0..pkg.manifest.layers.len())
             .map(|i| pkg.read_layer(i).map(|(_, g)| g))

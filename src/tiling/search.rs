@@ -14,10 +14,12 @@ use crate::model::Package;
 use anyhow::{Result, bail};
 use std::ops::Range;
 
+/// The configurations [`search`] considers.
 #[derive(Clone, Copy, Debug)]
 pub struct Space {
     /// Most groups of one configuration (0: no groups, only channel slices).
     pub max_groups: usize,
+    /// Largest number of tile rows (and of columns) of a group.
     pub max_grid: usize,
     /// Most output-channel slices of an untiled layer (1: never slice).
     pub max_slices: usize,
@@ -35,9 +37,12 @@ impl Default for Space {
     }
 }
 
+/// What [`search`] found: the fastest configuration predicted to fit.
 #[derive(Clone, Debug)]
 pub struct Choice {
+    /// The configuration.
     pub config: TilingConfig,
+    /// Its prediction.
     pub estimate: Estimate,
     /// The untiled run's prediction, for comparison.
     pub untiled: Estimate,

@@ -7,6 +7,7 @@ use crate::model::tflite::raw_u64_field;
 use anyhow::{Result, ensure};
 use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 
+/// The masks of STRIDED_SLICE; begin, end and strides are constant inputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StridedSliceParams {
     pub(crate) begin_mask: u32,

@@ -3,9 +3,12 @@
 use anyhow::{Result, bail, ensure};
 use tract_tflite::tflite;
 
+/// How a window op pads its input (TFLite's two modes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Padding {
+    /// Output size `ceil(input / stride)`, padded evenly (the extra at the end).
     Same,
+    /// No padding: only whole windows.
     Valid,
 }
 
