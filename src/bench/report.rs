@@ -331,6 +331,18 @@ pub(crate) fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
+/// The parallelisms of the layer-wise runs, ascending, each once (the status quo has none).
+fn parallelisms(records: &[RunRecord]) -> Vec<usize> {
+    let mut p: Vec<usize> = records
+        .iter()
+        .filter(|r| r.combo != Combo::StatusQuo)
+        .map(|r| r.parallel)
+        .collect();
+    p.sort_unstable();
+    p.dedup();
+    p
+}
+
 /// Key of a comparable group: memory level, workload, parallelism.
 pub(crate) type GroupKey = (MemoryLevel, String, usize);
 
@@ -338,13 +350,7 @@ pub(crate) type GroupKey = (MemoryLevel, String, usize);
 /// workload (it has no parallelism), so it joins every parallelism's group of those.
 pub(crate) fn group(records: &[RunRecord]) -> BTreeMap<GroupKey, BTreeMap<ComboKey, Outcomes>> {
     let parallels: Vec<usize> = {
-        let mut p: Vec<usize> = records
-            .iter()
-            .filter(|r| r.combo != Combo::StatusQuo)
-            .map(|r| r.parallel)
-            .collect();
-        p.sort_unstable();
-        p.dedup();
+        let p = parallelisms(records);
         if p.is_empty() { vec![1] } else { p }
     };
     let mut groups: BTreeMap<GroupKey, BTreeMap<ComboKey, Outcomes>> = BTreeMap::new();
@@ -653,13 +659,7 @@ pub(crate) fn table_markdown(records: &[RunRecord], levels: &[MemoryLevel], plan
          and is compared with bulk+fcfs at every parallelism.\n\n",
     );
     s.push_str(&speedup_table(records, levels, None).markdown("bulk+fcfs"));
-    let mut parallels: Vec<usize> = records
-        .iter()
-        .filter(|r| r.combo != Combo::StatusQuo)
-        .map(|r| r.parallel)
-        .collect();
-    parallels.sort_unstable();
-    parallels.dedup();
+    let parallels = parallelisms(records);
     if parallels.len() > 1 {
         for p in &parallels {
             let _ = writeln!(s, "\n### Parallel {p}\n");

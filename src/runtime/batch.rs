@@ -92,7 +92,8 @@ pub struct BatchReport {
     pub budget: Option<u64>,
     /// Whether layers outlived their inference.
     pub cache: LayerCache,
-    /// From the first submission to the last inference's end.
+    /// From the executor's start (just before the first submission) to the last
+    /// inference's end.
     pub makespan_ms: f64,
     /// The ledger's highest value, bytes: within the budget unless overdrafts say otherwise.
     pub ledger_high_water: u64,

@@ -477,12 +477,17 @@ mod tests {
     use super::*;
     use crate::model::graph::*;
 
-    fn conv_chain() -> Graph {
-        let mut g = Graph::default();
-        let x = g.add_tensor(Tensor::activation("x", vec![1, 8, 8, 4], DType::F32));
+    /// The graph's input, of `shape`, padded by one on both sides of H and W.
+    fn padded_input(g: &mut Graph, shape: Vec<usize>) -> TensorId {
+        let x = g.add_tensor(Tensor::activation("x", shape, DType::F32));
         g.inputs = vec![x];
         let pads = g.add_tensor(Tensor::i32_constant("pads", &[0, 0, 1, 1, 1, 1, 0, 0]));
-        let p = g.add_node(Op::Pad, vec![x, pads], &["pad"]).unwrap()[0];
+        g.add_node(Op::Pad, vec![x, pads], &["pad"]).unwrap()[0]
+    }
+
+    fn conv_chain() -> Graph {
+        let mut g = Graph::default();
+        let p = padded_input(&mut g, vec![1, 8, 8, 4]);
         let l = conv(&mut g, p, 3, 16, Padding::Valid);
         let pool = PoolParams {
             padding: Padding::Valid,
@@ -537,10 +542,7 @@ mod tests {
     #[test]
     fn pointwise_conv_packs_a_copy_of_its_input() {
         let mut g = Graph::default();
-        let x = g.add_tensor(Tensor::activation("x", vec![1, 104, 52, 64], DType::F32));
-        g.inputs = vec![x];
-        let pads = g.add_tensor(Tensor::i32_constant("pads", &[0, 0, 1, 1, 1, 1, 0, 0]));
-        let p = g.add_node(Op::Pad, vec![x, pads], &["pad"]).unwrap()[0];
+        let p = padded_input(&mut g, vec![1, 104, 52, 64]);
         let y = conv(&mut g, p, 3, 128, Padding::Valid);
         let z = conv(&mut g, y, 1, 64, Padding::Valid);
         g.outputs = vec![z];
