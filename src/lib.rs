@@ -2,6 +2,8 @@
 //! loading and executing them layer by layer so that they fit in memory far smaller than
 //! the models. See `docs/architecture.md` for the module map.
 
+#![warn(missing_docs, unnameable_types)]
+
 pub mod bench;
 pub mod commands;
 pub mod memory;

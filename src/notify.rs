@@ -43,7 +43,7 @@ fn one_line(text: &str) -> String {
 
 /// Pings the watchdog at half the interval systemd asked for (`WATCHDOG_USEC`), each time
 /// the owner's loop calls `progress`; pings nothing when no watchdog is set.
-pub struct Watchdog {
+pub(crate) struct Watchdog {
     every: Option<Duration>,
     last: Option<Instant>,
 }
@@ -59,13 +59,13 @@ impl Watchdog {
     }
 
     /// How often the owner's loop must call `progress` at least (when a watchdog is set).
-    pub fn interval(&self) -> Option<Duration> {
+    pub(crate) fn interval(&self) -> Option<Duration> {
         self.every
     }
 
     /// The loop went round once: ping if the last ping is half an interval old. Returns
     /// whether it pinged.
-    pub fn progress(&mut self) -> bool {
+    pub(crate) fn progress(&mut self) -> bool {
         let Some(every) = self.every else {
             return false;
         };

@@ -1,5 +1,5 @@
 //! A scheduling decision must not allocate: workers take it under a lock, on a board whose
-//! memory is mostly promised to layers. A counting allocator checks `next` and `complete`
+//! memory is mostly promised to layers. The library's counting allocator checks `next` and `complete`
 //! over whole batches, for every policy.
 
 use memaflow::model::LayerKind;
@@ -7,37 +7,11 @@ use memaflow::runtime::{
     Decision, Eviction, LayerCache, LayerCost, LoadingPolicy, Scheduler, SchedulerOptions,
     SchedulingPolicy,
 };
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::sync::Arc;
 
-struct Counting;
-
-thread_local! {
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-// SAFETY: forwards every call to the system allocator unchanged; the counter is a
-// thread-local `Cell` with a const initialiser, which never allocates or re-enters.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.with(|c| c.set(c.get() + 1));
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.with(|c| c.set(c.get() + 1));
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
+/// Counted by the library's own global allocator (`memory::heap`).
 fn allocations() -> u64 {
-    ALLOCATIONS.with(|c| c.get())
+    memaflow::memory::heap::allocations_by_this_thread()
 }
 
 #[test]

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 /// The directory run cgroups are created in.
 #[derive(Debug)]
-pub struct BenchCgroups {
+pub(crate) struct BenchCgroups {
     parent: PathBuf,
     version: CgroupVersion,
     /// Removed at the end only when this bench created it (another bench may share it).
@@ -46,7 +46,7 @@ impl BenchCgroups {
     /// Creates (or reuses) `parent`, or `memaflow-bench` in this process's memory cgroup,
     /// and checks that a limited child cgroup can be made there. Any error means limits
     /// cannot be enforced here; the message says why.
-    pub fn prepare(parent: Option<&Path>) -> Result<BenchCgroups> {
+    pub(crate) fn prepare(parent: Option<&Path>) -> Result<BenchCgroups> {
         let (parent, version) = match parent {
             Some(p) => (p.to_path_buf(), version_at(p)?),
             None => {
@@ -102,7 +102,7 @@ impl BenchCgroups {
         Ok(bench)
     }
 
-    pub fn version(&self) -> CgroupVersion {
+    pub(crate) fn version(&self) -> CgroupVersion {
         self.version
     }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 /// How a child ended, as the process table says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Exit {
+pub(crate) enum Exit {
     Code(i32),
     Signal(i32),
 }
@@ -55,20 +55,24 @@ impl From<ExitStatus> for Exit {
 /// The verdict on a run (its names: `crate::names`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Status {
+    /// Finished and wrote its report.
     Ok,
+    /// Killed by the kernel's OOM killer in its cgroup.
     OomKilled,
+    /// Ended otherwise without a report (an error, someone else's signal).
     Failed,
+    /// Killed by the bench after the plan's timeout.
     Timeout,
 }
 
 /// A finished child: how it ended and how long it took from spawn to reaping.
 #[derive(Clone, Copy, Debug)]
-pub struct Ended {
-    pub exit: Exit,
-    pub wall: Duration,
+pub(crate) struct Ended {
+    pub(crate) exit: Exit,
+    pub(crate) wall: Duration,
     /// CPU time (user + system) of the child, where the kernel reports it.
-    pub cpu: Option<Duration>,
-    pub timed_out: bool,
+    pub(crate) cpu: Option<Duration>,
+    pub(crate) timed_out: bool,
 }
 
 /// User + system time of all reaped children of this process so far. The bench runs
@@ -100,7 +104,7 @@ fn children_cpu() -> Option<Duration> {
 /// it would need a second pipe, because `Command::spawn` only returns once the child has
 /// exec'd. The hook makes one `write(2)` on an inherited descriptor: async-signal-safe,
 /// no allocation, as code between fork and exec must be.
-pub fn run(
+pub(crate) fn run(
     program: &Path,
     args: &[String],
     stderr: &Path,
@@ -164,7 +168,7 @@ pub fn run(
 
 /// The verdict: a child that did not finish cleanly while its cgroup recorded an OOM
 /// kill was OOM-killed; any other unclean end failed.
-pub fn classify(ended: &Ended, stats: Option<&CgroupStats>, report_ok: bool) -> Status {
+pub(crate) fn classify(ended: &Ended, stats: Option<&CgroupStats>, report_ok: bool) -> Status {
     if ended.timed_out {
         return Status::Timeout;
     }

@@ -7,7 +7,7 @@
 //! --status-quo` uses it. The rest needs the `bench` feature (cgroups-rs, plotters,
 //! indicatif).
 
-pub mod status_quo;
+pub(crate) mod status_quo;
 
 #[cfg(feature = "bench")]
 mod cgroup;
@@ -38,8 +38,12 @@ mod run {
     use std::path::{Path, PathBuf};
     use std::time::Duration;
 
+    /// What `memaflow bench` is told: the plan, where results go, and where models, frames
+    /// and cgroups come from.
     pub struct BenchOptions {
+        /// The experiment plan (TOML).
         pub plan: PathBuf,
+        /// Where `runs.csv`, `table.md` and the plots go.
         pub out: PathBuf,
         /// Model packages by name (`DIR/NAME`); zoo networks missing there are generated.
         /// Default: `OUT/models`.
@@ -57,11 +61,16 @@ mod run {
         pub program: PathBuf,
     }
 
+    /// What a bench did, for its last lines of output.
     #[derive(Debug, Default)]
     pub struct BenchSummary {
+        /// Child runs made.
         pub runs: usize,
+        /// Runs per verdict.
         pub by_status: Vec<(Status, usize)>,
+        /// No cgroups were used: limits were only `--budget`s (not comparable with the paper).
         pub budget_only: bool,
+        /// Files written.
         pub files: Vec<PathBuf>,
     }
 
@@ -75,6 +84,8 @@ mod run {
         overdrafts: Option<u64>,
     }
 
+    /// Runs every child of the plan in turn (each in a fresh cgroup with its level's limit),
+    /// appends each to `runs.csv` as it ends, then writes the tables and plots.
     pub fn run(o: &BenchOptions) -> Result<BenchSummary> {
         let plan = ExperimentPlan::read(&o.plan)?.only_workloads(&o.workloads)?;
         let runs = plan.expand();

@@ -11,12 +11,14 @@ use std::path::Path;
 /// time" every limited level is compared with).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MemoryLevel {
+    /// No limit: the reference every limited level is compared with.
     Unlimited,
+    /// A memory cgroup limit of that many bytes.
     Limit(Bytes),
 }
 
 impl MemoryLevel {
-    pub fn bytes(self) -> Option<u64> {
+    pub(crate) fn bytes(self) -> Option<u64> {
         match self {
             MemoryLevel::Unlimited => None,
             MemoryLevel::Limit(b) => Some(b.0),
@@ -67,8 +69,11 @@ impl std::str::FromStr for MemoryLevel {
 /// after another).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Combo {
+    /// Layer by layer, every inference loading its own layers (the paper's runs).
     Layerwise(LoadingPolicy, SchedulingPolicy),
+    /// Layer by layer with layers kept resident across inferences.
     Cached(LoadingPolicy, SchedulingPolicy),
+    /// Each model whole in tract, one after another.
     StatusQuo,
 }
 
@@ -78,7 +83,7 @@ pub const BASELINE: Combo = Combo::Layerwise(LoadingPolicy::Bulk, SchedulingPoli
 impl Combo {
     /// Status quo first, then the paper's table order (loading, then scheduling), then
     /// the cached rows in the same order.
-    pub fn sort_key(self) -> (usize, usize) {
+    pub(crate) fn sort_key(self) -> (usize, usize) {
         let position = |l: LoadingPolicy, s: SchedulingPolicy| {
             (
                 1 + LoadingPolicy::ALL.iter().position(|x| *x == l).unwrap_or(0),
@@ -99,7 +104,7 @@ impl Combo {
     }
 
     /// The policies of a layer-wise combination.
-    pub fn policies(self) -> Option<(LoadingPolicy, SchedulingPolicy)> {
+    pub(crate) fn policies(self) -> Option<(LoadingPolicy, SchedulingPolicy)> {
         match self {
             Combo::Layerwise(l, s) | Combo::Cached(l, s) => Some((l, s)),
             Combo::StatusQuo => None,
@@ -201,22 +206,30 @@ fn default_timeout() -> u64 {
 /// One batch: these models, each on every one of `frames` frames.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Workload {
+    /// Its name in the plan (and in `runs.csv`).
     pub name: String,
+    /// Model packages by name, in submission order.
     pub models: Vec<String>,
+    /// Frames each model runs on.
     pub frames: usize,
     /// The combinations this workload runs (the plan's cross product unless it narrows it).
-    pub combos: Vec<Combo>,
+    pub(crate) combos: Vec<Combo>,
 }
 
 /// A validated plan.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExperimentPlan {
-    pub repetitions: usize,
+    pub(crate) repetitions: usize,
+    /// The memory levels, in plan order.
     pub memory: Vec<MemoryLevel>,
+    /// The parallelisms (inferences in flight) tried.
     pub parallel: Vec<usize>,
+    /// Workers of each child (its default when absent).
     pub workers: Option<usize>,
+    /// The children's `--reserve` (their default when absent).
     pub reserve: Option<Bytes>,
-    pub timeout_secs: u64,
+    pub(crate) timeout_secs: u64,
+    /// The workloads, in plan order.
     pub workloads: Vec<Workload>,
 }
 
@@ -225,22 +238,27 @@ pub struct ExperimentPlan {
 pub struct RunSpec {
     /// 1-based, in execution order.
     pub id: usize,
-    pub repetition: usize,
+    pub(crate) repetition: usize,
+    /// The memory level it runs under.
     pub memory: MemoryLevel,
     /// Index into `ExperimentPlan::workloads`.
     pub workload: usize,
+    /// What it runs.
     pub combo: Combo,
     /// Inferences in flight; the status quo runs one at a time and has 1.
     pub parallel: usize,
 }
 
 impl ExperimentPlan {
+    /// Reads and validates a plan file.
     pub fn read(path: &Path) -> Result<ExperimentPlan> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         ExperimentPlan::parse(&text).with_context(|| format!("plan {}", path.display()))
     }
 
+    /// Validates a plan's text: every level, policy and workload checked, so that a plan
+    /// fails before its first run rather than in the middle.
     pub fn parse(text: &str) -> Result<ExperimentPlan> {
         let raw: RawPlan = toml::from_str(text)?;
         ensure!(raw.repetitions >= 1, "repetitions must be at least 1");
@@ -406,7 +424,7 @@ impl ExperimentPlan {
         out
     }
 
-    pub fn max_frames(&self) -> usize {
+    pub(crate) fn max_frames(&self) -> usize {
         self.workloads.iter().map(|w| w.frames).max().unwrap_or(1)
     }
 

@@ -22,42 +22,54 @@ pub enum LimitMode {
 /// One row of `runs.csv`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunRecord {
+    /// The run's number (1-based, execution order).
     pub run: usize,
-    pub repetition: usize,
+    pub(crate) repetition: usize,
+    /// The memory level it ran under.
     pub memory: MemoryLevel,
+    /// How the level was enforced (a cgroup, or only a `--budget`).
     pub limit: LimitMode,
+    /// The workload's name.
     pub workload: String,
     /// Model names joined by `+`.
     pub models: String,
+    /// Frames each model ran on.
     pub frames: usize,
     /// Layers executed by the whole batch (all models × frames): the x axis of Figure 9.
     pub layers: usize,
+    /// What ran.
     pub combo: Combo,
+    /// Inferences in flight at once.
     pub parallel: usize,
+    /// Workers of the child.
     pub workers: usize,
+    /// The verdict.
     pub status: Status,
-    pub exit: Exit,
+    pub(crate) exit: Exit,
     /// From the child's report; only for runs that finished.
     pub makespan_ms: Option<f64>,
     /// Spawn to reaping, as the bench saw it (process start and model decoding included).
-    pub wall_ms: f64,
+    pub(crate) wall_ms: f64,
     /// CPU time (user + system) the child used: unlike the makespan, barely changed by
     /// other load on the machine.
-    pub cpu_ms: Option<f64>,
+    pub(crate) cpu_ms: Option<f64>,
     /// The machine's 1-minute load average when the run started (other users' load).
-    pub load1: Option<f64>,
+    pub(crate) load1: Option<f64>,
     /// The child's VmHWM from its report.
     pub peak_rss: Option<u64>,
     /// The cgroup's peak usage (page cache included).
     pub cgroup_peak: Option<u64>,
+    /// OOM kills in the run's cgroup.
     pub oom_kills: Option<u64>,
+    /// The ledger's highest value, from the child's report.
     pub ledger_high_water: Option<u64>,
+    /// Times the ledger went beyond the budget, from the child's report.
     pub overdrafts: Option<u64>,
     /// Why a run did not finish: the last line the child wrote to stderr.
     pub error: String,
 }
 
-pub const HEADER: [&str; 27] = [
+pub(crate) const HEADER: [&str; 27] = [
     "run",
     "repetition",
     "memory",
@@ -90,7 +102,7 @@ pub const HEADER: [&str; 27] = [
 /// Columns a `runs.csv` may lack: written by benches before they existed.
 const OPTIONAL: [&str; 2] = ["cpu_ms", "load1"];
 
-pub fn header_line() -> String {
+pub(crate) fn header_line() -> String {
     HEADER.join(",")
 }
 
@@ -108,7 +120,7 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 }
 
 impl RunRecord {
-    pub fn csv_line(&self) -> String {
+    pub(crate) fn csv_line(&self) -> String {
         let (loading, scheduling) = match self.combo.policies() {
             Some((l, s)) => (l.to_string(), s.to_string()),
             None => (String::new(), String::new()),
@@ -299,40 +311,46 @@ fn parse_record(head: &[String], r: &[String]) -> Result<RunRecord> {
 
 /// Runs of one combination in one comparable group (memory level, workload, parallelism).
 #[derive(Clone, Debug, Default)]
-pub struct Outcomes {
+pub(crate) struct Outcomes {
     /// Makespans of the runs that finished, ms.
-    pub makespans: Vec<f64>,
+    pub(crate) makespans: Vec<f64>,
     pub peak_rss: Vec<u64>,
     /// Run numbers of the runs OOM-killed, and of those that failed or timed out.
-    pub oom_killed: Vec<usize>,
+    pub(crate) oom_killed: Vec<usize>,
     pub failed: Vec<usize>,
     pub runs: usize,
 }
 
 impl Outcomes {
-    pub fn mean_ms(&self) -> Option<f64> {
+    pub(crate) fn mean_ms(&self) -> Option<f64> {
         mean(&self.makespans)
     }
 }
 
-pub fn mean(v: &[f64]) -> Option<f64> {
+pub(crate) fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
+/// The parallelisms of the layer-wise runs, ascending, each once (the status quo has none).
+fn parallelisms(records: &[RunRecord]) -> Vec<usize> {
+    let mut p: Vec<usize> = records
+        .iter()
+        .filter(|r| r.combo != Combo::StatusQuo)
+        .map(|r| r.parallel)
+        .collect();
+    p.sort_unstable();
+    p.dedup();
+    p
+}
+
 /// Key of a comparable group: memory level, workload, parallelism.
-pub type GroupKey = (MemoryLevel, String, usize);
+pub(crate) type GroupKey = (MemoryLevel, String, usize);
 
 /// Every combination's outcomes per group. The status quo runs once per memory level and
 /// workload (it has no parallelism), so it joins every parallelism's group of those.
-pub fn group(records: &[RunRecord]) -> BTreeMap<GroupKey, BTreeMap<ComboKey, Outcomes>> {
+pub(crate) fn group(records: &[RunRecord]) -> BTreeMap<GroupKey, BTreeMap<ComboKey, Outcomes>> {
     let parallels: Vec<usize> = {
-        let mut p: Vec<usize> = records
-            .iter()
-            .filter(|r| r.combo != Combo::StatusQuo)
-            .map(|r| r.parallel)
-            .collect();
-        p.sort_unstable();
-        p.dedup();
+        let p = parallelisms(records);
         if p.is_empty() { vec![1] } else { p }
     };
     let mut groups: BTreeMap<GroupKey, BTreeMap<ComboKey, Outcomes>> = BTreeMap::new();
@@ -364,7 +382,7 @@ pub fn group(records: &[RunRecord]) -> BTreeMap<GroupKey, BTreeMap<ComboKey, Out
 
 /// `Combo` ordered as the paper's table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ComboKey(pub Combo);
+pub(crate) struct ComboKey(pub Combo);
 
 impl Ord for ComboKey {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
@@ -381,37 +399,37 @@ impl PartialOrd for ComboKey {
 /// One cell of a speed-up table: the mean over the groups at that memory level where
 /// both the baseline and the combination finished, and why the other groups have none.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Cell {
-    pub ratios: Vec<f64>,
+pub(crate) struct Cell {
+    pub(crate) ratios: Vec<f64>,
     /// Groups where no reference run finished (all OOM-killed or failed), and of those
     /// the groups where at least one reference run was OOM-killed.
-    pub baseline_missing: usize,
-    pub baseline_oom: usize,
+    pub(crate) baseline_missing: usize,
+    pub(crate) baseline_oom: usize,
     /// Groups where no run of this combination finished.
-    pub combo_missing: usize,
+    pub(crate) combo_missing: usize,
     /// Runs of this combination that were OOM-killed, and that failed otherwise (by run
     /// number: the status quo joins the groups of every parallelism, yet is one run).
-    pub oom_killed: BTreeSet<usize>,
+    pub(crate) oom_killed: BTreeSet<usize>,
     pub failed: BTreeSet<usize>,
 }
 
 impl Cell {
-    pub fn value(&self) -> Option<f64> {
+    pub(crate) fn value(&self) -> Option<f64> {
         mean(&self.ratios)
     }
 }
 
 /// Rows (combinations, table order) × columns (memory levels, plan order) of `f(group
 /// outcomes of the combination, group outcomes of the reference)`.
-pub struct Table {
-    pub levels: Vec<MemoryLevel>,
+pub(crate) struct Table {
+    pub(crate) levels: Vec<MemoryLevel>,
     pub rows: Vec<(Combo, Vec<Cell>)>,
 }
 
 /// Speed-up relative to bulk+fcfs: in each group, mean baseline makespan / mean makespan
 /// of the combination; averaged over the groups at each memory level (optionally one
 /// parallelism only).
-pub fn speedup_table(
+pub(crate) fn speedup_table(
     records: &[RunRecord],
     levels: &[MemoryLevel],
     parallel: Option<usize>,
@@ -421,7 +439,7 @@ pub fn speedup_table(
 
 /// Slow-down relative to the combination's own unconstrained time: in each group, mean
 /// makespan at the level / mean makespan at `none` (same workload and parallelism).
-pub fn slowdown_table(
+pub(crate) fn slowdown_table(
     records: &[RunRecord],
     levels: &[MemoryLevel],
     parallel: Option<usize>,
@@ -506,7 +524,7 @@ fn table_from(
 
 impl Table {
     /// Markdown; `reference` names what the cells were divided by, for the notes.
-    pub fn markdown(&self, reference: &str) -> String {
+    pub(crate) fn markdown(&self, reference: &str) -> String {
         let mut s = String::new();
         let _ = write!(s, "| loading+scheduling |");
         for l in &self.levels {
@@ -532,7 +550,7 @@ impl Table {
 impl Cell {
     /// `2.31`, with notes for what is left out of the mean: `2.31 (1/3 groups: bulk+fcfs
     /// OOM-killed)`, or why there is no value at all.
-    pub fn render(&self, reference: &str) -> String {
+    pub(crate) fn render(&self, reference: &str) -> String {
         let groups = self.ratios.len() + self.baseline_missing + self.combo_missing;
         if groups == 0 {
             return "–".into();
@@ -573,7 +591,7 @@ fn runs(n: usize) -> String {
 }
 
 /// Mean makespan and peak RSS of every combination in every group, with its failures.
-pub fn detail_markdown(records: &[RunRecord]) -> String {
+pub(crate) fn detail_markdown(records: &[RunRecord]) -> String {
     let groups = group(records);
     let mut s = String::from(
         "| memory | workload | parallel | loading+scheduling | runs | finished | OOM-killed | failed | mean makespan (s) | speed-up vs bulk+fcfs | mean peak RSS (MiB) |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -608,7 +626,7 @@ pub fn detail_markdown(records: &[RunRecord]) -> String {
 
 /// `table.md`: counts, the speed-up tables (all runs, then per parallelism), the slow-down
 /// against each combination's own unconstrained time, and the per-group details.
-pub fn table_markdown(records: &[RunRecord], levels: &[MemoryLevel], plan: &str) -> String {
+pub(crate) fn table_markdown(records: &[RunRecord], levels: &[MemoryLevel], plan: &str) -> String {
     let mut s = format!("# memaflow bench: {plan}\n\n");
     let count = |st: Status| records.iter().filter(|r| r.status == st).count();
     let _ = writeln!(
@@ -641,13 +659,7 @@ pub fn table_markdown(records: &[RunRecord], levels: &[MemoryLevel], plan: &str)
          and is compared with bulk+fcfs at every parallelism.\n\n",
     );
     s.push_str(&speedup_table(records, levels, None).markdown("bulk+fcfs"));
-    let mut parallels: Vec<usize> = records
-        .iter()
-        .filter(|r| r.combo != Combo::StatusQuo)
-        .map(|r| r.parallel)
-        .collect();
-    parallels.sort_unstable();
-    parallels.dedup();
+    let parallels = parallelisms(records);
     if parallels.len() > 1 {
         for p in &parallels {
             let _ = writeln!(s, "\n### Parallel {p}\n");
@@ -681,7 +693,7 @@ mod tests {
     use crate::memory::Bytes;
     use crate::runtime::{LoadingPolicy, SchedulingPolicy};
 
-    pub fn record(
+    pub(crate) fn record(
         run: usize,
         memory: MemoryLevel,
         combo: Combo,

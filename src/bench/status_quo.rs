@@ -7,16 +7,16 @@ use anyhow::{Context, Result};
 use std::time::Instant;
 
 #[derive(Debug, serde::Serialize)]
-pub struct StatusQuoInference {
+pub(crate) struct StatusQuoInference {
     pub model: String,
-    pub start_ms: f64,
-    pub end_ms: f64,
+    pub(crate) start_ms: f64,
+    pub(crate) end_ms: f64,
 }
 
 /// The same headline fields as a layer-wise `BatchReport` (`makespan_ms`, `peak_rss`),
 /// so that the bench reads either report the same way.
 #[derive(Debug, serde::Serialize)]
-pub struct StatusQuoReport {
+pub(crate) struct StatusQuoReport {
     pub mode: &'static str,
     pub makespan_ms: f64,
     pub peak_rss: u64,

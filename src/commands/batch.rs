@@ -28,10 +28,10 @@ pub struct BatchArgs {
     pub models: Vec<PathBuf>,
     /// Images to run through every model (JPEG, PNG, PPM/PGM, BMP).
     #[arg(long, num_args = 1.., value_name = "IMAGE", required_unless_present = "input_npy", conflicts_with = "input_npy")]
-    pub images: Vec<PathBuf>,
+    pub(crate) images: Vec<PathBuf>,
     /// Float tensors to feed every model as is.
     #[arg(long, num_args = 1.., value_name = "FILE")]
-    pub input_npy: Vec<PathBuf>,
+    pub(crate) input_npy: Vec<PathBuf>,
     /// How layers are loaded relative to their execution.
     #[arg(long, value_enum, default_value = "partial")]
     pub loading: LoadingPolicy,
@@ -67,22 +67,22 @@ pub struct BatchArgs {
     /// Per-layer costs measured by `memaflow profile` (estimated from the manifest for
     /// packages it does not cover).
     #[arg(long, value_name = "FILE")]
-    pub profile: Option<PathBuf>,
+    pub(crate) profile: Option<PathBuf>,
     /// Write outputs as DIR/KK-MODEL/NN.npy (KK: inference number) with outputs.json.
     #[arg(long, value_name = "DIR")]
-    pub npy_out: Option<PathBuf>,
+    pub(crate) npy_out: Option<PathBuf>,
     /// Write the full report (timeline of every task, budget readings) as JSON.
     #[arg(long, value_name = "FILE.json")]
     pub report: Option<PathBuf>,
     /// The status quo instead: each model run whole in tract, one inference after another
     /// (no layers, no scheduler, no budget).
     #[arg(long, conflicts_with_all = ["loading", "scheduling", "parallel", "budget", "workers", "profile", "tiling", "cache", "eviction"])]
-    pub status_quo: bool,
+    pub(crate) status_quo: bool,
 }
 
 /// How the batch runs.
 #[derive(Clone, Debug)]
-pub enum BatchEngine {
+pub(crate) enum BatchEngine {
     /// Layer by layer under the scheduler; packages tiled as `tiling` says.
     Layerwise {
         options: BatchOptions,
@@ -97,16 +97,17 @@ pub enum BatchEngine {
 /// `memaflow batch`, checked.
 #[derive(Clone, Debug)]
 pub struct BatchRequest {
-    pub models: Vec<PathBuf>,
+    pub(crate) models: Vec<PathBuf>,
     /// Every input goes through every model, inputs in the outer loop.
-    pub inputs: Vec<InputSource>,
-    pub engine: BatchEngine,
-    pub npy_out: Option<PathBuf>,
+    pub(crate) inputs: Vec<InputSource>,
+    pub(crate) engine: BatchEngine,
+    pub(crate) npy_out: Option<PathBuf>,
     /// Where the full report (`BatchReport` or `StatusQuoReport`) goes.
-    pub report: Option<PathBuf>,
+    pub(crate) report: Option<PathBuf>,
 }
 
 impl BatchArgs {
+    /// Checks the arguments once into a request: inputs exist, engines and budgets parse.
     pub fn check(self) -> Result<BatchRequest> {
         let inputs = if self.input_npy.is_empty() {
             self.images.into_iter().map(InputSource::Image).collect()
@@ -149,45 +150,66 @@ impl BatchArgs {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum BatchSummary {
+    /// The layer-wise executor's batch.
     Layerwise(LayerwiseSummary),
+    /// The status quo's batch (`--status-quo`).
     StatusQuo(StatusQuoSummary),
 }
 
+/// What a layer-wise batch did, as `memaflow batch` prints it.
 #[derive(Debug, Serialize)]
 pub struct LayerwiseSummary {
+    /// The loading policy.
     pub loading: LoadingPolicy,
+    /// The scheduling policy.
     pub scheduling: SchedulingPolicy,
+    /// Inferences in flight at once.
     pub parallel: usize,
+    /// The ledger's bound, if one was given.
     pub budget_bytes: Option<u64>,
+    /// From the executor's start to the last inference's end.
     pub makespan_ms: f64,
+    /// The ledger's highest value.
     pub ledger_high_water_bytes: u64,
+    /// Times the ledger went beyond the budget.
     pub overdrafts: u64,
+    /// Whether layers stayed resident across inferences.
     pub cache: LayerCache,
     /// The layer cache's counters.
     pub layers: CacheStats,
+    /// The process's peak resident set.
     pub peak_rss_bytes: u64,
     /// Package name → the tiling configuration it ran under, for the tiled ones.
     pub tiled: BTreeMap<String, String>,
+    /// Every inference, in submission order.
     pub inferences: Vec<BatchInference>,
 }
 
+/// What a status-quo batch did, as `memaflow batch --status-quo` prints it.
 #[derive(Debug, Serialize)]
 pub struct StatusQuoSummary {
     /// Always `status-quo`.
     pub mode: &'static str,
+    /// Wall-clock time of the whole batch, models' loads included.
     pub makespan_ms: f64,
+    /// The process's peak resident set.
     pub peak_rss_bytes: u64,
+    /// Every inference, in submission order.
     pub inferences: Vec<BatchInference>,
 }
 
 /// One inference of a batch, in submission order.
 #[derive(Debug, Serialize)]
 pub struct BatchInference {
+    /// The package's name.
     pub model: String,
     /// The input file as given.
     pub input: String,
+    /// When it started, ms from the batch's start.
     pub start_ms: f64,
+    /// When it ended, ms from the batch's start.
     pub end_ms: f64,
+    /// Its outputs, summarised.
     pub outputs: Vec<OutputSummary>,
 }
 

@@ -29,16 +29,16 @@ pub struct ImportArgs {
     pub range: Option<String>,
     /// Per-channel mean subtracted from 0..255 pixels, e.g. 127.5 or 104,117,123.
     #[arg(long, value_name = "M[,M,M]", requires = "std")]
-    pub mean: Option<String>,
+    pub(crate) mean: Option<String>,
     /// Per-channel divisor applied after the mean, e.g. 127.5 or 58.4,57.1,57.4.
     #[arg(long, value_name = "S[,S,S]", requires = "mean")]
-    pub std: Option<String>,
+    pub(crate) std: Option<String>,
     /// Channel order the model expects.
     #[arg(long, value_enum, default_value = "rgb")]
-    pub color: ColorOrder,
+    pub(crate) color: ColorOrder,
     /// How frames are fitted to the input size.
     #[arg(long, value_enum, default_value = "stretch")]
-    pub resize: ResizeMode,
+    pub(crate) resize: ResizeMode,
     /// Text file with one class label per line, for the output with that many values.
     #[arg(long, value_name = "FILE")]
     pub labels: Option<PathBuf>,
@@ -47,9 +47,9 @@ pub struct ImportArgs {
 /// `memaflow import`, checked.
 #[derive(Clone, Debug)]
 pub struct ImportRequest {
-    pub model: PathBuf,
-    pub out: PathBuf,
-    pub options: ImportOptions,
+    pub(crate) model: PathBuf,
+    pub(crate) out: PathBuf,
+    pub(crate) options: ImportOptions,
 }
 
 fn floats(text: &str, what: &str) -> Result<Vec<f32>> {
@@ -63,6 +63,7 @@ fn floats(text: &str, what: &str) -> Result<Vec<f32>> {
 }
 
 impl ImportArgs {
+    /// Checks the arguments once into a request (preprocessing parsed, labels read).
     pub fn check(self) -> Result<ImportRequest> {
         let mut preprocess = Preprocess {
             color: self.color,
@@ -105,13 +106,17 @@ impl ImportArgs {
 
 /// What an import wrote, and what it cost.
 pub struct ImportSummary {
+    /// The package's manifest.
     pub manifest: Manifest,
+    /// The package's directory.
     pub out: PathBuf,
+    /// Wall-clock time of the import.
     pub took: Duration,
     /// The process's peak resident set after the import.
     pub peak_rss: Option<u64>,
 }
 
+/// Imports the model into a package (see [`crate::model::import`]) and measures what it cost.
 pub fn run(request: &ImportRequest) -> Result<ImportSummary> {
     let t = Instant::now();
     let manifest = model::import(&request.model, &request.out, &request.options)?;

@@ -23,17 +23,17 @@ pub struct InferArgs {
     pub image: Option<PathBuf>,
     /// Feed this float tensor as the input, as is (no preprocessing).
     #[arg(long, value_name = "FILE")]
-    pub input_npy: Option<PathBuf>,
+    pub(crate) input_npy: Option<PathBuf>,
     /// Run the whole normalised model in tract instead of layer by layer.
     #[arg(long)]
     pub whole: bool,
     /// Write each output as DIR/NN.npy (NN = position in the model's outputs) and
     /// DIR/outputs.json with their names.
     #[arg(long, value_name = "DIR")]
-    pub npy_out: Option<PathBuf>,
+    pub(crate) npy_out: Option<PathBuf>,
     /// Also write the preprocessed input tensor to this .npy file.
     #[arg(long, value_name = "FILE")]
-    pub save_input: Option<PathBuf>,
+    pub(crate) save_input: Option<PathBuf>,
     /// Fused tiling of the early conv layers: `needed` (tile when the untiled run is
     /// predicted not to fit --budget; without --budget, never), `auto` (the fastest
     /// configuration predicted to fit --budget), `off` (the tiled executor with no group),
@@ -53,7 +53,7 @@ pub struct InferArgs {
 
 /// How the inference runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Execution {
+pub(crate) enum Execution {
     /// The whole normalised model as one tract model.
     Whole,
     /// Layer by layer, tiled as `tiling` says for `budget`.
@@ -63,14 +63,15 @@ pub enum Execution {
 /// `memaflow infer`, checked.
 #[derive(Clone, Debug)]
 pub struct InferRequest {
-    pub model: PathBuf,
-    pub input: InputSource,
-    pub execution: Execution,
-    pub npy_out: Option<PathBuf>,
-    pub save_input: Option<PathBuf>,
+    pub(crate) model: PathBuf,
+    pub(crate) input: InputSource,
+    pub(crate) execution: Execution,
+    pub(crate) npy_out: Option<PathBuf>,
+    pub(crate) save_input: Option<PathBuf>,
 }
 
 impl InferArgs {
+    /// Checks the arguments once into a request: input exists, execution and budget parse.
     pub fn check(self) -> Result<InferRequest> {
         let Some(input) = InputSource::from_args(self.image, self.input_npy) else {
             bail!("give an IMAGE or --input-npy FILE");
@@ -97,22 +98,30 @@ impl InferArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InferMode {
+    /// The whole normalised model as one tract model.
     Whole,
     /// Layer by layer (also under a configuration that tiles nothing).
     Layers,
+    /// Through the tiled executor.
     Tiled,
 }
 
 /// What `memaflow infer` prints.
 #[derive(Clone, Debug, Serialize)]
 pub struct InferSummary {
+    /// The package's name.
     pub model: String,
+    /// Which executor ran it.
     pub mode: InferMode,
+    /// Layers of the package.
     pub layers: usize,
     /// The input file as given.
     pub input: String,
+    /// Its outputs, summarised.
     pub outputs: Vec<OutputSummary>,
+    /// Where its time went.
     pub time_ms: InferTimes,
+    /// The process's peak resident set.
     pub peak_rss_bytes: Option<u64>,
     /// The run's own peak over the resident set before it (`VmHWM` reset before the run).
     pub run_peak_delta_bytes: Option<u64>,
@@ -120,18 +129,25 @@ pub struct InferSummary {
     pub tiling: Option<TilingSummary>,
 }
 
+/// Milliseconds an inference spent loading, executing, and in all.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct InferTimes {
+    /// Reading, parsing and planning layers (or the whole model).
     pub load: f64,
+    /// Running them.
     pub exec: f64,
+    /// From the start of the run to its outputs.
     pub total: f64,
 }
 
+/// How a tiled inference was cut.
 #[derive(Clone, Debug, Serialize)]
 pub struct TilingSummary {
     /// As `--tiling` takes it.
     pub config: String,
+    /// Tiles run.
     pub tiles: usize,
+    /// Tract plans built for tiles and channel slices.
     pub plans: usize,
 }
 

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 /// Where an inference's input comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum InputSource {
+pub(crate) enum InputSource {
     /// An image, decoded and preprocessed as the package's manifest says.
     Image(PathBuf),
     /// A float tensor fed as is.
@@ -29,20 +29,23 @@ pub enum InputSource {
 impl InputSource {
     /// The source the user named: an `--input-npy` file over an image (clap makes them
     /// exclusive); `None` when neither was given.
-    pub fn from_args(image: Option<PathBuf>, npy_file: Option<PathBuf>) -> Option<InputSource> {
+    pub(crate) fn from_args(
+        image: Option<PathBuf>,
+        npy_file: Option<PathBuf>,
+    ) -> Option<InputSource> {
         npy_file
             .map(InputSource::Npy)
             .or(image.map(InputSource::Image))
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         match self {
             InputSource::Image(p) | InputSource::Npy(p) => p,
         }
     }
 
     /// The input tensor for `pkg`.
-    pub fn tensor_for(&self, pkg: &Package) -> Result<FloatTensor> {
+    pub(crate) fn tensor_for(&self, pkg: &Package) -> Result<FloatTensor> {
         match self {
             InputSource::Npy(path) => Ok(FloatTensor::from(npy::read(path)?)),
             InputSource::Image(path) => {

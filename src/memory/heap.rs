@@ -12,10 +12,21 @@ thread_local! {
     // Constant-initialised and without a destructor: reading it never allocates, so the
     // allocator may use it, even while the thread is being torn down.
     static NET_BYTES: Cell<i64> = const { Cell::new(0) };
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
 }
 
 fn count(delta: i64) {
     let _ = NET_BYTES.try_with(|n| n.set(n.get().wrapping_add(delta)));
+}
+
+fn count_allocation() {
+    let _ = ALLOCATIONS.try_with(|n| n.set(n.get().wrapping_add(1)));
+}
+
+/// Allocations (and reallocations) this thread has made so far: a scheduling decision,
+/// taken under the executor's lock, must make none (`tests/scheduler_alloc.rs`).
+pub fn allocations_by_this_thread() -> u64 {
+    ALLOCATIONS.with(Cell::get)
 }
 
 // SAFETY: every method forwards its arguments unchanged to `System`, which upholds the
@@ -25,6 +36,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's contract for `alloc` is passed on unchanged.
         let p = unsafe { System.alloc(layout) };
+        count_allocation();
         if !p.is_null() {
             count(layout.size() as i64);
         }
@@ -34,6 +46,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as for `alloc`.
         let p = unsafe { System.alloc_zeroed(layout) };
+        count_allocation();
         if !p.is_null() {
             count(layout.size() as i64);
         }
@@ -49,6 +62,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: as for `dealloc`, and `new_size` is the caller's, passed on unchanged.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
+        count_allocation();
         if !p.is_null() {
             count(new_size as i64 - layout.size() as i64);
         }

@@ -18,8 +18,10 @@ use std::collections::HashSet;
 pub struct Released {
     /// Resident bytes of code and read-only data dropped from the mappings.
     pub mapped_bytes: u64,
-    pub before: Option<ProcessMemory>,
-    pub after: Option<ProcessMemory>,
+    /// The process's memory before the release.
+    pub(crate) before: Option<ProcessMemory>,
+    /// And after it.
+    pub(crate) after: Option<ProcessMemory>,
 }
 
 /// Trims the heap and drops the resident pages of the program's and its libraries'

@@ -7,11 +7,9 @@ pub mod heap;
 mod mapped;
 mod system;
 pub use mapped::{Released, release_start_up};
-pub use system::{
-    Cgroup, CgroupLevel, CgroupVersion, Reading, SystemMemory, parse_meminfo_available,
-};
+pub use system::{Cgroup, CgroupVersion, Reading, SystemMemory};
 
-/// Resident set of this process, from `/proc/self/status`.
+/// Resident set of a process, from `/proc/<pid>/status`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ProcessMemory {
     /// `VmRSS`, bytes.
@@ -20,12 +18,13 @@ pub struct ProcessMemory {
     pub peak_rss: u64,
 }
 
-pub fn process_memory() -> Result<ProcessMemory> {
+pub(crate) fn process_memory() -> Result<ProcessMemory> {
     let text = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     parse_status(&text)
 }
 
-/// Parses the `VmRSS` and `VmHWM` lines of a `/proc/<pid>/status` file.
+/// Parses the `VmRSS` and `VmHWM` lines of a `/proc/<pid>/status` file (tests read
+/// another process's with it).
 pub fn parse_status(text: &str) -> Result<ProcessMemory> {
     let field = |key: &str| -> Result<u64> {
         let line = text
@@ -67,7 +66,7 @@ pub fn return_freed_memory_promptly() {
 /// Hands free pages inside glibc's heap back to the kernel. Buffers under the mmap
 /// threshold (tiles, small activations) come from the heap, and a heap fragmented by many
 /// of them keeps its free pages resident until trimmed; musl returns them on its own.
-pub fn release_free_heap() {
+pub(crate) fn release_free_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free memory to the kernel; it takes the allocator's
     // own locks and touches no live allocation.
@@ -78,26 +77,26 @@ pub fn release_free_heap() {
 
 /// Resets `VmHWM` to the current RSS (Linux ≥ 4.0), so a later reading is the peak of
 /// what happened in between.
-pub fn reset_peak() -> Result<()> {
+pub(crate) fn reset_peak() -> Result<()> {
     std::fs::write("/proc/self/clear_refs", "5").context("writing /proc/self/clear_refs")
 }
 
 /// The peak resident set of one stretch of work (an inference): `VmHWM` restarts from the
 /// current resident set at [`PeakWatch::start`] where the kernel allows it, so that the
 /// reading at [`PeakWatch::finish`] is that stretch's own peak.
-pub struct PeakWatch {
+pub(crate) struct PeakWatch {
     before: Option<ProcessMemory>,
     reset: bool,
 }
 
 /// What a [`PeakWatch`] saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RunPeak {
+pub(crate) struct RunPeak {
     /// The process's `VmHWM` (never below its value at the start).
     pub peak_rss: Option<u64>,
     /// The peak over the stretch less the resident set at its start; `None` where `VmHWM`
     /// could not be reset (it would include earlier peaks).
-    pub run_peak_delta: Option<u64>,
+    pub(crate) run_peak_delta: Option<u64>,
 }
 
 impl PeakWatch {

@@ -6,10 +6,14 @@
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 
+/// Which cgroup hierarchy the process's memory cgroup is in (both are read the same way
+/// after this).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CgroupVersion {
+    /// cgroup v1: `memory.limit_in_bytes`, `memory.usage_in_bytes`, `memory.oom_control`.
     V1,
+    /// cgroup v2: `memory.max`, `memory.current`, `memory.events`.
     V2,
 }
 
@@ -17,24 +21,25 @@ pub enum CgroupVersion {
 /// hierarchy's mount point, innermost first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cgroup {
+    /// Which hierarchy its directories are in.
     pub version: CgroupVersion,
-    pub dirs: Vec<PathBuf>,
+    pub(crate) dirs: Vec<PathBuf>,
 }
 
 /// One cgroup level's limit and usage; `limit` is `None` when unlimited.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct CgroupLevel {
+pub(crate) struct CgroupLevel {
     pub limit: Option<u64>,
     /// All charged bytes, the page cache included.
     pub usage: u64,
     /// Clean, unmapped file cache within `usage` (from `memory.stat`): the kernel drops it
     /// before it would fail an allocation, so it is not in anyone's way.
-    pub reclaimable: u64,
+    pub(crate) reclaimable: u64,
 }
 
 impl CgroupLevel {
     /// Bytes the level's processes actually hold (the "working set").
-    pub fn working_set(&self) -> u64 {
+    pub(crate) fn working_set(&self) -> u64 {
         self.usage.saturating_sub(self.reclaimable)
     }
 }
@@ -43,10 +48,11 @@ impl CgroupLevel {
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Reading {
     /// `MemAvailable`, bytes.
-    pub mem_available: Option<u64>,
+    pub(crate) mem_available: Option<u64>,
+    /// The cgroup hierarchy the levels were read from, if any.
     pub cgroup: Option<CgroupVersion>,
     /// Limit and usage of each cgroup level that has a limit, innermost first.
-    pub cgroup_levels: Vec<CgroupLevel>,
+    pub(crate) cgroup_levels: Vec<CgroupLevel>,
 }
 
 impl Reading {
@@ -58,7 +64,7 @@ impl Reading {
     /// layer files, after one pass over the models — so usage alone sits at the limit and
     /// a scheduler trusting it would wait for memory that is there (the paper's MEMA dip at
     /// 1 GiB). The clean cache is subtracted, as `MemAvailable` does for the system.
-    pub fn headroom(&self, reserve: u64) -> Option<u64> {
+    pub(crate) fn headroom(&self, reserve: u64) -> Option<u64> {
         let system = self.mem_available.map(|a| a.saturating_sub(reserve));
         let cgroup = self
             .cgroup_levels
@@ -77,7 +83,7 @@ impl Reading {
     /// Like `headroom`, but signed: negative when a cgroup's working set (or the system's
     /// use) is already beyond its limit less `reserve` — by how much the holder of the
     /// memory must shrink.
-    pub fn room(&self, reserve: u64) -> Option<i64> {
+    pub(crate) fn room(&self, reserve: u64) -> Option<i64> {
         let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let system = self.mem_available.map(|a| signed(a) - signed(reserve));
         let cgroup = self
@@ -95,7 +101,7 @@ impl Reading {
     }
 
     /// The tightest cgroup limit, if any.
-    pub fn cgroup_limit(&self) -> Option<u64> {
+    pub(crate) fn cgroup_limit(&self) -> Option<u64> {
         self.cgroup_levels.iter().filter_map(|l| l.limit).min()
     }
 }
@@ -114,7 +120,7 @@ impl SystemMemory {
     }
 
     /// A system whose `/proc` and `/sys/fs/cgroup` are under `root`.
-    pub fn at_root(root: impl AsRef<Path>) -> SystemMemory {
+    pub(crate) fn at_root(root: impl AsRef<Path>) -> SystemMemory {
         let root = root.as_ref().to_path_buf();
         let cgroup = match detect_cgroup(&root) {
             Ok(c) => c,
@@ -128,10 +134,11 @@ impl SystemMemory {
 
     /// The budget to plan against: `given`, else the headroom read now less `reserve`
     /// (`None` when nothing is known).
-    pub fn budget_or_headroom(&self, given: Option<u64>, reserve: u64) -> Option<u64> {
+    pub(crate) fn budget_or_headroom(&self, given: Option<u64>, reserve: u64) -> Option<u64> {
         given.or_else(|| self.read().ok().and_then(|r| r.headroom(reserve)))
     }
 
+    /// The process's memory cgroup, if it has one that can be read.
     pub fn cgroup(&self) -> Option<&Cgroup> {
         self.cgroup.as_ref()
     }
@@ -151,6 +158,8 @@ impl SystemMemory {
         Some(parse_events(&text))
     }
 
+    /// Reads MemAvailable and every limited cgroup level now; fails only when
+    /// `/proc/meminfo` cannot be read.
     pub fn read(&self) -> Result<Reading> {
         let meminfo = self.root.join("proc/meminfo");
         let mem_available = match std::fs::read_to_string(&meminfo) {
@@ -178,7 +187,7 @@ impl SystemMemory {
 
 /// `name value` lines (`memory.events`, `memory.oom_control`); other lines are skipped.
 /// v1's `oom_kill_disable` is a setting, not an event, and is left out.
-pub fn parse_events(text: &str) -> std::collections::BTreeMap<String, u64> {
+pub(crate) fn parse_events(text: &str) -> std::collections::BTreeMap<String, u64> {
     text.lines()
         .filter_map(|l| {
             let (name, value) = l.split_once(' ')?;
@@ -190,7 +199,7 @@ pub fn parse_events(text: &str) -> std::collections::BTreeMap<String, u64> {
 
 /// `MemAvailable` in bytes (kernels before 3.14 lack it: then MemFree + Cached is the
 /// closest estimate).
-pub fn parse_meminfo_available(text: &str) -> Result<u64> {
+pub(crate) fn parse_meminfo_available(text: &str) -> Result<u64> {
     let field = |key: &str| -> Result<Option<u64>> {
         let Some(line) = text.lines().find(|l| l.split(':').next() == Some(key)) else {
             return Ok(None);
@@ -328,7 +337,7 @@ fn read_level(version: CgroupVersion, dir: &Path) -> Result<Option<CgroupLevel>>
 /// list, less mapped (a program's own code: dropping it thrashes), dirty and
 /// under-writeback pages (they need I/O first). v1 has per-level and `total_`
 /// (hierarchical) counters; usage is hierarchical, so the `total_` ones match it.
-pub fn parse_reclaimable(version: CgroupVersion, stat: &str) -> u64 {
+pub(crate) fn parse_reclaimable(version: CgroupVersion, stat: &str) -> u64 {
     let field = |key: &str| -> u64 {
         stat.lines()
             .find_map(|l| {

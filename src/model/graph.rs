@@ -11,25 +11,37 @@ use bytes::Bytes;
 
 pub use super::ops::{
     Activation, BinaryKind, ConvParams, Op, Padding, PoolParams, ReduceKind, StridedSliceParams,
-    UnaryKind, broadcast, conv_out, strided_bounds,
+    UnaryKind,
 };
 
+/// A tensor's index in [`Graph::tensors`]: nodes refer to tensors by it.
 pub type TensorId = usize;
 
+/// Element types a TFLite file may declare (more than tract runs: import normalises the
+/// rest away or refuses the model, naming the tensor).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
+    /// 32-bit float: every activation tract runs and every weight after normalisation.
     F32,
+    /// 16-bit float: weights behind DEQUANTIZE, folded to f32 by normalisation.
     F16,
+    /// 32-bit integer: shapes, axes, paddings, biases of quantised ops.
     I32,
+    /// 64-bit integer: shapes and axes in some converters' output.
     I64,
+    /// 16-bit integer: quantised constants.
     I16,
+    /// 8-bit integer: quantised weights (dequantised by normalisation).
     I8,
+    /// Unsigned 8-bit integer: quantised constants.
     U8,
+    /// Boolean.
     Bool,
 }
 
 impl DType {
+    /// Bytes of one element.
     pub fn size(self) -> usize {
         match self {
             DType::F32 | DType::I32 => 4,
@@ -39,6 +51,7 @@ impl DType {
         }
     }
 
+    /// The lower-case name used in manifests and errors.
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
@@ -57,18 +70,27 @@ impl DType {
 /// channel along `axis`. Only constants may carry it: quantised activations are rejected.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Quant {
+    /// One scale, or one per channel along `axis`.
     pub scale: Vec<f32>,
+    /// One zero point, or one per channel along `axis`.
     pub zero_point: Vec<i64>,
+    /// The channel axis of per-channel quantisation (0 when per tensor).
     pub axis: usize,
 }
 
+/// How one dimension of a sparse constant is stored (TFLite's `DimensionMetadata`).
 #[derive(Clone, Debug, PartialEq)]
 pub enum DimMeta {
+    /// Every index stored.
     Dense {
+        /// The dimension's size.
         size: usize,
     },
+    /// Compressed: only the indices present, per segment.
     Csr {
+        /// Where each segment's indices start in `indices` (one more entry than segments).
         segments: Vec<usize>,
+        /// The indices present.
         indices: Vec<usize>,
     },
 }
@@ -76,24 +98,34 @@ pub enum DimMeta {
 /// TFLite's sparse encoding of a constant (`SparsityParameters`), undone by normalisation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sparsity {
+    /// Order in which the dimensions (and block dimensions) are stored.
     pub traversal_order: Vec<usize>,
+    /// The dimensions that are blocked, for each block dimension.
     pub block_map: Vec<usize>,
+    /// How each traversed dimension is stored.
     pub dim_metadata: Vec<DimMeta>,
 }
 
+/// One tensor of a graph: an activation (computed) or a constant (weights, shapes).
 #[derive(Clone, Debug)]
 pub struct Tensor {
+    /// Its name in the file; unique within a graph (see [`Graph::fresh_name`]).
     pub name: String,
+    /// Its shape; activations have every dimension known.
     pub shape: Vec<usize>,
+    /// Its element type.
     pub dtype: DType,
     /// Raw little-endian bytes of a constant; `None` for activations and graph inputs.
     /// Shares the imported file's buffer where it can: import holds one copy of the weights.
     pub data: Option<Bytes>,
+    /// Quantisation of a constant, if it is quantised.
     pub quant: Option<Quant>,
+    /// Sparse encoding of a constant, if it is stored sparse.
     pub sparsity: Option<Sparsity>,
 }
 
 impl Tensor {
+    /// A computed tensor (no data).
     pub fn activation(name: impl Into<String>, shape: Vec<usize>, dtype: DType) -> Tensor {
         Tensor {
             name: name.into(),
@@ -105,6 +137,7 @@ impl Tensor {
         }
     }
 
+    /// A constant holding `data`, little-endian, in C order.
     pub fn constant(
         name: impl Into<String>,
         shape: Vec<usize>,
@@ -121,29 +154,31 @@ impl Tensor {
         }
     }
 
+    /// An f32 constant of `shape`.
     pub fn f32_constant(name: impl Into<String>, shape: Vec<usize>, values: &[f32]) -> Tensor {
         Tensor::constant(name, shape, DType::F32, f32_bytes(values))
     }
 
+    /// A one-dimensional i32 constant (a shape, axes, paddings).
     pub fn i32_constant(name: impl Into<String>, values: &[i32]) -> Tensor {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         Tensor::constant(name, vec![values.len()], DType::I32, bytes)
     }
 
-    pub fn is_const(&self) -> bool {
+    pub(crate) fn is_const(&self) -> bool {
         self.data.is_some()
     }
 
-    pub fn elements(&self) -> usize {
+    pub(crate) fn elements(&self) -> usize {
         self.shape.iter().product()
     }
 
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.elements() * self.dtype.size()
     }
 
     /// The values of a small integer constant (shapes, axes, paddings).
-    pub fn int_values(&self) -> Result<Vec<i64>> {
+    pub(crate) fn int_values(&self) -> Result<Vec<i64>> {
         let data = self
             .data
             .as_ref()
@@ -165,7 +200,7 @@ impl Tensor {
         })
     }
 
-    pub fn f32_values(&self) -> Result<Vec<f32>> {
+    pub(crate) fn f32_values(&self) -> Result<Vec<f32>> {
         let data = self
             .data
             .as_ref()
@@ -183,6 +218,7 @@ impl Tensor {
     }
 }
 
+/// The little-endian bytes of `values`, as a constant holds them.
 pub fn f32_bytes(values: &[f32]) -> Bytes {
     values
         .iter()
@@ -191,30 +227,40 @@ pub fn f32_bytes(values: &[f32]) -> Bytes {
         .into()
 }
 
+/// One operator applied to tensors of the graph.
 #[derive(Clone, Debug)]
 pub struct Node {
+    /// The operator and its options.
     pub op: Op,
+    /// Its inputs, in the operator's order.
     pub inputs: Vec<TensorId>,
+    /// Its outputs, in the operator's order.
     pub outputs: Vec<TensorId>,
 }
 
 /// A single TFLite subgraph, nodes in an order where every input is produced before use.
 #[derive(Clone, Debug, Default)]
 pub struct Graph {
+    /// Every tensor, indexed by [`TensorId`].
     pub tensors: Vec<Tensor>,
+    /// The operators, each after those producing its inputs.
     pub nodes: Vec<Node>,
+    /// The graph's inputs.
     pub inputs: Vec<TensorId>,
+    /// The graph's outputs.
     pub outputs: Vec<TensorId>,
 }
 
 impl Graph {
+    /// Adds a tensor and returns its id; names are not checked here (see
+    /// [`Graph::fresh_name`]).
     pub fn add_tensor(&mut self, t: Tensor) -> TensorId {
         self.tensors.push(t);
         self.tensors.len() - 1
     }
 
     /// A tensor name not used yet, derived from `base`.
-    pub fn fresh_name(&self, base: &str) -> String {
+    pub(crate) fn fresh_name(&self, base: &str) -> String {
         let taken = |n: &str| self.tensors.iter().any(|t| t.name == n);
         if !taken(base) {
             return base.to_string();
@@ -264,7 +310,7 @@ impl Graph {
     }
 
     /// Output shapes of `op` applied to `inputs`, checking that the inputs make sense.
-    pub fn output_shapes(&self, op: &Op, inputs: &[TensorId]) -> Result<Vec<Vec<usize>>> {
+    pub(crate) fn output_shapes(&self, op: &Op, inputs: &[TensorId]) -> Result<Vec<Vec<usize>>> {
         let inputs = OpInputs {
             graph: self,
             ids: inputs,
@@ -387,7 +433,7 @@ impl Graph {
     }
 
     /// For each tensor, the index of the last node that reads it (`None` if none does).
-    pub fn last_readers(&self) -> Vec<Option<usize>> {
+    pub(crate) fn last_readers(&self) -> Vec<Option<usize>> {
         let mut last = vec![None; self.tensors.len()];
         for (ix, node) in self.nodes.iter().enumerate() {
             for &i in &node.inputs {
@@ -425,7 +471,7 @@ impl OpInputs<'_> {
     }
 
     /// Fails unless the op has an allowed number of inputs; check it before reading any.
-    pub fn arity(&self, allowed: std::ops::RangeInclusive<usize>) -> Result<()> {
+    pub(crate) fn arity(&self, allowed: std::ops::RangeInclusive<usize>) -> Result<()> {
         ensure!(
             allowed.contains(&self.ids.len()),
             "{} takes {:?} inputs, got {}",
@@ -437,7 +483,7 @@ impl OpInputs<'_> {
     }
 
     /// The output shape of an op that maps each element of its one input.
-    pub fn elementwise_shape(&self) -> Result<Vec<usize>> {
+    pub(crate) fn elementwise_shape(&self) -> Result<Vec<usize>> {
         self.arity(1..=1)?;
         Ok(self.shape(0).to_vec())
     }
@@ -446,14 +492,14 @@ impl OpInputs<'_> {
         &self.graph.tensors[self.ids[slot]].shape
     }
 
-    pub fn shapes(&self) -> impl Iterator<Item = &[usize]> {
+    pub(crate) fn shapes(&self) -> impl Iterator<Item = &[usize]> {
         self.ids
             .iter()
             .map(|&id| self.graph.tensors[id].shape.as_slice())
     }
 
     /// The shape of an NHWC input.
-    pub fn rank4(&self, slot: usize) -> Result<[usize; 4]> {
+    pub(crate) fn rank4(&self, slot: usize) -> Result<[usize; 4]> {
         match *self.shape(slot) {
             [n, h, w, c] => Ok([n, h, w, c]),
             ref other => bail!(
@@ -465,12 +511,12 @@ impl OpInputs<'_> {
     }
 
     /// The values of a constant integer input (a shape, axes, paddings).
-    pub fn const_ints(&self, slot: usize) -> Result<Vec<i64>> {
+    pub(crate) fn const_ints(&self, slot: usize) -> Result<Vec<i64>> {
         self.graph.tensors[self.ids[slot]].int_values()
     }
 
     /// Fails unless input `slot` is a bias of `channels` values.
-    pub fn check_bias(&self, slot: usize, channels: usize) -> Result<()> {
+    pub(crate) fn check_bias(&self, slot: usize, channels: usize) -> Result<()> {
         let bias = self.shape(slot);
         ensure!(
             bias == [channels],
@@ -483,7 +529,7 @@ impl OpInputs<'_> {
 }
 
 /// Axes as indices in `0..rank`, counting negative ones from the end.
-pub fn normalise_axes(axes: &[i64], rank: usize) -> Result<Vec<usize>> {
+pub(crate) fn normalise_axes(axes: &[i64], rank: usize) -> Result<Vec<usize>> {
     axes.iter()
         .map(|&a| {
             let a2 = if a < 0 { a + rank as i64 } else { a };

@@ -7,7 +7,7 @@ pub mod graph;
 pub mod normalise;
 mod ops;
 pub mod package;
-pub mod split;
+pub(crate) mod split;
 pub mod tflite;
 pub mod zoo;
 
@@ -23,10 +23,13 @@ use std::path::Path;
 /// are not used by vision models of the size this appliance runs.
 const MAX_MODEL_BYTES: u64 = 4 << 30;
 
+/// What `memaflow import` may change about a model: its name, preprocessing, labels and
+/// how large a layer may be. Everything else comes from the file.
 #[derive(Clone, Debug)]
 pub struct ImportOptions {
     /// Package name; the file stem when absent.
     pub name: Option<String>,
+    /// How frames are turned into its input (the file does not say).
     pub preprocess: Preprocess,
     /// One label per line, attached to the output with as many values.
     pub labels: Option<Vec<String>>,
@@ -51,7 +54,7 @@ impl Default for ImportOptions {
 
 /// Default for [`ImportOptions::max_layer_weights`]: small enough that one layer fits the
 /// smallest board's budget with room to spare, large enough to keep layers few.
-pub const DEFAULT_MAX_LAYER_WEIGHTS: u64 = 16 << 20;
+pub(crate) const DEFAULT_MAX_LAYER_WEIGHTS: u64 = 16 << 20;
 
 /// `memaflow import`: reads, normalises and splits a TFLite model into a package.
 pub fn import(model: &Path, out: &Path, options: &ImportOptions) -> Result<Manifest> {

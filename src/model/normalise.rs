@@ -12,6 +12,10 @@ use std::collections::BTreeMap;
 /// What normalisation changed, by rewrite, for the manifest and the log.
 pub type Rewrites = BTreeMap<&'static str, usize>;
 
+/// Makes an imported graph one tract 0.23 runs: folds the nodes that only decode a
+/// constant, turns weights into f32, rewrites each op tract cannot read (or reads wrongly)
+/// through its family's rewrite, then checks structure, shapes and that every op is one
+/// tract runs. Returns what was done, by rewrite, for the manifest.
 pub fn normalise(graph: &mut Graph) -> Result<Rewrites> {
     let mut report = Rewrites::new();
     fold_constants(graph, &mut report)?;
@@ -89,7 +93,7 @@ impl Rewriter<'_> {
     }
 
     /// Emits `op` on `inputs` into a new tensor, named `suffix` after the output.
-    pub fn emit(&mut self, op: Op, inputs: Vec<TensorId>, suffix: &str) -> Result<TensorId> {
+    pub(crate) fn emit(&mut self, op: Op, inputs: Vec<TensorId>, suffix: &str) -> Result<TensorId> {
         let shapes = self.graph.output_shapes(&op, &inputs)?;
         let name = self.fresh_name(suffix);
         let t = self
@@ -105,7 +109,7 @@ impl Rewriter<'_> {
 
     /// Emits `op` on `inputs` into the output, which must keep its shape: the end of the
     /// replacement.
-    pub fn emit_output(&mut self, op: Op, inputs: Vec<TensorId>) -> Result<()> {
+    pub(crate) fn emit_output(&mut self, op: Op, inputs: Vec<TensorId>) -> Result<()> {
         let shapes = self.graph.output_shapes(&op, &inputs)?;
         let output = &self.graph.tensors[self.output];
         ensure!(
@@ -123,28 +127,33 @@ impl Rewriter<'_> {
     }
 
     /// A new f32 constant of one value, named `suffix` after the output.
-    pub fn scalar(&mut self, suffix: &str, v: f32) -> TensorId {
+    pub(crate) fn scalar(&mut self, suffix: &str, v: f32) -> TensorId {
         let name = self.fresh_name(suffix);
         self.graph
             .add_tensor(Tensor::f32_constant(name, vec![1], &[v]))
     }
 
     /// A new i32 constant of `shape`, named `suffix` after the output.
-    pub fn ints(&mut self, suffix: &str, v: &[i32], shape: Vec<usize>) -> TensorId {
+    pub(crate) fn ints(&mut self, suffix: &str, v: &[i32], shape: Vec<usize>) -> TensorId {
         let mut t = Tensor::i32_constant(self.fresh_name(suffix), v);
         t.shape = shape;
         self.graph.add_tensor(t)
     }
 
     /// `x` reshaped to `shape` in a new tensor, named `suffix` after the output.
-    pub fn reshape(&mut self, x: TensorId, shape: &[usize], suffix: &str) -> Result<TensorId> {
+    pub(crate) fn reshape(
+        &mut self,
+        x: TensorId,
+        shape: &[usize],
+        suffix: &str,
+    ) -> Result<TensorId> {
         let target: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
         let s = self.ints(&format!("{suffix}/shape"), &target, vec![target.len()]);
         self.emit(Op::Reshape, vec![x, s], suffix)
     }
 
     /// `x` reshaped into the output, to its shape.
-    pub fn reshape_output(&mut self, x: TensorId) -> Result<()> {
+    pub(crate) fn reshape_output(&mut self, x: TensorId) -> Result<()> {
         let target: Vec<i32> = self.shape(self.output).iter().map(|&d| d as i32).collect();
         let shape = self.ints("shape", &target, vec![target.len()]);
         self.emit_output(Op::Reshape, vec![x, shape])
@@ -152,7 +161,7 @@ impl Rewriter<'_> {
 
     /// Keeps `node` with its second input, an integer argument, as the i32 vector tract
     /// reads (files also store them as i64).
-    pub fn keep_with_i32_argument(&mut self, node: Node) -> Result<()> {
+    pub(crate) fn keep_with_i32_argument(&mut self, node: Node) -> Result<()> {
         let values = self.i32_values(node.inputs[1])?;
         let mut inputs = node.inputs;
         inputs[1] = self.ints("arg", &values, vec![values.len()]);
@@ -160,7 +169,7 @@ impl Rewriter<'_> {
     }
 
     /// The values of an integer constant, as i32.
-    pub fn i32_values(&self, t: TensorId) -> Result<Vec<i32>> {
+    pub(crate) fn i32_values(&self, t: TensorId) -> Result<Vec<i32>> {
         Ok(self.graph.tensors[t]
             .int_values()?
             .iter()
@@ -248,7 +257,7 @@ fn split_relu_n1_to_1(rewriter: &mut Rewriter, mut node: Node) -> Result<()> {
 }
 
 /// The contract with the runtime: only ops and forms tract-tflite 0.23 reads correctly.
-pub fn check_runnable(graph: &Graph) -> Result<()> {
+pub(crate) fn check_runnable(graph: &Graph) -> Result<()> {
     for (ix, node) in graph.nodes.iter().enumerate() {
         let name = node.op.name();
         let family = node.op.family();

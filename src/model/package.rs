@@ -13,46 +13,66 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-pub const MANIFEST_FILE: &str = "model.toml";
+pub(crate) const MANIFEST_FILE: &str = "model.toml";
 /// Format 2 added each layer file's SHA-256 (`layers[].sha256`).
-pub const FORMAT_VERSION: u32 = 2;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
+/// `model.toml`: what a package holds, checked when it is opened (names, shapes, byte
+/// counts and the layers' wiring must agree) so that nothing downstream re-checks it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// The package format; an older one is refused as [`OutdatedFormat`].
     pub format: u32,
+    /// The model's name (results and logs use it).
     pub name: String,
+    /// The imported file, when the package came from one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Source>,
+    /// How a frame becomes the input tensor.
     pub preprocess: Preprocess,
     /// Rewrites applied at import, by kind, with counts.
     #[serde(default)]
     pub normalisation: BTreeMap<String, usize>,
+    /// The model's inputs (one is supported by the runtime).
     pub inputs: Vec<TensorSpec>,
+    /// The model's outputs, in the order results list them.
     pub outputs: Vec<OutputSpec>,
+    /// The layers, in execution order.
     pub layers: Vec<LayerEntry>,
 }
 
+/// The TFLite file a package was imported from.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
+    /// Its file name.
     pub file: String,
+    /// Its size.
     pub bytes: u64,
 }
 
+/// A model input.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TensorSpec {
+    /// The tensor's name in the model.
     pub name: String,
+    /// Its shape (NHWC for images).
     pub shape: Vec<usize>,
+    /// Its element type (f32: other inputs are refused at import).
     pub dtype: DType,
 }
 
+/// A model output.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSpec {
+    /// The tensor's name in the model.
     pub name: String,
+    /// Its shape.
     pub shape: Vec<usize>,
+    /// Its element type.
     pub dtype: DType,
     /// Class names, one per element of a vector output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -64,9 +84,13 @@ pub struct OutputSpec {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Preprocess {
+    /// How the frame is fitted to the input's H×W.
     pub resize: ResizeMode,
+    /// Channel order (or grey) the model expects.
     pub color: ColorOrder,
+    /// Subtracted per channel (one value: every channel).
     pub mean: Vec<f32>,
+    /// Divided by per channel, after the mean (one value: every channel).
     pub std: Vec<f32>,
 }
 
@@ -82,6 +106,7 @@ impl Default for Preprocess {
     }
 }
 
+/// How a frame is fitted to a model's input size.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 #[value(rename_all = "lower")]
@@ -94,38 +119,56 @@ pub enum ResizeMode {
     Letterbox,
 }
 
+/// The channel order a model expects.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 #[value(rename_all = "lower")]
 pub enum ColorOrder {
+    /// Red, green, blue.
     Rgb,
+    /// Blue, green, red (Caffe's convention).
     Bgr,
+    /// One channel, the luma of the frame.
     Gray,
 }
 
+/// One layer of a package: its file, what it costs and which tensors it reads and writes.
+/// Byte counts and FLOPs are computed at import, not trusted from elsewhere.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LayerEntry {
+    /// Its position in execution order.
     pub index: usize,
+    /// What its weighted op is (scheduling and estimates depend on it).
     pub kind: LayerKind,
+    /// The layer file, relative to the package (`layers/NAME.tflite`).
     pub file: String,
+    /// The layer file's size.
     pub file_bytes: u64,
     /// Digest of the layer file, checked on every read: a flipped bit or an edited file
     /// fails the layer instead of running with wrong weights.
     pub sha256: Sha256,
+    /// Bytes of its constants.
     pub weight_bytes: u64,
+    /// Floating-point operations of one run.
     pub flops: u64,
     /// The TFLite ops in the layer, in order.
     pub ops: Vec<String>,
+    /// Tensors it reads from earlier layers or the model's input.
     pub inputs: Vec<TensorRef>,
+    /// Tensors later layers or the caller read.
     pub outputs: Vec<TensorRef>,
 }
 
+/// A tensor crossing a layer boundary.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TensorRef {
+    /// Its name, unique in the package.
     pub name: String,
+    /// Its shape.
     pub shape: Vec<usize>,
+    /// Bytes of its values.
     pub bytes: u64,
 }
 
@@ -135,6 +178,7 @@ pub struct TensorRef {
 pub struct Sha256(pub [u8; 32]);
 
 impl Sha256 {
+    /// The digest of `bytes`.
     pub fn of(bytes: &[u8]) -> Sha256 {
         use sha2::Digest;
         Sha256(sha2::Sha256::digest(bytes).into())
@@ -184,27 +228,30 @@ impl<'de> Deserialize<'de> for Sha256 {
 }
 
 impl LayerEntry {
-    pub fn input_bytes(&self) -> u64 {
+    pub(crate) fn input_bytes(&self) -> u64 {
         self.inputs.iter().map(|t| t.bytes).sum()
     }
-    pub fn output_bytes(&self) -> u64 {
+    pub(crate) fn output_bytes(&self) -> u64 {
         self.outputs.iter().map(|t| t.bytes).sum()
     }
 }
 
 impl Manifest {
+    /// Bytes of every layer's constants.
     pub fn weight_bytes(&self) -> u64 {
         self.layers.iter().map(|l| l.weight_bytes).sum()
     }
+    /// Bytes of every layer file.
     pub fn file_bytes(&self) -> u64 {
         self.layers.iter().map(|l| l.file_bytes).sum()
     }
+    /// Floating-point operations of one inference.
     pub fn flops(&self) -> u64 {
         self.layers.iter().map(|l| l.flops).sum()
     }
 
     /// For each tensor crossing a layer boundary, the last layer that reads it.
-    pub fn last_reader(&self) -> HashMap<&str, usize> {
+    pub(crate) fn last_reader(&self) -> HashMap<&str, usize> {
         let mut last = HashMap::new();
         for l in &self.layers {
             for t in &l.inputs {
@@ -308,6 +355,7 @@ impl Manifest {
 /// tell it from a damaged one and regenerate only this.
 #[derive(Debug)]
 pub struct OutdatedFormat {
+    /// The format the package declares.
     pub format: u32,
 }
 
@@ -367,11 +415,15 @@ fn check_file_name(file: &str) -> Result<()> {
 /// An opened, checked package.
 #[derive(Clone, Debug)]
 pub struct Package {
+    /// The package's directory.
     pub dir: PathBuf,
+    /// Its checked manifest.
     pub manifest: Manifest,
 }
 
 impl Package {
+    /// Opens a package: reads and checks its manifest (not the layer files: each is
+    /// checked when read, see [`Package::read_layer`]).
     pub fn open(dir: impl AsRef<Path>) -> Result<Package> {
         let dir = dir.as_ref().to_path_buf();
         let path = dir.join(MANIFEST_FILE);
@@ -386,10 +438,12 @@ impl Package {
         Ok(Package { dir, manifest })
     }
 
+    /// The model's name, from the manifest.
     pub fn name(&self) -> &str {
         &self.manifest.name
     }
 
+    /// The file of layer `index`.
     pub fn layer_path(&self, index: usize) -> PathBuf {
         self.dir.join(&self.manifest.layers[index].file)
     }
@@ -484,7 +538,7 @@ fn read_limited(path: &Path, limit: u64) -> Result<String> {
 
 /// Reads a regular file of at most `limit` bytes; anything else is an error, not an
 /// allocation the size of whatever the file claims to be.
-pub fn read_limited_bytes(path: &Path, limit: u64) -> Result<Vec<u8>> {
+pub(crate) fn read_limited_bytes(path: &Path, limit: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -504,7 +558,7 @@ pub fn read_limited_bytes(path: &Path, limit: u64) -> Result<Vec<u8>> {
 
 /// What a package says about itself beyond the graph.
 #[derive(Clone, Debug)]
-pub struct PackageMeta {
+pub(crate) struct PackageMeta {
     pub name: String,
     pub source: Option<Source>,
     pub preprocess: Preprocess,
@@ -516,7 +570,7 @@ pub struct PackageMeta {
 /// Splits a normalised graph and writes the package to `dir`, atomically: the package is
 /// built beside it and renamed into place, so `dir` is either absent, the old package, or
 /// the complete new one.
-pub fn write_package(
+pub(crate) fn write_package(
     graph: &Graph,
     meta: &PackageMeta,
     dir: &Path,
@@ -665,7 +719,7 @@ fn layer_entry(
 }
 
 /// Reads labels from a text file, one per line.
-pub fn read_labels(path: &Path) -> Result<Vec<String>> {
+pub(crate) fn read_labels(path: &Path) -> Result<Vec<String>> {
     let text = read_limited(path, 4 << 20)?;
     let labels: Vec<String> = text
         .lines()

@@ -9,12 +9,18 @@ use super::graph::*;
 use anyhow::{Context, Result, ensure};
 use std::collections::HashMap;
 
+/// What a layer's weighted op is: the scheduler's estimates and DeepEye's pools depend
+/// on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LayerKind {
+    /// CONV_2D.
     Conv,
+    /// DEPTHWISE_CONV_2D.
     DwConv,
+    /// FULLY_CONNECTED or BATCH_MATMUL with constant weights.
     Fc,
+    /// No weighted op: the weightless ops before the model's first weighted one.
     Other,
 }
 
@@ -25,6 +31,7 @@ impl LayerKind {
         node.op.family().weighted_layer(graph, node)
     }
 
+    /// The name manifests and profiles use.
     pub fn name(self) -> &'static str {
         match self {
             LayerKind::Conv => "conv",
@@ -37,7 +44,7 @@ impl LayerKind {
 
 /// One layer of a graph: which nodes, and what crosses its boundary.
 #[derive(Clone, Debug)]
-pub struct LayerPlan {
+pub(crate) struct LayerPlan {
     pub kind: LayerKind,
     pub nodes: std::ops::Range<usize>,
     /// Activations read from earlier layers or the graph inputs, in order of first use.
@@ -46,7 +53,7 @@ pub struct LayerPlan {
     pub outputs: Vec<TensorId>,
 }
 
-pub fn plan_layers(graph: &Graph) -> Vec<LayerPlan> {
+pub(crate) fn plan_layers(graph: &Graph) -> Vec<LayerPlan> {
     let mut bounds: Vec<(usize, LayerKind)> = vec![];
     for (ix, node) in graph.nodes.iter().enumerate() {
         if let Some(kind) = LayerKind::of(graph, node) {
@@ -123,7 +130,7 @@ pub fn plan_layers(graph: &Graph) -> Vec<LayerPlan> {
 }
 
 /// The layer as a graph of its own.
-pub fn extract_layer(graph: &Graph, plan: &LayerPlan) -> Graph {
+pub(crate) fn extract_layer(graph: &Graph, plan: &LayerPlan) -> Graph {
     let mut sub = Graph::default();
     let mut map: HashMap<TensorId, TensorId> = HashMap::new();
     let mut take = |sub: &mut Graph, t: TensorId| {
@@ -145,7 +152,7 @@ pub fn extract_layer(graph: &Graph, plan: &LayerPlan) -> Graph {
 }
 
 /// Rebuilds the whole graph from its layers, joining tensors by name.
-pub fn stitch(layers: &[Graph], inputs: &[String], outputs: &[String]) -> Result<Graph> {
+pub(crate) fn stitch(layers: &[Graph], inputs: &[String], outputs: &[String]) -> Result<Graph> {
     let mut whole = Graph::default();
     let mut by_name: HashMap<String, TensorId> = HashMap::new();
     for (l, layer) in layers.iter().enumerate() {
@@ -200,7 +207,7 @@ impl Graph {
     /// Renumbers tensors in order of first mention (inputs, then each node's inputs and
     /// outputs), dropping unused ones. Two graphs with the same nodes then serialise to the
     /// same bytes, whatever order their tensor tables had.
-    pub fn canonicalise(&mut self) {
+    pub(crate) fn canonicalise(&mut self) {
         let mut order: Vec<TensorId> = vec![];
         let mut seen = vec![false; self.tensors.len()];
         let mut visit = |t: TensorId, order: &mut Vec<TensorId>| {
@@ -247,7 +254,7 @@ impl Graph {
 /// memory than a small board can give it (AlexNet's fc6 alone is 144 MiB). Each block is a
 /// layer of its own; its weights are a slice of the original rows, not a copy. Every output
 /// value is the same dot product as before. Returns how many layers were split.
-pub fn split_large_fully_connected(graph: &mut Graph, max_bytes: u64) -> Result<usize> {
+pub(crate) fn split_large_fully_connected(graph: &mut Graph, max_bytes: u64) -> Result<usize> {
     let nodes = std::mem::take(&mut graph.nodes);
     let mut out = Vec::with_capacity(nodes.len());
     let mut split = 0;

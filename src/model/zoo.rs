@@ -9,14 +9,19 @@ use anyhow::{Result, bail};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// One network of `memaflow zoo`: the research's architecture at its real size, with
+/// deterministic pseudo-random weights (for timing and memory, never for its classes).
 pub struct ZooEntry {
+    /// The package name (`agenet`, …).
     pub name: &'static str,
+    /// One line on the network and its source.
     pub about: &'static str,
     /// Weight size given in the research (MiB), where it gives one.
     pub paper_mib: Option<f64>,
     build: fn() -> Result<(Graph, Vec<String>)>,
 }
 
+/// The research's five networks and the first 16 layers of YOLOv2 (for tiling).
 pub const ZOO: &[ZooEntry] = &[
     ZooEntry {
         name: "agenet",
@@ -56,6 +61,7 @@ pub const ZOO: &[ZooEntry] = &[
     },
 ];
 
+/// The zoo network named `name`; the error lists the names there are.
 pub fn entry(name: &str) -> Result<&'static ZooEntry> {
     match ZOO.iter().find(|e| e.name == name) {
         Some(e) => Ok(e),
@@ -79,6 +85,8 @@ impl ZooEntry {
         Ok((g, labels, report))
     }
 
+    /// Builds the network and writes it as a package in `dir` (normalised and split as an
+    /// import would).
     pub fn write(&self, dir: &Path, replace: bool) -> Result<Manifest> {
         let (graph, labels, report) = self.graph()?;
         let caffe = self.name != "yolov2_16";

@@ -12,25 +12,30 @@ use std::time::Instant;
 /// Measured costs of one package's layers.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelProfile {
+    /// Layers of the package when profiled: a changed package is not matched.
     pub layers: usize,
     /// Total weight bytes of the package when profiled: a changed package is not matched.
     pub weight_bytes: u64,
+    /// Measured costs, per layer.
     pub costs: Vec<LayerCost>,
 }
 
 /// Profiles by package name, as written to and read from a JSON file.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Profile {
+    /// The profiled packages, by name.
     pub models: BTreeMap<String, ModelProfile>,
 }
 
 impl Profile {
+    /// Reads a profile written by `memaflow profile`.
     pub fn read(path: &Path) -> Result<Profile> {
         let bytes = crate::model::package::read_limited_bytes(path, 64 << 20)?;
         serde_json::from_slice(&bytes)
             .with_context(|| format!("{}: not a memaflow profile", path.display()))
     }
 
+    /// Writes the profile as pretty JSON.
     pub fn write(&self, path: &Path) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(self)?)
             .with_context(|| format!("writing {}", path.display()))

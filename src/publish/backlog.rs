@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 /// The publisher's directory in the spool's root: its markers, status and lock.
-pub const PUBLISH_DIR: &str = "publish";
+pub(crate) const PUBLISH_DIR: &str = "publish";
 const SENT_DIR: &str = "sent";
 const LOCK_FILE: &str = ".lock";
 /// A result larger than this is not a result the daemon wrote.
@@ -46,7 +46,7 @@ enum State {
 }
 
 /// The results of one spool and their publication state, oldest first.
-pub struct Backlog {
+pub(crate) struct Backlog {
     out: PathBuf,
     sent: PathBuf,
     states: HashMap<OsString, State>,
@@ -60,13 +60,13 @@ pub struct Backlog {
 }
 
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-pub struct Counts {
+pub(crate) struct Counts {
     /// Results marked sent since start.
     pub sent: u64,
     /// Results dropped unsent (the backlog was over `publish.keep`) since start.
-    pub dropped: u64,
+    pub(crate) dropped: u64,
     /// Files in `out/` that are not complete results.
-    pub unreadable: u64,
+    pub(crate) unreadable: u64,
 }
 
 impl Backlog {
@@ -107,12 +107,12 @@ impl Backlog {
         Ok(backlog)
     }
 
-    pub fn out_dir(&self) -> &Path {
+    pub(crate) fn out_dir(&self) -> &Path {
         &self.out
     }
 
     /// Lists `out/`: new results wait, markers of results gone from `out/` are removed.
-    pub fn rescan(&mut self) -> Result<()> {
+    pub(crate) fn rescan(&mut self) -> Result<()> {
         let present: std::collections::HashSet<OsString> = names(&self.out)?
             .into_iter()
             .filter(|n| is_result_name(n))
@@ -148,7 +148,7 @@ impl Backlog {
     }
 
     /// A result that may have appeared in `out/` (an inotify event).
-    pub fn add(&mut self, name: &OsStr) {
+    pub(crate) fn add(&mut self, name: &OsStr) {
         if !is_result_name(name) || self.states.contains_key(name) {
             return;
         }
@@ -161,7 +161,7 @@ impl Backlog {
     }
 
     /// Over `keep` unsent: the oldest waiting are deleted from `out/`, each logged.
-    pub fn enforce_keep(&mut self) {
+    pub(crate) fn enforce_keep(&mut self) {
         while self.unsent() > self.keep {
             let Some((_, name)) = self.waiting.pop_first() else {
                 break;
@@ -183,7 +183,7 @@ impl Backlog {
     }
 
     /// Results not yet acknowledged (waiting or in flight).
-    pub fn unsent(&self) -> usize {
+    pub(crate) fn unsent(&self) -> usize {
         self.waiting.len()
             + self
                 .states
@@ -220,14 +220,14 @@ impl Backlog {
     }
 
     /// `name` is not a result that can be published: reported once, then left alone.
-    pub fn refuse(&mut self, name: OsString, reason: &str) {
+    pub(crate) fn refuse(&mut self, name: OsString, reason: &str) {
         log::warn!("not publishing {}: {reason}", shown(&name));
         self.counts.unreadable += 1;
         self.states.insert(name, State::Unreadable);
     }
 
     /// `messages` messages of the in-flight result `name` went to the broker.
-    pub fn expect_acks(&mut self, name: &OsStr, messages: usize) {
+    pub(crate) fn expect_acks(&mut self, name: &OsStr, messages: usize) {
         if let Some(State::InFlight { acks, .. }) = self.states.get_mut(name) {
             *acks += messages;
         }
@@ -235,7 +235,7 @@ impl Backlog {
 
     /// One acknowledgement for `name`; its last makes the result sent (durable at the
     /// next `flush`).
-    pub fn acked(&mut self, name: &OsStr) {
+    pub(crate) fn acked(&mut self, name: &OsStr) {
         if let Some(State::InFlight { acks, .. }) = self.states.get_mut(name) {
             *acks = acks.saturating_sub(1);
             if *acks == 0 {
@@ -246,7 +246,7 @@ impl Backlog {
     }
 
     /// The connection was lost: every result in flight waits again, in its old place.
-    pub fn requeue_in_flight(&mut self) {
+    pub(crate) fn requeue_in_flight(&mut self) {
         for (name, state) in self.states.iter_mut() {
             if let State::InFlight { written, .. } = *state {
                 *state = State::Waiting(written);
@@ -257,7 +257,7 @@ impl Backlog {
 
     /// Makes the markers of the results acknowledged since the last call durable: one
     /// `O_EXCL` creation each, then one fsync of `publish/sent/` for all of them.
-    pub fn flush(&mut self) -> Result<()> {
+    pub(crate) fn flush(&mut self) -> Result<()> {
         if self.to_mark.is_empty() {
             return Ok(());
         }

@@ -12,18 +12,18 @@ use std::sync::Arc;
 
 /// Messages handed to the connection and not yet acknowledged, at most. rumqttc's own
 /// packet-id window is larger (`PACKET_IDS`), so ids are never reused while in flight.
-pub const WINDOW: usize = 64;
+pub(crate) const WINDOW: usize = 64;
 const PACKET_IDS: u16 = 1024;
 /// Results can hold every output value (`report = "raw"`).
 const MAX_OUTGOING_PACKET: usize = 64 << 20;
 const MAX_INCOMING_PACKET: usize = 64 << 10;
 const CONNECT_TIMEOUT_SECS: u64 = 10;
 
-pub struct Broker {
+pub(crate) struct Broker {
     pub options: MqttOptions,
     /// `host:port`, for messages.
     pub name: String,
-    pub connect_timeout_secs: u64,
+    pub(crate) connect_timeout_secs: u64,
 }
 
 impl Broker {
@@ -60,7 +60,7 @@ impl Broker {
     }
 
     /// A connection failure as one line that names the broker and says what to check.
-    pub fn describe(&self, e: &ConnectionError) -> String {
+    pub(crate) fn describe(&self, e: &ConnectionError) -> String {
         let hint = match e {
             ConnectionError::ConnectionRefused(code) => format!(
                 "the broker refused the connection ({code:?}): check publish.username and the password"

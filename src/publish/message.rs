@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 #[derive(Debug, PartialEq)]
-pub struct Message {
+pub(crate) struct Message {
     pub topic: String,
     pub payload: Vec<u8>,
 }

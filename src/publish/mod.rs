@@ -8,7 +8,9 @@ mod backlog;
 mod broker;
 mod message;
 
-pub use backlog::{Counts, PUBLISH_DIR, shown};
+pub use backlog::shown;
+
+pub(crate) use backlog::{Counts, PUBLISH_DIR};
 
 use crate::notify;
 use crate::spool::config::PublisherConfig;

@@ -2,9 +2,7 @@
 //! order the scheduler picks, with the memory gate consulted before every decision.
 
 use super::FloatTensor;
-use super::executor::{
-    BudgetSample, Executor, ExecutorOptions, InferenceTiming, TaskRecord, WholeRun,
-};
+use super::executor::{BudgetSample, Executor, ExecutorOptions, TaskRecord, WholeRun};
 use super::residency::{Eviction, LayerCache};
 use super::scheduler::{CacheStats, ModelId, SchedulerOptions, SchedulingPolicy};
 use super::tasks::{LayerCost, LoadingPolicy};
@@ -13,9 +11,12 @@ use crate::model::Package;
 use anyhow::{Context, Result};
 use std::sync::Arc;
 
+/// How a batch runs: the policies, the memory bounds and the workers of its executor.
 #[derive(Clone, Debug)]
 pub struct BatchOptions {
+    /// Which tasks of an inference may run before which.
     pub loading: LoadingPolicy,
+    /// Which ready task runs next.
     pub scheduling: SchedulingPolicy,
     /// Inferences in flight at once.
     pub parallel: usize,
@@ -27,18 +28,21 @@ pub struct BatchOptions {
     pub workers: usize,
     /// Whether layers outlive the inference that loaded them (`Off`: the paper's runs).
     pub cache: LayerCache,
+    /// Which resident layer goes first when room is needed.
     pub eviction: Eviction,
 }
 
 /// One input through one package.
 #[derive(Clone)]
 pub struct Job {
+    /// The package (shared by the jobs of one model).
     pub package: Arc<Package>,
+    /// The input tensor, of the package's input shape.
     pub input: FloatTensor,
     /// Per layer; for a `whole` job one entry, the whole run's cost.
     pub costs: Arc<[LayerCost]>,
     /// Run as one step, scheduled and budgeted as a single layer costing `costs[0]`.
-    pub whole: Option<WholeRun>,
+    pub(crate) whole: Option<WholeRun>,
 }
 
 impl Job {
@@ -65,38 +69,50 @@ impl Job {
     }
 }
 
+/// When one inference of a batch ran, in milliseconds from the executor's start.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct InferenceRecord {
+    /// The package's name.
     pub model: String,
-    pub arrival_ms: f64,
-    pub start_ms: f64,
-    pub end_ms: f64,
+    pub(crate) arrival_ms: f64,
+    pub(crate) start_ms: f64,
+    pub(crate) end_ms: f64,
 }
 
+/// What a batch did: its settings, its timeline and memory, and every output.
 #[derive(Debug, serde::Serialize)]
 pub struct BatchReport {
+    /// The loading policy it ran with.
     pub loading: LoadingPolicy,
+    /// The scheduling policy it ran with.
     pub scheduling: SchedulingPolicy,
+    /// Inferences in flight at once.
     pub parallel: usize,
+    /// The ledger's bound, bytes.
     pub budget: Option<u64>,
+    /// Whether layers outlived their inference.
     pub cache: LayerCache,
+    /// From the executor's start (just before the first submission) to the last
+    /// inference's end.
     pub makespan_ms: f64,
+    /// The ledger's highest value, bytes: within the budget unless overdrafts say otherwise.
     pub ledger_high_water: u64,
+    /// Times the ledger went beyond the budget (a layer larger than any room there was).
     pub overdrafts: u64,
-    pub cache_stats: CacheStats,
+    pub(crate) cache_stats: CacheStats,
+    /// The process's peak resident set at the end, bytes.
     pub peak_rss: u64,
+    /// Every inference, in job order.
     pub inferences: Vec<InferenceRecord>,
-    pub tasks: Vec<TaskRecord>,
-    pub budget_readings: Vec<BudgetSample>,
+    pub(crate) tasks: Vec<TaskRecord>,
+    pub(crate) budget_readings: Vec<BudgetSample>,
+    /// Every inference's outputs, in job order (not serialised).
     #[serde(skip)]
     pub outputs: Vec<Vec<FloatTensor>>,
-    /// Per inference, in job order.
-    #[serde(skip)]
-    pub timings: Vec<InferenceTiming>,
 }
 
 impl BatchOptions {
-    pub fn executor_options(&self, record: bool) -> ExecutorOptions {
+    pub(crate) fn executor_options(&self, record: bool) -> ExecutorOptions {
         ExecutorOptions {
             scheduler: SchedulerOptions {
                 policy: self.scheduling,
@@ -139,7 +155,6 @@ pub fn run_batch(
     }
     let mut outputs = vec![];
     let mut inferences = vec![];
-    let mut timings = vec![];
     for (name, id) in names.into_iter().zip(ids) {
         let out = executor.wait(id);
         outputs.push(out.outputs.with_context(|| format!("{name}: inference"))?);
@@ -149,7 +164,6 @@ pub fn run_batch(
             start_ms: out.timing.start_ms,
             end_ms: out.timing.end_ms,
         });
-        timings.push(out.timing);
     }
     let makespan_ms = executor.now_ms();
     let peak_rss = executor.peak_rss();
@@ -169,6 +183,5 @@ pub fn run_batch(
         tasks: report.tasks,
         budget_readings: report.budget_readings,
         outputs,
-        timings,
     })
 }

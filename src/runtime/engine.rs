@@ -30,7 +30,7 @@ impl Plan {
         self.0.model()
     }
 
-    pub fn run(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>> {
+    pub(crate) fn run(&self, inputs: TVec<TValue>) -> Result<TVec<TValue>> {
         guard("running", || self.0.run(inputs))
     }
 
@@ -42,7 +42,7 @@ impl Plan {
 
     /// Runs on float tensors given up by the caller: their buffers move into tract instead
     /// of being copied, so an input is never held twice (tiled execution's memory bound).
-    pub fn run_owned(&self, inputs: Vec<FloatTensor>) -> Result<Vec<FloatTensor>> {
+    pub(crate) fn run_owned(&self, inputs: Vec<FloatTensor>) -> Result<Vec<FloatTensor>> {
         let inputs = inputs
             .into_iter()
             .map(|t| {
@@ -98,6 +98,7 @@ pub struct LoadPhases {
 }
 
 impl LoadPhases {
+    /// The whole load: every phase summed.
     pub fn total(&self) -> Duration {
         self.read + self.parse + self.declutter + self.optimize + self.plan
     }
@@ -177,10 +178,13 @@ fn guard<T>(what: &str, f: impl FnOnce() -> TractResult<T>) -> Result<T> {
 /// One layer, parsed and optimised, its weights resident until it is dropped.
 #[derive(Clone, Debug)]
 pub struct LoadedLayer {
+    /// The layer's index in its package.
     pub index: usize,
+    /// Its tract plan, ready to run.
     pub plan: Plan,
 }
 
+/// Reads (checking it, see [`Package::read_layer`]), parses and plans layer `index`.
 pub fn load_layer(pkg: &Package, index: usize) -> Result<LoadedLayer> {
     load_layer_timed(pkg, index, &mut LoadPhases::default())
 }

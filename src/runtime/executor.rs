@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 /// Runs a whole inference as one step instead of layer by layer (tiled execution is one:
 /// `tiling::TiledModel`). Given the job's input, returns the package's outputs.
-pub type WholeRun = Arc<dyn Fn(FloatTensor) -> Result<Vec<FloatTensor>> + Send + Sync>;
+pub(crate) type WholeRun = Arc<dyn Fn(FloatTensor) -> Result<Vec<FloatTensor>> + Send + Sync>;
 
 #[derive(Clone, Debug)]
 pub struct ExecutorOptions {
@@ -35,54 +35,58 @@ pub struct ExecutorOptions {
     pub workers: usize,
     /// Keep every task's timing and every memory reading (for batch reports; a daemon
     /// running for months keeps none).
-    pub record: bool,
+    pub(crate) record: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TaskRecord {
-    pub inference: usize,
+    pub(crate) inference: usize,
     #[serde(flatten)]
     pub kind: TaskKind,
-    pub worker: usize,
-    pub start_ms: f64,
-    pub end_ms: f64,
+    pub(crate) worker: usize,
+    pub(crate) start_ms: f64,
+    pub(crate) end_ms: f64,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
-pub struct BudgetSample {
-    pub at_ms: f64,
+pub(crate) struct BudgetSample {
+    pub(crate) at_ms: f64,
     pub ledger: u64,
     /// What the live reading allowed beyond what is resident (`None`: unbounded).
-    pub headroom: Option<u64>,
-    pub mem_available: Option<u64>,
-    pub cgroup_limit: Option<u64>,
+    pub(crate) headroom: Option<u64>,
+    pub(crate) mem_available: Option<u64>,
+    pub(crate) cgroup_limit: Option<u64>,
 }
 
 /// When an inference ran and what it cost, in ms since the executor started.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-pub struct InferenceTiming {
-    pub arrival_ms: f64,
-    pub start_ms: f64,
-    pub end_ms: f64,
+pub(crate) struct InferenceTiming {
+    pub(crate) arrival_ms: f64,
+    pub(crate) start_ms: f64,
+    pub(crate) end_ms: f64,
     /// Summed durations of its layer loads and execs (on several workers they overlap).
-    pub load_ms: f64,
-    pub exec_ms: f64,
+    pub(crate) load_ms: f64,
+    pub(crate) exec_ms: f64,
 }
 
 /// A finished inference: its outputs (or why it has none), timing and cache use.
 #[derive(Debug)]
 pub struct InferenceOutput {
     pub outputs: Result<Vec<FloatTensor>>,
-    pub timing: InferenceTiming,
+    pub(crate) timing: InferenceTiming,
     pub summary: InferenceSummary,
 }
 
 /// Per model: its resident layers now.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ModelResidency {
+    /// The model's name.
     pub name: String,
+    /// Layers resident now.
     pub resident_layers: usize,
+    /// Layers it has.
     pub layers: usize,
+    /// Bytes the ledger counts for its resident layers.
     pub resident_bytes: u64,
     /// Bytes of its layers' plan templates (what makes a reload cheap).
     #[serde(default)]
@@ -92,18 +96,23 @@ pub struct ModelResidency {
 /// The executor's state at one moment, for status files and reports.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ExecutorSnapshot {
+    /// The ledger now: resident layers and reservations, bytes.
     pub ledger_bytes: u64,
+    /// The ledger's highest value since start, bytes.
     pub ledger_high_water_bytes: u64,
+    /// Times the ledger went beyond the budget.
     pub overdrafts: u64,
+    /// The layer cache's counters.
     pub cache: CacheStats,
+    /// Per registered model, what of it is resident.
     pub models: Vec<ModelResidency>,
 }
 
 /// What `finish` returns: the recorded timeline.
 pub struct ExecutorReport {
-    pub tasks: Vec<TaskRecord>,
-    pub budget_readings: Vec<BudgetSample>,
-    pub snapshot: ExecutorSnapshot,
+    pub(crate) tasks: Vec<TaskRecord>,
+    pub(crate) budget_readings: Vec<BudgetSample>,
+    pub(crate) snapshot: ExecutorSnapshot,
 }
 
 /// A registered model: its package, and its resident layers' plans.
@@ -346,7 +355,7 @@ impl Executor {
     /// (decoding a frame), waiting until they fit; fails if they cannot fit even with
     /// nothing else in flight. Released when the guard drops. Hold the guard only for
     /// work that does not wait for an inference: loads that do not fit wait for it.
-    pub fn reserve(&self, bytes: u64) -> Result<Reserved<'_>> {
+    pub(crate) fn reserve(&self, bytes: u64) -> Result<Reserved<'_>> {
         self.reserve_as(bytes, true)
     }
 
@@ -354,7 +363,7 @@ impl Executor {
     /// kept for the crops of its cascades until its detector is done). Counted in the
     /// ledger like `reserve`, but no load waits for it: one that cannot fit beside it is
     /// refused as if nothing would free memory, instead of waiting forever.
-    pub fn hold(&self, bytes: u64) -> Result<Reserved<'_>> {
+    pub(crate) fn hold(&self, bytes: u64) -> Result<Reserved<'_>> {
         self.reserve_as(bytes, false)
     }
 
@@ -396,7 +405,7 @@ impl Executor {
         }
     }
 
-    pub fn snapshot(&self) -> ExecutorSnapshot {
+    pub(crate) fn snapshot(&self) -> ExecutorSnapshot {
         snapshot(&self.lock())
     }
 
@@ -408,7 +417,7 @@ impl Executor {
     }
 
     /// Milliseconds since the executor started (the timeline of records and timings).
-    pub fn now_ms(&self) -> f64 {
+    pub(crate) fn now_ms(&self) -> f64 {
         self.inner.ms(Instant::now())
     }
 
@@ -445,7 +454,7 @@ impl Drop for Executor {
 }
 
 /// Reserved bytes (see `Executor::reserve`), released on drop.
-pub struct Reserved<'a> {
+pub(crate) struct Reserved<'a> {
     executor: &'a Executor,
     bytes: u64,
     brief: bool,

@@ -1,42 +1,46 @@
 //! Running packages: tract plans for layers and whole models, and layer-by-layer execution.
 
-pub mod batch;
+pub(crate) mod batch;
 mod engine;
-pub mod executor;
+pub(crate) mod executor;
 pub mod npy;
 mod recipe;
 pub mod reload;
 mod residency;
-pub mod scheduler;
+pub(crate) mod scheduler;
 mod sequential;
-pub mod tasks;
+pub(crate) mod tasks;
 
-pub use batch::{BatchOptions, BatchReport, Job, run_batch};
+pub use batch::{BatchOptions, BatchReport, InferenceRecord, Job, run_batch};
 pub use engine::{LoadPhases, LoadedLayer, Plan, load_layer, load_layer_timed};
-pub use executor::{
-    Executor, ExecutorOptions, ExecutorSnapshot, InferenceOutput, InferenceTiming, WholeRun,
-};
+pub(crate) use executor::{Executor, ExecutorOptions, InferenceOutput, InferenceTiming, WholeRun};
+pub use executor::{ExecutorSnapshot, ModelResidency};
 pub use reload::{LayerTemplate, load_with_template, reload};
-pub use residency::{Eviction, LayerCache};
+pub use residency::{Evicted, Eviction, LayerCache};
+pub(crate) use scheduler::MAX_PARALLEL;
 pub use scheduler::{
-    Decision, MAX_PARALLEL, ModelId, Scheduler, SchedulerOptions, SchedulingPolicy, TaskRef,
+    CacheStats, Decision, LayerKey, ModelId, Refusal, Scheduler, SchedulerOptions,
+    SchedulingPolicy, TaskRef,
 };
+pub(crate) use sequential::Walk;
 pub use sequential::{
-    Activations, RunResult, RunStats, Value, held_bytes, run_layers_preloaded, run_layerwise,
-    run_whole,
+    Activations, RunResult, RunStats, held_bytes, run_layers_preloaded, run_layerwise, run_whole,
 };
-pub use tasks::{LayerCost, LoadingPolicy, TaskKind};
+pub use tasks::{LayerCost, LoadingPolicy};
 
 use anyhow::{Result, ensure};
 
 /// A dense float32 tensor in C order: what goes into and comes out of a model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FloatTensor {
+    /// Its shape; the product of its dimensions is `data.len()`.
     pub shape: Vec<usize>,
+    /// Its values, in C order.
     pub data: Vec<f32>,
 }
 
 impl FloatTensor {
+    /// A tensor of `shape` holding `data`; fails when their sizes disagree.
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<FloatTensor> {
         ensure!(
             shape.iter().product::<usize>() == data.len(),
@@ -47,6 +51,7 @@ impl FloatTensor {
         Ok(FloatTensor { shape, data })
     }
 
+    /// A tensor of `shape` with every value `value`.
     pub fn filled(shape: Vec<usize>, value: f32) -> FloatTensor {
         let n = shape.iter().product();
         FloatTensor {

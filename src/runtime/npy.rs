@@ -8,15 +8,18 @@ const MAGIC: &[u8] = b"\x93NUMPY";
 /// A dense float32 array in C order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Array {
+    /// Its shape.
     pub shape: Vec<usize>,
+    /// Its values, in C order.
     pub data: Vec<f32>,
 }
 
+/// Writes a `.npy` file (format 1.0, little-endian f32, C order) that NumPy reads.
 pub fn write(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     std::fs::write(path, encode(shape, data)).with_context(|| format!("writing {}", path.display()))
 }
 
-pub fn encode(shape: &[usize], data: &[f32]) -> Vec<u8> {
+pub(crate) fn encode(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let dims = match shape.len() {
         1 => format!("{},", shape[0]),
         _ => shape
@@ -41,11 +44,14 @@ pub fn encode(shape: &[usize], data: &[f32]) -> Vec<u8> {
     out
 }
 
+/// Reads a `.npy` file of f32 values in C order (what [`write`] writes and NumPy's
+/// default for float32).
 pub fn read(path: &Path) -> Result<Array> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     decode(&bytes).with_context(|| format!("{}: not a float .npy file", path.display()))
 }
 
+/// Parses the bytes of a `.npy` file (see [`read`]).
 pub fn decode(bytes: &[u8]) -> Result<Array> {
     ensure!(
         bytes.len() >= 10 && bytes.starts_with(MAGIC),

@@ -36,7 +36,7 @@ pub enum Eviction {
 
 /// A layer's place in the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Residency {
+pub(crate) enum Residency {
     Absent,
     /// Being loaded: other inferences wait for it rather than loading it twice.
     Loading,
@@ -48,13 +48,13 @@ pub enum Residency {
 }
 
 impl Residency {
-    pub fn pin(&mut self) {
+    pub(crate) fn pin(&mut self) {
         if let Residency::Resident { pins, .. } = self {
             *pins += 1;
         }
     }
 
-    pub fn unpin(&mut self) {
+    pub(crate) fn unpin(&mut self) {
         if let Residency::Resident { pins, .. } = self {
             *pins = pins.saturating_sub(1);
         }
@@ -67,7 +67,7 @@ const MAX_VICTIMS: usize = 64;
 
 /// Why the scheduler evicted a resident layer: said in the executor's debug log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EvictionCause {
+pub(crate) enum EvictionCause {
     /// The memory reading fell below what the ledger holds (the limit was lowered, or
     /// another process grew): the cache shrinks before anything else is admitted.
     ReadingDropped,
@@ -79,7 +79,7 @@ pub enum EvictionCause {
 
 /// What of a layer an eviction drops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Evictable {
+pub(crate) enum Evictable {
     /// Its plan: the next use loads it (a reload, with a template).
     Plan,
     /// Its plan template: the next load after its plan's eviction is a full one.
@@ -89,21 +89,25 @@ pub enum Evictable {
 /// One eviction the executor has yet to act on.
 #[derive(Clone, Copy, Debug)]
 pub struct Evicted {
+    /// The layer.
     pub key: LayerKey,
+    /// Bytes the ledger counted for it (freed once its plan is dropped).
     pub bytes: u64,
-    pub cause: EvictionCause,
-    pub what: Evictable,
+    /// Why: said in the debug log.
+    pub(crate) cause: EvictionCause,
+    /// Its plan or its plan template.
+    pub(crate) what: Evictable,
 }
 
 /// Layers evicted by the scheduler whose plans the executor has yet to drop.
-pub struct Victims(heapless::Vec<Evicted, MAX_VICTIMS>);
+pub(crate) struct Victims(heapless::Vec<Evicted, MAX_VICTIMS>);
 
 impl Victims {
     pub fn new() -> Victims {
         Victims(heapless::Vec::new())
     }
 
-    pub fn is_full(&self) -> bool {
+    pub(crate) fn is_full(&self) -> bool {
         self.0.is_full()
     }
 
@@ -111,7 +115,7 @@ impl Victims {
         let _ = self.0.push(evicted);
     }
 
-    pub fn drain(&mut self) -> impl Iterator<Item = Evicted> + '_ {
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = Evicted> + '_ {
         std::iter::from_fn(move || self.0.pop())
     }
 }

@@ -28,6 +28,7 @@ use std::sync::Arc;
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
 )]
+/// Which ready task a free worker gets (the paper's four; one scheduler, one pick each).
 #[serde(rename_all = "lowercase")]
 pub enum SchedulingPolicy {
     /// The earliest submitted ready task.
@@ -41,6 +42,7 @@ pub enum SchedulingPolicy {
 }
 
 impl SchedulingPolicy {
+    /// Every policy, in the order tables and plans list them.
     pub const ALL: [SchedulingPolicy; 4] = [
         SchedulingPolicy::Fcfs,
         SchedulingPolicy::Sjf,
@@ -51,7 +53,7 @@ impl SchedulingPolicy {
 
 /// Most inferences in flight at once (`--parallel`). The per-decision candidate lists are
 /// fixed-capacity on the stack, sized from it: a scheduling decision never allocates.
-pub const MAX_PARALLEL: usize = 16;
+pub(crate) const MAX_PARALLEL: usize = 16;
 
 /// A ready load waits at most this many scheduling rounds per layer index it is behind:
 /// MEMA orders loads by layer index, which alone would let a stream of new inferences
@@ -72,19 +74,24 @@ pub struct ModelId(pub usize);
 /// One layer of one model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LayerKey {
+    /// The model.
     pub model: ModelId,
+    /// The layer's index in the model.
     pub layer: usize,
 }
 
+/// One task of one inference in flight: what a [`Decision::Run`] hands a worker, and what
+/// it reports back with [`Scheduler::observe`] and [`Scheduler::complete`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TaskRef {
-    pub inference: usize,
-    pub task: usize,
+    pub(crate) inference: usize,
+    pub(crate) task: usize,
 }
 
 /// What a free worker is told to do.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Decision {
+    /// Run this task now; its memory is already counted in the ledger.
     Run(TaskRef),
     /// The inference cannot run within the memory there is: it has been ended and its
     /// reservations released. Its loaded layers must be dropped.
@@ -95,25 +102,27 @@ pub enum Decision {
 /// for) needs more than can be made free.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Refusal {
+    /// The model of the layer that needed the room.
     pub model: ModelId,
+    /// The layer that needed the room.
     pub layer: usize,
     /// The layer's footprint with what its inference holds (activations, reservations).
     pub needs: u64,
     /// The most that could be made free for it with every other inference's memory kept.
-    pub available: u64,
+    pub(crate) available: u64,
     /// The refused inference is not the one that needed the room: it was the youngest in
     /// flight, refused so that an older one can go on.
-    pub displaced: bool,
+    pub(crate) displaced: bool,
 }
 
 /// A live memory reading as the scheduler uses it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Live {
     /// What the reading allowed beyond what the process held then (negative: over).
-    pub headroom: i64,
+    pub(crate) headroom: i64,
     /// The ledger's bytes the reading already showed when it was taken (`Scheduler::seen`
     /// then): everything the ledger holds beyond them is not in it.
-    pub seen_then: u64,
+    pub(crate) seen_then: u64,
     /// The part of the memory there is that `headroom` keeps back (the configured
     /// reserve): only a layer that nothing else can make room for may use it.
     pub reserve: u64,
@@ -121,18 +130,18 @@ pub struct Live {
 
 /// What a load measured (only when it ran alone, so that the process's counters are its).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LoadMeasure {
+pub(crate) struct LoadMeasure {
     /// Bytes the loaded layer keeps resident.
-    pub resident: Option<u64>,
+    pub(crate) resident: Option<u64>,
     /// Bytes above `resident` at the load's peak (the planner's transient copies).
     pub transient: Option<u64>,
     /// What became of the plan template the load was asked to make (`LoadWay`).
-    pub template: TemplateMade,
+    pub(crate) template: TemplateMade,
 }
 
 /// The outcome of a load asked to make its layer's plan template (`runtime/reload.rs`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum TemplateMade {
+pub(crate) enum TemplateMade {
     /// The load made none (none was asked, or the load failed).
     #[default]
     None,
@@ -144,7 +153,7 @@ pub enum TemplateMade {
 
 /// How a load task loads its layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LoadWay {
+pub(crate) enum LoadWay {
     /// Read, parse and plan the layer file.
     Full,
     /// A full load that also makes the layer's plan template: the layer was evicted once
@@ -177,7 +186,9 @@ pub struct CacheStats {
     pub hits: u64,
     /// Loads that read and planned a layer.
     pub misses: u64,
+    /// Resident layers dropped to make room.
     pub evictions: u64,
+    /// Bytes those evictions freed.
     pub evicted_bytes: u64,
     /// Plan templates made (`runtime/reload.rs`): loads after them are reloads.
     #[serde(default)]
@@ -301,13 +312,17 @@ impl ModelEntry {
 /// How the scheduler runs: policies, bounds and the layer cache.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SchedulerOptions {
+    /// Which ready task runs next.
     pub policy: SchedulingPolicy,
+    /// Which tasks of an inference may run before which.
     pub loading: LoadingPolicy,
     /// Bounds the ledger (`None`: only live readings bound it).
     pub budget: Option<u64>,
     /// Inferences in flight at once (1 to `MAX_PARALLEL`).
     pub parallel: usize,
+    /// Whether layers outlive the inference that loaded them.
     pub cache: LayerCache,
+    /// Which resident layer goes first when room is needed.
     pub eviction: Eviction,
 }
 
@@ -330,6 +345,10 @@ impl SchedulerOptions {
     }
 }
 
+/// The pure scheduling state of an executor: inferences in flight, their task graphs, the
+/// ledger of expected resident bytes and the resident layers. No threads and no clock:
+/// workers ask [`Scheduler::next`] under a lock and report back, so every policy can be
+/// tested (and simulated) without running a layer.
 pub struct Scheduler {
     opts: SchedulerOptions,
     pub(super) models: Vec<ModelEntry>,
@@ -353,6 +372,7 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
+    /// An idle scheduler with an empty ledger.
     pub fn new(opts: SchedulerOptions) -> Scheduler {
         Scheduler {
             opts: SchedulerOptions {
@@ -376,6 +396,7 @@ impl Scheduler {
         }
     }
 
+    /// The options it was made with.
     pub fn options(&self) -> &SchedulerOptions {
         &self.opts
     }
@@ -471,7 +492,7 @@ impl Scheduler {
     }
 
     /// Frees a finished inference's slot for reuse.
-    pub fn retire(&mut self, inference: usize) {
+    pub(crate) fn retire(&mut self, inference: usize) {
         let inf = &mut self.inferences[inference];
         debug_assert_eq!(inf.left, 0);
         if !inf.retired {
@@ -480,16 +501,16 @@ impl Scheduler {
         }
     }
 
-    pub fn model_of(&self, inference: usize) -> ModelId {
+    pub(crate) fn model_of(&self, inference: usize) -> ModelId {
         ModelId(self.inferences[inference].model)
     }
 
     /// Whether the model's layers stay resident across its inferences.
-    pub fn keeps(&self, model: ModelId) -> bool {
+    pub(crate) fn keeps(&self, model: ModelId) -> bool {
         self.models[model.0].keep
     }
 
-    pub fn model_name(&self, model: ModelId) -> &str {
+    pub(crate) fn model_name(&self, model: ModelId) -> &str {
         &self.models[model.0].name
     }
 
@@ -510,7 +531,7 @@ impl Scheduler {
     }
 
     /// Expected duration: observed if the layer has run before, else the given cost.
-    pub fn expected_secs(&self, t: TaskRef) -> f64 {
+    pub(crate) fn expected_secs(&self, t: TaskRef) -> f64 {
         let inf = &self.inferences[t.inference];
         let model = &self.models[inf.model];
         match model.tasks[t.task].kind {
@@ -520,32 +541,32 @@ impl Scheduler {
         }
     }
 
-    pub fn kind(&self, t: TaskRef) -> TaskKind {
+    pub(crate) fn kind(&self, t: TaskRef) -> TaskKind {
         self.models[self.inferences[t.inference].model].tasks[t.task].kind
     }
 
     /// Expected resident bytes of everything loaded, running or reserved.
-    pub fn ledger(&self) -> u64 {
+    pub(crate) fn ledger(&self) -> u64 {
         self.ledger
     }
 
-    pub fn high_water(&self) -> u64 {
+    pub(crate) fn high_water(&self) -> u64 {
         self.high_water
     }
 
     /// How often a load was admitted beyond the budget because nothing else could run
     /// (the one-layer-ahead allowance that keeps progress going; never beyond the live
     /// reading, where the inference is refused instead).
-    pub fn overdrafts(&self) -> u64 {
+    pub(crate) fn overdrafts(&self) -> u64 {
         self.overdrafts
     }
 
-    pub fn cache_stats(&self) -> CacheStats {
+    pub(crate) fn cache_stats(&self) -> CacheStats {
         self.stats
     }
 
     /// Resident layers and their bytes, of one model (`LayerCache::Keep`).
-    pub fn resident(&self, model: ModelId) -> (usize, u64) {
+    pub(crate) fn resident(&self, model: ModelId) -> (usize, u64) {
         let m = &self.models[model.0];
         let layers = m
             .residency
@@ -556,12 +577,12 @@ impl Scheduler {
     }
 
     /// Bytes of the ledger a reading taken now shows: loaded layers, activations made.
-    pub fn seen(&self) -> u64 {
+    pub(crate) fn seen(&self) -> u64 {
         self.seen
     }
 
     /// Bytes of the ledger the live reading shows: loaded layers.
-    pub fn resident_total(&self) -> u64 {
+    pub(crate) fn resident_total(&self) -> u64 {
         self.seen
     }
 
@@ -570,14 +591,14 @@ impl Scheduler {
         self.waiting.is_empty() && self.in_flight.is_empty()
     }
 
-    pub fn is_finished(&self, inference: usize) -> bool {
+    pub(crate) fn is_finished(&self, inference: usize) -> bool {
         self.inferences[inference].left == 0
     }
 
     /// Per finished inference: whether it was refused, its cache hits and misses, and the
     /// high-water mark of its share of the ledger (its reservations and its model's
     /// resident layers).
-    pub fn inference_summary(&self, inference: usize) -> InferenceSummary {
+    pub(crate) fn inference_summary(&self, inference: usize) -> InferenceSummary {
         let inf = &self.inferences[inference];
         InferenceSummary {
             hits: inf.hits,
@@ -593,7 +614,7 @@ impl Scheduler {
     }
 
     /// A fresh reading: one taken now, with the ledger as it is.
-    pub fn fresh(&self, headroom: i64) -> Live {
+    pub(crate) fn fresh(&self, headroom: i64) -> Live {
         Live {
             headroom,
             seen_then: self.seen,
@@ -628,7 +649,7 @@ impl Scheduler {
     /// The next task for a free worker of `pool`, or `None` if it should wait for a
     /// completion (or a change of the reading). A reading may be a few milliseconds old:
     /// what the ledger promised since is taken off it.
-    pub fn next_live(&mut self, pool: usize, live: Option<Live>) -> Option<Decision> {
+    pub(crate) fn next_live(&mut self, pool: usize, live: Option<Live>) -> Option<Decision> {
         self.round += 1;
         let mut room = self.room(live);
         if let Some(r) = room
@@ -793,7 +814,7 @@ impl Scheduler {
     }
 
     /// How the load of task `t` (running now) loads its layer.
-    pub fn load_way(&self, t: TaskRef) -> LoadWay {
+    pub(crate) fn load_way(&self, t: TaskRef) -> LoadWay {
         let inf = &self.inferences[t.inference];
         let model = &self.models[inf.model];
         let TaskKind::Load(layer) = model.tasks[t.task].kind else {
@@ -809,7 +830,7 @@ impl Scheduler {
     }
 
     /// Bytes of the plan templates of one model.
-    pub fn template_bytes(&self, model: ModelId) -> u64 {
+    pub(crate) fn template_bytes(&self, model: ModelId) -> u64 {
         self.models[model.0].template_bytes
     }
 
@@ -879,7 +900,7 @@ impl Scheduler {
 
     /// `complete`, with what a load measured of its layer: the ledger and every later
     /// load of the layer use the measured bytes.
-    pub fn complete_measured(&mut self, t: TaskRef, measured: LoadMeasure) {
+    pub(crate) fn complete_measured(&mut self, t: TaskRef, measured: LoadMeasure) {
         let model_index = self.inferences[t.inference].model;
         match self.models[model_index].tasks[t.task].kind {
             TaskKind::Init => {}
@@ -988,7 +1009,7 @@ impl Scheduler {
 
     /// The bytes of activations an inference holds now (at most its reservation): they
     /// exist, so the reading shows them and they are no longer unseen.
-    pub fn set_activations(&mut self, inference: usize, bytes: u64) {
+    pub(crate) fn set_activations(&mut self, inference: usize, bytes: u64) {
         let model_index = self.inferences[inference].model;
         let inf = &mut self.inferences[inference];
         if inf.left == 0 {
@@ -1001,13 +1022,13 @@ impl Scheduler {
 
     /// Whether a load of this layer should measure it: the first time, and only when the
     /// cache keeps it (a measured size then stands for every later load).
-    pub fn needs_measure(&self, model: ModelId, layer: usize) -> bool {
+    pub(crate) fn needs_measure(&self, model: ModelId, layer: usize) -> bool {
         self.models[model.0].observed[layer].resident.is_none()
     }
 
     /// Ends the inference of a task that failed (its own reservations released, the
     /// layer it was loading not resident); the others go on.
-    pub fn abort(&mut self, t: TaskRef) {
+    pub(crate) fn abort(&mut self, t: TaskRef) {
         if self.inferences[t.inference].left > 0 {
             self.end(t.inference);
         }
@@ -1060,7 +1081,7 @@ pub struct InferenceSummary {
     /// Loads that read and planned their layer.
     pub misses: u32,
     /// High-water mark of its reservations plus its model's resident layers.
-    pub share_high_water: u64,
+    pub(crate) share_high_water: u64,
     /// High-water mark of the whole ledger (every inference's) while it was in flight.
     pub ledger_high_water: u64,
 }
@@ -1091,7 +1112,7 @@ impl Scheduler {
     /// that is not (a frame kept for its cascades' crops while its detector runs) may
     /// outlive inferences, so nothing waits for it: a load that cannot fit beside it is
     /// treated as if nothing else would free memory.
-    pub fn reserve(&mut self, bytes: u64, live: Option<Live>, brief: bool) -> Reservation {
+    pub(crate) fn reserve(&mut self, bytes: u64, live: Option<Live>, brief: bool) -> Reservation {
         let mut room = self.room(live);
         if room.is_some_and(|r| r < bytes as i64) {
             let short = bytes as i64 - room.unwrap_or(0);
@@ -1113,7 +1134,7 @@ impl Scheduler {
         }
     }
 
-    pub fn release(&mut self, bytes: u64, brief: bool) {
+    pub(crate) fn release(&mut self, bytes: u64, brief: bool) {
         debug_assert!(self.external >= bytes && (!brief || self.external_count > 0));
         self.ledger -= bytes;
         self.external -= bytes;
@@ -2039,7 +2060,7 @@ mod tests {
         // Each layer makes its template once by evicting; after its eviction, only when
         // the room is there anyway: far fewer than one per load.
         assert!(
-            made >= 1 && made <= 16,
+            (1..=16).contains(&made),
             "{made} templates made in 12 inferences"
         );
     }

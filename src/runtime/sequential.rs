@@ -10,20 +10,21 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tract_core::prelude::{TValue, TVec};
 
-pub type Value = TValue;
-
+/// Where a run's time went.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct RunStats {
     /// Reading, parsing and optimising layer files (or the whole model).
     pub load: Duration,
     /// Running them.
-    pub exec: Duration,
+    pub(crate) exec: Duration,
 }
 
+/// The outputs of one run and what it took.
 #[derive(Clone, Debug)]
 pub struct RunResult {
     /// In the order of the manifest's outputs.
     pub outputs: Vec<FloatTensor>,
+    /// Load and exec time.
     pub stats: RunStats,
 }
 
@@ -142,23 +143,22 @@ pub fn held_bytes(pkg: &Package) -> Vec<u64> {
     held
 }
 
-/// The activations alive between layers of one inference, and when each goes: a value is
-/// dropped once no later layer reads it (unless it is a model output). Owned, so that a
-/// scheduler can keep one per inference in flight and run its layers on any worker.
+/// The values alive between layers of one inference, and when each goes: a value is
+/// dropped once no later layer reads it (unless it is a model output).
 ///
 /// The one walker of a package's layers: `V` is tract's value for the layer-by-layer runs
-/// (`Activations`), a [`FloatTensor`] for the tiled executor, which hands buffers to tract
-/// by move ([`Activations::take_inputs`]) and runs groups and channel slices on them.
+/// ([`Activations`]), a [`FloatTensor`] for the tiled executor, which hands buffers to
+/// tract by move ([`Walk::take_inputs`]) and runs groups and channel slices on them.
 #[derive(Clone)]
-pub struct Activations<V = TValue> {
+pub(crate) struct Walk<V> {
     live: HashMap<String, V>,
     last_reader: HashMap<String, usize>,
     outputs: Vec<String>,
 }
 
-impl<V: Clone> Activations<V> {
+impl<V: Clone> Walk<V> {
     /// The walk's start: the package's input alone is alive.
-    pub fn start(pkg: &Package, input: V) -> Activations<V> {
+    pub(crate) fn start(pkg: &Package, input: V) -> Walk<V> {
         let live = HashMap::from([(pkg.manifest.inputs[0].name.clone(), input)]);
         let last_reader = pkg
             .manifest
@@ -172,7 +172,7 @@ impl<V: Clone> Activations<V> {
             .iter()
             .map(|o| o.name.clone())
             .collect();
-        Activations {
+        Walk {
             live,
             last_reader,
             outputs,
@@ -180,14 +180,14 @@ impl<V: Clone> Activations<V> {
     }
 
     /// The value `name`, which layer `index` reads.
-    pub fn get(&self, index: usize, name: &str) -> Result<&V> {
+    pub(crate) fn get(&self, index: usize, name: &str) -> Result<&V> {
         self.live
             .get(name)
             .with_context(|| format!("layer {index} needs '{name}', which is not available"))
     }
 
     /// The values layer `index` reads (copies of `V`: cheap for shared tract values).
-    pub fn inputs_for(&self, pkg: &Package, index: usize) -> Result<TVec<V>> {
+    pub(crate) fn inputs_for(&self, pkg: &Package, index: usize) -> Result<TVec<V>> {
         let entry = &pkg.manifest.layers[index];
         entry
             .inputs
@@ -198,7 +198,7 @@ impl<V: Clone> Activations<V> {
 
     /// The values layer `index` reads, those it is the last reader of moved out (so that
     /// the caller may hand their buffers on), the others copied.
-    pub fn take_inputs(&mut self, pkg: &Package, index: usize) -> Result<Vec<V>> {
+    pub(crate) fn take_inputs(&mut self, pkg: &Package, index: usize) -> Result<Vec<V>> {
         let entry = &pkg.manifest.layers[index];
         let mut values = Vec::with_capacity(entry.inputs.len());
         for t in &entry.inputs {
@@ -216,7 +216,7 @@ impl<V: Clone> Activations<V> {
     }
 
     /// Stores what layer `index` produced and drops every value no later layer reads.
-    pub fn store<I>(&mut self, pkg: &Package, index: usize, outs: I) -> Result<()>
+    pub(crate) fn store<I>(&mut self, pkg: &Package, index: usize, outs: I) -> Result<()>
     where
         I: IntoIterator<Item = V>,
         I::IntoIter: ExactSizeIterator,
@@ -239,7 +239,7 @@ impl<V: Clone> Activations<V> {
 
     /// Stores `value` as `name`, produced by layers before `next` (a group run as one),
     /// and drops every value no layer from `next` on reads.
-    pub fn store_named(&mut self, name: &str, value: V, next: usize) {
+    pub(crate) fn store_named(&mut self, name: &str, value: V, next: usize) {
         self.live.insert(name.to_string(), value);
         self.retire(next);
     }
@@ -257,7 +257,7 @@ impl<V: Clone> Activations<V> {
     }
 
     /// The model's outputs, in manifest order.
-    pub fn take_outputs(mut self, pkg: &Package) -> Result<Vec<V>> {
+    pub(crate) fn take_outputs(mut self, pkg: &Package) -> Result<Vec<V>> {
         pkg.manifest
             .outputs
             .iter()
@@ -270,29 +270,51 @@ impl<V: Clone> Activations<V> {
     }
 }
 
+/// The activations of one layer-by-layer inference, between its layers: a [`Walk`] over
+/// tract's values, which stay tract's (no copy between layers) and out of this type's
+/// API. Owned, so that a scheduler can keep one per inference in flight and run its
+/// layers on any worker; `Clone` is cheap (tract's values are shared), which lets a
+/// benchmark run one layer many times on the same inputs.
+#[derive(Clone)]
+pub struct Activations(Walk<TValue>);
+
 impl Activations {
+    /// The start of an inference: `input` alone is alive (its shape is not checked here;
+    /// [`run_layerwise`] checks it against the manifest).
     pub fn new(pkg: &Package, input: &FloatTensor) -> Result<Activations> {
-        Ok(Activations::start(pkg, to_tvalue(input)?))
+        Ok(Activations(Walk::start(pkg, to_tvalue(input)?)))
     }
 
     /// Bytes of the values alive now.
-    pub fn live_bytes(&self) -> u64 {
-        self.live
+    pub(crate) fn live_bytes(&self) -> u64 {
+        self.0
+            .live
             .values()
             .map(|v| (v.len() * v.datum_type().size_of()) as u64)
             .sum()
     }
 
-    /// Runs one loaded layer on the values it reads and keeps what it produces.
+    /// Runs one loaded layer on the values it reads and keeps what it produces; what no
+    /// later layer reads is dropped. Layers must come in the package's order.
     pub fn step(&mut self, pkg: &Package, layer: &LoadedLayer) -> Result<()> {
         let inputs = self.inputs_for(pkg, layer.index)?;
         let outs = run_layer(pkg, layer, inputs)?;
         self.store(pkg, layer.index, outs)
     }
 
-    /// The model's outputs, in manifest order.
+    /// The values layer `index` reads, for a worker to run it away from the walk's owner.
+    pub(crate) fn inputs_for(&self, pkg: &Package, index: usize) -> Result<TVec<TValue>> {
+        self.0.inputs_for(pkg, index)
+    }
+
+    /// Stores what layer `index` produced (run on [`Activations::inputs_for`]).
+    pub(crate) fn store(&mut self, pkg: &Package, index: usize, outs: TVec<TValue>) -> Result<()> {
+        self.0.store(pkg, index, outs)
+    }
+
+    /// The model's outputs, in manifest order; fails if a layer has not run.
     pub fn finish(self, pkg: &Package) -> Result<Vec<FloatTensor>> {
-        self.take_outputs(pkg)?.iter().map(from_tvalue).collect()
+        self.0.take_outputs(pkg)?.iter().map(from_tvalue).collect()
     }
 }
 

@@ -22,6 +22,7 @@ pub enum LoadingPolicy {
 }
 
 impl LoadingPolicy {
+    /// Every policy, in the order tables and plans list them.
     pub const ALL: [LoadingPolicy; 4] = [
         LoadingPolicy::Bulk,
         LoadingPolicy::Linear,
@@ -33,6 +34,7 @@ impl LoadingPolicy {
 /// What the scheduler knows of one layer ahead of running it.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LayerCost {
+    /// What its weighted op is.
     pub kind: LayerKind,
     /// Resident bytes from the end of its load to the end of its exec (weights + plan).
     pub load_bytes: u64,
@@ -42,7 +44,9 @@ pub struct LayerCost {
     pub plan_bytes: u64,
     /// Extra bytes while it executes (activations in and out, workspace).
     pub exec_bytes: u64,
+    /// Expected duration of its load, seconds.
     pub load_secs: f64,
+    /// Expected duration of its exec, seconds.
     pub exec_secs: f64,
 }
 
@@ -68,24 +72,24 @@ pub enum TaskKind {
 
 /// A task of one inference; `deps` index the same inference's task list.
 #[derive(Clone, Debug, PartialEq)]
-pub struct TaskSpec {
+pub(crate) struct TaskSpec {
     pub kind: TaskKind,
-    pub deps: Vec<usize>,
+    pub(crate) deps: Vec<usize>,
     /// Which worker pool runs it: 0, or 1 for DeepEye's fc preloads.
     pub pool: usize,
 }
 
 /// Task list layout: `[Init, Load(0..n), Exec(0..n)]`.
-pub fn load_index(layer: usize) -> usize {
+pub(crate) fn load_index(layer: usize) -> usize {
     1 + layer
 }
 
-pub fn exec_index(layers: usize, layer: usize) -> usize {
+pub(crate) fn exec_index(layers: usize, layer: usize) -> usize {
     1 + layers + layer
 }
 
 /// The tasks of one inference over `layers`, with dependencies for `policy`.
-pub fn plan_inference(policy: LoadingPolicy, layers: &[LayerCost]) -> Vec<TaskSpec> {
+pub(crate) fn plan_inference(policy: LoadingPolicy, layers: &[LayerCost]) -> Vec<TaskSpec> {
     let n = layers.len();
     let mut tasks = vec![TaskSpec {
         kind: TaskKind::Init,

@@ -27,7 +27,9 @@ const BOARDS: [(&str, &str); 6] = [
 
 /// Defaults with no board and no setting: the spool the Yocto layer installs
 /// (`yocto/meta-memaflow/.../paths.env`).
-pub const DEFAULT_SPOOL: &str = "/var/spool/memaflow";
+pub(crate) const DEFAULT_SPOOL: &str = "/var/spool/memaflow";
+/// The configuration file `memaflow run` reads without `--config` (where the Yocto
+/// layer installs it).
 pub const DEFAULT_CONFIG: &str = "/etc/memaflow/memaflow.toml";
 const DEFAULT_RESERVE: u64 = 16 << 20;
 const DEFAULT_MAX_FRAME: u64 = 64 << 20;
@@ -35,7 +37,7 @@ const DEFAULT_RESCAN_SECS: f64 = 10.0;
 const DEFAULT_SETTLE_SECS: f64 = 2.0;
 const DEFAULT_TOP_K: usize = 5;
 /// Most frames processed at once: each holds its decoded image while it is preprocessed.
-pub const MAX_FRAMES_IN_FLIGHT: usize = 64;
+pub(crate) const MAX_FRAMES_IN_FLIGHT: usize = 64;
 /// SIGTERM to exit: systemd's and the 5 s, less a margin for the last writes.
 const DEFAULT_STOP_GRACE_SECS: f64 = 4.0;
 /// A frame in flight this long is taken for wedged: far beyond a slow frame on the
@@ -154,7 +156,7 @@ struct RawBoard {
 
 /// A board: its memory and the run settings that suit it.
 #[derive(Clone, Debug)]
-pub struct Board {
+pub(crate) struct Board {
     pub name: String,
     pub memory: u64,
     device_tree: Vec<String>,
@@ -163,7 +165,7 @@ pub struct Board {
 
 impl Board {
     /// A built-in board by name, or a board file by path.
-    pub fn named(name: &str) -> Result<Board> {
+    pub(crate) fn named(name: &str) -> Result<Board> {
         if let Some((_, text)) = BOARDS.iter().find(|(n, _)| *n == name) {
             return Board::parse(text).with_context(|| format!("built-in board {name}"));
         }
@@ -254,7 +256,7 @@ struct RawDebug {
 #[derive(Clone, Debug, Default)]
 pub struct DebugConfig {
     /// Every inference's input tensor is written here as `.npy` (docs/spool.md).
-    pub dump_inputs: Option<PathBuf>,
+    pub(crate) dump_inputs: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -323,17 +325,17 @@ enum Scale {
 /// Detections a cascade runs on, at most, by default.
 const DEFAULT_CASCADE_MAX: usize = 8;
 /// At most, ever: each is an inference, and the frame is held until all are submitted.
-pub const MAX_CASCADE: usize = 64;
+pub(crate) const MAX_CASCADE: usize = 64;
 
 /// A model that runs on crops of an earlier model's detections.
 #[derive(Clone, Debug, PartialEq)]
-pub struct CascadeConfig {
+pub(crate) struct CascadeConfig {
     /// The source model's name (its package's name).
     pub from: String,
-    pub roi: RoiSpec,
+    pub(crate) roi: RoiSpec,
     /// The best `max` detections get a crop each.
     pub max: usize,
-    pub border: Border,
+    pub(crate) border: Border,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -350,7 +352,7 @@ enum ReportKind {
 /// What happens to a frame once its result is written.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum DonePolicy {
+pub(crate) enum DonePolicy {
     /// Moved to `done/`.
     #[default]
     Move,
@@ -361,15 +363,15 @@ pub enum DonePolicy {
 /// Per-model changes to the manifest's preprocessing.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct PreprocessOverride {
-    pub resize: Option<ResizeMode>,
-    pub color: Option<ColorOrder>,
-    pub mean: Option<Vec<f32>>,
-    pub std: Option<Vec<f32>>,
+pub(crate) struct PreprocessOverride {
+    pub(crate) resize: Option<ResizeMode>,
+    pub(crate) color: Option<ColorOrder>,
+    pub(crate) mean: Option<Vec<f32>>,
+    pub(crate) std: Option<Vec<f32>>,
 }
 
 impl PreprocessOverride {
-    pub fn apply(&self, base: &crate::model::Preprocess) -> crate::model::Preprocess {
+    pub(crate) fn apply(&self, base: &crate::model::Preprocess) -> crate::model::Preprocess {
         crate::model::Preprocess {
             resize: self.resize.unwrap_or(base.resize),
             color: self.color.unwrap_or(base.color),
@@ -382,27 +384,28 @@ impl PreprocessOverride {
 /// One configured model: where its package is and how its outputs are reported.
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
+    /// The package's directory, absolute.
     pub path: PathBuf,
-    pub preprocess: PreprocessOverride,
-    pub report: OutputReport,
+    pub(crate) preprocess: PreprocessOverride,
+    pub(crate) report: OutputReport,
     /// Set for a cascade: its input is crops of another model's detections.
-    pub input: Option<CascadeConfig>,
+    pub(crate) input: Option<CascadeConfig>,
 }
 
 #[derive(Clone, Debug)]
-pub struct SpoolConfig {
+pub(crate) struct SpoolConfig {
     pub root: PathBuf,
     pub done: DonePolicy,
-    pub max_frame_bytes: u64,
+    pub(crate) max_frame_bytes: u64,
     /// How often `incoming/` is listed even without an inotify event.
-    pub rescan: Duration,
+    pub(crate) rescan: Duration,
     /// A file found by a rescan (not announced by a rename or close-after-write) is taken
     /// once it has been unchanged this long: it may still be being written.
-    pub settle: Duration,
+    pub(crate) settle: Duration,
     /// After SIGTERM, how long the frame in hand may take before it is put back.
-    pub stop_grace: Duration,
+    pub(crate) stop_grace: Duration,
     /// A frame in flight longer than this counts as wedged: the watchdog pings stop.
-    pub stall: Duration,
+    pub(crate) stall: Duration,
     /// Bytes the spool's file system must have free for a frame to be claimed.
     pub min_free: u64,
     /// How many times a frame is processed before a run that never finishes it (the
@@ -412,30 +415,42 @@ pub struct SpoolConfig {
     pub metrics: Option<PathBuf>,
 }
 
+/// `[run]` as checked: how the daemon's executor schedules, bounds and caches; the
+/// board's defaults filled in. Also written to `status.json`, so what ran is on record.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RunConfig {
+    /// Upper bound on the ledger, bytes (`None`: only live readings bound it).
     pub budget: Option<u64>,
+    /// Bytes kept free below MemAvailable and the cgroup limit.
     pub reserve: u64,
+    /// The loading policy.
     pub loading: LoadingPolicy,
+    /// The scheduling policy.
     pub scheduling: SchedulingPolicy,
+    /// Inferences in flight at once.
     pub parallel: usize,
-    pub threads: usize,
+    pub(crate) threads: usize,
+    /// Whether and how models run tiled.
     pub tiling: Tiling,
     /// Whether layers stay resident across frames (docs/runtime.md).
     pub cache: LayerCache,
+    /// Which resident layer goes first when room is needed.
     pub eviction: Eviction,
     /// Frames claimed and processed at once; all their inferences share the one gate.
     pub frames_in_flight: usize,
 }
 
+/// The daemon's configuration file, checked once at start: sizes are bytes, policies
+/// enums, paths absolute; nothing downstream parses a string of it.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub board: Option<String>,
-    pub log_level: log::LevelFilter,
-    pub spool: SpoolConfig,
-    pub run: RunConfig,
+    pub(crate) board: Option<String>,
+    pub(crate) log_level: log::LevelFilter,
+    pub(crate) spool: SpoolConfig,
+    pub(crate) run: RunConfig,
+    /// The models run on every frame, in the order results list them.
     pub models: Vec<ModelConfig>,
-    pub debug: DebugConfig,
+    pub(crate) debug: DebugConfig,
 }
 
 /// Reads the configuration file `path` and parses it with `parse`, relative paths taken
@@ -453,7 +468,7 @@ fn read_config<T>(path: &Path, parse: impl FnOnce(&str, &Path) -> Result<T>) -> 
 impl Config {
     /// Reads `path`; `board` (from the command line) overrides the file's `board`, and
     /// with neither the board is detected.
-    pub fn load(path: &Path, board: Option<&str>) -> Result<Config> {
+    pub(crate) fn load(path: &Path, board: Option<&str>) -> Result<Config> {
         read_config(path, |text, base| Config::parse(text, base, board))
     }
 
@@ -534,18 +549,21 @@ impl Config {
 
 /// What `memaflow publish` reads from the daemon's file: the spool and `[publish]`. The
 /// models and the board are the daemon's business, so they are parsed (unknown keys are
-/// still errors) but not checked against the disk.
+/// still errors) but not checked against the disk. Only the `publish` feature reads it
+/// (and this module's tests).
+#[cfg_attr(not(feature = "publish"), allow(dead_code))]
 #[derive(Clone, Debug)]
-pub struct PublisherConfig {
+pub(crate) struct PublisherConfig {
     pub spool_root: PathBuf,
     /// How often `out/` is listed in full, besides inotify's events.
-    pub rescan: Duration,
-    pub log_level: log::LevelFilter,
+    pub(crate) rescan: Duration,
+    pub(crate) log_level: log::LevelFilter,
     pub publish: PublishConfig,
 }
 
+#[cfg_attr(not(feature = "publish"), allow(dead_code))]
 impl PublisherConfig {
-    pub fn load(path: &Path) -> Result<PublisherConfig> {
+    pub(crate) fn load(path: &Path) -> Result<PublisherConfig> {
         read_config(path, PublisherConfig::parse)
     }
 

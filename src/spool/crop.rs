@@ -25,7 +25,7 @@ use serde::Deserialize;
 /// What happens where a crop reaches beyond the frame.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum Border {
+pub(crate) enum Border {
     /// The nearest edge pixel (MediaPipe's default for its landmark crops).
     #[default]
     Replicate,
@@ -37,16 +37,16 @@ pub enum Border {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoiSpec {
     /// Keypoints (start, end) whose direction is rotated to `angle`; none: upright.
-    pub rotate_by: Option<[usize; 2]>,
+    pub(crate) rotate_by: Option<[usize; 2]>,
     /// Radians, the direction start → end has in the crop (0: to the right, π/2: up).
-    pub angle: f32,
+    pub(crate) angle: f32,
     /// Multiplies width and height, after squaring.
     pub scale: [f32; 2],
     /// Moves the centre by these fractions of the box's width and height, along the
     /// region's own (rotated) axes, before squaring.
-    pub shift: [f32; 2],
+    pub(crate) shift: [f32; 2],
     /// Make the region square on its long side.
-    pub square: bool,
+    pub(crate) square: bool,
 }
 
 impl RoiSpec {
@@ -105,7 +105,7 @@ fn normalise_radians(a: f32) -> f32 {
 /// The model input for the region `roi` of `frame`: [1, H, W, C] (`shape`), each input
 /// pixel sampled bilinearly at its centre's place in the region (the region stretched to
 /// the input), then ordered and normalised as `pre` says.
-pub fn crop_input(
+pub(crate) fn crop_input(
     frame: &RgbImage,
     roi: &Roi,
     border: Border,

@@ -51,8 +51,11 @@ const DISK_CHECK: Duration = Duration::from_secs(1);
 const FIRST_RETRY: Duration = Duration::from_millis(250);
 const LAST_RETRY: Duration = Duration::from_secs(8);
 
+/// What `memaflow run` is told on its command line.
 pub struct RunOptions {
+    /// The configuration file.
     pub config: PathBuf,
+    /// The board whose defaults apply (detected when absent).
     pub board: Option<String>,
     /// Process what is there (and what arrives meanwhile), then exit.
     pub once: bool,

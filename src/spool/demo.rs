@@ -115,6 +115,7 @@ struct PipelineEntry {
     path: String,
 }
 
+/// Where `memaflow demo` works without `--dir`.
 pub fn default_dir() -> PathBuf {
     std::env::temp_dir().join("memaflow-demo")
 }
@@ -130,6 +131,8 @@ enum Pipeline {
     Missing(Vec<PathBuf>),
 }
 
+/// `memaflow demo`: imports the default pipeline's models, configures a spool, runs the
+/// daemon once over the frames and draws each result into a picture; prints where they are.
 pub fn run(dir: &Path) -> Result<()> {
     // The configuration names packages by absolute path: it lives in another directory.
     let dir = &std::path::absolute(dir).context("resolving the demo directory")?;

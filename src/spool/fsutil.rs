@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 /// Makes the directory's entries (renames, creations, unlinks) durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("syncing directory {}", dir.display()))
@@ -22,7 +22,7 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 /// By system call number: nix wraps `renameat2` for glibc only, and the firmware links
 /// musl. (`link` + `unlink` would not do: a crash between them leaves a hard-linked frame,
 /// which the spool refuses.)
-pub fn rename_noreplace(from: &Path, to: &Path) -> nix::Result<()> {
+pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> nix::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     /// Linux's `RENAME_NOREPLACE` (include/uapi/linux/fs.h), the same on every architecture.
     const RENAME_NOREPLACE: nix::libc::c_uint = 1;
@@ -46,7 +46,7 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> nix::Result<()> {
 
 /// The temporary name `write_atomic` uses for `name`: hidden, so that readers of the
 /// directory (and the daemon's own scans) skip it.
-pub fn temp_name(name: impl AsRef<OsStr>) -> OsString {
+pub(crate) fn temp_name(name: impl AsRef<OsStr>) -> OsString {
     let mut t = OsString::from(".");
     t.push(name.as_ref());
     t.push(".tmp");
@@ -56,14 +56,14 @@ pub fn temp_name(name: impl AsRef<OsStr>) -> OsString {
 /// Writes `dir/name` so that it is either absent, its previous content, or all of
 /// `bytes`, even across a crash or power loss: temp file, fsync, rename, fsync of `dir`.
 /// A failed write (a full disk) removes its temp file.
-pub fn write_atomic(dir: &Path, name: impl AsRef<OsStr>, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(dir: &Path, name: impl AsRef<OsStr>, bytes: &[u8]) -> Result<()> {
     write_via_temp(dir, name.as_ref(), bytes, true)
 }
 
 /// Replaces `dir/name` by a rename, so that a reader sees the old or the new content,
 /// without the fsyncs: for files that are rewritten often and need not survive a crash
 /// (the metrics file). A failed write removes its temp file.
-pub fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -108,7 +108,7 @@ fn write_via_temp(dir: &Path, name: &OsStr, bytes: &[u8], sync: bool) -> Result<
 
 /// Whether `e` (anywhere in its chain) is the file system being full: no space or the
 /// user's quota. Such a failure is weather, to wait out, not a reason to stop.
-pub fn is_disk_full(e: &anyhow::Error) -> bool {
+pub(crate) fn is_disk_full(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         let errno = c
             .downcast_ref::<std::io::Error>()
@@ -137,7 +137,7 @@ pub fn shown(name: &OsStr) -> String {
 }
 
 /// Removes temp files an interrupted `write_atomic` left in `dir`.
-pub fn remove_temp_files(dir: &Path) -> Result<usize> {
+pub(crate) fn remove_temp_files(dir: &Path) -> Result<usize> {
     let mut removed = 0;
     for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let e = e?;
@@ -194,7 +194,7 @@ fn check_plain(meta: &std::fs::Metadata, limit: u64) -> Result<()> {
 
 /// An exclusive lock on `path` (created if absent), held while the returned file lives:
 /// one `who` (daemon, publisher) per spool. Refused at once if another process holds it.
-pub fn lock_exclusive(path: &Path, who: &str) -> Result<Flock<File>> {
+pub(crate) fn lock_exclusive(path: &Path, who: &str) -> Result<Flock<File>> {
     let file = OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -213,7 +213,7 @@ pub fn lock_exclusive(path: &Path, who: &str) -> Result<Flock<File>> {
 /// Reads a frame file of at most `limit` bytes. Symbolic links, other non-regular files
 /// and files with more than one link are refused, and the checks are made again on the
 /// opened file, so nothing swapped in between is read.
-pub fn read_frame(path: &Path, limit: u64) -> Result<Vec<u8>> {
+pub(crate) fn read_frame(path: &Path, limit: u64) -> Result<Vec<u8>> {
     let meta = std::fs::symlink_metadata(path).context("cannot stat it")?;
     check_plain(&meta, limit)?;
     // O_NONBLOCK: a FIFO swapped in after the check must not block the open.

@@ -34,7 +34,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-pub const STATUS_FILE: &str = "status.json";
+pub(crate) const STATUS_FILE: &str = "status.json";
 const LOCK_FILE: &str = ".lock";
 const MAX_SUFFIX: u32 = 100_000;
 /// `work/.F.attempt-N`: frame F's N-th processing has begun.
@@ -52,10 +52,10 @@ pub struct Spool {
 }
 
 /// A directory entry of `incoming/` that may be claimed.
-pub struct Entry {
+pub(crate) struct Entry {
     pub name: OsString,
     /// Regular files only: when it last changed (the settle rule applies to them).
-    pub modified: Option<SystemTime>,
+    pub(crate) modified: Option<SystemTime>,
 }
 
 impl Spool {
@@ -100,21 +100,21 @@ impl Spool {
         Ok(spool)
     }
 
-    pub fn incoming_dir(&self) -> &Path {
+    pub(crate) fn incoming_dir(&self) -> &Path {
         &self.incoming
     }
 
-    pub fn work_path(&self, name: &OsStr) -> PathBuf {
+    pub(crate) fn work_path(&self, name: &OsStr) -> PathBuf {
         self.work.join(name)
     }
 
     /// `incoming/` now, hidden names (producers' temp files) left out, in name order.
-    pub fn incoming(&self) -> Result<Vec<Entry>> {
+    pub(crate) fn incoming(&self) -> Result<Vec<Entry>> {
         list(&self.incoming)
     }
 
     /// Frames in `work/`, in name order: claimed by a run that did not finish them.
-    pub fn in_work(&self) -> Result<Vec<OsString>> {
+    pub(crate) fn in_work(&self) -> Result<Vec<OsString>> {
         Ok(list(&self.work)?.into_iter().map(|e| e.name).collect())
     }
 
@@ -195,7 +195,7 @@ impl Spool {
 
     /// Moves `incoming/NAME` into `work/` under a name no earlier frame used; returns it.
     /// `None` when the entry is gone (taken or removed by someone else).
-    pub fn claim(&self, name: &OsStr) -> Result<Option<OsString>> {
+    pub(crate) fn claim(&self, name: &OsStr) -> Result<Option<OsString>> {
         let from = self.incoming.join(name);
         for n in 0..MAX_SUFFIX {
             let candidate = if n == 0 {
@@ -222,11 +222,11 @@ impl Spool {
     }
 
     /// Whether `out/NAME.json` is a complete result for the frame `work/NAME`.
-    pub fn has_result(&self, name: &OsStr) -> bool {
+    pub(crate) fn has_result(&self, name: &OsStr) -> bool {
         names_frame(&self.out.join(result_name(name)), name)
     }
 
-    pub fn has_error_record(&self, name: &OsStr) -> bool {
+    pub(crate) fn has_error_record(&self, name: &OsStr) -> bool {
         names_frame(&self.failed.join(error_name(name)), name)
     }
 
@@ -237,7 +237,7 @@ impl Spool {
     }
 
     /// The frame's result is durable: move it on from `work/`.
-    pub fn release(&self, name: &OsStr, policy: DonePolicy) -> Result<()> {
+    pub(crate) fn release(&self, name: &OsStr, policy: DonePolicy) -> Result<()> {
         let from = self.work.join(name);
         match policy {
             DonePolicy::Move => {
@@ -262,12 +262,12 @@ impl Spool {
     }
 
     /// Records why the frame failed, then moves it to `failed/`.
-    pub fn fail(&self, name: &OsStr, record: &[u8]) -> Result<()> {
+    pub(crate) fn fail(&self, name: &OsStr, record: &[u8]) -> Result<()> {
         write_atomic(&self.failed, error_name(name), record)?;
         self.release_failed(name)
     }
 
-    pub fn release_failed(&self, name: &OsStr) -> Result<()> {
+    pub(crate) fn release_failed(&self, name: &OsStr) -> Result<()> {
         move_unique(&self.work.join(name), &self.failed, name)?;
         sync_dir(&self.failed)?;
         sync_dir(&self.work)?;
@@ -277,7 +277,7 @@ impl Spool {
     /// Puts a claimed frame back into `incoming/` (shutdown before it was done). If that
     /// name is taken again it stays in `work/`, which the next start retries. A frame put
     /// back starts its count again: the stop, not the frame, ended its attempt.
-    pub fn requeue(&self, name: &OsStr) -> Result<()> {
+    pub(crate) fn requeue(&self, name: &OsStr) -> Result<()> {
         match rename_noreplace(&self.work.join(name), &self.incoming.join(name)) {
             Ok(()) => {
                 sync_dir(&self.incoming)?;
@@ -289,7 +289,7 @@ impl Spool {
         }
     }
 
-    pub fn write_status(&self, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn write_status(&self, bytes: &[u8]) -> Result<()> {
         write_atomic(&self.root, STATUS_FILE, bytes)
     }
 }
@@ -318,7 +318,7 @@ pub fn result_name(frame: &OsStr) -> OsString {
     with_suffix(frame, ".json")
 }
 
-pub fn error_name(frame: &OsStr) -> OsString {
+pub(crate) fn error_name(frame: &OsStr) -> OsString {
     with_suffix(frame, ".error.json")
 }
 
@@ -330,7 +330,7 @@ fn with_suffix(name: &OsStr, suffix: &str) -> OsString {
 
 /// The hexadecimal bytes of a name that is not UTF-8 (`None` for one that is): written
 /// beside the lossy `frame` of a result or failure record, so the exact name is there.
-pub fn name_bytes_hex(name: &OsStr) -> Option<String> {
+pub(crate) fn name_bytes_hex(name: &OsStr) -> Option<String> {
     if name.to_str().is_some() {
         return None;
     }

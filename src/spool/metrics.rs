@@ -10,7 +10,7 @@ use std::fmt::{Display, Write};
 
 /// The kinds of metric families used here.
 #[derive(Clone, Copy)]
-pub enum Kind {
+pub(crate) enum Kind {
     Counter,
     Gauge,
     Histogram,
@@ -18,10 +18,10 @@ pub enum Kind {
 
 /// A metrics file being written: families, each with its `HELP` and `TYPE` lines first.
 #[derive(Default)]
-pub struct Text(String);
+pub(crate) struct Text(String);
 
 impl Text {
-    pub fn family(&mut self, name: &str, kind: Kind, help: &str) -> &mut Text {
+    pub(crate) fn family(&mut self, name: &str, kind: Kind, help: &str) -> &mut Text {
         let kind = match kind {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
@@ -33,7 +33,7 @@ impl Text {
     }
 
     /// One sample; label values are escaped as the format asks.
-    pub fn sample(
+    pub(crate) fn sample(
         &mut self,
         name: &str,
         labels: &[(&str, &str)],
@@ -52,8 +52,16 @@ impl Text {
     }
 
     /// A family with one unlabelled sample.
-    pub fn single(&mut self, name: &str, kind: Kind, help: &str, value: impl Display) {
+    pub(crate) fn single(&mut self, name: &str, kind: Kind, help: &str, value: impl Display) {
         self.family(name, kind, help).sample(name, &[], value);
+    }
+
+    /// A gauge family with one sample a state (label `state`): 1 for the current one.
+    pub(crate) fn states(&mut self, name: &str, help: &str, states: &[(&str, bool)]) {
+        self.family(name, Kind::Gauge, help);
+        for &(label, current) in states {
+            self.sample(name, &[("state", label)], flag(current));
+        }
     }
 
     pub fn into_bytes(self) -> Vec<u8> {
@@ -76,7 +84,7 @@ fn flag(b: bool) -> u8 {
 }
 
 /// The daemon's metrics file from its status.
-pub fn render(s: &Status) -> Vec<u8> {
+pub(crate) fn render(s: &Status) -> Vec<u8> {
     let mut t = Text::default();
     frames(&mut t, s);
     cache(&mut t, s);
@@ -265,32 +273,24 @@ fn memory(t: &mut Text, s: &Status) {
 }
 
 fn health(t: &mut Text, s: &Status) {
-    let name = "memaflow_state";
-    t.family(
-        name,
-        Kind::Gauge,
+    t.states(
+        "memaflow_state",
         "The daemon's state: 1 for the current one.",
+        &[
+            ("running", s.state == State::Running),
+            ("stopping", s.state == State::Stopping),
+            ("stopped", s.state == State::Stopped),
+        ],
     );
-    for (label, state) in [
-        ("running", State::Running),
-        ("stopping", State::Stopping),
-        ("stopped", State::Stopped),
-    ] {
-        t.sample(name, &[("state", label)], flag(s.state == state));
-    }
-    let name = "memaflow_disk_state";
-    t.family(
-        name,
-        Kind::Gauge,
+    t.states(
+        "memaflow_disk_state",
         "The spool's file system: ok, low (below min_free: not claiming) or full (outcomes wait): 1 for the current one.",
+        &[
+            ("ok", s.disk.state == DiskState::Ok),
+            ("low", s.disk.state == DiskState::Low),
+            ("full", s.disk.state == DiskState::Full),
+        ],
     );
-    for (label, state) in [
-        ("ok", DiskState::Ok),
-        ("low", DiskState::Low),
-        ("full", DiskState::Full),
-    ] {
-        t.sample(name, &[("state", label)], flag(s.disk.state == state));
-    }
     if let Some(free) = s.disk.free_bytes {
         t.single(
             "memaflow_disk_free_bytes",

@@ -3,16 +3,16 @@
 //! see `docs/spool.md`.
 
 pub mod config;
-pub mod crop;
+pub(crate) mod crop;
 pub mod daemon;
 pub mod demo;
-pub mod fsutil;
-pub mod layout;
-pub mod metrics;
-pub mod pipeline;
+pub(crate) mod fsutil;
+pub(crate) mod layout;
+pub(crate) mod metrics;
+pub(crate) mod pipeline;
 pub mod preprocess;
-pub mod publish_config;
-pub mod results;
+pub(crate) mod publish_config;
+pub(crate) mod results;
 pub mod schema;
 pub mod show;
 pub mod status;

@@ -66,7 +66,7 @@ impl Ready {
 /// Loads every configured model in order (`Model::load`) and connects each cascade to its
 /// source: an earlier model of that name reporting boxes, with the keypoints the region
 /// rotates by. A cascade whose source is missing or unsuitable is broken, with the reason.
-pub fn load_all(
+pub(crate) fn load_all(
     configs: &[ModelConfig],
     run: &RunConfig,
     system: &SystemMemory,
@@ -130,7 +130,7 @@ impl Model {
     /// Opens and checks a configured model, decides whether it runs tiled under `run`
     /// (without a budget, under the memory `system` has free now) and registers it with
     /// the executor; a broken one is kept, with the reason.
-    pub fn load(
+    pub(crate) fn load(
         config: &ModelConfig,
         run: &RunConfig,
         system: &SystemMemory,
@@ -251,14 +251,14 @@ fn check_package(
 
 /// Why a frame failed as a whole.
 #[derive(Clone, Debug)]
-pub struct FrameError {
+pub(crate) struct FrameError {
     pub stage: FrameStage,
     pub reason: String,
     /// With `FrameStage::Inference`: each model's error.
     pub models: Vec<ModelResult>,
 }
 
-pub enum Outcome {
+pub(crate) enum Outcome {
     Done(Box<FrameResult>),
     Failed(FrameError),
 }
@@ -266,10 +266,10 @@ pub enum Outcome {
 pub struct Setup<'a> {
     pub models: &'a [Model],
     pub run: &'a RunConfig,
-    pub max_frame_bytes: u64,
+    pub(crate) max_frame_bytes: u64,
     pub executor: &'a Executor,
     /// `[debug] dump_inputs`: every input tensor is written there.
-    pub dump_inputs: Option<&'a Path>,
+    pub(crate) dump_inputs: Option<&'a Path>,
 }
 
 fn ms(d: std::time::Duration) -> f64 {

@@ -8,12 +8,13 @@ use image::{DynamicImage, RgbImage, imageops::FilterType};
 use std::path::Path;
 
 /// Largest frame file read (a 12 MP camera JPEG is well under this).
-pub const MAX_FRAME_BYTES: u64 = 64 << 20;
+pub(crate) const MAX_FRAME_BYTES: u64 = 64 << 20;
 /// Largest decoded side; a header claiming more is refused before any allocation.
-pub const MAX_SIDE: u32 = 16384;
+pub(crate) const MAX_SIDE: u32 = 16384;
 /// Largest allocation the decoder may make.
-pub const MAX_DECODE_ALLOC: u64 = 512 << 20;
+pub(crate) const MAX_DECODE_ALLOC: u64 = 512 << 20;
 
+/// Reads a frame file (refusing one over the frame size limit) and decodes it.
 pub fn decode_file(path: &Path) -> Result<DynamicImage> {
     let bytes = crate::model::package::read_limited_bytes(path, MAX_FRAME_BYTES)?;
     decode(&bytes).with_context(|| path.display().to_string())
@@ -36,7 +37,7 @@ pub fn decode(bytes: &[u8]) -> Result<DynamicImage> {
 /// 8-bit RGB copy models are resized from (3 bytes a pixel); and the number of pixels.
 /// Reads only the header; fails as `decode` would on what `decode` refuses before
 /// decoding.
-pub fn decoded_bytes(bytes: &[u8]) -> Result<(u64, u64)> {
+pub(crate) fn decoded_bytes(bytes: &[u8]) -> Result<(u64, u64)> {
     use image::ImageDecoder;
     let (reader, format) = reader(bytes)?;
     let decoder = reader
@@ -114,7 +115,11 @@ pub fn to_input(img: &DynamicImage, pre: &Preprocess, shape: &[usize]) -> Result
 }
 
 /// `to_input` for a frame already in 8-bit RGB.
-pub fn to_input_rgb(img: &RgbImage, pre: &Preprocess, shape: &[usize]) -> Result<FloatTensor> {
+pub(crate) fn to_input_rgb(
+    img: &RgbImage,
+    pre: &Preprocess,
+    shape: &[usize],
+) -> Result<FloatTensor> {
     ensure!(
         shape.len() == 4 && shape[0] == 1 && (shape[3] == 1 || shape[3] == 3),
         "image input must be [1, H, W, 1 or 3], the model wants {:?}",
@@ -204,13 +209,14 @@ impl Geometry {
         }
     }
 
-    pub fn stretch(fw: u32, fh: u32) -> Geometry {
+    pub(crate) fn stretch(fw: u32, fh: u32) -> Geometry {
         Geometry {
             scale: (fw as f32, fh as f32),
             offset: (0.0, 0.0),
         }
     }
 
+    /// The frame's pixel (x, y) of the input's pixel (x, y).
     pub fn to_frame(&self, x: f32, y: f32) -> (f32, f32) {
         (
             x * self.scale.0 + self.offset.0,

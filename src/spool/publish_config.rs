@@ -2,6 +2,11 @@
 //! sends results (docs/publish.md). Parsed here so that the daemon accepts (and type-checks)
 //! the section it does not use, and validated into ready values once: a topic template
 //! into its parts, paths made absolute, durations checked.
+//!
+//! A build without the `publish` feature still validates the section (a file written for
+//! a full build must not fail on the firmware), but nothing reads the validated values:
+//! they are dead there, and only there.
+#![cfg_attr(not(feature = "publish"), allow(dead_code))]
 
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
@@ -39,35 +44,35 @@ pub(super) struct RawPublish {
 
 /// Where and how results are published.
 #[derive(Clone, Debug)]
-pub struct PublishConfig {
+pub(crate) struct PublishConfig {
     pub host: String,
     pub port: u16,
     pub topic: TopicTemplate,
     /// `{device}` in the topic; `None`: the host name, read when the publisher starts.
-    pub device: Option<String>,
+    pub(crate) device: Option<String>,
     /// `None`: `memaflow-` and the device name.
-    pub client_id: Option<String>,
-    pub credentials: Option<Credentials>,
+    pub(crate) client_id: Option<String>,
+    pub(crate) credentials: Option<Credentials>,
     pub tls: Option<TlsFiles>,
     /// At most this many results wait unsent; beyond it the oldest are dropped.
     pub keep: usize,
     /// The longest wait between two connection attempts (the backoff doubles up to it).
-    pub retry_max: Duration,
-    pub keepalive: Duration,
+    pub(crate) retry_max: Duration,
+    pub(crate) keepalive: Duration,
     /// The publisher's Prometheus text file (node_exporter's textfile collector), if any.
     pub metrics: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
-pub struct Credentials {
-    pub username: String,
+pub(crate) struct Credentials {
+    pub(crate) username: String,
     pub password: Password,
 }
 
 /// Given inline or read from a file when the publisher starts (so the file may be readable
 /// by the publisher alone).
 #[derive(Clone)]
-pub enum Password {
+pub(crate) enum Password {
     None,
     Inline(String),
     File(PathBuf),
@@ -85,16 +90,16 @@ impl std::fmt::Debug for Password {
 
 /// TLS is on when a CA file is given; a client certificate is optional.
 #[derive(Clone, Debug)]
-pub struct TlsFiles {
-    pub ca: PathBuf,
+pub(crate) struct TlsFiles {
+    pub(crate) ca: PathBuf,
     /// Certificate chain and private key, PEM.
-    pub client: Option<(PathBuf, PathBuf)>,
+    pub(crate) client: Option<(PathBuf, PathBuf)>,
 }
 
 /// A topic with `{device}` and `{model}` placeholders, checked once: no wildcards, no
 /// unknown placeholder.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TopicTemplate {
+pub(crate) struct TopicTemplate {
     parts: Vec<TopicPart>,
 }
 
@@ -139,14 +144,14 @@ impl TopicTemplate {
     }
 
     /// Whether each model of a result gets its own message.
-    pub fn per_model(&self) -> bool {
+    pub(crate) fn per_model(&self) -> bool {
         self.parts.contains(&TopicPart::Model)
     }
 
     /// The topic for `device` and `model` (`model` is ignored without `{model}`). Names
     /// are made topic-safe: `/`, wildcards and control characters become `_`, so a name
     /// can neither add a level nor match a subscription it should not.
-    pub fn render(&self, device: &str, model: &str) -> String {
+    pub(crate) fn render(&self, device: &str, model: &str) -> String {
         let mut topic = String::new();
         for part in &self.parts {
             match part {

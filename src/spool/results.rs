@@ -14,7 +14,7 @@ use serde::Deserialize;
 /// What [`summarise`] makes (defined with the rest of the result schema).
 pub use super::schema::OutputSummary;
 
-pub fn summarise(name: &str, t: &FloatTensor, labels: Option<&[String]>) -> OutputSummary {
+pub(crate) fn summarise(name: &str, t: &FloatTensor, labels: Option<&[String]>) -> OutputSummary {
     let finite = t.data.iter().copied().filter(|v| v.is_finite());
     let (min, max) = finite
         .clone()
@@ -108,7 +108,7 @@ impl OutputReport {
 
     /// The `outputs` of one model in a result; `geometry` maps model-input coordinates
     /// back to the frame's pixels.
-    pub fn render(
+    pub(crate) fn render(
         &self,
         specs: &[OutputSpec],
         outputs: &[FloatTensor],
@@ -168,12 +168,12 @@ pub struct LandmarkSpec {
     pub points: String,
     /// Values per point: 2 (x, y) or 3 (x, y, z).
     #[serde(default = "three")]
-    pub dims: usize,
+    pub(crate) dims: usize,
     /// Output with one presence score.
     pub presence: Option<String>,
     /// The presence score is a logit (apply the sigmoid).
     #[serde(default)]
-    pub sigmoid: bool,
+    pub(crate) sigmoid: bool,
     /// Presence below this: `present` is false (the points are still reported).
     #[serde(default = "half")]
     pub threshold: f32,
@@ -183,20 +183,22 @@ fn three() -> usize {
     3
 }
 
-impl LandmarkSpec {
-    fn find(&self, specs: &[OutputSpec], name: &str) -> Result<usize> {
-        specs.iter().position(|s| s.name == name).with_context(|| {
-            format!(
-                "landmarks: the model has no output '{name}' (it has {})",
-                specs
-                    .iter()
-                    .map(|s| s.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
-    }
+/// The index of output `name` among the model's outputs; an error names the report
+/// (`what`) and the outputs there are.
+fn output_index(specs: &[OutputSpec], what: &str, name: &str) -> Result<usize> {
+    specs.iter().position(|s| s.name == name).with_context(|| {
+        format!(
+            "{what}: the model has no output '{name}' (it has {})",
+            specs
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
 
+impl LandmarkSpec {
     pub fn check(&self, specs: &[OutputSpec]) -> Result<()> {
         ensure!(
             (2..=3).contains(&self.dims),
@@ -206,7 +208,7 @@ impl LandmarkSpec {
             (0.0..=1.0).contains(&self.threshold),
             "landmarks.threshold is between 0 and 1"
         );
-        let p = &specs[self.find(specs, &self.points)?];
+        let p = &specs[output_index(specs, "landmarks", &self.points)?];
         let n: usize = p.shape.iter().product();
         ensure!(
             n > 0 && n.is_multiple_of(self.dims),
@@ -216,7 +218,7 @@ impl LandmarkSpec {
             self.dims
         );
         if let Some(presence) = &self.presence {
-            let s = &specs[self.find(specs, presence)?];
+            let s = &specs[output_index(specs, "landmarks", presence)?];
             ensure!(
                 s.shape.iter().product::<usize>() == 1,
                 "landmarks: presence '{}' is {:?}, not one score",
@@ -229,7 +231,7 @@ impl LandmarkSpec {
 
     /// The points of one crop in the frame: input pixels (of a `w`×`h` input) → the
     /// crop's region `roi`. z is scaled as x.
-    pub fn decode(
+    pub(crate) fn decode(
         &self,
         specs: &[OutputSpec],
         outputs: &[FloatTensor],
@@ -244,7 +246,7 @@ impl LandmarkSpec {
             outputs.len(),
             specs.len()
         );
-        let raw = &outputs[self.find(specs, &self.points)?].data;
+        let raw = &outputs[output_index(specs, "landmarks", &self.points)?].data;
         let points = raw
             .chunks_exact(self.dims)
             .map(|p| {
@@ -255,7 +257,7 @@ impl LandmarkSpec {
             .collect();
         let presence = match &self.presence {
             Some(name) => {
-                let v = outputs[self.find(specs, name)?].data[0];
+                let v = outputs[output_index(specs, "landmarks", name)?].data[0];
                 Some(if self.sigmoid {
                     1.0 / (1.0 + (-v.clamp(-100.0, 100.0)).exp())
                 } else {
@@ -296,34 +298,34 @@ pub struct BoxSpec {
     /// Output with the regressions, [1, anchors, 4 + 2·keypoints].
     pub boxes: String,
     /// Output with one score (logit) per anchor, [1, anchors, 1].
-    pub scores: String,
+    pub(crate) scores: String,
     /// Model input width and height the regressions are scaled by.
-    pub input_size: [u32; 2],
+    pub(crate) input_size: [u32; 2],
     /// Stride of each feature map; consecutive equal strides share a grid.
-    pub strides: Vec<u32>,
+    pub(crate) strides: Vec<u32>,
     #[serde(default = "two")]
-    pub anchors_per_layer: usize,
+    pub(crate) anchors_per_layer: usize,
     #[serde(default = "half")]
-    pub anchor_offset: f32,
+    pub(crate) anchor_offset: f32,
     #[serde(default)]
     pub keypoints: usize,
     #[serde(default = "half")]
-    pub score_threshold: f32,
+    pub(crate) score_threshold: f32,
     #[serde(default = "iou")]
-    pub iou_threshold: f32,
+    pub(crate) iou_threshold: f32,
     #[serde(default = "hundred")]
-    pub max_boxes: usize,
+    pub(crate) max_boxes: usize,
     /// Scores are logits (apply the sigmoid) rather than probabilities.
     #[serde(default = "yes")]
-    pub sigmoid: bool,
+    pub(crate) sigmoid: bool,
     #[serde(default)]
-    pub nms: Nms,
+    pub(crate) nms: Nms,
 }
 
 /// How overlapping candidates become one detection.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum Nms {
+pub(crate) enum Nms {
     /// Keep the best, drop what overlaps it.
     #[default]
     Greedy,
@@ -349,7 +351,7 @@ fn yes() -> bool {
 
 #[derive(Clone, Debug)]
 pub struct BoxDecoder {
-    pub spec: BoxSpec,
+    pub(crate) spec: BoxSpec,
     /// Anchor centres, normalised to the input.
     anchors: Vec<(f32, f32)>,
 }
@@ -394,31 +396,10 @@ impl BoxDecoder {
         Ok(BoxDecoder { spec, anchors })
     }
 
-    pub fn anchors(&self) -> usize {
-        self.anchors.len()
-    }
-
-    fn find<'a>(&self, specs: &'a [OutputSpec], name: &str) -> Result<(usize, &'a OutputSpec)> {
-        specs
-            .iter()
-            .enumerate()
-            .find(|(_, s)| s.name == name)
-            .with_context(|| {
-                format!(
-                    "boxes: the model has no output '{name}' (it has {})",
-                    specs
-                        .iter()
-                        .map(|s| s.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })
-    }
-
     pub fn check(&self, specs: &[OutputSpec]) -> Result<()> {
         let n = self.anchors.len();
-        let (_, b) = self.find(specs, &self.spec.boxes)?;
-        let (_, s) = self.find(specs, &self.spec.scores)?;
+        let b = &specs[output_index(specs, "boxes", &self.spec.boxes)?];
+        let s = &specs[output_index(specs, "boxes", &self.spec.scores)?];
         let per = 4 + 2 * self.spec.keypoints;
         ensure!(
             b.shape.iter().product::<usize>() == n * b.shape.last().copied().unwrap_or(0)
@@ -436,7 +417,7 @@ impl BoxDecoder {
         Ok(())
     }
 
-    pub fn decode(
+    pub(crate) fn decode(
         &self,
         specs: &[OutputSpec],
         outputs: &[FloatTensor],
@@ -444,8 +425,8 @@ impl BoxDecoder {
     ) -> Result<Detections> {
         self.check(specs)?;
         let sp = &self.spec;
-        let boxes = &outputs[self.find(specs, &sp.boxes)?.0];
-        let scores = &outputs[self.find(specs, &sp.scores)?.0];
+        let boxes = &outputs[output_index(specs, "boxes", &sp.boxes)?];
+        let scores = &outputs[output_index(specs, "boxes", &sp.scores)?];
         let stride = boxes.shape.last().copied().unwrap_or(0);
         let (sx, sy) = (sp.input_size[0] as f32, sp.input_size[1] as f32);
         let mut found: Vec<Candidate> = vec![];
@@ -611,7 +592,7 @@ mod tests {
     fn mediapipe_face_anchors_and_decoding() {
         let d = face_decoder();
         // 16×16 cells × 2 + 8×8 cells × 6, as MediaPipe's short-range face detector.
-        assert_eq!(d.anchors(), 896);
+        assert_eq!(d.anchors.len(), 896);
         let specs = [
             spec("regressors", vec![1, 896, 16]),
             spec("classificators", vec![1, 896, 1]),

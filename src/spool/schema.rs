@@ -17,16 +17,22 @@ pub struct FrameResult {
     /// The frame's name in the spool (`cam.jpg`, or `cam~1.jpg` after a collision); lossy
     /// where it is not UTF-8, and then `frame_bytes_hex` holds the exact bytes.
     pub frame: String,
+    /// The frame's name as bytes, in hex, when it is not UTF-8 (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frame_bytes_hex: Option<String>,
     /// Size of the frame file.
     pub bytes: u64,
+    /// Width of the decoded frame, pixels.
     pub width: u32,
+    /// Height of the decoded frame, pixels.
     pub height: u32,
+    /// When the result was written, seconds since the Unix epoch.
     pub processed_unix: f64,
     /// In configuration order.
     pub models: Vec<ModelResult>,
+    /// Where the frame's time went.
     pub time_ms: FrameTimes,
+    /// The memory gate's view of the frame.
     pub memory: FrameMemory,
 }
 
@@ -44,13 +50,18 @@ impl FrameResult {
     }
 }
 
+/// Milliseconds a frame spent in each stage, from its claim.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FrameTimes {
+    /// Reading and decoding the frame.
     pub decode: f64,
+    /// From the submission of its first inference to the end of the last.
     pub inference: f64,
+    /// Claim to result.
     pub total: f64,
 }
 
+/// Memory while the frame was processed, as the memory gate counted it.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct FrameMemory {
     /// The configured budget, if any.
@@ -66,11 +77,13 @@ pub struct FrameMemory {
 pub struct ModelResult {
     /// The package's name (its directory's name when it cannot be opened).
     pub name: String,
+    /// What the model produced, or why it produced nothing.
     #[serde(flatten)]
     pub outcome: ModelOutcome,
 }
 
 impl ModelResult {
+    /// The error, when the model produced no outputs.
     pub fn error(&self) -> Option<&ModelError> {
         match &self.outcome {
             ModelOutcome::Failed { error } => Some(error),
@@ -78,6 +91,7 @@ impl ModelResult {
         }
     }
 
+    /// The outputs, when the model ran.
     pub fn outputs(&self) -> Option<&Outputs> {
         match &self.outcome {
             ModelOutcome::Failed { .. } => None,
@@ -98,19 +112,29 @@ impl ModelResult {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum ModelOutcome {
-    Failed { error: ModelError },
+    /// The model produced nothing: `error` says at which stage and why.
+    Failed {
+        /// Where and why.
+        error: ModelError,
+    },
+    /// The model ran (boxed: the outputs are far larger than an error).
     Ran(Box<ModelRun>),
 }
 
+/// A model that ran on the frame: its outputs as reported, and what running it cost.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ModelRun {
+    /// The outputs, rendered as the model's `report` asks.
     #[serde(flatten)]
     pub outputs: Outputs,
-    /// Absent for a cascade that had no detection to run on.
+    /// When it ran, relative to the frame's submission; absent for a cascade that had no
+    /// detection to run on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_ms: Option<ModelTimes>,
+    /// How many layers it loaded and found resident (absent for a cascade).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<LayerCounts>,
+    /// Its share of the ledger (absent for a cascade).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<ModelMemory>,
 }
@@ -119,9 +143,13 @@ pub struct ModelRun {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "report", content = "outputs", rename_all = "lowercase")]
 pub enum Outputs {
+    /// `summary`: shape and statistics of each output.
     Summary(Vec<OutputSummary>),
+    /// `raw`: every value of each output.
     Raw(Vec<RawOutput>),
+    /// `topk`: the largest values of each output, labelled when the package has labels.
     Topk(Vec<TopOutput>),
+    /// `boxes`: decoded detections after non-maximum suppression.
     Boxes(Detections),
     /// A cascade: its results are under the source model's detections (`crops`).
     Landmarks(CascadeSummary),
@@ -130,13 +158,17 @@ pub enum Outputs {
 /// Inference timing, from the frame's submission; for a cascade, over all its crops.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ModelTimes {
+    /// Milliseconds from the frame's submission to the inference's first task.
     pub start: f64,
+    /// Milliseconds from the frame's submission to the inference's last task.
     pub end: f64,
     /// Summed durations of layer loads and execs (on several workers they overlap).
     pub load: f64,
+    /// Summed durations of layer execs (on several workers they overlap).
     pub exec: f64,
 }
 
+/// Layers of one inference: read from disk, or found resident from an earlier frame.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct LayerCounts {
     /// Layers read and planned for this inference.
@@ -145,6 +177,7 @@ pub struct LayerCounts {
     pub resident: u32,
 }
 
+/// One model's part of the memory gate's ledger during the frame.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ModelMemory {
     /// High-water mark of this model's share of the scheduler's ledger.
@@ -159,7 +192,9 @@ pub enum ModelStage {
     Package,
     /// A cascade's source model produced no detections list for this frame.
     Source,
+    /// Turning the frame into the model's input tensor (resize, colours, normalisation).
     Preprocess,
+    /// Loading or running a layer (`layer` says which, when one did).
     Inference,
     /// Rendering the outputs as configured.
     Report,
@@ -168,8 +203,11 @@ pub enum ModelStage {
 /// Why a model (or one crop of a cascade) produced no outputs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ModelError {
+    /// Where it failed.
     pub stage: ModelStage,
+    /// The error and its causes, outermost first.
     pub reason: String,
+    /// The layer that failed, for an error while loading or running one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer: Option<usize>,
 }
@@ -177,26 +215,36 @@ pub struct ModelError {
 /// `summary`: one output summarised, as `memaflow infer` prints it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct OutputSummary {
+    /// The output tensor's name in the manifest.
     pub name: String,
+    /// The output tensor's shape.
     pub shape: Vec<usize>,
+    /// Smallest value (NaN reads back from `null`).
     #[serde(deserialize_with = "lenient::f32")]
     pub min: f32,
+    /// Largest value.
     #[serde(deserialize_with = "lenient::f32")]
     pub max: f32,
+    /// Mean of the values.
     #[serde(deserialize_with = "lenient::f32")]
     pub mean: f32,
     /// For vector outputs (one axis longer than 1): the largest value's index.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub argmax: Option<usize>,
+    /// For vector outputs: the five largest values, largest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub top5: Vec<Ranked>,
 }
 
+/// One of the largest values of an output: where it is, and its label if the package has labels.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Ranked {
+    /// Its index in the flattened output.
     pub index: usize,
+    /// The value.
     #[serde(deserialize_with = "lenient::f32")]
     pub value: f32,
+    /// The package's label for the index, if it has labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
 }
@@ -204,8 +252,11 @@ pub struct Ranked {
 /// `raw`: every value of one output.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RawOutput {
+    /// The output tensor's name in the manifest.
     pub name: String,
+    /// The output tensor's shape.
     pub shape: Vec<usize>,
+    /// Every value, in C order.
     #[serde(deserialize_with = "lenient::vec")]
     pub values: Vec<f32>,
 }
@@ -213,8 +264,11 @@ pub struct RawOutput {
 /// `topk`: the largest values of one output.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TopOutput {
+    /// The output tensor's name in the manifest.
     pub name: String,
+    /// The output tensor's shape.
     pub shape: Vec<usize>,
+    /// The `k` largest values, largest first.
     pub top: Vec<Ranked>,
 }
 
@@ -223,12 +277,14 @@ pub struct TopOutput {
 pub struct Detections {
     /// Anchors whose score passed the threshold, before suppression.
     pub candidates: usize,
+    /// What suppression kept, highest score first.
     pub detections: Vec<Detection>,
 }
 
 /// One detection, in the frame's pixels.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Detection {
+    /// Confidence in 0..1 (after the sigmoid when configured).
     #[serde(deserialize_with = "lenient::f32")]
     pub score: f32,
     /// x_min, y_min, x_max, y_max.
@@ -239,6 +295,7 @@ pub struct Detection {
         skip_serializing_if = "Vec::is_empty",
         deserialize_with = "lenient::points"
     )]
+    /// The detector's keypoints (x, y), in its order (for a face: eyes, nose, mouth, ears).
     pub keypoints: Vec<[f32; 2]>,
     /// What each cascade fed by this detection found in its crop, in configuration order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -266,14 +323,21 @@ pub struct CropResult {
     /// or non-finite box: the error says which).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub roi: Option<Roi>,
+    /// The landmarks found in the crop, or why there are none.
     #[serde(flatten)]
     pub outcome: CropOutcome,
 }
 
+/// What one cascade model made of one crop.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum CropOutcome {
-    Failed { error: ModelError },
+    /// No landmarks: `error` says why (no region, a failed inference).
+    Failed {
+        /// Where and why.
+        error: ModelError,
+    },
+    /// The landmarks, mapped into the frame.
     Ran(Box<Landmarks>),
 }
 
@@ -293,6 +357,7 @@ pub struct Landmarks {
     /// mapped like x through the crop), relative, larger is farther.
     #[serde(deserialize_with = "lenient::points")]
     pub points: Vec<[f32; 3]>,
+    /// When the crop's inference ran, relative to the frame's submission.
     pub time_ms: ModelTimes,
 }
 
@@ -300,8 +365,11 @@ pub struct Landmarks {
 /// screen since y points down; 0 is upright).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Roi {
+    /// Centre (x, y) in the frame's pixels.
     pub center: [f32; 2],
+    /// Width and height along the rectangle's own axes, pixels.
     pub size: [f32; 2],
+    /// Clockwise rotation on screen, radians.
     pub rotation: f32,
 }
 
@@ -319,7 +387,7 @@ impl Roi {
     }
 
     /// The four corners, clockwise on screen from the top left.
-    pub fn corners(&self) -> [[f32; 2]; 4] {
+    pub(crate) fn corners(&self) -> [[f32; 2]; 4] {
         [
             self.to_frame(0.0, 0.0),
             self.to_frame(1.0, 0.0),
@@ -335,6 +403,7 @@ impl Roi {
 pub enum FrameStage {
     /// Refused (not a plain file, too large) or unreadable.
     Read,
+    /// The file is not an image in a format memaflow decodes, or is damaged.
     Decode,
     /// No model produced outputs.
     Inference,
@@ -346,6 +415,7 @@ pub enum FrameStage {
 }
 
 impl FrameStage {
+    /// The stage as `stage` writes it in a failure record.
     pub fn name(self) -> &'static str {
         match self {
             FrameStage::Read => "read",
@@ -362,19 +432,24 @@ impl FrameStage {
 pub struct FailureRecord {
     /// As in a result: lossy where not UTF-8, the exact bytes in `frame_bytes_hex`.
     pub frame: String,
+    /// The frame's name as bytes, in hex, when it is not UTF-8 (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frame_bytes_hex: Option<String>,
+    /// Where the frame failed.
     pub stage: FrameStage,
+    /// The error and its causes, outermost first.
     pub reason: String,
     /// With `stage = "inference"`: each model's error.
     pub models: Vec<ModelResult>,
     /// With `stage = "unfinished"`: how many times processing was started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,
+    /// When the record was written, seconds since the Unix epoch.
     pub failed_unix: f64,
 }
 
 impl FailureRecord {
+    /// Reads and parses a failure record.
     pub fn read(path: &Path) -> Result<FailureRecord> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_slice(&bytes)
@@ -395,16 +470,18 @@ mod lenient {
         Option::<f32>::deserialize(d).map(or_nan)
     }
 
-    pub fn opt_f32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
+    pub(crate) fn opt_f32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
         // A present `null` is a NaN; an absent field is `None` (`#[serde(default)]`).
         Option::<f32>::deserialize(d).map(|v| Some(or_nan(v)))
     }
 
-    pub fn vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+    pub(crate) fn vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
         Vec::<Option<f32>>::deserialize(d).map(|v| v.into_iter().map(or_nan).collect())
     }
 
-    pub fn array<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<[f32; N], D::Error> {
+    pub(crate) fn array<'de, D: Deserializer<'de>, const N: usize>(
+        d: D,
+    ) -> Result<[f32; N], D::Error> {
         let v = Vec::<Option<f32>>::deserialize(d)?;
         let n = v.len();
         <[Option<f32>; N]>::try_from(v)

@@ -16,13 +16,16 @@ const LANDMARK: Rgb<u8> = Rgb([0, 220, 255]);
 /// What was drawn.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Drawn {
+    /// Detection boxes.
     pub boxes: usize,
+    /// Cascade crop regions.
     pub regions: usize,
+    /// Landmark points.
     pub landmarks: usize,
 }
 
 /// Where the frame of a result in `out/` is once processed: `done/NAME` beside `out/`.
-pub fn default_frame(result_path: &Path, result: &FrameResult) -> PathBuf {
+pub(crate) fn default_frame(result_path: &Path, result: &FrameResult) -> PathBuf {
     let spool = result_path
         .parent()
         .and_then(Path::parent)
@@ -59,7 +62,7 @@ pub fn show(result_path: &Path, frame: Option<&Path>, out: &Path) -> Result<Draw
 }
 
 /// Draws every model's findings on `img`.
-pub fn draw(img: &mut RgbImage, result: &FrameResult) -> Drawn {
+pub(crate) fn draw(img: &mut RgbImage, result: &FrameResult) -> Drawn {
     // Lines and dots scale with the picture, so that they show on a 4K frame too.
     let width = (img.width().min(img.height()) / 300).max(1) as i64;
     let mut drawn = Drawn::default();

@@ -10,7 +10,7 @@ use super::{GroupConfig, TilingConfig};
 use crate::model::Package;
 use crate::model::split::stitch;
 use crate::model::tflite::{WriteOptions, write_graph};
-use crate::runtime::{Activations, FloatTensor, Plan, RunStats, load_layer};
+use crate::runtime::{FloatTensor, Plan, RunStats, Walk, load_layer};
 use anyhow::{Context, Result, ensure};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -19,22 +19,26 @@ use std::time::Instant;
 /// What a tiled run did, beside its outputs.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct TiledStats {
+    /// Load and exec time.
     pub run: RunStats,
     /// Tract plans built for tiles (distinct tile geometries, summed over groups) and
     /// channel slices.
     pub plans: usize,
+    /// Tiles run, summed over groups.
     pub tiles: usize,
 }
 
+/// A tiled run's outputs and what it did.
 #[derive(Clone, Debug)]
 pub struct TiledRun {
     /// In the order of the manifest's outputs.
     pub outputs: Vec<FloatTensor>,
+    /// What it did.
     pub stats: TiledStats,
 }
 
 /// The activations a run of `layers` reads from before them and hands on after them.
-pub fn group_io(pkg: &Package, layers: &Range<usize>) -> (Vec<String>, Vec<String>) {
+pub(crate) fn group_io(pkg: &Package, layers: &Range<usize>) -> (Vec<String>, Vec<String>) {
     let m = &pkg.manifest;
     let produced_in = |name: &str| {
         m.layers[layers.clone()]
@@ -91,7 +95,7 @@ pub fn load_group(pkg: &Package, layers: &Range<usize>) -> Result<Group> {
 }
 
 /// The output tiles of a `rows × cols` grid, row-major.
-pub fn tiles(group: &Group, rows: usize, cols: usize) -> Result<Vec<Region>> {
+pub(crate) fn tiles(group: &Group, rows: usize, cols: usize) -> Result<Vec<Region>> {
     let [_, h, w, _] = group.output_shape();
     let (hs, ws) = (split(h, rows)?, split(w, cols)?);
     Ok(hs
@@ -269,7 +273,7 @@ pub fn run_tiled(pkg: &Package, input: FloatTensor, config: &TilingConfig) -> Re
         input.shape,
         m.inputs[0].shape
     );
-    let mut live = Activations::start(pkg, input);
+    let mut live = Walk::start(pkg, input);
     let mut stats = TiledStats::default();
     let groups: HashMap<usize, &GroupConfig> =
         config.groups.iter().map(|g| (g.layers.start, g)).collect();
@@ -305,7 +309,7 @@ pub fn run_tiled(pkg: &Package, input: FloatTensor, config: &TilingConfig) -> Re
 fn run_group_step(
     pkg: &Package,
     g: &GroupConfig,
-    live: &mut Activations<FloatTensor>,
+    live: &mut Walk<FloatTensor>,
     stats: &mut TiledStats,
 ) -> Result<usize> {
     let t = Instant::now();
@@ -325,7 +329,7 @@ fn run_group_step(
 fn run_layer_step(
     pkg: &Package,
     index: usize,
-    live: &mut Activations<FloatTensor>,
+    live: &mut Walk<FloatTensor>,
     stats: &mut TiledStats,
 ) -> Result<usize> {
     let t = Instant::now();

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 /// How a node maps output regions to input regions.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Reach {
+pub(crate) enum Reach {
     /// Each output position reads the same position of its inputs (activations, adds,
     /// channel padding, channel concatenation).
     Pointwise,
@@ -20,7 +20,7 @@ pub enum Reach {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum PadValue {
+pub(crate) enum PadValue {
     /// Convolutions read zeros.
     Zero,
     /// Max pools ignore padding: the lowest float never wins a window that holds at least
@@ -31,19 +31,19 @@ pub enum PadValue {
 /// One rectangle of a feature map, rows × columns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Region {
-    pub h: Span,
-    pub w: Span,
+    pub(crate) h: Span,
+    pub(crate) w: Span,
 }
 
 impl Region {
-    pub fn hull(self, o: Region) -> Region {
+    pub(crate) fn hull(self, o: Region) -> Region {
         Region {
             h: self.h.hull(o.h),
             w: self.w.hull(o.w),
         }
     }
 
-    pub fn area(self) -> usize {
+    pub(crate) fn area(self) -> usize {
         self.h.len() * self.w.len()
     }
 }
@@ -51,8 +51,8 @@ impl Region {
 /// What a node reads from one activation input: a region and padding on each side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Read {
-    pub h: Need,
-    pub w: Need,
+    pub(crate) h: Need,
+    pub(crate) w: Need,
 }
 
 impl Read {
@@ -68,21 +68,23 @@ impl Read {
     }
 }
 
+/// Consecutive layers as one graph of convolutions and pools (and elementwise ops), with
+/// what each op's output reads of its input, so that any tile can be cut out of it.
 #[derive(Clone, Debug)]
 pub struct Group {
-    pub graph: Graph,
-    pub input: TensorId,
-    pub output: TensorId,
-    pub reach: Vec<Reach>,
+    pub(crate) graph: Graph,
+    pub(crate) input: TensorId,
+    pub(crate) output: TensorId,
+    pub(crate) reach: Vec<Reach>,
 }
 
 /// Where one tile's tensors live in the whole feature maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Geometry {
     /// Per tensor of the group graph, the region computed for this tile (constants: none).
-    pub regions: Vec<Option<Region>>,
+    pub(crate) regions: Vec<Option<Region>>,
     /// Per node, per input: what it reads (constants: none).
-    pub reads: Vec<Vec<Option<Read>>>,
+    pub(crate) reads: Vec<Vec<Option<Read>>>,
     /// Per node, per input: the region of the tensor it reads from (constants: none).
     sources: Vec<Vec<Option<Region>>>,
 }
@@ -90,7 +92,7 @@ pub struct Geometry {
 impl Geometry {
     /// Identifies the tile graph: tiles with equal keys run the same plan. It holds every
     /// extent, offset and pad relative to the tile, not where the tile is.
-    pub fn key(&self) -> Vec<usize> {
+    pub(crate) fn key(&self) -> Vec<usize> {
         let mut key = vec![];
         for r in self.regions.iter().flatten() {
             key.extend([r.h.len(), r.w.len()]);
@@ -161,6 +163,7 @@ impl Group {
         [s[0], s[1], s[2], s[3]]
     }
 
+    /// The NHWC shape of the group's output.
     pub fn output_shape(&self) -> [usize; 4] {
         self.shape(self.output)
     }
@@ -168,7 +171,7 @@ impl Group {
     /// The regions each tensor is computed on for the output tile `tile`, from the output
     /// back to the input: a tensor read by several nodes is computed on the hull of what
     /// they read.
-    pub fn geometry(&self, tile: Region) -> Result<Geometry> {
+    pub(crate) fn geometry(&self, tile: Region) -> Result<Geometry> {
         let g = &self.graph;
         let [_, oh, ow, _] = self.output_shape();
         ensure!(
@@ -223,7 +226,7 @@ impl Group {
     /// The graph that computes the tile of `geo` from its input region: each read is a
     /// SLICE of the region computed when that is larger, then the border padding as an
     /// explicit PAD, then the op with VALID padding.
-    pub fn tile_graph(&self, geo: &Geometry) -> Result<Graph> {
+    pub(crate) fn tile_graph(&self, geo: &Geometry) -> Result<Graph> {
         let g = &self.graph;
         let mut tile = Graph::default();
         let mut map: HashMap<TensorId, TensorId> = HashMap::new();

@@ -22,7 +22,7 @@ const MARGIN_PERCENT: u64 = 16;
 /// A package that runs tiled: its configuration, and the one-step cost the scheduler
 /// reserves for it.
 #[derive(Clone)]
-pub struct TiledModel {
+pub(crate) struct TiledModel {
     pub config: TilingConfig,
     package: Arc<Package>,
     /// One entry, shared by every job of this model so that the scheduler learns from
@@ -126,7 +126,7 @@ impl TiledModel {
     }
 
     /// One input through the package, tiled.
-    pub fn job(&self, input: FloatTensor) -> Job {
+    pub(crate) fn job(&self, input: FloatTensor) -> Job {
         Job {
             package: self.package.clone(),
             input,

@@ -11,14 +11,14 @@
 
 pub mod execute;
 pub mod group;
-pub mod job;
+pub(crate) mod job;
 pub mod predictor;
-pub mod region;
+pub(crate) mod region;
 pub mod search;
 pub mod slice;
 
 pub use execute::{load_group, run_tiled};
-pub use job::TiledModel;
+pub(crate) use job::TiledModel;
 
 use anyhow::{Context, Result, ensure};
 use std::ops::Range;
@@ -27,8 +27,11 @@ use std::ops::Range;
 /// `rows × cols` tiles.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct GroupConfig {
+    /// Package layers in the group.
     pub layers: Range<usize>,
+    /// Tile rows of the group's output.
     pub rows: usize,
+    /// Tile columns of the group's output.
     pub cols: usize,
 }
 
@@ -38,6 +41,7 @@ pub struct GroupConfig {
 /// overlap.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct TilingConfig {
+    /// The fused groups, in layer order.
     pub groups: Vec<GroupConfig>,
     /// Untiled layer → number of output-channel slices (at least 2).
     pub slices: std::collections::BTreeMap<usize, usize>,
@@ -49,6 +53,7 @@ impl TilingConfig {
         TilingConfig::default()
     }
 
+    /// Whether it tiles and slices nothing.
     pub fn is_untiled(&self) -> bool {
         self.groups.is_empty() && self.slices.is_empty()
     }
@@ -223,7 +228,7 @@ impl TryFrom<String> for Tiling {
 
 impl Tiling {
     /// Refuses a fixed configuration where several packages share the setting.
-    pub fn check_shared(&self) -> Result<()> {
+    pub(crate) fn check_shared(&self) -> Result<()> {
         ensure!(
             !matches!(self, Tiling::Fixed(_)),
             "tiling '{self}' names one package's layers; for several models use off, needed or auto"

@@ -23,25 +23,25 @@ use std::ops::Range;
 pub struct Calibration {
     /// What the process keeps resident once tract has planned and run anything (its
     /// kernels' scratch space, the allocator's arenas): paid once per run.
-    pub runtime_bytes: u64,
+    pub(crate) runtime_bytes: u64,
     /// What a plan allocates while it runs beyond the values [`exec_peak`] follows (the
     /// matrix products' per-thread panel scratch, state built on a plan's first run):
     /// the residual of running steps once their values are modelled.
-    pub run_bytes: u64,
+    pub(crate) run_bytes: u64,
     /// Peak while tract parses a plan, in multiples of its weights (the file and two
     /// copies).
-    pub parse_copies: f64,
+    pub(crate) parse_copies: f64,
     /// Extra copies of one op's weights while tract optimises it (the kernel folded
     /// through layouts before the packed one remains); ops are optimised one by one.
-    pub optimise_copies: f64,
+    pub(crate) optimise_copies: f64,
     /// Execution time per floating-point operation (multiply-add = 2).
-    pub secs_per_flop: f64,
+    pub(crate) secs_per_flop: f64,
     /// Fixed cost of running one tile: cropping, tract's per-run set-up, pasting.
-    pub secs_per_tile: f64,
+    pub(crate) secs_per_tile: f64,
     /// Planning time per plan (writing, parsing, optimising; a sliced layer also reads
     /// its file again) and per byte of its weights (tract repacks them for every plan).
-    pub secs_per_plan: f64,
-    pub plan_secs_per_weight_byte: f64,
+    pub(crate) secs_per_plan: f64,
+    pub(crate) plan_secs_per_weight_byte: f64,
 }
 
 /// Latency terms fitted to CPU time by `python3 benches/tiling.py calibrate` on the
@@ -65,18 +65,20 @@ pub const CALIBRATION: Calibration = Calibration {
 pub struct Estimate {
     /// Peak resident bytes above the process's resident set before the run.
     pub peak_bytes: u64,
+    /// Predicted duration, seconds.
     pub secs: f64,
     /// Floating-point operations, halos recomputed included.
     pub flops: u64,
     /// Plans tract builds (layers and distinct tile geometries) and their weights: the
     /// planning-time terms.
     pub plans: usize,
-    pub plan_weight_bytes: u64,
+    pub(crate) plan_weight_bytes: u64,
+    /// Tiles run.
     pub tiles: usize,
 }
 
 impl Estimate {
-    pub fn then(self, o: Estimate) -> Estimate {
+    pub(crate) fn then(self, o: Estimate) -> Estimate {
         Estimate {
             peak_bytes: self.peak_bytes.max(o.peak_bytes),
             secs: self.secs + o.secs,
@@ -94,13 +96,14 @@ type StepKey = (Range<usize>, usize, usize);
 /// A package read for prediction: its layer graphs (kept, so that groups can be formed
 /// from any range of them) and its activations' lifetimes.
 pub struct Predictor<'a> {
-    pub pkg: &'a Package,
+    pub(crate) pkg: &'a Package,
     layers: Vec<Graph>,
-    pub calibration: Calibration,
+    pub(crate) calibration: Calibration,
     steps: std::cell::RefCell<HashMap<StepKey, Result<Estimate, String>>>,
 }
 
 impl<'a> Predictor<'a> {
+    /// Reads every layer of `pkg` (each file checked) for prediction under `calibration`.
     pub fn new(pkg: &'a Package, calibration: Calibration) -> Result<Predictor<'a>> {
         let layers = (0..pkg.manifest.layers.len())
             .map(|i| pkg.read_layer(i).map(|(_, g)| g))
@@ -113,7 +116,7 @@ impl<'a> Predictor<'a> {
         })
     }
 
-    pub fn layer_count(&self) -> usize {
+    pub(crate) fn layer_count(&self) -> usize {
         self.layers.len()
     }
 
@@ -233,7 +236,7 @@ impl<'a> Predictor<'a> {
     }
 
     /// A group's estimate (cached: the search asks for each many times).
-    pub fn group_estimate(
+    pub(crate) fn group_estimate(
         &self,
         range: &Range<usize>,
         rows: usize,
@@ -250,7 +253,7 @@ impl<'a> Predictor<'a> {
         r.map_err(anyhow::Error::msg)
     }
 
-    pub fn layer_estimate(&self, index: usize) -> Result<Estimate> {
+    pub(crate) fn layer_estimate(&self, index: usize) -> Result<Estimate> {
         self.layer_step(index)
             .with_context(|| format!("{}: layer {index}", self.pkg.name()))
     }
@@ -259,7 +262,7 @@ impl<'a> Predictor<'a> {
     /// input and its whole output held throughout; per slice, the layer file (read again
     /// to cut the slice) and then tract planning and running the slice with a copy of the
     /// input.
-    pub fn sliced_estimate(&self, index: usize, parts: usize) -> Result<Estimate> {
+    pub(crate) fn sliced_estimate(&self, index: usize, parts: usize) -> Result<Estimate> {
         let c = &self.calibration;
         let g = &self.layers[index];
         let channels = sliceable_channels(g)?;
@@ -406,7 +409,7 @@ fn same_padded_bytes(g: &Graph, node: &crate::model::graph::Node) -> Option<u64>
 /// A tile's input is a region cropped for it and handed to tract, which flushes it after
 /// its last reader like any other value: run alone, the tile graph of `2-7:1x1` peaks at
 /// 11.1 MiB against 10.6 predicted (the 2.6 MiB input is not held to the end).
-pub fn exec_peak(g: &Graph) -> u64 {
+pub(crate) fn exec_peak(g: &Graph) -> u64 {
     let mut free_at = g.last_readers();
     let mut size: Vec<u64> = g.tensors.iter().map(|t| t.bytes() as u64).collect();
     // Per node, its input's bytes with the padding of a PAD folded into it.
@@ -474,12 +477,17 @@ mod tests {
     use super::*;
     use crate::model::graph::*;
 
-    fn conv_chain() -> Graph {
-        let mut g = Graph::default();
-        let x = g.add_tensor(Tensor::activation("x", vec![1, 8, 8, 4], DType::F32));
+    /// The graph's input, of `shape`, padded by one on both sides of H and W.
+    fn padded_input(g: &mut Graph, shape: Vec<usize>) -> TensorId {
+        let x = g.add_tensor(Tensor::activation("x", shape, DType::F32));
         g.inputs = vec![x];
         let pads = g.add_tensor(Tensor::i32_constant("pads", &[0, 0, 1, 1, 1, 1, 0, 0]));
-        let p = g.add_node(Op::Pad, vec![x, pads], &["pad"]).unwrap()[0];
+        g.add_node(Op::Pad, vec![x, pads], &["pad"]).unwrap()[0]
+    }
+
+    fn conv_chain() -> Graph {
+        let mut g = Graph::default();
+        let p = padded_input(&mut g, vec![1, 8, 8, 4]);
         let l = conv(&mut g, p, 3, 16, Padding::Valid);
         let pool = PoolParams {
             padding: Padding::Valid,
@@ -534,10 +542,7 @@ mod tests {
     #[test]
     fn pointwise_conv_packs_a_copy_of_its_input() {
         let mut g = Graph::default();
-        let x = g.add_tensor(Tensor::activation("x", vec![1, 104, 52, 64], DType::F32));
-        g.inputs = vec![x];
-        let pads = g.add_tensor(Tensor::i32_constant("pads", &[0, 0, 1, 1, 1, 1, 0, 0]));
-        let p = g.add_node(Op::Pad, vec![x, pads], &["pad"]).unwrap()[0];
+        let p = padded_input(&mut g, vec![1, 104, 52, 64]);
         let y = conv(&mut g, p, 3, 128, Padding::Valid);
         let z = conv(&mut g, y, 1, 64, Padding::Valid);
         g.outputs = vec![z];

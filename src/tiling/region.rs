@@ -28,12 +28,8 @@ impl Span {
     }
 
     /// The smallest span holding both.
-    pub fn hull(self, other: Span) -> Span {
+    pub(crate) fn hull(self, other: Span) -> Span {
         Span::new(self.start.min(other.start), self.end.max(other.end))
-    }
-
-    pub fn contains(self, other: Span) -> bool {
-        self.start <= other.start && other.end <= self.end
     }
 }
 
@@ -41,21 +37,21 @@ impl Span {
 /// feature map, and the padding the op adds around it (non-zero only at the map's borders).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Need {
-    pub span: Span,
-    pub pad_before: usize,
-    pub pad_after: usize,
+    pub(crate) span: Span,
+    pub(crate) pad_before: usize,
+    pub(crate) pad_after: usize,
 }
 
 /// One axis of a sliding-window op (convolution or pool) as the untiled model runs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Window {
-    pub kernel: usize,
+pub(crate) struct Window {
+    pub(crate) kernel: usize,
     pub stride: usize,
     pub dilation: usize,
     /// Input extent of the untiled op.
     pub input: usize,
     /// Padding the untiled op adds before the first input element.
-    pub pad_before: usize,
+    pub(crate) pad_before: usize,
     pub output: usize,
 }
 
@@ -102,7 +98,7 @@ impl Window {
     /// The input an output span reads. With the returned padding around it, a VALID window
     /// of the same kernel, stride and dilation yields exactly `out.len()` outputs, equal to
     /// the untiled op's outputs `out`.
-    pub fn needs(&self, out: Span) -> Result<Need> {
+    pub(crate) fn needs(&self, out: Span) -> Result<Need> {
         ensure!(
             !out.is_empty() && out.end <= self.output,
             "output span {}..{} outside 0..{}",

@@ -14,10 +14,12 @@ use crate::model::Package;
 use anyhow::{Result, bail};
 use std::ops::Range;
 
+/// The configurations [`search`] considers.
 #[derive(Clone, Copy, Debug)]
 pub struct Space {
     /// Most groups of one configuration (0: no groups, only channel slices).
     pub max_groups: usize,
+    /// Largest number of tile rows (and of columns) of a group.
     pub max_grid: usize,
     /// Most output-channel slices of an untiled layer (1: never slice).
     pub max_slices: usize,
@@ -35,9 +37,12 @@ impl Default for Space {
     }
 }
 
+/// What [`search`] found: the fastest configuration predicted to fit.
 #[derive(Clone, Debug)]
 pub struct Choice {
+    /// The configuration.
     pub config: TilingConfig,
+    /// Its prediction.
     pub estimate: Estimate,
     /// The untiled run's prediction, for comparison.
     pub untiled: Estimate,
@@ -248,7 +253,7 @@ fn better(a: &Estimate, b: &Estimate) -> std::cmp::Ordering {
 
 /// What `infer` runs: with `auto`, the search's choice for `budget`; without it, tiling
 /// only when the untiled run is predicted not to fit `budget`.
-pub fn for_inference(
+pub(crate) fn for_inference(
     pkg: &Package,
     budget: Option<u64>,
     auto: bool,

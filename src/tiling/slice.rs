@@ -39,7 +39,7 @@ pub fn sliceable_channels(g: &Graph) -> Result<usize> {
 
 /// The layer computing only output channels `channels`: the kernel's and bias's rows for
 /// them (shared with the layer's buffers, not copied), the ops after unchanged.
-pub fn channel_slice(g: &Graph, channels: Span) -> Result<Graph> {
+pub(crate) fn channel_slice(g: &Graph, channels: Span) -> Result<Graph> {
     let total = sliceable_channels(g)?;
     ensure!(
         !channels.is_empty() && channels.end <= total,

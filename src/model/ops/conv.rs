@@ -10,11 +10,16 @@ use crate::model::split::LayerKind;
 use anyhow::{Result, ensure};
 use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 
+/// Options shared by CONV_2D and DEPTHWISE_CONV_2D.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ConvParams {
+    /// SAME or VALID.
     pub padding: Padding,
+    /// Strides along height and width.
     pub stride: [usize; 2],
+    /// Dilations along height and width.
     pub dilation: [usize; 2],
+    /// The fused activation.
     pub activation: Activation,
 }
 

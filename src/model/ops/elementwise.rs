@@ -11,11 +11,11 @@ use tract_tflite::tflite::{self, ActivationFunctionType, BuiltinOperator, Builti
 
 /// Declares [`UnaryKind`] and each kind's opcode from one list.
 macro_rules! unary_ops {
-    ($($kind:ident => $opcode:ident,)*) => {
+    ($($(#[$doc:meta])* $kind:ident => $opcode:ident,)*) => {
         /// An elementwise function of one tensor, without options.
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum UnaryKind {
-            $($kind,)*
+            $($(#[$doc])* $kind,)*
         }
 
         impl UnaryKind {
@@ -31,29 +31,50 @@ macro_rules! unary_ops {
 }
 
 unary_ops! {
+    /// `max(x, 0)`.
     Relu => RELU,
+    /// `min(max(x, 0), 6)`.
     Relu6 => RELU6,
+    /// The sigmoid, `1 / (1 + e^-x)`.
     Logistic => LOGISTIC,
+    /// The hyperbolic tangent.
     Tanh => TANH,
+    /// `x · relu6(x + 3) / 6`.
     HardSwish => HARD_SWISH,
+    /// `e^x`.
     Exp => EXP,
+    /// The natural logarithm.
     Log => LOG,
+    /// The square root.
     Sqrt => SQRT,
+    /// `1 / sqrt(x)`.
     Rsqrt => RSQRT,
+    /// `x²`.
     Square => SQUARE,
+    /// `|x|`.
     Abs => ABS,
+    /// Rounded down.
     Floor => FLOOR,
+    /// Rounded up.
     Ceil => CEIL,
+    /// The sine (radians).
     Sin => SIN,
 }
 
+/// An elementwise function of two tensors, broadcast against each other as NumPy does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BinaryKind {
+    /// ADD: `a + b`.
     Add,
+    /// SUB: `a - b`.
     Sub,
+    /// MUL: `a · b`.
     Mul,
+    /// DIV: `a / b`.
     Div,
+    /// MAXIMUM: the larger of the two.
     Maximum,
+    /// MINIMUM: the smaller of the two.
     Minimum,
 }
 
@@ -88,7 +109,7 @@ impl BinaryKind {
 }
 
 /// Numpy-style broadcast of two shapes.
-pub fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
+pub(crate) fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
     let r = a.len().max(b.len());
     let get = |s: &[usize], i: usize| {
         if i + s.len() >= r {

@@ -7,10 +7,15 @@ use tract_tflite::tflite::ActivationFunctionType;
 /// others into separate ops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
+    /// None: the op's own output.
     None,
+    /// `max(x, 0)`.
     Relu,
+    /// `min(max(x, 0), 6)`.
     Relu6,
+    /// `min(max(x, -1), 1)`.
     ReluN1To1,
+    /// The hyperbolic tangent.
     Tanh,
 }
 

@@ -37,12 +37,12 @@ mod transpose;
 mod window;
 
 pub use conv::ConvParams;
-pub use elementwise::{BinaryKind, UnaryKind, broadcast};
+pub use elementwise::{BinaryKind, UnaryKind};
 pub use fused_activation::Activation;
 pub use pool::PoolParams;
 pub use reduce::ReduceKind;
-pub use slice::{StridedSliceParams, strided_bounds};
-pub use window::{Padding, conv_out};
+pub use slice::StridedSliceParams;
+pub use window::Padding;
 
 pub(crate) use dequantize::dequantize;
 pub(crate) use registry::{OperatorReader, OptionsWriter, Registry, WrittenOptions, registry};
@@ -57,66 +57,113 @@ use tract_tflite::tflite::BuiltinOperator;
 /// (after normalisation) or one normalisation removes.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
+    /// CONV_2D: input, filter `[out, kh, kw, in]`, bias.
     Conv2d(ConvParams),
+    /// DEPTHWISE_CONV_2D: input, filter `[1, kh, kw, in·multiplier]`, bias.
     DepthwiseConv2d {
+        /// Strides, dilations, padding and the fused activation.
         conv: ConvParams,
+        /// Output channels per input channel.
         depth_multiplier: usize,
     },
+    /// FULLY_CONNECTED: input, weights `[out, in]`, optional bias.
     FullyConnected {
+        /// The fused activation.
         activation: Activation,
+        /// Keep the input's leading dimensions instead of flattening them.
         keep_num_dims: bool,
     },
+    /// BATCH_MATMUL of two inputs (the second a constant once split into layers).
     BatchMatMul {
+        /// Transpose the first input's last two axes.
         adj_x: bool,
+        /// Transpose the second input's last two axes.
         adj_y: bool,
     },
+    /// MAX_POOL_2D.
     MaxPool2d(PoolParams),
+    /// AVERAGE_POOL_2D (padding excluded from the average, as TFLite does).
     AvgPool2d(PoolParams),
+    /// An elementwise op of two inputs with NumPy broadcasting (ADD, MUL, …).
     Binary {
+        /// Which op.
         kind: BinaryKind,
+        /// The fused activation (NONE for ops without the option).
         activation: Activation,
     },
+    /// An elementwise op of one input (LOGISTIC, RELU, TANH, …).
     Unary(UnaryKind),
+    /// LEAKY_RELU: `x` where positive, `alpha·x` elsewhere.
     LeakyRelu {
+        /// The slope below zero.
         alpha: f32,
     },
+    /// SOFTMAX over the last axis.
     Softmax {
+        /// Inputs are scaled by it before the exponential.
         beta: f32,
     },
+    /// CONCATENATION of every input along `axis`.
     Concatenation {
+        /// The axis, made non-negative when read.
         axis: usize,
+        /// The fused activation.
         activation: Activation,
     },
     /// Target shape is the second input, a constant (SQUEEZE and EXPAND_DIMS are read as this).
     Reshape,
+    /// PAD with zeros; the paddings are the second input, a constant.
     Pad,
+    /// PADV2: PAD with the value of the third input, a constant.
     PadV2,
+    /// A reduction over the axes of the second input, a constant (MEAN, SUM, MAX, …).
     Reduce {
+        /// Which reduction.
         kind: ReduceKind,
+        /// Keep the reduced axes with size 1.
         keep_dims: bool,
     },
+    /// RESIZE_BILINEAR to the size of the second input, a constant.
     ResizeBilinear {
+        /// TFLite's option of that name (corner pixels map onto corner pixels).
         align_corners: bool,
+        /// TFLite's option of that name (pixel centres at half-integers).
         half_pixel_centers: bool,
     },
+    /// RESIZE_NEAREST_NEIGHBOR to the size of the second input, a constant.
     ResizeNearest {
+        /// TFLite's option of that name (corner pixels map onto corner pixels).
         align_corners: bool,
+        /// TFLite's option of that name (pixel centres at half-integers).
         half_pixel_centers: bool,
     },
+    /// STRIDED_SLICE with constant begin, end and strides.
     StridedSlice(StridedSliceParams),
+    /// SLICE with constant begin and size.
     Slice,
+    /// TRANSPOSE by the permutation of the second input, a constant.
     Transpose,
-    // Removed by normalisation: tract 0.23 cannot read them.
+    /// DEQUANTIZE of float16 weights: folded into f32 constants by normalisation
+    /// (tract 0.23 cannot read this and the ops below; none of them reaches a layer file).
     Dequantize,
+    /// DENSIFY of a sparse constant: folded into a dense constant by normalisation.
     Densify,
+    /// PRELU: expanded by normalisation into ops tract runs.
     Prelu,
+    /// DEPTH_TO_SPACE: rewritten by normalisation as reshapes and a transpose.
     DepthToSpace {
+        /// The block size.
         block: usize,
     },
+    /// LOCAL_RESPONSE_NORMALIZATION across channels: rewritten by normalisation.
     LocalResponseNorm {
+        /// Channels on each side of the one normalised.
         radius: usize,
+        /// Added to the scaled sum of squares.
         bias: f32,
+        /// Scale of the sum of squares.
         alpha: f32,
+        /// Exponent of the denominator.
         beta: f32,
     },
 }

@@ -9,11 +9,16 @@ use crate::model::graph::{Graph, Node, OpInputs};
 use anyhow::Result;
 use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 
+/// Options of MAX_POOL_2D and AVERAGE_POOL_2D.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PoolParams {
+    /// SAME or VALID.
     pub padding: Padding,
+    /// Strides along height and width.
     pub stride: [usize; 2],
+    /// Window height and width.
     pub filter: [usize; 2],
+    /// The fused activation.
     pub activation: Activation,
 }
 

@@ -9,11 +9,16 @@ use crate::model::normalise::Rewriter;
 use anyhow::{Context, Result};
 use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 
+/// A reduction over some axes of a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceKind {
+    /// MEAN (tract 0.23 rounds its f32 MEAN: normalisation rewrites it as a sum and a scale).
     Mean,
+    /// SUM.
     Sum,
+    /// REDUCE_MAX.
     Max,
+    /// REDUCE_MIN.
     Min,
 }
 

@@ -73,16 +73,16 @@ pub(crate) fn registry() -> &'static Registry {
 /// range before a reader runs; -1 marks an omitted optional input.
 pub(crate) struct OperatorReader<'a, 'file> {
     pub graph: &'a mut Graph,
-    pub opcode: BuiltinOperator,
-    pub operator: &'a tflite::Operator<'file>,
-    pub raw_inputs: &'a [i32],
-    pub raw_outputs: &'a [i32],
+    pub(crate) opcode: BuiltinOperator,
+    pub(crate) operator: &'a tflite::Operator<'file>,
+    pub(crate) raw_inputs: &'a [i32],
+    pub(crate) raw_outputs: &'a [i32],
 }
 
 impl<'file> OperatorReader<'_, 'file> {
     /// The operator's options table, which `get` reads (one of the generated
     /// `builtin_options_as_…`), or an error naming the table when the operator has none.
-    pub fn options<T>(&self, get: fn(&tflite::Operator<'file>) -> Option<T>) -> Result<T> {
+    pub(crate) fn options<T>(&self, get: fn(&tflite::Operator<'file>) -> Option<T>) -> Result<T> {
         get(self.operator).with_context(|| format!("missing {}", table_name::<T>()))
     }
 
@@ -93,19 +93,23 @@ impl<'file> OperatorReader<'_, 'file> {
     }
 
     /// The shape of input `slot`, when the operator names a tensor there.
-    pub fn input_shape(&self, slot: usize) -> Option<&[usize]> {
+    pub(crate) fn input_shape(&self, slot: usize) -> Option<&[usize]> {
         Some(&self.graph.tensors[self.input(slot)?].shape)
     }
 
     /// The node of `op` on the operator's tensors, none of which may be omitted.
-    pub fn node(&mut self, op: Op) -> Result<Node> {
+    pub(crate) fn node(&mut self, op: Op) -> Result<Node> {
         self.node_with_bias(op, None)
     }
 
     /// The node of an op whose third input is a bias: when it is omitted, a zero bias with
     /// as many values as `channels` picks from the filter's shape (tract's readers insist
     /// on one).
-    pub fn node_with_optional_bias(&mut self, op: Op, channels: BiasChannels) -> Result<Node> {
+    pub(crate) fn node_with_optional_bias(
+        &mut self,
+        op: Op,
+        channels: BiasChannels,
+    ) -> Result<Node> {
         self.node_with_bias(op, Some(channels))
     }
 
@@ -170,15 +174,15 @@ fn table_name<T>() -> &'static str {
 
 /// What a family's writer writes into: the file being built, and the node it writes.
 pub(crate) struct OptionsWriter<'a, 'fb> {
-    pub builder: &'a mut FlatBufferBuilder<'fb>,
+    pub(crate) builder: &'a mut FlatBufferBuilder<'fb>,
     pub graph: &'a Graph,
-    pub node: &'a Node,
+    pub(crate) node: &'a Node,
 }
 
 impl OptionsWriter<'_, '_> {
     /// An options table without fields (PadOptions, SliceOptions, …), as the generated
     /// `create` of such a table writes it.
-    pub fn empty_table(&mut self, kind: BuiltinOptions) -> WrittenOptions {
+    pub(crate) fn empty_table(&mut self, kind: BuiltinOptions) -> WrittenOptions {
         let start = self.builder.start_table();
         let table = self.builder.end_table(start);
         WrittenOptions {
@@ -197,7 +201,7 @@ pub(crate) struct WrittenOptions {
 
 impl WrittenOptions {
     /// An op that has no options table.
-    pub fn none() -> WrittenOptions {
+    pub(crate) fn none() -> WrittenOptions {
         WrittenOptions {
             kind: BuiltinOptions::NONE,
             table: None,
@@ -205,7 +209,7 @@ impl WrittenOptions {
     }
 
     /// The options table `table`, of type `kind`.
-    pub fn table<T>(kind: BuiltinOptions, table: WIPOffset<T>) -> WrittenOptions {
+    pub(crate) fn table<T>(kind: BuiltinOptions, table: WIPOffset<T>) -> WrittenOptions {
         WrittenOptions {
             kind,
             table: Some(table.as_union_value()),

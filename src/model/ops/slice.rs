@@ -7,11 +7,12 @@ use crate::model::tflite::raw_u64_field;
 use anyhow::{Result, ensure};
 use tract_tflite::tflite::{self, BuiltinOperator, BuiltinOptions};
 
+/// The masks of STRIDED_SLICE; begin, end and strides are constant inputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StridedSliceParams {
-    pub begin_mask: u32,
-    pub end_mask: u32,
-    pub shrink_axis_mask: u32,
+    pub(crate) begin_mask: u32,
+    pub(crate) end_mask: u32,
+    pub(crate) shrink_axis_mask: u32,
 }
 
 impl StridedSliceParams {
@@ -37,7 +38,7 @@ impl StridedSliceParams {
 }
 
 /// Resolved [begin, end) of one strided-slice axis of extent `n`, clamped as TFLite does.
-pub fn strided_bounds(
+pub(crate) fn strided_bounds(
     n: usize,
     begin: i64,
     end: i64,

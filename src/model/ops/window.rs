@@ -3,9 +3,12 @@
 use anyhow::{Result, bail, ensure};
 use tract_tflite::tflite;
 
+/// How a window op pads its input (TFLite's two modes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Padding {
+    /// Output size `ceil(input / stride)`, padded evenly (the extra at the end).
     Same,
+    /// No padding: only whole windows.
     Valid,
 }
 
@@ -28,7 +31,7 @@ impl Padding {
 
 /// Output extent (height, width) of a sliding window of `kernel` with `stride` and
 /// `dilation` over `h`×`w`, TFLite's rules for SAME and VALID.
-pub fn conv_out(
+pub(crate) fn conv_out(
     h: usize,
     w: usize,
     kernel: [usize; 2],

@@ -17,6 +17,8 @@ pub struct WriteOptions {
     pub external_buffers: bool,
 }
 
+/// Writes `graph` as a TFLite flatbuffer (layer files, the whole normalised model for
+/// tract, tile graphs), which [`read_graph`](super::read_graph) reads back as the same graph.
 pub fn write_graph(graph: &Graph, options: WriteOptions) -> Result<Vec<u8>> {
     if !options.external_buffers {
         return build(graph, options, None).map(|(bytes, _)| bytes);
