@@ -326,25 +326,6 @@ pub struct SchedulerOptions {
     pub eviction: Eviction,
 }
 
-impl SchedulerOptions {
-    /// The paper's setting: no layer outlives its inference.
-    pub fn paper(
-        policy: SchedulingPolicy,
-        loading: LoadingPolicy,
-        budget: Option<u64>,
-        parallel: usize,
-    ) -> SchedulerOptions {
-        SchedulerOptions {
-            policy,
-            loading,
-            budget,
-            parallel,
-            cache: LayerCache::Off,
-            eviction: Eviction::default(),
-        }
-    }
-}
-
 /// The pure scheduling state of an executor: inferences in flight, their task graphs, the
 /// ledger of expected resident bytes and the resident layers. No threads and no clock:
 /// workers ask [`Scheduler::next`] under a lock and report back, so every policy can be
@@ -394,11 +375,6 @@ impl Scheduler {
             stats: CacheStats::default(),
             evicted: Victims::new(),
         }
-    }
-
-    /// The options it was made with.
-    pub fn options(&self) -> &SchedulerOptions {
-        &self.opts
     }
 
     /// Registers a model. Fails when one of its layers alone exceeds the budget: no
