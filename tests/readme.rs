@@ -36,6 +36,22 @@ const NOT_RUN: &[(&str, &str)] = &[
     ),
     ("bash tests/qemu/run", "boots QEMU"),
     (
+        "git worktree add",
+        "builds an older commit beside the checkout: docs/results.md's before/after procedure, run by hand",
+    ),
+    (
+        "cp -a target/release /work/wt-split-old",
+        "docs/results.md's before/after procedure, run by hand",
+    ),
+    (
+        "(cd /work/wt-split-old",
+        "docs/results.md's before/after procedure, run by hand",
+    ),
+    (
+        "cargo bench --bench split",
+        "a benchmark, run by hand when the machine is quiet",
+    ),
+    (
         "python3 benches/stream.py",
         "a benchmark of many minutes that makes memory cgroups (root)",
     ),

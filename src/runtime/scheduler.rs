@@ -1120,7 +1120,7 @@ impl Scheduler {
     /// Starts queued inferences while fewer than `parallel` run and, under MEMA, while the
     /// next one's footprint fits what is left and what the cache could give up (or
     /// nothing runs at all).
-    fn start_inferences(&mut self, room: Option<i64>) {
+    fn start_inferences(&mut self, mut room: Option<i64>) {
         let evictable = match room {
             Some(_) if self.opts.policy == SchedulingPolicy::Mema => self.evictable_bytes(),
             _ => 0,
@@ -1140,6 +1140,9 @@ impl Scheduler {
                 break; // unreachable: parallel <= MAX_PARALLEL
             }
             self.waiting.pop_front();
+            // What it will need is not reserved yet (its init reserves its activations
+            // without asking): the next start must fit beside it, not in the same room.
+            room = room.map(|r| r - footprint as i64);
             let round = self.round;
             let inf = &mut self.inferences[id];
             inf.started = true;
