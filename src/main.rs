@@ -7,7 +7,9 @@ use memaflow::commands;
 use memaflow::memory::Bytes;
 use memaflow::model::{Package, zoo};
 use memaflow::runtime;
-use memaflow::spool::{self, demo};
+use memaflow::spool;
+#[cfg(feature = "demo")]
+use memaflow::spool::demo;
 use memaflow::tiling;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -97,7 +99,9 @@ enum Command {
     /// Fused tiling of the early conv layers: search and predictions.
     #[command(subcommand)]
     Tile(TileCommand),
-    /// Run the built-in demonstration: generated models on sample frames.
+    /// Run the demonstration: the default face pipeline on sample frames, one annotated
+    /// picture per frame.
+    #[cfg(feature = "demo")]
     Demo {
         /// Working directory for generated models and frames (kept between runs).
         #[arg(long, value_name = "DIR")]
@@ -249,6 +253,7 @@ fn main() {
         #[cfg(feature = "bench")]
         Command::Bench(args) => bench(args),
         Command::Tile(command) => tile(command),
+        #[cfg(feature = "demo")]
         Command::Demo { dir } => demo::run(&dir.unwrap_or_else(demo::default_dir)),
         Command::Show { result, frame, out } => spool::show::show(&result, frame.as_deref(), &out)
             .map(|d| {

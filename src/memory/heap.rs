@@ -33,6 +33,9 @@ pub fn allocations_by_this_thread() -> u64 {
 // `GlobalAlloc` contract; the counting touches only a thread-local integer and never
 // allocates or unwinds.
 unsafe impl GlobalAlloc for CountingAllocator {
+    // Not inlined: fat LTO would copy the counting into every allocation site of the
+    // program (hundreds of KiB of firmware for nothing; the call costs a branch).
+    #[inline(never)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's contract for `alloc` is passed on unchanged.
         let p = unsafe { System.alloc(layout) };
@@ -43,6 +46,9 @@ unsafe impl GlobalAlloc for CountingAllocator {
         p
     }
 
+    // Not inlined: fat LTO would copy the counting into every allocation site of the
+    // program (hundreds of KiB of firmware for nothing; the call costs a branch).
+    #[inline(never)]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as for `alloc`.
         let p = unsafe { System.alloc_zeroed(layout) };
@@ -53,12 +59,18 @@ unsafe impl GlobalAlloc for CountingAllocator {
         p
     }
 
+    // Not inlined: fat LTO would copy the counting into every allocation site of the
+    // program (hundreds of KiB of firmware for nothing; the call costs a branch).
+    #[inline(never)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: `ptr` was allocated by `System` with `layout` (every allocation above is).
         unsafe { System.dealloc(ptr, layout) };
         count(-(layout.size() as i64));
     }
 
+    // Not inlined: fat LTO would copy the counting into every allocation site of the
+    // program (hundreds of KiB of firmware for nothing; the call costs a branch).
+    #[inline(never)]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: as for `dealloc`, and `new_size` is the caller's, passed on unchanged.
         let p = unsafe { System.realloc(ptr, layout, new_size) };

@@ -5,6 +5,7 @@
 pub mod config;
 pub(crate) mod crop;
 pub mod daemon;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub(crate) mod fsutil;
 pub(crate) mod layout;
