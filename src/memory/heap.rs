@@ -23,6 +23,15 @@ fn count_allocation() {
     let _ = ALLOCATIONS.try_with(|n| n.set(n.get().wrapping_add(1)));
 }
 
+/// Counts an allocation of `size` bytes that returned `p`.
+fn allocated(p: *mut u8, size: usize) -> *mut u8 {
+    count_allocation();
+    if !p.is_null() {
+        count(size as i64);
+    }
+    p
+}
+
 /// Allocations (and reallocations) this thread has made so far: a scheduling decision,
 /// taken under the executor's lock, must make none (`tests/scheduler_alloc.rs`).
 pub fn allocations_by_this_thread() -> u64 {
@@ -31,36 +40,22 @@ pub fn allocations_by_this_thread() -> u64 {
 
 // SAFETY: every method forwards its arguments unchanged to `System`, which upholds the
 // `GlobalAlloc` contract; the counting touches only a thread-local integer and never
-// allocates or unwinds.
+// allocates or unwinds. The methods are not inlined: fat LTO would copy the counting into
+// every allocation site of the program (hundreds of KiB of firmware for nothing; a call
+// costs a branch).
 unsafe impl GlobalAlloc for CountingAllocator {
-    // Not inlined: fat LTO would copy the counting into every allocation site of the
-    // program (hundreds of KiB of firmware for nothing; the call costs a branch).
     #[inline(never)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's contract for `alloc` is passed on unchanged.
-        let p = unsafe { System.alloc(layout) };
-        count_allocation();
-        if !p.is_null() {
-            count(layout.size() as i64);
-        }
-        p
+        allocated(unsafe { System.alloc(layout) }, layout.size())
     }
 
-    // Not inlined: fat LTO would copy the counting into every allocation site of the
-    // program (hundreds of KiB of firmware for nothing; the call costs a branch).
     #[inline(never)]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as for `alloc`.
-        let p = unsafe { System.alloc_zeroed(layout) };
-        count_allocation();
-        if !p.is_null() {
-            count(layout.size() as i64);
-        }
-        p
+        allocated(unsafe { System.alloc_zeroed(layout) }, layout.size())
     }
 
-    // Not inlined: fat LTO would copy the counting into every allocation site of the
-    // program (hundreds of KiB of firmware for nothing; the call costs a branch).
     #[inline(never)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: `ptr` was allocated by `System` with `layout` (every allocation above is).
@@ -68,8 +63,6 @@ unsafe impl GlobalAlloc for CountingAllocator {
         count(-(layout.size() as i64));
     }
 
-    // Not inlined: fat LTO would copy the counting into every allocation site of the
-    // program (hundreds of KiB of firmware for nothing; the call costs a branch).
     #[inline(never)]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: as for `dealloc`, and `new_size` is the caller's, passed on unchanged.

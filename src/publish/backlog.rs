@@ -14,13 +14,12 @@
 //! is gone from `out/` are removed; results beyond `publish.keep` unsent are dropped,
 //! oldest first (the only deletion the publisher makes in `out/`).
 
-use crate::spool::fsutil::{lock_exclusive, read_frame, sync_dir};
+use crate::spool::fsutil::{create_marker, lock_exclusive, read_frame, sync_dir};
 use anyhow::{Context, Result};
 use nix::fcntl::Flock;
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -262,21 +261,7 @@ impl Backlog {
             return Ok(());
         }
         for name in &self.to_mark {
-            let path = self.sent.join(name);
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o640)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(&path)
-            {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    // The name came from outside: escaped, it cannot split the log line.
-                    return Err(e).with_context(|| format!("creating {}", shown(path.as_os_str())));
-                }
-            }
+            create_marker(&self.sent.join(name))?;
         }
         sync_dir(&self.sent)?;
         self.counts.sent += self.to_mark.len() as u64;

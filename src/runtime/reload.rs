@@ -77,11 +77,6 @@ pub struct LayerTemplate {
 }
 
 impl LayerTemplate {
-    /// Bytes a reload gathers (what dropping a plan built from it frees, at least).
-    pub fn weight_bytes(&self) -> u64 {
-        self.slots.iter().map(|s| s.form.bytes()).sum()
-    }
-
     /// Bytes of the recipes.
     pub fn recipe_bytes(&self) -> u64 {
         self.slots.iter().map(|s| s.recipe.bytes()).sum()

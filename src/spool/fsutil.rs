@@ -136,6 +136,24 @@ pub fn shown(name: &OsStr) -> String {
     }
 }
 
+/// Creates the empty marker file `path` (a spool state recorded by a name), not following
+/// a link; one already there is the same record, made by an earlier run.
+pub(crate) fn create_marker(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        // The name came from outside: escaped, it cannot split the log line.
+        Err(e) => Err(e).with_context(|| format!("creating {}", shown(path.as_os_str()))),
+    }
+}
+
 /// Removes temp files an interrupted `write_atomic` left in `dir`.
 pub(crate) fn remove_temp_files(dir: &Path) -> Result<usize> {
     let mut removed = 0;

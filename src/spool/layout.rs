@@ -23,14 +23,14 @@
 
 use super::config::DonePolicy;
 use super::fsutil::{
-    lock_exclusive, remove_temp_files, rename_noreplace, shown, sync_dir, write_atomic,
+    create_marker, lock_exclusive, remove_temp_files, rename_noreplace, shown, sync_dir,
+    write_atomic,
 };
 use anyhow::{Context, Result, bail};
 use nix::errno::Errno;
 use nix::fcntl::Flock;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -131,21 +131,9 @@ impl Spool {
     /// Records durably that the frame `work/NAME` is about to be processed for the `n`-th
     /// time (n ≥ 2), before it is.
     pub fn record_attempt(&self, name: &OsStr, n: u32) -> Result<()> {
-        let path = self.work.join(attempt_marker(name, n));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o640)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&path)
-        {
-            Ok(_) => {}
-            // Made by a start that stopped before it processed the frame: the same attempt.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                return Err(e).with_context(|| format!("creating {}", shown(path.as_os_str())));
-            }
-        }
+        // One already there was made by a start that stopped before it processed the
+        // frame: the same attempt.
+        create_marker(&self.work.join(attempt_marker(name, n)))?;
         sync_dir(&self.work)
     }
 
