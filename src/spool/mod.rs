@@ -13,6 +13,7 @@ pub(crate) mod metrics;
 pub(crate) mod pipeline;
 pub mod preprocess;
 pub(crate) mod publish_config;
+mod resize;
 pub(crate) mod results;
 pub mod schema;
 pub mod show;

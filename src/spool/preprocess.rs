@@ -1,10 +1,11 @@
 //! Frames → input tensors: decode (JPEG, PNG, PPM/PGM, BMP) within limits, resize, order
 //! channels and normalise as the model's manifest says.
 
+use super::resize::triangle_resize;
 use crate::model::{Preprocess, ResizeMode};
 use crate::runtime::FloatTensor;
 use anyhow::{Context, Result, ensure};
-use image::{DynamicImage, RgbImage, imageops::FilterType};
+use image::{DynamicImage, RgbImage};
 use std::path::Path;
 
 /// Largest frame file read (a 12 MP camera JPEG is well under this).
@@ -137,16 +138,16 @@ pub(crate) fn to_input_rgb(
 fn fit(src: &RgbImage, w: u32, h: u32, mode: ResizeMode) -> RgbImage {
     let (sw, sh) = src.dimensions();
     match mode {
-        ResizeMode::Stretch => image::imageops::resize(src, w, h, FilterType::Triangle),
+        ResizeMode::Stretch => triangle_resize(src, w, h),
         ResizeMode::Crop => {
             let (cw, ch) = crop_window(sw, sh, w, h);
             let view =
                 image::imageops::crop_imm(src, (sw - cw) / 2, (sh - ch) / 2, cw, ch).to_image();
-            image::imageops::resize(&view, w, h, FilterType::Triangle)
+            triangle_resize(&view, w, h)
         }
         ResizeMode::Letterbox => {
             let (rw, rh) = letterbox_size(sw, sh, w, h);
-            let inner = image::imageops::resize(src, rw, rh, FilterType::Triangle);
+            let inner = triangle_resize(src, rw, rh);
             let mut out = RgbImage::new(w, h);
             image::imageops::replace(
                 &mut out,
