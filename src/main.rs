@@ -202,8 +202,11 @@ fn main() {
             nix::sys::signal::SigHandler::SigDfl,
         );
     }
-    memaflow::memory::return_freed_memory_promptly();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        // The daemon chooses for itself, from its budget and the cgroup's limit.
+        memaflow::memory::return_freed_memory_promptly();
+    }
     // The daemon lowers the level to its configuration's `log_level` when RUST_LOG is unset.
     // tract_linalg logs its CPU detection on aarch64 at info and warn ("Could not find
     // Features" under QEMU user mode): noise before every command's output, and under

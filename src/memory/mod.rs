@@ -51,11 +51,14 @@ pub fn parse_status(text: &str) -> Result<ProcessMemory> {
 /// after which layer-sized buffers come from the heap and their memory stays resident
 /// after they are dropped: a budget of 128 MiB then peaks far above it. A fixed threshold
 /// keeps every buffer of 1 MiB or more in its own mapping, unmapped on free. musl (the
-/// firmware build) already unmaps large blocks, so this is glibc only.
+/// firmware build) already unmaps large blocks, so this is glibc only. The price is a
+/// page fault and a zeroed page for every page of every large buffer, every time.
 pub fn return_freed_memory_promptly() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator tunables; it is called before any thread starts
-    // and the values are in the documented ranges.
+    // SAFETY: mallopt only sets allocator tunables, with values in the documented ranges.
+    // glibc's manual marks it MT-Unsafe for initialisation only ("init"): the allocator
+    // is initialised by the process's first allocation, long before any caller here, and
+    // after that mallopt changes the tunables under the main arena's lock.
     unsafe {
         use nix::libc::{M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt};
         mallopt(M_MMAP_THRESHOLD, 1 << 20);

@@ -125,6 +125,9 @@ impl BatchOptions {
             reserve: self.reserve,
             workers: self.workers,
             record,
+            // Batches and the bench keep one allocator behaviour for the whole run
+            // (chosen at start-up), so that their cells compare like with like.
+            reuse_freed_above: None,
         }
     }
 }

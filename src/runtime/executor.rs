@@ -36,6 +36,11 @@ pub struct ExecutorOptions {
     /// Keep every task's timing and every memory reading (for batch reports; a daemon
     /// running for months keeps none).
     pub(crate) record: bool,
+    /// Freed buffers stay in the allocator for reuse while every reading leaves at least
+    /// this much headroom; the first reading under it makes them go back to the kernel
+    /// promptly from then on ([`memory::return_freed_memory_promptly`]). `None`: the
+    /// caller chose the allocator's behaviour for the whole run.
+    pub(crate) reuse_freed_above: Option<u64>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -163,6 +168,8 @@ struct State {
     peak_rss: u64,
     /// The last memory reading and when it was taken: reused for READING_MAX_AGE.
     reading: Option<(Instant, Reading)>,
+    /// Freed buffers are kept for reuse (`ExecutorOptions::reuse_freed_above`).
+    reusing_freed: bool,
     shutdown: bool,
     /// Shut down without finishing what is in flight (the process is exiting).
     abandon: bool,
@@ -221,6 +228,7 @@ impl Executor {
                 started: 0,
                 peak_rss: 0,
                 reading: None,
+                reusing_freed: options.reuse_freed_above.is_some(),
                 shutdown: false,
                 abandon: false,
             }),
@@ -582,7 +590,29 @@ impl Inner {
             ..self.read()
         };
         state.reading = Some((Instant::now(), r));
+        self.stop_reusing_freed_if_tight(state, &r);
         r
+    }
+
+    /// Memory is no longer plentiful: freed buffers go back to the kernel from now on, and
+    /// what the allocator kept goes back now (the next decision reads memory again).
+    fn stop_reusing_freed_if_tight(&self, state: &mut State, r: &Reading) {
+        let Some(floor) = self.options.reuse_freed_above else {
+            return;
+        };
+        let tight = r
+            .headroom
+            .is_some_and(|h| h < i64::try_from(floor).unwrap_or(i64::MAX));
+        if state.reusing_freed && tight {
+            state.reusing_freed = false;
+            memory::return_freed_memory_promptly();
+            memory::release_free_heap();
+            state.reading = None;
+            log::info!(
+                "memory headroom under {}: freed buffers now go back to the kernel at once",
+                Bytes(floor)
+            );
+        }
     }
 }
 
@@ -804,9 +834,9 @@ fn prepare(state: &mut State, task: TaskRef, kind: TaskKind) -> Result<Work> {
                     input: flight.input.take().context("input taken twice")?,
                 },
                 Staged::Layer(layer) => {
-                    let walk = flight.walk.as_ref().context("exec before init")?;
+                    let walk = flight.walk.as_mut().context("exec before init")?;
                     Work::Exec {
-                        inputs: walk.inputs_for(&slot.package, layer.index)?,
+                        inputs: walk.take_inputs(&slot.package, layer.index)?,
                         package: slot.package.clone(),
                         layer,
                     }

@@ -186,16 +186,6 @@ impl<V: Clone> Walk<V> {
             .with_context(|| format!("layer {index} needs '{name}', which is not available"))
     }
 
-    /// The values layer `index` reads (copies of `V`: cheap for shared tract values).
-    pub(crate) fn inputs_for(&self, pkg: &Package, index: usize) -> Result<TVec<V>> {
-        let entry = &pkg.manifest.layers[index];
-        entry
-            .inputs
-            .iter()
-            .map(|t| self.get(entry.index, &t.name).cloned())
-            .collect()
-    }
-
     /// The values layer `index` reads, those it is the last reader of moved out (so that
     /// the caller may hand their buffers on), the others copied.
     pub(crate) fn take_inputs(&mut self, pkg: &Package, index: usize) -> Result<Vec<V>> {
@@ -297,17 +287,20 @@ impl Activations {
     /// Runs one loaded layer on the values it reads and keeps what it produces; what no
     /// later layer reads is dropped. Layers must come in the package's order.
     pub fn step(&mut self, pkg: &Package, layer: &LoadedLayer) -> Result<()> {
-        let inputs = self.inputs_for(pkg, layer.index)?;
+        let inputs = self.take_inputs(pkg, layer.index)?;
         let outs = run_layer(pkg, layer, inputs)?;
         self.store(pkg, layer.index, outs)
     }
 
-    /// The values layer `index` reads, for a worker to run it away from the walk's owner.
-    pub(crate) fn inputs_for(&self, pkg: &Package, index: usize) -> Result<TVec<TValue>> {
-        self.0.inputs_for(pkg, index)
+    /// The values layer `index` reads, for a worker to run it away from the walk's owner;
+    /// those it reads last are moved out, so that tract holds the only reference and may
+    /// reuse their buffers in place (a shared value is deep-copied by the first op that
+    /// writes or reshapes it: a copy and fresh pages of every layer's input, each frame).
+    pub(crate) fn take_inputs(&mut self, pkg: &Package, index: usize) -> Result<TVec<TValue>> {
+        Ok(self.0.take_inputs(pkg, index)?.into_iter().collect())
     }
 
-    /// Stores what layer `index` produced (run on [`Activations::inputs_for`]).
+    /// Stores what layer `index` produced (run on [`Activations::take_inputs`]).
     pub(crate) fn store(&mut self, pkg: &Package, index: usize, outs: TVec<TValue>) -> Result<()> {
         self.0.store(pkg, index, outs)
     }

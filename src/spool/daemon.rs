@@ -72,7 +72,11 @@ pub fn run(opts: &RunOptions) -> Result<()> {
     let spool = Spool::open(&config.spool.root)?;
     log_start(&spool, &config);
     let system = SystemMemory::detect();
-    let executor = Arc::new(Executor::start(executor_options(&config), system.clone())?);
+    let reuse_freed_above = allocator_policy(&config, &system);
+    let executor = Arc::new(Executor::start(
+        executor_options(&config, reuse_freed_above),
+        system.clone(),
+    )?);
     let models = pipeline::load_all(&config.models, &config.run, &system, &executor);
     let usable = models.iter().filter(|m| m.error().is_none()).count();
     if models.is_empty() {
@@ -153,7 +157,32 @@ fn log_start(spool: &Spool, config: &Config) {
     );
 }
 
-fn executor_options(config: &Config) -> ExecutorOptions {
+/// Headroom under which memory is no longer plentiful for a daemon without a budget.
+const PLENTIFUL_HEADROOM: u64 = 512 << 20;
+
+/// Where freed buffers go. Under a budget or a cgroup limit, back to the kernel at once
+/// (`memory::return_freed_memory_promptly`): a freed layer or activation kept by the
+/// allocator is resident memory the ledger no longer counts. With neither, memory is
+/// plentiful and they stay in the allocator for the next frame's layers, which then
+/// neither fault pages in nor zero them: a quarter less CPU a frame on the stream
+/// benchmark's models (docs/runtime.md). Returns the headroom under which the executor
+/// switches to returning them, for good; `None` when they go back from the start.
+fn allocator_policy(config: &Config, system: &SystemMemory) -> Option<u64> {
+    let limited = system.read().map_or(true, |r| r.cgroup_limit().is_some());
+    if config.run.budget.is_some() || limited {
+        crate::memory::return_freed_memory_promptly();
+        log::info!("freed buffers go back to the kernel at once (a budget or a cgroup limit)");
+        None
+    } else {
+        log::info!(
+            "freed buffers stay in the allocator for reuse while the headroom is at least {}",
+            crate::memory::Bytes(PLENTIFUL_HEADROOM)
+        );
+        Some(PLENTIFUL_HEADROOM)
+    }
+}
+
+fn executor_options(config: &Config, reuse_freed_above: Option<u64>) -> ExecutorOptions {
     let run = &config.run;
     ExecutorOptions {
         scheduler: SchedulerOptions {
@@ -167,6 +196,7 @@ fn executor_options(config: &Config) -> ExecutorOptions {
         reserve: run.reserve,
         workers: run.threads,
         record: false,
+        reuse_freed_above,
     }
 }
 
