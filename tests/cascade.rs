@@ -495,6 +495,20 @@ fn show_draws_the_result_on_the_frame() {
         "{changed} pixels of the top edge"
     );
     assert_eq!(shown.get_pixel(5, 500), frame.get_pixel(5, 500));
+    // Landmarks are dots, not single pixels: the pixel 2 px right of each is drawn too.
+    let (_, marks) = landmarks(face, MESH);
+    let dotted = marks
+        .points
+        .iter()
+        .map(|p| (p[0] as u32 + 2, p[1] as u32))
+        .filter(|&(x, y)| x < shown.width() && y < shown.height())
+        .filter(|&(x, y)| shown.get_pixel(x, y) != frame.get_pixel(x, y))
+        .count();
+    assert!(
+        dotted * 10 >= marks.points.len() * 9,
+        "{dotted} of {} landmarks drawn beyond their own pixel",
+        marks.points.len()
+    );
     // A frame of another size is refused.
     let small = run.dir.join("small.png");
     RgbImage::new(16, 16).save(&small).unwrap();

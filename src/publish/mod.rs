@@ -612,7 +612,7 @@ fn render_metrics(s: &Status) -> Vec<u8> {
         "Results not yet acknowledged by the broker (waiting or in flight): the queue's length.",
         s.unsent,
     );
-    let counters = [
+    t.counters(&[
         (
             "memaflow_publish_sent_total",
             "Results acknowledged and marked sent since start.",
@@ -638,10 +638,7 @@ fn render_metrics(s: &Status) -> Vec<u8> {
             "Connection attempts that failed and connections lost since start.",
             s.connection_failures,
         ),
-    ];
-    for (name, help, value) in counters {
-        t.single(name, Kind::Counter, help, value);
-    }
+    ]);
     t.single(
         "memaflow_publish_unmarked",
         Kind::Gauge,

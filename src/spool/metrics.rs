@@ -56,6 +56,13 @@ impl Text {
         self.family(name, kind, help).sample(name, &[], value);
     }
 
+    /// Counter families with one unlabelled sample each: (name, help, value).
+    pub(crate) fn counters(&mut self, counters: &[(&str, &str, u64)]) {
+        for &(name, help, value) in counters {
+            self.single(name, Kind::Counter, help, value);
+        }
+    }
+
     /// A gauge family with one sample a state (label `state`): 1 for the current one.
     pub(crate) fn states(&mut self, name: &str, help: &str, states: &[(&str, bool)]) {
         self.family(name, Kind::Gauge, help);
@@ -150,7 +157,7 @@ fn frames(t: &mut Text, s: &Status) {
 
 fn cache(t: &mut Text, s: &Status) {
     let Some(c) = &s.cache else { return };
-    let counters = [
+    t.counters(&[
         (
             "memaflow_layer_loads_total",
             "Layer loads that read and planned a layer file.",
@@ -181,10 +188,7 @@ fn cache(t: &mut Text, s: &Status) {
             "Times the ledger went beyond the budget.",
             c.overdrafts,
         ),
-    ];
-    for (name, help, value) in counters {
-        t.single(name, Kind::Counter, help, value);
-    }
+    ]);
     t.single(
         "memaflow_ledger_bytes",
         Kind::Gauge,

@@ -94,9 +94,7 @@ impl OutputReport {
                 ..
             } => {
                 ensure!(
-                    specs
-                        .iter()
-                        .any(|s| s.shape.iter().product::<usize>() == labels.len()),
+                    specs.iter().any(|s| values(s) == labels.len()),
                     "{} labels, but no output has that many values",
                     labels.len()
                 );
@@ -198,6 +196,18 @@ fn output_index(specs: &[OutputSpec], what: &str, name: &str) -> Result<usize> {
     })
 }
 
+/// The number of values output `s` holds.
+fn values(s: &OutputSpec) -> usize {
+    s.shape.iter().product()
+}
+
+/// Fails unless `fits`, naming the report (`what`), output `s` and its shape, then why
+/// the shape does not do (`why`).
+fn ensure_shape(fits: bool, what: &str, s: &OutputSpec, why: std::fmt::Arguments) -> Result<()> {
+    ensure!(fits, "{what} '{}' is {:?}{why}", s.name, s.shape);
+    Ok(())
+}
+
 impl LandmarkSpec {
     pub fn check(&self, specs: &[OutputSpec]) -> Result<()> {
         ensure!(
@@ -209,22 +219,21 @@ impl LandmarkSpec {
             "landmarks.threshold is between 0 and 1"
         );
         let p = &specs[output_index(specs, "landmarks", &self.points)?];
-        let n: usize = p.shape.iter().product();
-        ensure!(
+        let n = values(p);
+        ensure_shape(
             n > 0 && n.is_multiple_of(self.dims),
-            "landmarks: '{}' is {:?}, not a whole number of {}-value points",
-            p.name,
-            p.shape,
-            self.dims
-        );
+            "landmarks:",
+            p,
+            format_args!(", not a whole number of {}-value points", self.dims),
+        )?;
         if let Some(presence) = &self.presence {
             let s = &specs[output_index(specs, "landmarks", presence)?];
-            ensure!(
-                s.shape.iter().product::<usize>() == 1,
-                "landmarks: presence '{}' is {:?}, not one score",
-                s.name,
-                s.shape
-            );
+            ensure_shape(
+                values(s) == 1,
+                "landmarks: presence",
+                s,
+                format_args!(", not one score"),
+            )?;
         }
         Ok(())
     }
@@ -401,20 +410,19 @@ impl BoxDecoder {
         let b = &specs[output_index(specs, "boxes", &self.spec.boxes)?];
         let s = &specs[output_index(specs, "boxes", &self.spec.scores)?];
         let per = 4 + 2 * self.spec.keypoints;
-        ensure!(
-            b.shape.iter().product::<usize>() == n * b.shape.last().copied().unwrap_or(0)
-                && b.shape.last().copied().unwrap_or(0) >= per,
-            "boxes: '{}' is {:?}; {n} anchors of at least {per} values expected",
-            b.name,
-            b.shape
-        );
-        ensure!(
-            s.shape.iter().product::<usize>() == n,
-            "boxes: '{}' is {:?}; one score for each of {n} anchors expected",
-            s.name,
-            s.shape
-        );
-        Ok(())
+        let last = b.shape.last().copied().unwrap_or(0);
+        ensure_shape(
+            values(b) == n * last && last >= per,
+            "boxes:",
+            b,
+            format_args!("; {n} anchors of at least {per} values expected"),
+        )?;
+        ensure_shape(
+            values(s) == n,
+            "boxes:",
+            s,
+            format_args!("; one score for each of {n} anchors expected"),
+        )
     }
 
     pub(crate) fn decode(

@@ -502,28 +502,29 @@ mod lenient {
 mod tests {
     use super::*;
 
-    /// A result with one model of each kind that matters: boxes with a crop, a cascade, a
-    /// ranking, a failure.
-    fn sample() -> FrameResult {
-        let run = |outputs| {
-            ModelOutcome::Ran(Box::new(ModelRun {
-                outputs,
-                time_ms: Some(ModelTimes {
-                    start: 0.5,
-                    end: 2.25,
-                    load: 1.0,
-                    exec: 0.75,
-                }),
-                layers: Some(LayerCounts {
-                    loaded: 3,
-                    resident: 1,
-                }),
-                memory: Some(ModelMemory {
-                    ledger_high_water_bytes: 1 << 20,
-                }),
-            }))
-        };
-        let crop = CropResult {
+    /// A model that ran with `outputs`, for [`sample`].
+    fn run(outputs: Outputs) -> ModelOutcome {
+        ModelOutcome::Ran(Box::new(ModelRun {
+            outputs,
+            time_ms: Some(ModelTimes {
+                start: 0.5,
+                end: 2.25,
+                load: 1.0,
+                exec: 0.75,
+            }),
+            layers: Some(LayerCounts {
+                loaded: 3,
+                resident: 1,
+            }),
+            memory: Some(ModelMemory {
+                ledger_high_water_bytes: 1 << 20,
+            }),
+        }))
+    }
+
+    /// The cascade's landmarks on the detection's crop, for [`sample`].
+    fn crop() -> CropResult {
+        CropResult {
             model: "landmarks".into(),
             roi: Some(Roi {
                 center: [10.0, 20.0],
@@ -541,7 +542,12 @@ mod tests {
                     exec: 1.0,
                 },
             })),
-        };
+        }
+    }
+
+    /// A result with one model of each kind that matters: boxes with a crop, a cascade, a
+    /// ranking, a failure.
+    fn sample() -> FrameResult {
         FrameResult {
             frame: "a.png".into(),
             frame_bytes_hex: None,
@@ -558,7 +564,7 @@ mod tests {
                             score: 0.75,
                             bbox: [0.0, 1.0, 2.0, 3.0],
                             keypoints: vec![[1.0, 1.5]],
-                            crops: vec![crop.clone()],
+                            crops: vec![crop()],
                         }],
                     })),
                 },
