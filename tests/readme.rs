@@ -56,6 +56,11 @@ const NOT_RUN: &[(&str, &str)] = &[
         "a benchmark of many minutes that makes memory cgroups (root)",
     ),
     (
+        "benches/daemon_ab.sh",
+        "a benchmark of two binaries in alternating pairs (minutes), run by hand with the \
+         binary from before a change",
+    ),
+    (
         "python3 benches/face_pipeline.py",
         "a benchmark (a minute of both cores), run by hand when the machine is quiet \
          (docs/results.md)",
