@@ -192,8 +192,7 @@ struct BenchArgs {
 }
 
 fn main() {
-    // Output piped into `head` must end the program quietly, as it does for other Unix
-    // tools, not make `println!` panic.
+    // Output piped into `head` must end quietly, as other Unix tools do, not panic.
     // SAFETY: restoring the default disposition of SIGPIPE installs no handler (so no
     // async-signal-safety concern), and runs before any thread exists.
     unsafe {
@@ -204,8 +203,7 @@ fn main() {
     }
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Run(_)) {
-        // The daemon chooses for itself, from its budget and the cgroup's limit.
-        memaflow::memory::return_freed_memory_promptly();
+        memaflow::memory::return_freed_memory_promptly(); // the daemon chooses for itself
     }
     // The daemon lowers the level to its configuration's `log_level` when RUST_LOG is unset.
     // tract_linalg logs its CPU detection on aarch64 at info and warn ("Could not find
