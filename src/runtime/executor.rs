@@ -168,8 +168,9 @@ struct State {
     peak_rss: u64,
     /// The last memory reading and when it was taken: reused for READING_MAX_AGE.
     reading: Option<(Instant, Reading)>,
-    /// Freed buffers are kept for reuse (`ExecutorOptions::reuse_freed_above`).
-    reusing_freed: bool,
+    /// While freed buffers are kept for reuse: the headroom under which they stop being
+    /// (`ExecutorOptions::reuse_freed_above`); `None` once they go back to the kernel.
+    reuse_freed_above: Option<u64>,
     shutdown: bool,
     /// Shut down without finishing what is in flight (the process is exiting).
     abandon: bool,
@@ -228,7 +229,7 @@ impl Executor {
                 started: 0,
                 peak_rss: 0,
                 reading: None,
-                reusing_freed: options.reuse_freed_above.is_some(),
+                reuse_freed_above: options.reuse_freed_above,
                 shutdown: false,
                 abandon: false,
             }),
@@ -590,29 +591,28 @@ impl Inner {
             ..self.read()
         };
         state.reading = Some((Instant::now(), r));
-        self.stop_reusing_freed_if_tight(state, &r);
+        stop_reusing_freed_if_tight(state, &r);
         r
     }
+}
 
-    /// Memory is no longer plentiful: freed buffers go back to the kernel from now on, and
-    /// what the allocator kept goes back now (the next decision reads memory again).
-    fn stop_reusing_freed_if_tight(&self, state: &mut State, r: &Reading) {
-        let Some(floor) = self.options.reuse_freed_above else {
-            return;
-        };
-        let tight = r
-            .headroom
-            .is_some_and(|h| h < i64::try_from(floor).unwrap_or(i64::MAX));
-        if state.reusing_freed && tight {
-            state.reusing_freed = false;
-            memory::return_freed_memory_promptly();
-            memory::release_free_heap();
-            state.reading = None;
-            log::info!(
-                "memory headroom under {}: freed buffers now go back to the kernel at once",
-                Bytes(floor)
-            );
-        }
+/// Memory is no longer plentiful: freed buffers go back to the kernel from now on, and
+/// what the allocator kept goes back now (the next decision reads memory again).
+fn stop_reusing_freed_if_tight(state: &mut State, r: &Reading) {
+    let Some(floor) = state.reuse_freed_above else {
+        return;
+    };
+    if r.headroom
+        .is_some_and(|h| h < i64::try_from(floor).unwrap_or(i64::MAX))
+    {
+        state.reuse_freed_above = None;
+        memory::return_freed_memory_promptly();
+        memory::release_free_heap();
+        state.reading = None;
+        log::info!(
+            "memory headroom under {}: freed buffers now go back to the kernel at once",
+            Bytes(floor)
+        );
     }
 }
 
