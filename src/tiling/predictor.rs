@@ -90,6 +90,14 @@ impl Estimate {
     }
 }
 
+/// What a group holds while any of its tiles runs: the activations live across it, its
+/// input, and the layer files it was built from.
+struct GroupHeld {
+    across: u64,
+    input: u64,
+    files: u64,
+}
+
 /// A group's layers and grid.
 type StepKey = (Range<usize>, usize, usize);
 
@@ -100,6 +108,8 @@ pub struct Predictor<'a> {
     layers: Vec<Graph>,
     pub(crate) calibration: Calibration,
     steps: std::cell::RefCell<HashMap<StepKey, Result<Estimate, String>>>,
+    /// Each activation's last reading layer (made once: the search asks thousands of times).
+    last_reader: HashMap<&'a str, usize>,
 }
 
 impl<'a> Predictor<'a> {
@@ -113,6 +123,7 @@ impl<'a> Predictor<'a> {
             layers,
             calibration,
             steps: Default::default(),
+            last_reader: pkg.manifest.last_reader(),
         })
     }
 
@@ -131,7 +142,7 @@ impl<'a> Predictor<'a> {
     /// those the step reads: produced before it and read after it (or a model output).
     fn live_across(&self, range: &Range<usize>, reads: &[String]) -> u64 {
         let m = &self.pkg.manifest;
-        let last = m.last_reader();
+        let last = &self.last_reader;
         let mut total = 0;
         let produced_before = m
             .inputs
@@ -182,23 +193,46 @@ impl<'a> Predictor<'a> {
         })
     }
 
+    /// What a group holds throughout, whatever its grid.
+    fn group_held(&self, group: &Group, range: &Range<usize>) -> GroupHeld {
+        let reads = [group.graph.tensors[group.input].name.clone()];
+        GroupHeld {
+            across: self.live_across(range, &reads),
+            input: group.graph.tensors[group.input].bytes() as u64,
+            files: range
+                .clone()
+                .map(|i| self.pkg.manifest.layers[i].file_bytes)
+                .sum(),
+        }
+    }
+
+    /// A lower bound of the peak of layers `range` (formed as `group`) at any grid: what
+    /// it holds throughout. The search skips ranges above the budget without tiling them.
+    pub(crate) fn group_floor(&self, group: &Group, range: &Range<usize>) -> u64 {
+        let held = self.group_held(group, range);
+        self.calibration.runtime_bytes + held.across + held.input + held.files
+    }
+
     /// One group tile by tile: its input and whole output alive throughout with the layer
     /// files it was built from; per distinct tile geometry a plan (planning peak as for a
     /// layer); per tile the cropped input, the tile graph's own peak and the output copy.
-    fn group_step(&self, range: &Range<usize>, rows: usize, cols: usize) -> Result<Estimate> {
+    fn group_step(
+        &self,
+        group: &Group,
+        range: &Range<usize>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Estimate> {
         let c = &self.calibration;
-        let group = self.group(range)?;
-        let reads = vec![group.graph.tensors[group.input].name.clone()];
-        let across = self.live_across(range, &reads);
-        let input = group.graph.tensors[group.input].bytes() as u64;
         let output = group.graph.tensors[group.output].bytes() as u64;
-        let files: u64 = range
-            .clone()
-            .map(|i| self.pkg.manifest.layers[i].file_bytes)
-            .sum();
+        let GroupHeld {
+            across,
+            input,
+            files,
+        } = self.group_held(group, range);
         let held = across + input + files;
         let mut est = Estimate::default();
-        for batch in batches(&group, rows, cols)? {
+        for batch in batches(group, rows, cols)? {
             let tile = group.tile_graph(&batch[0].1)?;
             let weights = weight_bytes(&tile);
             let tile_out = tile.tensors[tile.outputs[0]].bytes() as u64;
@@ -246,8 +280,25 @@ impl<'a> Predictor<'a> {
         if let Some(r) = self.steps.borrow().get(&key) {
             return r.clone().map_err(anyhow::Error::msg);
         }
+        let group = self.group(range)?;
+        self.group_estimate_of(&group, range, rows, cols)
+    }
+
+    /// `group_estimate` of layers `range` already formed as `group`: the search forms
+    /// each range once for all its grids (stitching the graph was most of its time).
+    pub(crate) fn group_estimate_of(
+        &self,
+        group: &Group,
+        range: &Range<usize>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Estimate> {
+        let key = (range.clone(), rows, cols);
+        if let Some(r) = self.steps.borrow().get(&key) {
+            return r.clone().map_err(anyhow::Error::msg);
+        }
         let r = self
-            .group_step(range, rows, cols)
+            .group_step(group, range, rows, cols)
             .map_err(|e| format!("{e:#}"));
         self.steps.borrow_mut().insert(key, r.clone());
         r.map_err(anyhow::Error::msg)
