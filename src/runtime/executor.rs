@@ -16,7 +16,7 @@ use super::scheduler::{
 };
 use super::sequential::{Activations, held_bytes, run_layer};
 use super::tasks::{LayerCost, LoadingPolicy, TaskKind};
-use crate::memory::{self, Bytes, SystemMemory};
+use crate::memory::{self, Bytes, SystemMemory, heap};
 use crate::model::Package;
 use anyhow::{Context, Result, anyhow, bail};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -858,8 +858,10 @@ fn perform(work: Work, alone: bool) -> Result<Done> {
             weights,
         } => match (way, measure.filter(|_| alone)) {
             (Way::Reload(template), _) => {
-                let loaded = reload(&package, layer, &template, &mut LoadPhases::default())?;
-                Done::Loaded(Staged::Layer(loaded), LoadMeasure::default(), None)
+                let (loaded, kept) = heap::kept_by(|| {
+                    reload(&package, layer, &template, &mut LoadPhases::default())
+                });
+                Done::Loaded(Staged::Layer(loaded?), heap_measure(kept, weights), None)
             }
             (Way::MakingTemplate, _) => {
                 let (loaded, template) =
@@ -895,11 +897,10 @@ fn perform(work: Work, alone: bool) -> Result<Done> {
                 let (loaded, measured) = measured_load(&package, layer, floor)?;
                 Done::Loaded(Staged::Layer(loaded), measured, None)
             }
-            (Way::Full, None) => Done::Loaded(
-                Staged::Layer(load_layer(&package, layer)?),
-                LoadMeasure::default(),
-                None,
-            ),
+            (Way::Full, None) => {
+                let (loaded, kept) = heap::kept_by(|| load_layer(&package, layer));
+                Done::Loaded(Staged::Layer(loaded?), heap_measure(kept, weights), None)
+            }
         },
         Work::Stage(run) => Done::Loaded(Staged::Whole(run), LoadMeasure::default(), None),
         Work::Whole { run, input } => Done::RanWhole(run(input)?),
@@ -914,6 +915,17 @@ fn perform(work: Work, alone: bool) -> Result<Done> {
             Done::Ran(outs)
         }
     })
+}
+
+/// What a load that ran beside other tasks kept: the heap bytes its own thread allocated
+/// and kept (the plan, packed weights and graph), at least the weights. Other threads'
+/// allocations do not show in it, unlike in the process's RSS; the planner's transient
+/// peak is not known this way.
+fn heap_measure(kept: u64, weights: u64) -> LoadMeasure {
+    LoadMeasure {
+        resident: Some(kept.max(weights)),
+        ..LoadMeasure::default()
+    }
 }
 
 /// Loads a layer and measures what it keeps resident (RSS added, at least its weights

@@ -120,8 +120,11 @@ impl Victims {
     }
 }
 
-/// The unpinned resident layer to evict next, by the scheduler's eviction policy.
-pub(super) fn choose_victim(s: &Scheduler) -> Option<LayerKey> {
+/// The unpinned resident layer to evict next, by the scheduler's eviction policy; with
+/// `used_after`, only among layers whose next use is expected later than that many
+/// seconds from now (room for a layer loaded ahead of its use must not come from a layer
+/// needed before it: that trade only moves a load earlier and adds one).
+pub(super) fn choose_victim(s: &Scheduler, used_after: Option<f64>) -> Option<LayerKey> {
     let horizon = horizon(s);
     let mut best: Option<(LayerKey, f64, u64)> = None;
     for (m, model) in s.models.iter().enumerate() {
@@ -149,6 +152,9 @@ pub(super) fn choose_victim(s: &Scheduler) -> Option<LayerKey> {
                 layer: l,
             };
             let until_next_use = next_use(here, total, &cursors, queued, horizon, l);
+            if used_after.is_some_and(|after| until_next_use <= after) {
+                continue;
+            }
             let score = match s.eviction() {
                 Eviction::FurthestAhead => until_next_use,
                 Eviction::CostPerByte => {

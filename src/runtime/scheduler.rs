@@ -60,6 +60,14 @@ pub(crate) const MAX_PARALLEL: usize = 16;
 /// (low indices) starve an old one (high indices).
 const AGEING_ROUNDS: u64 = 8;
 
+/// With layers kept and `partial` loading, how many layers beyond its next exec an
+/// inference may load. Loading ahead overlaps loads with the exec running; further ahead
+/// it only moves loads earlier, and the layers loaded ahead are pinned: a second worker
+/// that loaded as far ahead as the budget allowed turned the cache into a read-ahead
+/// window sliding over every layer (no layer survived a frame, even with the budget above
+/// the working set).
+const LOAD_AHEAD: usize = 2;
+
 /// Making a layer's plan template peaks at about this many plans of it beyond a load's
 /// footprint (a second plan, the file read again, packed weights copied to zero padding).
 const MAKING_PEAK_PLANS: u64 = 3;
@@ -633,7 +641,8 @@ impl Scheduler {
         {
             // The reading dropped below what is held: shrink the cache before anything
             // else is admitted.
-            room = Some(r + self.evict((-r) as u64, EvictionCause::ReadingDropped) as i64);
+            let freed = self.evict((-r) as u64, EvictionCause::ReadingDropped, None);
+            room = Some(r + freed as i64);
         }
         self.start_inferences(room);
         let decision = loop {
@@ -661,6 +670,17 @@ impl Scheduler {
         match self.models[model_index].tasks[pick.task].kind {
             TaskKind::Init => {
                 let held = self.models[model_index].held[0];
+                // Its start counted the cache's evictable bytes as room: make it real
+                // before the ledger takes the activations, or the ledger would overrun the
+                // budget until the next decision shrank the cache.
+                if let Some(short) = room.map(|r| held as i64 - r).filter(|&s| s > 0) {
+                    let key = LayerKey {
+                        model: ModelId(model_index),
+                        layer: 0,
+                    };
+                    let freed = self.evict(short as u64, EvictionCause::RoomFor(key), None);
+                    *room = room.map(|r| r + freed as i64);
+                }
                 self.reserve_for(pick.inference, held, room);
                 self.set_running(pick);
                 Admit::Run
@@ -708,7 +728,18 @@ impl Scheduler {
             if hit {
                 self.models[key.model.0].residency[layer].pin();
             }
-            freed = self.evict(short as u64, EvictionCause::RoomFor(key));
+            // A load ahead of its inference's next exec (`LOAD_AHEAD`) overlaps with
+            // that exec: worth free room, not a cached layer the next frame needs again.
+            // The load of the next exec's own layer evicts, but only layers needed after
+            // it (evicting one needed sooner only adds a load). When that is not enough and
+            // nothing will free memory by waiting, any unpinned layer may go.
+            if layer <= self.inferences[pick.inference].executed {
+                let needed_in = self.secs_until_exec(pick.inference, layer);
+                freed = self.evict(short as u64, EvictionCause::RoomFor(key), Some(needed_in));
+            }
+            if freed < short as u64 && !self.progress_pending() {
+                freed += self.evict(short as u64 - freed, EvictionCause::RoomFor(key), None);
+            }
             if hit {
                 self.models[key.model.0].residency[layer].unpin();
             }
@@ -722,7 +753,7 @@ impl Scheduler {
         }
         // It does not fit. Wait for what is running to free memory, and for the reading to
         // show the layers just evicted gone (they may have held more than was counted).
-        if freed > 0 || self.any_running() || self.any_ready_exec() || self.external_count > 0 {
+        if freed > 0 || self.progress_pending() {
             return Admit::Wait;
         }
         // Nothing running will free memory: waiting would wait forever. What the limit
@@ -1092,8 +1123,9 @@ impl Scheduler {
         let mut room = self.room(live);
         if room.is_some_and(|r| r < bytes as i64) {
             let short = bytes as i64 - room.unwrap_or(0);
-            room = room
-                .map(|r| r + self.evict(short as u64, EvictionCause::RoomForReservation) as i64);
+            room = room.map(|r| {
+                r + self.evict(short as u64, EvictionCause::RoomForReservation, None) as i64
+            });
         }
         if room.is_none_or(|r| r >= bytes as i64) {
             self.ledger += bytes;
@@ -1125,14 +1157,29 @@ impl Scheduler {
             Some(_) if self.opts.policy == SchedulingPolicy::Mema => self.evictable_bytes(),
             _ => 0,
         };
+        // A second inference in flight overlaps its work with the first's, but under a
+        // bound its activations and loads come out of the cache's room, evicting layers the
+        // next frame needs again; reloading them costs more than the overlap gains (two
+        // workers at half the working set: no layer survived a frame). With layers kept,
+        // inferences run side by side only while the bound holds every kept layer beside
+        // the footprints of all of them.
+        let capacity = room.map(|r| r + self.ledger as i64);
+        let kept = self.kept_working_set();
+        let mut side_by_side: u64 = self
+            .in_flight
+            .iter()
+            .map(|&i| self.models[self.inferences[i].model].footprint())
+            .sum();
         while self.in_flight.len() < self.opts.parallel {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
             let footprint = self.models[self.inferences[id].model].footprint();
+            side_by_side += footprint;
             if self.opts.policy == SchedulingPolicy::Mema
                 && !self.in_flight.is_empty()
-                && room.is_some_and(|r| (footprint as i64) > r + evictable as i64)
+                && (room.is_some_and(|r| (footprint as i64) > r + evictable as i64)
+                    || capacity.is_some_and(|c| ((kept + side_by_side) as i64) > c))
             {
                 break;
             }
@@ -1150,16 +1197,40 @@ impl Scheduler {
         }
     }
 
+    /// Bytes of every layer of the models whose layers are kept, all resident at once
+    /// (measured where known): what the cache holds when nothing is evicted.
+    fn kept_working_set(&self) -> u64 {
+        self.models
+            .iter()
+            .filter(|m| m.keep)
+            .map(|m| {
+                (0..m.costs.len())
+                    .map(|l| m.cost(l).load_bytes)
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
     /// Whether the load task `task` of an inference of `model` may be picked now: not
     /// while another inference is loading the same layer into the cache (it will be a
     /// hit once that load ends).
-    fn load_pickable(&self, model: usize, task: usize) -> bool {
-        match self.models[model].tasks[task].kind {
+    fn load_pickable(&self, inference: usize, task: usize) -> bool {
+        let inf = &self.inferences[inference];
+        let model = &self.models[inf.model];
+        match model.tasks[task].kind {
             TaskKind::Load(l) => {
-                !self.models[model].keep || self.models[model].residency[l] != Residency::Loading
+                !model.keep
+                    || (model.residency[l] != Residency::Loading && self.within_load_ahead(inf, l))
             }
             _ => true,
         }
+    }
+
+    /// Whether `inference` may load `layer` now under `partial` loading with layers kept
+    /// (see `LOAD_AHEAD`). The other policies load as they define: bulk needs every layer
+    /// before its first exec, DeepEye preloads fc layers, linear never loads ahead.
+    fn within_load_ahead(&self, inference: &Inference, layer: usize) -> bool {
+        self.opts.loading != LoadingPolicy::Partial || layer <= inference.executed + LOAD_AHEAD
     }
 
     /// Ready tasks of `pool`, with the round they became ready, oldest inference first.
@@ -1172,7 +1243,7 @@ impl Scheduler {
                 .enumerate()
                 .filter_map(move |(t, s)| match s {
                     State::Ready { since }
-                        if model.tasks[t].pool == pool && self.load_pickable(inf.model, t) =>
+                        if model.tasks[t].pool == pool && self.load_pickable(i, t) =>
                     {
                         Some((
                             TaskRef {
@@ -1231,7 +1302,7 @@ impl Scheduler {
                 && let task = load_index(l)
                 && let State::Ready { since } = inf.state[task]
                 && model.tasks[task].pool == pool
-                && self.load_pickable(inf.model, task)
+                && self.load_pickable(i, task)
             {
                 let _ = out.push(Candidate::Load(at(task), l, since));
             }
@@ -1294,6 +1365,20 @@ impl Scheduler {
                 matches!(t.kind, TaskKind::Exec(_)) && matches!(s, State::Ready { .. })
             })
         })
+    }
+
+    /// Whether something will free memory without a new decision: a task running, an
+    /// exec ready for a worker, or a reservation outside the tasks to be released.
+    fn progress_pending(&self) -> bool {
+        self.any_running() || self.any_ready_exec() || self.external_count > 0
+    }
+
+    /// Expected seconds of execution before `inference` runs `layer`: the execs of the
+    /// layers between its position and it (0 for the layer it runs next).
+    fn secs_until_exec(&self, inference: usize, layer: usize) -> f64 {
+        let inf = &self.inferences[inference];
+        let model = &self.models[inf.model];
+        (inf.executed..layer).map(|l| model.exec_secs(l)).sum()
     }
 
     fn any_running(&self) -> bool {
@@ -1363,11 +1448,13 @@ impl Scheduler {
 
     /// Evicts unpinned resident layers, the policy's choice first, then plan templates,
     /// until `bytes` are freed or nothing is left (or the list of evictions to hand over
-    /// is full); returns the bytes freed.
-    fn evict(&mut self, bytes: u64, cause: EvictionCause) -> u64 {
+    /// is full); returns the bytes freed. With `used_after`, only layers whose next use is
+    /// expected later than that many seconds ahead.
+    fn evict(&mut self, bytes: u64, cause: EvictionCause, used_after: Option<f64>) -> u64 {
         let mut freed = 0;
         while freed < bytes && !self.evicted.is_full() {
-            let (key, size, what) = if let Some(key) = super::residency::choose_victim(self) {
+            let victim = super::residency::choose_victim(self, used_after);
+            let (key, size, what) = if let Some(key) = victim {
                 let model = &mut self.models[key.model.0];
                 let Residency::Resident { bytes: size, .. } = model.residency[key.layer] else {
                     break; // unreachable: victims are resident
@@ -2158,6 +2245,55 @@ mod tests {
         let misses = s.inference_summary(a).misses + s.inference_summary(b).misses;
         assert_eq!(misses, 5, "each layer loaded once between the two");
         assert_eq!(s.cache_stats().hits, 5);
+    }
+
+    /// Frames of two models under `budget`, `workers` workers and as many inferences in
+    /// flight; returns the loads each frame after the first served from the cache.
+    fn hits_per_frame(workers: usize, budget: u64) -> Vec<u32> {
+        let mut s = scheduler(
+            SchedulingPolicy::Mema,
+            LoadingPolicy::Partial,
+            Some(budget),
+            workers,
+            LayerCache::Keep,
+        );
+        let detector = model(&mut s, costs(8, 2, 8), 2 << 20);
+        let landmarks = model(&mut s, costs(8, 1, 6), 2 << 20);
+        let mut hits = vec![];
+        for frame in 0..6 {
+            let ids = [s.submit(detector), s.submit(landmarks)];
+            simulate(&mut s, [workers, 0], Some(budget), true);
+            assert!(
+                s.high_water() <= budget,
+                "frame {frame}: ledger over budget"
+            );
+            if frame > 0 {
+                hits.push(ids.iter().map(|&i| s.inference_summary(i).hits).sum());
+            }
+            ids.iter().for_each(|&i| s.retire(i));
+        }
+        hits
+    }
+
+    #[test]
+    fn a_second_worker_under_a_budget_keeps_the_cache_serving_frames() {
+        // 16 layers of 37 MiB in a 24 MiB budget. A second worker used to load ahead as
+        // far as the budget allowed and start the second model beside the first, both
+        // paid for by evicting the layers the next frame needed: no layer survived a
+        // frame. Loads ahead now take free room only, and the second model starts only
+        // where the budget holds the kept layers beside both.
+        let budget = 24 << 20;
+        let one = hits_per_frame(1, budget);
+        let two = hits_per_frame(2, budget);
+        assert!(
+            one.iter().all(|&h| h >= 3),
+            "one worker: hits per frame {one:?}"
+        );
+        let (one_total, two_total) = (one.iter().sum::<u32>(), two.iter().sum::<u32>());
+        assert!(
+            4 * two_total >= 3 * one_total,
+            "hits per frame: two workers {two:?} against one {one:?}"
+        );
     }
 
     #[test]
