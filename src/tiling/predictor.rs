@@ -276,16 +276,25 @@ impl<'a> Predictor<'a> {
         rows: usize,
         cols: usize,
     ) -> Result<Estimate> {
-        let key = (range.clone(), rows, cols);
-        if let Some(r) = self.steps.borrow().get(&key) {
-            return r.clone().map_err(anyhow::Error::msg);
+        match self.cached_step(range, rows, cols) {
+            Some(r) => r,
+            None => self.group_estimate_of(&self.group(range)?, range, rows, cols),
         }
-        let group = self.group(range)?;
-        self.group_estimate_of(&group, range, rows, cols)
+    }
+
+    fn cached_step(
+        &self,
+        range: &Range<usize>,
+        rows: usize,
+        cols: usize,
+    ) -> Option<Result<Estimate>> {
+        let key = (range.clone(), rows, cols);
+        let r = self.steps.borrow().get(&key)?.clone();
+        Some(r.map_err(anyhow::Error::msg))
     }
 
     /// `group_estimate` of layers `range` already formed as `group`: the search forms
-    /// each range once for all its grids (stitching the graph was most of its time).
+    /// each range once for all its grids instead of stitching it again for each.
     pub(crate) fn group_estimate_of(
         &self,
         group: &Group,
@@ -293,10 +302,10 @@ impl<'a> Predictor<'a> {
         rows: usize,
         cols: usize,
     ) -> Result<Estimate> {
-        let key = (range.clone(), rows, cols);
-        if let Some(r) = self.steps.borrow().get(&key) {
-            return r.clone().map_err(anyhow::Error::msg);
+        if let Some(r) = self.cached_step(range, rows, cols) {
+            return r;
         }
+        let key = (range.clone(), rows, cols);
         let r = self
             .group_step(group, range, rows, cols)
             .map_err(|e| format!("{e:#}"));
