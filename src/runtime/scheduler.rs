@@ -1163,8 +1163,10 @@ impl Scheduler {
         // workers at half the working set: no layer survived a frame). With layers kept,
         // inferences run side by side only while the bound holds every kept layer beside
         // the footprints of all of them.
-        let capacity = room.map(|r| r + self.ledger as i64);
-        let kept = self.kept_working_set();
+        let capacity = room
+            .filter(|_| self.opts.cache == LayerCache::Keep)
+            .map(|r| r + self.ledger as i64);
+        let kept = capacity.map_or(0, |_| self.kept_working_set());
         let mut side_by_side: u64 = self
             .in_flight
             .iter()
