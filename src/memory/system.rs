@@ -26,10 +26,10 @@ pub struct Cgroup {
     pub(crate) dirs: Vec<PathBuf>,
 }
 
-/// One cgroup level's limit and usage; `limit` is `None` when unlimited.
+/// One limited cgroup level's limit and usage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub(crate) struct CgroupLevel {
-    pub limit: Option<u64>,
+    pub limit: u64,
     /// All charged bytes, the page cache included.
     pub usage: u64,
     /// Clean, unmapped file cache within `usage` (from `memory.stat`): the kernel drops it
@@ -69,9 +69,10 @@ impl Reading {
         let cgroup = self
             .cgroup_levels
             .iter()
-            .filter_map(|l| {
+            .map(|l| {
                 l.limit
-                    .map(|lim| lim.saturating_sub(l.working_set()).saturating_sub(reserve))
+                    .saturating_sub(l.working_set())
+                    .saturating_sub(reserve)
             })
             .min();
         match (system, cgroup) {
@@ -89,10 +90,7 @@ impl Reading {
         let cgroup = self
             .cgroup_levels
             .iter()
-            .filter_map(|l| {
-                l.limit
-                    .map(|lim| signed(lim) - signed(l.working_set()) - signed(reserve))
-            })
+            .map(|l| signed(l.limit) - signed(l.working_set()) - signed(reserve))
             .min();
         match (system, cgroup) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -102,7 +100,7 @@ impl Reading {
 
     /// The tightest cgroup limit, if any.
     pub(crate) fn cgroup_limit(&self) -> Option<u64> {
-        self.cgroup_levels.iter().filter_map(|l| l.limit).min()
+        self.cgroup_levels.iter().map(|l| l.limit).min()
     }
 }
 
@@ -317,6 +315,11 @@ fn read_level(version: CgroupVersion, dir: &Path) -> Result<Option<CgroupLevel>>
         (CgroupVersion::V2, "max") => None,
         _ => Some(number(limit_file, &limit_text)?).filter(|&l| l < V1_UNLIMITED),
     };
+    // An unlimited level bounds nothing: its usage and memory.stat (the costliest file)
+    // are not read. Readings are taken every few milliseconds while frames run.
+    let Some(limit) = limit else {
+        return Ok(None);
+    };
     let usage = match read(usage_file)? {
         Some(t) => number(usage_file, &t)?,
         None => 0,
@@ -445,7 +448,8 @@ mod tests {
         assert_eq!(sys.cgroup().unwrap().version, CgroupVersion::V1);
         let r = sys.read().unwrap();
         assert_eq!(r.cgroup_limit(), Some(268435456));
-        assert_eq!(r.cgroup_levels.len(), 3);
+        // Only the level with a limit: the unlimited ancestors bound nothing.
+        assert_eq!(r.cgroup_levels.len(), 1);
         assert_eq!(r.headroom(0), Some(268435456 - 100000000));
         assert_eq!(
             r.headroom(16 << 20),

@@ -450,33 +450,13 @@ impl Package {
 
     /// Reads one layer file and checks it is what the manifest says: same size and SHA-256,
     /// same inputs and outputs, only ops the runtime runs. Returns the bytes for tract.
-    /// Every reader of layer files (start-up checks, loads and reloads, whole-model and
-    /// tiled runs) comes through here, so none runs a damaged file.
+    /// Every reader of layer files (start-up checks, loads, whole-model and tiled runs)
+    /// comes through here, reloads through `read_layer_bytes`, so none runs a damaged file.
     pub fn read_layer(&self, index: usize) -> Result<(bytes::Bytes, Graph)> {
-        let entry = self
-            .manifest
-            .layers
-            .get(index)
-            .with_context(|| format!("{}: no layer {index}", self.name()))?;
+        let bytes = self.read_layer_bytes(index)?;
+        let entry = &self.manifest.layers[index];
         let path = self.layer_path(index);
         let ctx = || format!("{}: layer {index} ({})", self.name(), path.display());
-        let bytes =
-            bytes::Bytes::from(read_limited_bytes(&path, entry.file_bytes).with_context(ctx)?);
-        ensure!(
-            bytes.len() as u64 == entry.file_bytes,
-            "{}: {} bytes on disk, the manifest says {}",
-            ctx(),
-            bytes.len(),
-            entry.file_bytes
-        );
-        let digest = Sha256::of(&bytes);
-        ensure!(
-            digest == entry.sha256,
-            "{}: SHA-256 {digest} differs from the manifest's {}: the file is damaged or was \
-             changed; re-import the package",
-            ctx(),
-            entry.sha256
-        );
         let graph = read_graph_shared(&bytes).with_context(ctx)?;
         let names = |ids: &[TensorId]| {
             ids.iter()
@@ -506,6 +486,37 @@ impl Package {
         graph.check_shapes().with_context(ctx)?;
         super::normalise::check_runnable(&graph).with_context(ctx)?;
         Ok((bytes, graph))
+    }
+
+    /// Reads one layer file and checks its size and SHA-256 against the manifest, without
+    /// parsing it: for a reload through a plan template, made from the same bytes when
+    /// `read_layer` checked them in full (the digest says they are still those bytes).
+    pub(crate) fn read_layer_bytes(&self, index: usize) -> Result<bytes::Bytes> {
+        let entry = self
+            .manifest
+            .layers
+            .get(index)
+            .with_context(|| format!("{}: no layer {index}", self.name()))?;
+        let path = self.layer_path(index);
+        let ctx = || format!("{}: layer {index} ({})", self.name(), path.display());
+        let bytes =
+            bytes::Bytes::from(read_limited_bytes(&path, entry.file_bytes).with_context(ctx)?);
+        ensure!(
+            bytes.len() as u64 == entry.file_bytes,
+            "{}: {} bytes on disk, the manifest says {}",
+            ctx(),
+            bytes.len(),
+            entry.file_bytes
+        );
+        let digest = Sha256::of(&bytes);
+        ensure!(
+            digest == entry.sha256,
+            "{}: SHA-256 {digest} differs from the manifest's {}: the file is damaged or was \
+             changed; re-import the package",
+            ctx(),
+            entry.sha256
+        );
+        Ok(bytes)
     }
 
     /// The whole normalised model, rebuilt from the layer files.

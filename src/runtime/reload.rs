@@ -449,8 +449,7 @@ pub(super) fn rebuild(
     phases: &mut LoadPhases,
 ) -> Result<TypedModel> {
     let t = Instant::now();
-    let (bytes, graph) = pkg.read_layer(index)?;
-    drop(graph);
+    let bytes = pkg.read_layer_bytes(index)?;
     ensure!(
         bytes.len() == template.file_bytes
             && fingerprint(&bytes, &template.sources) == template.fingerprint,

@@ -27,7 +27,8 @@ pub enum Eviction {
     /// the layer order every inference follows as the future).
     FurthestAhead,
     /// The layer cheapest to reload per byte it frees (a reload through a plan template
-    /// is cheap); layers an inference in flight has still to run go last. The default:
+    /// is cheap), wherever its next use lies (layers loaded for an inference and not yet
+    /// run are pinned, under every rule). The default:
     /// under a budget it reloads fewer layers and runs more frames per second
     /// (docs/results.md).
     #[default]
@@ -157,12 +158,13 @@ pub(super) fn choose_victim(s: &Scheduler, used_after: Option<f64>) -> Option<La
             }
             let score = match s.eviction() {
                 Eviction::FurthestAhead => until_next_use,
-                Eviction::CostPerByte => {
-                    let soon = cursors.iter().any(|&(p, _)| p <= l);
-                    let per_byte = model.load_secs(l) / bytes.max(1) as f64;
-                    // Higher scores go first: cheap per byte first, needed-soon last.
-                    if soon { -1e9 - per_byte } else { -per_byte }
-                }
+                // Every evicted layer is loaded again once, at its next use, whether that is
+                // later in this pass or in the next frame's: what differs is only what that
+                // load costs. Preferring layers not needed in this pass instead evicted the
+                // many small layers without a template (a full load each) while the large
+                // templated ones of the running model stayed: 188 of 511 evictions over 12
+                // frames at half the working set, against 21 of 395 this way.
+                Eviction::CostPerByte => -model.load_secs(l) / bytes.max(1) as f64,
             };
             let better = match best {
                 None => true,
