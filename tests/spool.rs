@@ -591,7 +591,10 @@ fn sigkill_at_random_moments_loses_nothing() {
         ("ppm", image::ImageFormat::Pnm),
     ];
     let t0 = Instant::now();
-    let cycles = 100;
+    // Emulated, a daemon spends most of a short life starting and the frames left over
+    // run afterwards at a fiftieth of the speed: fewer cycles there (CI's time), the same
+    // schedule.
+    let cycles = if emulated() { 30 } else { 100 };
     for cycle in 0..cycles {
         // Frames keep arriving: one while it runs, sometimes one before it starts; one in
         // ten is bad.
@@ -634,7 +637,7 @@ fn sigkill_at_random_moments_loses_nothing() {
         "{cycles} SIGKILL cycles in {killing:?}; {} frames sent",
         sent.len()
     );
-    assert!(sent.len() >= 100, "only {} frames sent", sent.len());
+    assert!(sent.len() >= cycles, "only {} frames sent", sent.len());
 
     assert!(names(&spool.join("incoming")).is_empty());
     assert!(names(&spool.join("work")).is_empty());

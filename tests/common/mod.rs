@@ -72,6 +72,11 @@ pub fn cli_command() -> Command {
     }
 }
 
+/// Whether the tests run under a cross-target runner (QEMU user mode).
+pub fn emulated() -> bool {
+    runner().is_some()
+}
+
 /// A hang guard's time limit: emulated, the CLI runs 20–50× slower (tract's kernels under
 /// TCG), and the guard must still catch a hang, not a slow machine.
 pub fn hang_limit(limit: Duration) -> Duration {
