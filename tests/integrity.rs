@@ -1,7 +1,7 @@
 //! Packages are tamper- and rot-evident: each layer file's SHA-256 is in `model.toml` and
 //! checked whenever the layer is read. A single flipped bit in a weight fails that model,
 //! naming the layer, in `infer`, `batch` and the daemon (at start and on a reload), while
-//! the other models run.
+//! the other models run; a cascade fed by it fails with the source's reason.
 
 mod common;
 use common::*;
@@ -193,6 +193,40 @@ fn a_flipped_weight_bit_fails_its_model_naming_the_layer() {
     std::fs::write(&manifest, text.replace(old, &sha256sum(&path))).unwrap();
     let after = cli_ok(&["infer", "--model", b, frame]);
     assert_ne!(before, after, "the flipped bit changed nothing");
+}
+
+#[test]
+fn a_cascade_whose_source_is_damaged_fails_naming_the_source_and_its_layer() {
+    let dir = scratch("integrity-cascade");
+    let bad = import_shared("face_detection_short_range", &dir);
+    let landmarks = import_shared("face_landmark_f32", &dir);
+    let good = import_shared("hand_recrop", &dir);
+    let (layer, _) = flip_weight_bit(&bad);
+    let (spool, config) = daemon_config(&dir.join("daemon"), "", &[&bad]);
+    // The detector reports boxes; the landmark model takes its crops.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text += &format!(
+        "report = \"boxes\"\n[model.boxes]\nboxes = \"regressors\"\n\
+         scores = \"classificators\"\ninput_size = [128, 128]\nstrides = [8, 16, 16, 16]\n\
+         keypoints = 6\n[[model]]\npath = {landmarks:?}\nreport = \"landmarks\"\n\
+         [model.input]\nfrom = \"face_detection_short_range\"\nrotate_by = [0, 1]\n\
+         [model.landmarks]\npoints = \"conv2d_20\"\npresence = \"conv2d_30\"\nsigmoid = true\n\
+         [[model]]\npath = {good:?}\n"
+    );
+    std::fs::write(&config, text).unwrap();
+    drop_frame(&spool, "cat.png");
+    cli_ok(&["run", "--config", config.to_str().unwrap(), "--once"]);
+    let result = json(&spool.join("out/cat.png.json"));
+    let cascade = &entry(&result, "face_landmark_f32")["error"];
+    assert_eq!(cascade["stage"], "source", "{result}");
+    let reason = cascade["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("face_detection_short_range failed: "),
+        "{reason}"
+    );
+    assert_names_layer(reason, layer, "the cascade's reason");
+    // The model that does not depend on it runs.
+    assert!(has_outputs(entry(&result, "hand_recrop")), "{result}");
 }
 
 #[test]

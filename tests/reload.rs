@@ -120,3 +120,32 @@ fn a_changed_layer_file_is_not_reloaded_through_an_old_template() {
         "{err:#}"
     );
 }
+
+#[test]
+fn a_damaged_layer_file_is_refused_on_a_reload_through_its_template() {
+    // A reload skips the flatbuffer parse (the template was made from bytes checked in
+    // full) but not the digest: one flipped bit in a weight, the manifest unchanged, must
+    // fail the reload naming the layer, not run with other numbers.
+    let dir = scratch("reload-damaged");
+    let pkg_dir = import_shared("face_detection_short_range", &dir);
+    let pkg = Package::open(&pkg_dir).unwrap();
+    let layer = (0..pkg.manifest.layers.len())
+        .max_by_key(|&i| pkg.manifest.layers[i].weight_bytes)
+        .unwrap();
+    let (_, template) = load_with_template(&pkg, layer, &mut LoadPhases::default()).unwrap();
+    let template = template.expect("the layer with the most weights gets a template");
+    reload(&pkg, layer, &template, &mut LoadPhases::default()).expect("the intact file reloads");
+    let path = pkg.layer_path(layer);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The middle of the file lies in the weights (they are most of its bytes).
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = reload(&pkg, layer, &template, &mut LoadPhases::default())
+        .expect_err("a damaged file must not be reloaded");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("SHA-256") && text.contains(&format!("layer {layer}")),
+        "{text}"
+    );
+}
