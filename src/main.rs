@@ -406,11 +406,7 @@ fn tile(command: TileCommand) -> Result<()> {
             let pkg = Package::open(&package)?;
             let model = tiling::predictor::Predictor::new(&pkg, tiling::predictor::CALIBRATION)?;
             for config in configs {
-                let e = model.predict(&config)?;
-                println!(
-                    "{}",
-                    serde_json::json!({ "config": config.to_string(), "estimate": e })
-                );
+                println!("{}", serde_json::to_string(&model.prediction(&config)?)?);
             }
             Ok(())
         }

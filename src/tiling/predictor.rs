@@ -60,6 +60,15 @@ pub const CALIBRATION: Calibration = Calibration {
     plan_secs_per_weight_byte: 1.0e-8,
 };
 
+/// A configuration and its prediction: one line of `memaflow tile predict`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Prediction {
+    /// The configuration, as `--tiling` takes it.
+    pub config: String,
+    /// What it would cost.
+    pub estimate: Estimate,
+}
+
 /// Prediction for one step or a whole configuration.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Estimate {
@@ -350,6 +359,14 @@ impl<'a> Predictor<'a> {
             });
         }
         Ok(est)
+    }
+
+    /// `predict`, with the configuration it is for.
+    pub fn prediction(&self, config: &TilingConfig) -> Result<Prediction> {
+        Ok(Prediction {
+            config: config.to_string(),
+            estimate: self.predict(config)?,
+        })
     }
 
     /// The whole run under `config`.
