@@ -82,6 +82,27 @@ pub struct InferenceOutput {
     pub summary: InferenceSummary,
 }
 
+impl InferenceOutput {
+    /// It was refused for lack of memory. Beside other inferences, or with other frames'
+    /// buffers in memory, that may only say it did not fit *then*: a model that fits
+    /// alone runs if submitted again with [`Executor::submit_alone`].
+    pub(crate) fn refused_for_room(&self) -> bool {
+        matches!(&self.outputs, Err(e) if e.downcast_ref::<NoRoom>().is_some())
+    }
+}
+
+/// Why an inference was refused: a layer's footprint is more than can be made free.
+#[derive(Debug)]
+struct NoRoom(String);
+
+impl std::fmt::Display for NoRoom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NoRoom {}
+
 /// Per model: its resident layers now.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ModelResidency {
@@ -306,8 +327,22 @@ impl Executor {
 
     /// Queues one input through `model`; returns the inference's id for `wait`.
     pub fn submit(&self, model: ModelId, input: FloatTensor) -> usize {
+        self.submit_as(model, input, false)
+    }
+
+    /// Submits an inference that runs with no other beside it, after every inference
+    /// submitted before it (see [`InferenceOutput::refused_for_room`]).
+    pub(crate) fn submit_alone(&self, model: ModelId, input: FloatTensor) -> usize {
+        self.submit_as(model, input, true)
+    }
+
+    fn submit_as(&self, model: ModelId, input: FloatTensor, alone: bool) -> usize {
         let mut state = self.lock();
-        let id = state.scheduler.submit(model);
+        let id = if alone {
+            state.scheduler.submit_alone(model)
+        } else {
+            state.scheduler.submit(model)
+        };
         let steps = state.models[model.0].plans.len();
         let now = self.inner.ms(Instant::now());
         let flight = Flight {
@@ -1071,11 +1106,11 @@ fn refuse(inner: &Inner, state: &mut State, inference: usize, refusal: Refusal) 
         Bytes(refusal.available),
         Bytes(inner.options.reserve)
     );
-    let error = if refusal.displaced {
-        anyhow!("{name}: ended to make room for an older inference: {why}")
+    let error = anyhow::Error::new(NoRoom(if refusal.displaced {
+        format!("{name}: ended to make room for an older inference: {why}")
     } else {
-        anyhow!("{name}: does not fit here: {why}")
-    };
+        format!("{name}: does not fit here: {why}")
+    }));
     log::warn!("{error:#}");
     log::debug!(
         "refused with the ledger at {}, {} of it resident; the reading: {:?}",

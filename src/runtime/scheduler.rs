@@ -245,6 +245,11 @@ struct Inference {
     hits: u32,
     misses: u32,
     refused: bool,
+    /// Its next load fits only once an older inference in flight is done: its loads wait
+    /// until one leaves (`leave_flight`), instead of the model being refused.
+    parked: bool,
+    /// It runs with no other inference in flight (`submit_alone`).
+    alone: bool,
     /// A slot of a finished inference may be reused once the caller retires it.
     retired: bool,
 }
@@ -439,6 +444,17 @@ impl Scheduler {
 
     /// Queues an inference of `model`; returns its id (a slot reused after `retire`).
     pub fn submit(&mut self, model: ModelId) -> usize {
+        self.submit_as(model, false)
+    }
+
+    /// Queues an inference that starts once every inference before it is done, with
+    /// nothing beside it: the later ones wait for it. A model refused for room beside
+    /// others is tried again this way, so that a refusal says it does not fit alone.
+    pub(crate) fn submit_alone(&mut self, model: ModelId) -> usize {
+        self.submit_as(model, true)
+    }
+
+    fn submit_as(&mut self, model: ModelId, alone: bool) -> usize {
         let entry = &self.models[model.0];
         let n = entry.costs.len();
         let inference = Inference {
@@ -459,6 +475,8 @@ impl Scheduler {
             hits: 0,
             misses: 0,
             refused: false,
+            parked: false,
+            alone,
             retired: false,
         };
         let id = match self.free_slots.pop() {
@@ -655,6 +673,8 @@ impl Scheduler {
                 // A load served by the cache is done at once: look again (its exec may be
                 // ready now).
                 Admit::Hit => continue,
+                // Its loads wait for an older inference: another in flight may go on.
+                Admit::Parked => continue,
                 Admit::Wait => return None,
                 Admit::Refuse(inference, refusal) => break Decision::Refuse(inference, refusal),
             }
@@ -769,6 +789,13 @@ impl Scheduler {
             // must hold a whole model before its first exec.
             self.overdrafts += 1;
             return self.start_load(pick, layer, cost, hit, 0, room);
+        }
+        // An older inference in flight holds memory it will free when done: this one's
+        // loads wait for that (the older ones go on) rather than the model being refused
+        // for room it will have. The oldest never parks, so something always progresses.
+        if self.in_flight.first() != Some(&pick.inference) {
+            self.inferences[pick.inference].parked = true;
+            return Admit::Parked;
         }
         // Make room by ending the youngest inference in flight (this one, if it is alone):
         // the layer cannot fit beside what the others hold, and never will by waiting.
@@ -1010,7 +1037,7 @@ impl Scheduler {
             inf.active = 0;
             self.seen -= active;
             self.release_for(t.inference, own);
-            self.in_flight.retain(|&i| i != t.inference);
+            self.leave_flight(t.inference);
         }
     }
 
@@ -1075,8 +1102,17 @@ impl Scheduler {
             .iter_mut()
             .for_each(|r| *r = Reserved::default());
         self.release_for(inference, own);
-        self.in_flight.retain(|&i| i != inference);
+        self.leave_flight(inference);
         self.waiting.retain(|&i| i != inference);
+    }
+
+    /// An inference is done or ended: what it held is free, so the loads of those parked
+    /// behind it may try again.
+    fn leave_flight(&mut self, inference: usize) {
+        self.in_flight.retain(|&i| i != inference);
+        for &i in &self.in_flight {
+            self.inferences[i].parked = false;
+        }
     }
 }
 
@@ -1096,6 +1132,7 @@ pub struct InferenceSummary {
 enum Admit {
     Run,
     Hit,
+    Parked,
     Wait,
     Refuse(usize, Refusal),
 }
@@ -1121,11 +1158,11 @@ impl Scheduler {
     /// treated as if nothing else would free memory.
     pub(crate) fn reserve(&mut self, bytes: u64, live: Option<Live>, brief: bool) -> Reservation {
         let mut room = self.room(live);
+        let mut freed = 0;
         if room.is_some_and(|r| r < bytes as i64) {
             let short = bytes as i64 - room.unwrap_or(0);
-            room = room.map(|r| {
-                r + self.evict(short as u64, EvictionCause::RoomForReservation, None) as i64
-            });
+            freed = self.evict(short as u64, EvictionCause::RoomForReservation, None);
+            room = room.map(|r| r + freed as i64);
         }
         if room.is_none_or(|r| r >= bytes as i64) {
             self.ledger += bytes;
@@ -1134,7 +1171,9 @@ impl Scheduler {
             self.external_count += usize::from(brief);
             return Reservation::Granted;
         }
-        if !self.in_flight.is_empty() || self.external_count > 0 {
+        // Layers just evicted may have held more than was counted: read memory again
+        // with them gone before saying never.
+        if freed > 0 || !self.in_flight.is_empty() || self.external_count > 0 {
             return Reservation::Wait;
         }
         Reservation::Never {
@@ -1172,10 +1211,17 @@ impl Scheduler {
             .iter()
             .map(|&i| self.models[self.inferences[i].model].footprint())
             .sum();
+        if self.in_flight.iter().any(|&i| self.inferences[i].alone) {
+            return;
+        }
         while self.in_flight.len() < self.opts.parallel {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
+            let alone = self.inferences[id].alone;
+            if alone && !self.in_flight.is_empty() {
+                break;
+            }
             let footprint = self.models[self.inferences[id].model].footprint();
             side_by_side += footprint;
             if self.opts.policy == SchedulingPolicy::Mema
@@ -1196,6 +1242,9 @@ impl Scheduler {
             let inf = &mut self.inferences[id];
             inf.started = true;
             inf.state[0] = State::Ready { since: round };
+            if alone {
+                break;
+            }
         }
     }
 
@@ -1304,6 +1353,7 @@ impl Scheduler {
                 && let task = load_index(l)
                 && let State::Ready { since } = inf.state[task]
                 && model.tasks[task].pool == pool
+                && !inf.parked
                 && self.load_pickable(i, task)
             {
                 let _ = out.push(Candidate::Load(at(task), l, since));
@@ -1829,6 +1879,76 @@ mod tests {
         assert!(s.is_finished(i) && s.is_idle());
         assert_eq!(s.ledger(), 0);
         assert_eq!(s.cache_stats().refusals, 1);
+    }
+
+    /// Runs serially under a cgroup-like limit: the reading shows everything in the ledger.
+    fn run_under_limit(s: &mut Scheduler, limit: i64) {
+        while !s.is_idle() {
+            match s.next(0, Some(limit - s.seen() as i64)) {
+                Some(Decision::Run(t)) => {
+                    s.take_evicted().for_each(drop);
+                    s.complete(t);
+                }
+                other => panic!("{other:?} with the ledger at {}", s.ledger()),
+            }
+        }
+    }
+
+    #[test]
+    fn a_younger_inference_that_fits_alone_waits_for_the_older_rather_than_being_refused() {
+        // The older inference holds 4 MiB of activations throughout; the younger's only
+        // layer (8 MiB, its exec 1 MiB) fits the 12 MiB limit alone, not beside it.
+        let mut s = scheduler(
+            SchedulingPolicy::Mema,
+            LoadingPolicy::Partial,
+            None,
+            2,
+            LayerCache::Off,
+        );
+        let small = model(&mut s, costs(3, 1, 3), 4 << 20);
+        let big = model(&mut s, costs(1, 8, 1), 1 << 20);
+        let older = s.submit(small);
+        let younger = s.submit(big);
+        // Both start with room to spare; then the limit is lowered.
+        while s.in_flight.len() < 2 || s.ledger() < 5 << 20 {
+            let live = (64 << 20) - s.seen() as i64;
+            let t = run(&mut s, 0, Some(live)).expect("a task");
+            assert!(matches!(s.kind(t), TaskKind::Init), "{:?}", s.kind(t));
+            s.complete(t);
+        }
+        run_under_limit(&mut s, 12 << 20);
+        assert_eq!(s.cache_stats().refusals, 0);
+        assert!(s.is_finished(older) && s.is_finished(younger));
+        assert!(!s.inferences[younger].refused);
+        assert_eq!(s.ledger(), 0);
+    }
+
+    #[test]
+    fn an_inference_submitted_alone_runs_after_those_before_it_and_before_those_after() {
+        let mut s = scheduler(
+            SchedulingPolicy::Mema,
+            LoadingPolicy::Partial,
+            None,
+            2,
+            LayerCache::Off,
+        );
+        let m = model(&mut s, costs(2, 1, 2), 0);
+        let before = s.submit(m);
+        let alone = s.submit_alone(m);
+        let after = s.submit(m);
+        let mut beside: Vec<Vec<usize>> = vec![];
+        while !s.is_idle() {
+            let t = run(&mut s, 0, None).expect("a task");
+            beside.push(s.in_flight.to_vec());
+            s.complete(t);
+        }
+        assert!(
+            beside.iter().all(|f| !f.contains(&alone) || f == &[alone]),
+            "{beside:?}"
+        );
+        let first = |i: usize| beside.iter().position(|f| f.contains(&i)).unwrap();
+        let last = |i: usize| beside.iter().rposition(|f| f.contains(&i)).unwrap();
+        assert!(last(before) < first(alone) && last(alone) < first(after));
     }
 
     #[test]

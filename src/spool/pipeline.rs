@@ -312,7 +312,10 @@ pub fn process(frame: &str, path: &Path, cx: &Setup) -> Outcome {
             .any(|m| ready(m).is_some_and(|r| r.source() == Some(*k)))
     });
     for (k, id) in order {
-        let out = cx.executor.wait(id);
+        let mut out = cx.executor.wait(id);
+        if out.refused_for_room() {
+            out = retried_alone(frame, &rgb, cx, k).unwrap_or(out);
+        }
         high_water = high_water.max(out.summary.ledger_high_water);
         entries[k] = Some(model_entry(&cx.models[k], out, submitted_ms, (fw, fh)));
     }
@@ -462,6 +465,28 @@ fn submit_whole_frame(
         }
     }
     running
+}
+
+/// Runs model `k` on the frame again, alone: refused for room beside the other
+/// inferences and frames in flight, it may well fit once they are done, and a refusal
+/// should mean that it does not fit here at all. `None` (the first refusal stands) if
+/// even its input cannot be made now.
+fn retried_alone(
+    frame: &str,
+    rgb: &image::RgbImage,
+    cx: &Setup,
+    k: usize,
+) -> Option<InferenceOutput> {
+    let r = ready(&cx.models[k])?;
+    let making = cx.executor.reserve(r.input_bytes()).ok()?;
+    let input = preprocess::to_input_rgb(rgb, &r.preprocess, r.input_shape()).ok()?;
+    let id = cx.executor.submit_alone(r.id, input);
+    drop(making);
+    log::info!(
+        "{frame}: {} refused for room beside other work; running it again alone",
+        cx.models[k].name
+    );
+    Some(cx.executor.wait(id))
 }
 
 /// `[debug] dump_inputs`: `DIR/FRAME/MODEL.npy`, or `MODEL.K.npy` for the crop of
