@@ -338,11 +338,7 @@ impl Executor {
 
     fn submit_as(&self, model: ModelId, input: FloatTensor, alone: bool) -> usize {
         let mut state = self.lock();
-        let id = if alone {
-            state.scheduler.submit_alone(model)
-        } else {
-            state.scheduler.submit(model)
-        };
+        let id = state.scheduler.submit_as(model, alone);
         let steps = state.models[model.0].plans.len();
         let now = self.inner.ms(Instant::now());
         let flight = Flight {

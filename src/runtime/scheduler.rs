@@ -248,7 +248,7 @@ struct Inference {
     /// Its next load fits only once an older inference in flight is done: its loads wait
     /// until one leaves (`leave_flight`), instead of the model being refused.
     parked: bool,
-    /// It runs with no other inference in flight (`submit_alone`).
+    /// It runs with no other inference in flight (`submit_as`).
     alone: bool,
     /// A slot of a finished inference may be reused once the caller retires it.
     retired: bool,
@@ -447,14 +447,10 @@ impl Scheduler {
         self.submit_as(model, false)
     }
 
-    /// Queues an inference that starts once every inference before it is done, with
-    /// nothing beside it: the later ones wait for it. A model refused for room beside
-    /// others is tried again this way, so that a refusal says it does not fit alone.
-    pub(crate) fn submit_alone(&mut self, model: ModelId) -> usize {
-        self.submit_as(model, true)
-    }
-
-    fn submit_as(&mut self, model: ModelId, alone: bool) -> usize {
+    /// `submit`, or (`alone`) an inference that starts once every inference before it is
+    /// done, with nothing beside it: the later ones wait for it. A model refused for room
+    /// beside others is tried again this way, so that a refusal says it does not fit alone.
+    pub(crate) fn submit_as(&mut self, model: ModelId, alone: bool) -> usize {
         let entry = &self.models[model.0];
         let n = entry.costs.len();
         let inference = Inference {
@@ -1934,7 +1930,7 @@ mod tests {
         );
         let m = model(&mut s, costs(2, 1, 2), 0);
         let before = s.submit(m);
-        let alone = s.submit_alone(m);
+        let alone = s.submit_as(m, true);
         let after = s.submit(m);
         let mut beside: Vec<Vec<usize>> = vec![];
         while !s.is_idle() {
