@@ -192,6 +192,8 @@ struct State {
     /// While freed buffers are kept for reuse: the headroom under which they stop being
     /// (`ExecutorOptions::reuse_freed_above`); `None` once they go back to the kernel.
     reuse_freed_above: Option<u64>,
+    /// Bytes of layers evicted since the heap was last trimmed (`drop_evicted`).
+    untrimmed: u64,
     shutdown: bool,
     /// Shut down without finishing what is in flight (the process is exiting).
     abandon: bool,
@@ -251,6 +253,7 @@ impl Executor {
                 peak_rss: 0,
                 reading: None,
                 reuse_freed_above: options.reuse_freed_above,
+                untrimmed: 0,
                 shutdown: false,
                 abandon: false,
             }),
@@ -536,10 +539,33 @@ fn snapshot(state: &State) -> ExecutorSnapshot {
     }
 }
 
-/// Drops the plans of layers the scheduler evicted; says whether there were any.
-fn drop_evicted(state: &mut State) -> bool {
+/// Freed heap left untrimmed after evictions while the budget, not the reading, decides.
+/// Trimming (`memory::release_free_heap`) walks the whole heap and hands its free pages
+/// back, to be faulted in again by the next allocations: after every eviction, that was a
+/// sixth of the CPU time of a frame at half the working set, and more at a quarter.
+const UNTRIMMED_MAX: u64 = 4 << 20;
+
+/// What `drop_evicted` did.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dropped {
+    Nothing,
+    /// Plans dropped; the reading does not limit admissions, so it need not show them gone.
+    Plans,
+    /// Plans dropped and the heap trimmed: the next decision reads memory again.
+    PlansAndTrimmed,
+}
+
+/// Drops the plans of layers the scheduler evicted. Where the live reading limits what is
+/// admitted (or soon would), the freed heap goes back to the kernel at once so that the
+/// next reading shows it; under a budget with memory to spare, once `UNTRIMMED_MAX` has
+/// been evicted since the last trim.
+fn drop_evicted(state: &mut State) -> Dropped {
     let State {
-        scheduler, models, ..
+        scheduler,
+        models,
+        untrimmed,
+        reading,
+        ..
     } = state;
     let mut any = false;
     let rule = scheduler.eviction();
@@ -555,6 +581,7 @@ fn drop_evicted(state: &mut State) -> bool {
         };
         if dropped {
             any = true;
+            *untrimmed += evicted.bytes;
             if log::log_enabled!(log::Level::Debug) {
                 log::debug!(
                     "evicted {} {what} {} ({} bytes, {:?} rule): {}",
@@ -567,10 +594,18 @@ fn drop_evicted(state: &mut State) -> bool {
             }
         }
     }
-    if any {
-        memory::release_free_heap();
+    if !any {
+        return Dropped::Nothing;
     }
-    any
+    let live = reading.and_then(|(_, r)| r.live());
+    if live.is_none() || *untrimmed >= UNTRIMMED_MAX || scheduler.reading_binds(live, UNTRIMMED_MAX)
+    {
+        memory::release_free_heap();
+        *untrimmed = 0;
+        Dropped::PlansAndTrimmed
+    } else {
+        Dropped::Plans
+    }
 }
 
 /// Why a layer was evicted, in words for the log.
@@ -723,8 +758,9 @@ fn worker_loop(inner: &Inner, worker: usize, pool: usize) {
         }
         let reading = inner.reading(&mut state);
         let decision = state.scheduler.next_live(pool, reading.live());
-        let evicted = drop_evicted(&mut state);
-        if evicted {
+        let dropped = drop_evicted(&mut state);
+        let evicted = dropped != Dropped::Nothing;
+        if dropped == Dropped::PlansAndTrimmed {
             // The next decision reads memory with the evicted layers gone.
             state.reading = None;
         }

@@ -626,6 +626,18 @@ impl Scheduler {
         live.map(|l| l.headroom - (self.ledger as i64 - l.seen_then as i64))
     }
 
+    /// Whether the live reading, not the budget, limits what is admitted next, or would
+    /// with `margin` bytes less in it: memory freed must then show in the reading before
+    /// it is counted. Under a budget with memory to spare the budget alone decides.
+    pub(crate) fn reading_binds(&self, live: Option<Live>, margin: u64) -> bool {
+        let Some(live_room) = self.live_room(live) else {
+            return false;
+        };
+        self.opts.budget.is_none_or(|b| {
+            live_room < b as i64 - self.ledger as i64 + i64::try_from(margin).unwrap_or(i64::MAX)
+        })
+    }
+
     /// What the reading and the budget still allow: the budget less the ledger, and the
     /// live room. Negative when the ledger is already beyond either.
     fn room(&self, live: Option<Live>) -> Option<i64> {
@@ -2011,6 +2023,34 @@ mod tests {
             s.take_evicted().for_each(drop);
             s.complete(t);
         }
+    }
+
+    #[test]
+    fn the_reading_binds_without_a_budget_or_when_it_is_the_tighter_limit() {
+        let live = |s: &Scheduler, headroom: i64| Some(s.fresh(headroom));
+        let mib = |n: i64| n << 20;
+        let unbudgeted = scheduler(
+            SchedulingPolicy::Mema,
+            LoadingPolicy::Partial,
+            None,
+            1,
+            LayerCache::Keep,
+        );
+        assert!(unbudgeted.reading_binds(live(&unbudgeted, mib(1024)), 4 << 20));
+        assert!(!unbudgeted.reading_binds(None, 4 << 20));
+        let budgeted = scheduler(
+            SchedulingPolicy::Mema,
+            LoadingPolicy::Partial,
+            Some(16 << 20),
+            1,
+            LayerCache::Keep,
+        );
+        // 16 MiB of budget room: a reading with 1 GiB spare does not decide, one with
+        // less than the budget room and the margin does.
+        assert!(!budgeted.reading_binds(live(&budgeted, mib(1024)), 4 << 20));
+        assert!(!budgeted.reading_binds(live(&budgeted, mib(20)), 4 << 20));
+        assert!(budgeted.reading_binds(live(&budgeted, mib(19)), 4 << 20));
+        assert!(budgeted.reading_binds(live(&budgeted, mib(8)), 0));
     }
 
     #[test]
