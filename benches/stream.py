@@ -13,11 +13,18 @@ Rows (each a fresh process; levels in interleaved rounds, medians over --rounds)
   memory cgroup (v1 or v2, needs root) at the budget + CGROUP_SLACK for the process's own
   baseline (binary, tract, allocator: about 10 MiB idle) and the frame being decoded.
 - ceiling: `cargo bench --bench stream_ceiling`, every layer planned once and kept, one
-  frame after another in one process and thread (no spool, no scheduler).
+  frame after another in one process and thread (no spool, no scheduler); run in each
+  round right after the unbudgeted 1-thread daemon, so the two meet at one machine speed.
+- baseline (with `--baseline BIN`): an older build's daemon at each level and thread
+  count, e.g. the issue day's (`git worktree add ../day 3871976`, built there), its
+  configuration without the keys it predates.
 - status quo: `memaflow batch --status-quo`, each model whole in tract, loaded per
   inference.
 - litert ref / xnnpack: ai-edge-litert, each model loaded once, inputs prepared up front,
   `invoke()` per model per frame (no decoding); reference kernels and XNNPACK.
+
+The end prints issue 15's ratios within each round (the machine's speed drifts between
+rounds; medians over rounds would compare different speeds), then the medians table.
 
 frames/s counts the whole run (start-up included for the daemon); steady frames/s, from
 the daemon's first result to its last, leaves out start-up and the first frame's loads,
@@ -58,12 +65,13 @@ def sh(args, **kw):
     return out.stdout
 
 
-def packages(work):
+def packages(work, binary=BIN, folder="models"):
+    """The models imported by `binary` (an older build reads only packages it made)."""
     pkgs = []
     for m in MODELS:
-        dest = os.path.join(work, "models", os.path.basename(m))
+        dest = os.path.join(work, folder, os.path.basename(m))
         if not os.path.exists(dest):
-            sh([BIN, "import", os.path.join(FIXTURES, m + ".tflite"), "--out", dest])
+            sh([binary, "import", os.path.join(FIXTURES, m + ".tflite"), "--out", dest])
         pkgs.append(dest)
     return pkgs
 
@@ -116,18 +124,22 @@ class Cgroup:
                 time.sleep(0.05)
 
 
-def run_daemon(work, pkgs, frames, threads, cache, budget, limit, tag, eviction="cost-per-byte"):
-    """One `memaflow run --once` over `frames`, each model summarised; returns its figures."""
+def run_daemon(work, pkgs, frames, threads, cache, budget, limit, tag, eviction="cost-per-byte", binary=BIN):
+    """One `memaflow run --once` over `frames`, each model summarised; returns its figures.
+    `binary` other than the checkout's is an older build (`--baseline`): its configuration
+    has no layer cache, eviction rule or frames in flight, which it would not know."""
     models = "\n".join(f'[[model]]\npath = "{p}"' for p in pkgs)
-    run = f'threads = {threads}\nparallel = {threads}\nframes_in_flight = {threads}\nreserve = "4M"\ncache = "{cache}"\neviction = "{eviction}"\n'
+    run = f'threads = {threads}\nparallel = {threads}\nreserve = "4M"\n'
+    if binary == BIN:
+        run += f'frames_in_flight = {threads}\ncache = "{cache}"\neviction = "{eviction}"\n'
     if budget:
         run += f"budget = {budget}\n"
-    res = run_spool(work, tag, frames, run, models, limit=limit)
+    res = run_spool(work, tag, frames, run, models, limit=limit, binary=binary)
     del res["results"]
     return res
 
 
-def run_spool(work, tag, frames, run, models, board=None, limit=None):
+def run_spool(work, tag, frames, run, models, board=None, limit=None, binary=BIN):
     """One `memaflow run --once [--board BOARD]` over copies of `frames`, with `run` as the
     configuration's [run] section and `models` (its [models] and [[model]] entries) after
     it, in a memory cgroup at `limit` bytes when given; returns its figures: frames/s of the
@@ -143,7 +155,7 @@ def run_spool(work, tag, frames, run, models, board=None, limit=None):
     config = os.path.join(work, f"{tag}.toml")
     with open(config, "w") as f:
         f.write(f'[spool]\nroot = "{root}"\nrescan_secs = 60\n[run]\n{run}{models}\n')
-    argv = [BIN, "run", "--config", config, "--once"] + (["--board", board] if board else [])
+    argv = [binary, "run", "--config", config, "--once"] + (["--board", board] if board else [])
     cg = Cgroup(tag, limit) if limit else None
     env = dict(os.environ, RUST_LOG="warn")
     load_before = os.getloadavg()[0]
@@ -176,7 +188,7 @@ def run_spool(work, tag, frames, run, models, board=None, limit=None):
         "p99_ms": pct(0.99),
         "peak_rss": max((r["memory"]["peak_rss_bytes"] for r in results), default=None),
         "cgroup_peak": peak,
-        "ledger_high_water": status["cache"]["ledger_high_water_bytes"],
+        "ledger_high_water": status.get("cache", {}).get("ledger_high_water_bytes"),
         "loaded": sum(m.get("layers", {}).get("loaded", 0) for r in results for m in r["models"]),
         "model_errors": failed_models,
         "load": (load_before, load_after),
@@ -226,6 +238,36 @@ print(json.dumps({{"frames": {frames_count}, "secs": secs, "fps": {frames_count}
     return json.loads(sh([sys.executable, "-c", code]).strip().splitlines()[-1])
 
 
+CEILING = "ceiling (in-process, every layer kept)"
+
+
+def record(rows, r, name, res):
+    rows.setdefault(name, []).append(res)
+    steady = res["steady_fps"] or 0.0
+    print(f"round {r} {name}: {res['fps']:.2f} frames/s ({steady:.2f} steady), p50 {res['p50_ms']} ms, "
+          f"exit {res['exit']}, OOM {res['oom_kills']}, loaded {res['loaded']}, "
+          f"model errors {res['model_errors']}", flush=True)
+
+
+def print_ratios(rows, rounds):
+    """Issue 15's ratios, each within a round (steady frames/s; the machine's speed drifts
+    between rounds, so a ratio of medians over rounds would compare different speeds)."""
+    pairs = [
+        ("daemon keep cost-per-byte t1 50%", "baseline t1 50%"),
+        ("daemon keep cost-per-byte t1 50%", "daemon off t1 50%"),
+        ("daemon keep t1 none", CEILING),
+        ("daemon keep t2 none", "daemon keep t1 none"),
+    ]
+    print("\nratios within each round (steady frames/s):")
+    for num, den in pairs:
+        if num not in rows or den not in rows:
+            continue
+        ratios = [n.get("steady_fps") / d["steady_fps"] if n.get("steady_fps") and d.get("steady_fps") else None
+                  for n, d in zip(rows[num], rows[den])]
+        text = ", ".join("–" if x is None else f"{x:.2f}x" for x in ratios)
+        print(f"  {num} / {den}: {text}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=30)
@@ -235,9 +277,13 @@ def main():
                     help="eviction rules compared under a budget (cache kept)")
     ap.add_argument("--levels", default="none,0.5,0.25", help="fractions of the working set, or none")
     ap.add_argument("--out", default=os.path.join(REPO, "target/bench-stream"))
+    ap.add_argument("--baseline", help="an older memaflow binary (e.g. the issue day's, built with "
+                    "`git worktree add`), run as a `baseline` row beside each level's rows")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     pkgs = packages(a.out)
+    baseline = os.path.abspath(a.baseline) if a.baseline else None
+    baseline_pkgs = packages(a.out, baseline, "models-baseline") if baseline else None
     frames = frame_list(a.frames)
     # The working set: the ledger's high-water mark of an unlimited run that keeps every layer.
     ws = run_daemon(a.out, pkgs, frames[:4], 1, "keep", None, None, "ws")["ledger_high_water"]
@@ -259,18 +305,25 @@ def main():
                     res = run_daemon(a.out, pkgs, frames, t, cache, budget, limit,
                                      f"{cache}-{eviction}-{t}-{level}", eviction)
                     res.update(budget=budget, limit=limit)
-                    rows.setdefault(name, []).append(res)
-                    steady = res["steady_fps"] or 0.0
-                    print(f"round {r} {name}: {res['fps']:.2f} frames/s ({steady:.2f} steady), p50 {res['p50_ms']} ms, "
-                          f"exit {res['exit']}, OOM {res['oom_kills']}, loaded {res['loaded']}, "
-                          f"model errors {res['model_errors']}", flush=True)
-        rows.setdefault("ceiling (in-process, every layer kept)", []).append(run_ceiling(pkgs, frames))
+                    record(rows, r, name, res)
+                    if t == 1 and level is None and cache == "keep":
+                        # Right after the daemon's row, so that the two are compared at the
+                        # same machine speed (it drifts over a round's minutes).
+                        rows.setdefault(CEILING, []).append(run_ceiling(pkgs, frames))
+                        print(f"round {r} {CEILING}: {rows[CEILING][-1]['fps']:.2f} frames/s", flush=True)
+                if a.baseline:
+                    budget = int(level * ws) if level else None
+                    res = run_daemon(a.out, baseline_pkgs, frames, t, "off", budget,
+                                     budget + CGROUP_SLACK if budget else None,
+                                     f"baseline-{t}-{level}", binary=baseline)
+                    record(rows, r, f"baseline t{t} {'none' if level is None else f'{level:.0%}'}", res)
         rows.setdefault("status quo (batch --status-quo)", []).append(run_status_quo(pkgs, frames))
         for resolver, label in (("BUILTIN_REF", "litert reference kernels"), ("BUILTIN", "litert XNNPACK")):
             try:
                 rows.setdefault(label, []).append(run_litert(a.frames, resolver))
             except RuntimeError as e:
                 print(f"{label}: {e}", file=sys.stderr)
+    print_ratios(rows, a.rounds)
     with open(os.path.join(a.out, "stream.json"), "w") as f:
         json.dump({"working_set": ws, "rows": rows}, f, indent=1)
     print(f"\n{a.frames} frames, {a.rounds} rounds (medians); working set {ws / MIB:.1f} MiB\n")
