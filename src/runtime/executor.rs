@@ -541,8 +541,9 @@ fn snapshot(state: &State) -> ExecutorSnapshot {
 
 /// Freed heap left untrimmed after evictions while the budget, not the reading, decides.
 /// Trimming (`memory::release_free_heap`) walks the whole heap and hands its free pages
-/// back, to be faulted in again by the next allocations: after every eviction, that was a
-/// sixth of the CPU time of a frame at half the working set, and more at a quarter.
+/// back, to be faulted in again by the next allocations: trimmed after every eviction, 30
+/// frames at half the working set made 550 k page faults, 380-450 k with this bound
+/// (docs/results.md).
 const UNTRIMMED_MAX: u64 = 4 << 20;
 
 /// What `drop_evicted` did.
