@@ -249,7 +249,7 @@ def record(rows, r, name, res):
           f"model errors {res['model_errors']}", flush=True)
 
 
-def print_ratios(rows, rounds):
+def print_ratios(rows):
     """Issue 15's ratios, each within a round (steady frames/s; the machine's speed drifts
     between rounds, so a ratio of medians over rounds would compare different speeds)."""
     pairs = [
@@ -294,14 +294,15 @@ def main():
     for r in range(a.rounds):
         for t in threads:
             for level in levels:
+                budget = int(level * ws) if level else None
+                limit = budget + CGROUP_SLACK if budget else None
+                where = f"t{t} {'none' if level is None else f'{level:.0%}'}"
                 # Eviction only matters under a budget: both rules there, on the cache kept.
                 evictions = a.evictions.split(",") if level else ["furthest-ahead"]
                 variants = [("keep", e) for e in evictions] + [("off", "furthest-ahead")]
                 for cache, eviction in variants:
-                    budget = int(level * ws) if level else None
-                    limit = budget + CGROUP_SLACK if budget else None
                     rule = f" {eviction}" if cache == "keep" and level else ""
-                    name = f"daemon {cache}{rule} t{t} {'none' if level is None else f'{level:.0%}'}"
+                    name = f"daemon {cache}{rule} {where}"
                     res = run_daemon(a.out, pkgs, frames, t, cache, budget, limit,
                                      f"{cache}-{eviction}-{t}-{level}", eviction)
                     res.update(budget=budget, limit=limit)
@@ -312,18 +313,16 @@ def main():
                         rows.setdefault(CEILING, []).append(run_ceiling(pkgs, frames))
                         print(f"round {r} {CEILING}: {rows[CEILING][-1]['fps']:.2f} frames/s", flush=True)
                 if a.baseline:
-                    budget = int(level * ws) if level else None
-                    res = run_daemon(a.out, baseline_pkgs, frames, t, "off", budget,
-                                     budget + CGROUP_SLACK if budget else None,
+                    res = run_daemon(a.out, baseline_pkgs, frames, t, "off", budget, limit,
                                      f"baseline-{t}-{level}", binary=baseline)
-                    record(rows, r, f"baseline t{t} {'none' if level is None else f'{level:.0%}'}", res)
+                    record(rows, r, f"baseline {where}", res)
         rows.setdefault("status quo (batch --status-quo)", []).append(run_status_quo(pkgs, frames))
         for resolver, label in (("BUILTIN_REF", "litert reference kernels"), ("BUILTIN", "litert XNNPACK")):
             try:
                 rows.setdefault(label, []).append(run_litert(a.frames, resolver))
             except RuntimeError as e:
                 print(f"{label}: {e}", file=sys.stderr)
-    print_ratios(rows, a.rounds)
+    print_ratios(rows)
     with open(os.path.join(a.out, "stream.json"), "w") as f:
         json.dump({"working_set": ws, "rows": rows}, f, indent=1)
     print(f"\n{a.frames} frames, {a.rounds} rounds (medians); working set {ws / MIB:.1f} MiB\n")
