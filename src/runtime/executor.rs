@@ -742,6 +742,16 @@ enum Way {
     Reload(Arc<LayerTemplate>),
 }
 
+impl Way {
+    fn name(&self) -> &'static str {
+        match self {
+            Way::Full => "full load",
+            Way::MakingTemplate => "full load making its plan template",
+            Way::Reload(_) => "reload through its plan template",
+        }
+    }
+}
+
 enum Done {
     Init(Activations),
     InitWhole,
@@ -924,52 +934,16 @@ fn perform(work: Work, alone: bool) -> Result<Done> {
             measure,
             way,
             weights,
-        } => match (way, measure.filter(|_| alone)) {
-            (Way::Reload(template), _) => {
-                let (loaded, kept) = heap::kept_by(|| {
-                    reload(&package, layer, &template, &mut LoadPhases::default())
-                });
-                Done::Loaded(Staged::Layer(loaded?), heap_measure(kept, weights), None)
-            }
-            (Way::MakingTemplate, _) => {
-                let (loaded, template) =
-                    load_with_template(&package, layer, &mut LoadPhases::default())?;
-                // Planning twice left a heap of freed blocks under the mmap threshold,
-                // which the reading would count as held until trimmed.
-                memory::release_free_heap();
-                let (made, template) = match template {
-                    // A template as large as the layer's weights saves a reload little
-                    // and costs the cache as much room as its plan: not kept.
-                    Ok(t) if t.bytes() > weights / TEMPLATE_WORTH => {
-                        log::debug!(
-                            "{} layer {layer}: no plan template kept: {} bytes for {} of weights",
-                            package.name(),
-                            t.bytes(),
-                            weights
-                        );
-                        (TemplateMade::Impossible, None)
-                    }
-                    Ok(t) => (TemplateMade::Made(t.bytes()), Some(t)),
-                    Err(e) => {
-                        log::debug!("no plan template: {e:#}");
-                        (TemplateMade::Impossible, None)
-                    }
-                };
-                let measure = LoadMeasure {
-                    template: made,
-                    ..LoadMeasure::default()
-                };
-                Done::Loaded(Staged::Layer(loaded), measure, template)
-            }
-            (Way::Full, Some(floor)) => {
-                let (loaded, measured) = measured_load(&package, layer, floor)?;
-                Done::Loaded(Staged::Layer(loaded), measured, None)
-            }
-            (Way::Full, None) => {
-                let (loaded, kept) = heap::kept_by(|| load_layer(&package, layer));
-                Done::Loaded(Staged::Layer(loaded?), heap_measure(kept, weights), None)
-            }
-        },
+        } => {
+            let (how, start) = (way.name(), Instant::now());
+            let done = perform_load(&package, layer, measure.filter(|_| alone), way, weights)?;
+            log::debug!(
+                "{} layer {layer}: {how} in {:.2} ms",
+                package.name(),
+                start.elapsed().as_secs_f64() * 1e3
+            );
+            done
+        }
         Work::Stage(run) => Done::Loaded(Staged::Whole(run), LoadMeasure::default(), None),
         Work::Whole { run, input } => Done::RanWhole(run(input)?),
         Work::Exec {
@@ -981,6 +955,62 @@ fn perform(work: Work, alone: bool) -> Result<Done> {
             // Without the cache, the layer's weights go here, as soon as it has run.
             drop(layer);
             Done::Ran(outs)
+        }
+    })
+}
+
+/// Loads one layer the way the scheduler chose (`measure`: the heap floor when the load
+/// runs alone and its bytes are wanted).
+fn perform_load(
+    package: &Package,
+    layer: usize,
+    measure: Option<u64>,
+    way: Way,
+    weights: u64,
+) -> Result<Done> {
+    Ok(match (way, measure) {
+        (Way::Reload(template), _) => {
+            let (loaded, kept) =
+                heap::kept_by(|| reload(package, layer, &template, &mut LoadPhases::default()));
+            Done::Loaded(Staged::Layer(loaded?), heap_measure(kept, weights), None)
+        }
+        (Way::MakingTemplate, _) => {
+            let (loaded, template) =
+                load_with_template(package, layer, &mut LoadPhases::default())?;
+            // Planning twice left a heap of freed blocks under the mmap threshold,
+            // which the reading would count as held until trimmed.
+            memory::release_free_heap();
+            let (made, template) = match template {
+                // A template as large as the layer's weights saves a reload little
+                // and costs the cache as much room as its plan: not kept.
+                Ok(t) if t.bytes() > weights / TEMPLATE_WORTH => {
+                    log::debug!(
+                        "{} layer {layer}: no plan template kept: {} bytes for {} of weights",
+                        package.name(),
+                        t.bytes(),
+                        weights
+                    );
+                    (TemplateMade::Impossible, None)
+                }
+                Ok(t) => (TemplateMade::Made(t.bytes()), Some(t)),
+                Err(e) => {
+                    log::debug!("no plan template: {e:#}");
+                    (TemplateMade::Impossible, None)
+                }
+            };
+            let measure = LoadMeasure {
+                template: made,
+                ..LoadMeasure::default()
+            };
+            Done::Loaded(Staged::Layer(loaded), measure, template)
+        }
+        (Way::Full, Some(floor)) => {
+            let (loaded, measured) = measured_load(package, layer, floor)?;
+            Done::Loaded(Staged::Layer(loaded), measured, None)
+        }
+        (Way::Full, None) => {
+            let (loaded, kept) = heap::kept_by(|| load_layer(package, layer));
+            Done::Loaded(Staged::Layer(loaded?), heap_measure(kept, weights), None)
         }
     })
 }
