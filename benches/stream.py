@@ -10,8 +10,9 @@ Rows (each a fresh process; levels in interleaved rounds, medians over --rounds)
   `threads` workers, as many frames in flight and inferences in parallel. Levels: no
   budget, or `[run] budget` at 50 % / 25 % of the working set (the ledger's high-water
   mark with every layer resident, read from an unlimited run's status.json), each in a
-  memory cgroup (v1 or v2, needs root) at the budget + CGROUP_SLACK for the process's own
-  baseline (binary, tract, allocator: about 10 MiB idle) and the frame being decoded.
+  memory cgroup (v1 or v2, needs root) at the budget + `--cgroup-slack` (default 40 MiB,
+  issue 15's bound on peak RSS at 50 %) for the process's own baseline (binary, tract,
+  allocator: about 10 MiB idle), the frame being decoded and the allocator's free blocks.
 - ceiling: `cargo bench --bench stream_ceiling`, every layer planned once and kept, one
   frame after another in one process and thread (no spool, no scheduler); run in each
   round right after the unbudgeted 1-thread daemon, so the two meet at one machine speed.
@@ -55,7 +56,7 @@ MODELS = [
     "hand_landmark/hand_landmark_full",
 ]
 MIB = 1 << 20
-CGROUP_SLACK = 24 * MIB
+CGROUP_SLACK = 40 * MIB
 
 
 def sh(args, **kw):
@@ -277,6 +278,9 @@ def main():
                     help="eviction rules compared under a budget (cache kept)")
     ap.add_argument("--levels", default="none,0.5,0.25", help="fractions of the working set, or none")
     ap.add_argument("--out", default=os.path.join(REPO, "target/bench-stream"))
+    ap.add_argument("--cgroup-slack", type=float, default=CGROUP_SLACK / MIB,
+                    help="MiB above the budget for the cgroup limit of a budgeted run (default: issue "
+                    "15's bound on peak RSS, budget + 40 MiB)")
     ap.add_argument("--baseline", help="an older memaflow binary (e.g. the issue day's, built with "
                     "`git worktree add`), run as a `baseline` row beside each level's rows")
     a = ap.parse_args()
@@ -295,7 +299,7 @@ def main():
         for t in threads:
             for level in levels:
                 budget = int(level * ws) if level else None
-                limit = budget + CGROUP_SLACK if budget else None
+                limit = budget + int(a.cgroup_slack * MIB) if budget else None
                 where = f"t{t} {'none' if level is None else f'{level:.0%}'}"
                 # Eviction only matters under a budget: both rules there, on the cache kept.
                 evictions = a.evictions.split(",") if level else ["furthest-ahead"]
