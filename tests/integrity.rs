@@ -318,3 +318,29 @@ fn the_demo_imports_again_a_cached_package_of_format_1() {
     let package = memaflow::model::Package::open(&pkg).unwrap();
     assert_eq!(package.manifest.format, 2);
 }
+
+/// After a layer's first read (SHA-256) later reads compare a fast hash of the bytes: one
+/// flipped bit between two reads in the same process still fails the second with the
+/// manifest's digest named, and the restored file reads again.
+#[test]
+fn a_layer_damaged_between_two_reads_of_one_package_fails_the_second() {
+    let dir = scratch("integrity-reread");
+    let pkg = import_shared("face_detection_short_range", &dir);
+    let package = memaflow::model::Package::open(&pkg).unwrap();
+    let layer = (0..package.manifest.layers.len())
+        .max_by_key(|&i| package.manifest.layers[i].weight_bytes)
+        .unwrap();
+    let path = pkg.join(&package.manifest.layers[layer].file);
+    let good = std::fs::read(&path).unwrap();
+    package.read_layer(layer).expect("the imported layer reads");
+    package.read_layer(layer).expect("and reads again");
+    let (flipped, _) = flip_weight_bit(&pkg);
+    assert_eq!(flipped, layer);
+    let err = format!("{:#}", package.read_layer(layer).unwrap_err());
+    assert!(
+        err.contains("SHA-256") && err.contains("re-import"),
+        "{err}"
+    );
+    std::fs::write(&path, &good).unwrap();
+    package.read_layer(layer).expect("the restored layer reads");
+}

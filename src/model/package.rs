@@ -12,6 +12,8 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use xxhash_rust::xxh3::xxh3_128;
 
 pub(crate) const MANIFEST_FILE: &str = "model.toml";
 /// Format 2 added each layer file's SHA-256 (`layers[].sha256`).
@@ -419,6 +421,9 @@ pub struct Package {
     pub dir: PathBuf,
     /// Its checked manifest.
     pub manifest: Manifest,
+    /// Per layer, once its file passed the SHA-256 check: the XXH3-128 of those bytes, which
+    /// later reads compare instead (see `read_layer_bytes`).
+    verified: Vec<OnceLock<u128>>,
 }
 
 impl Package {
@@ -435,7 +440,14 @@ impl Package {
         manifest
             .check()
             .with_context(|| format!("{}", path.display()))?;
-        Ok(Package { dir, manifest })
+        let verified = (0..manifest.layers.len())
+            .map(|_| OnceLock::new())
+            .collect();
+        Ok(Package {
+            dir,
+            manifest,
+            verified,
+        })
     }
 
     /// The model's name, from the manifest.
@@ -491,6 +503,13 @@ impl Package {
     /// Reads one layer file and checks its size and SHA-256 against the manifest, without
     /// parsing it: for a reload through a plan template, made from the same bytes when
     /// `read_layer` checked them in full (the digest says they are still those bytes).
+    ///
+    /// SHA-256 runs on a layer's first read; its bytes' XXH3-128 is kept and later reads
+    /// compare that instead, at memory speed: a reload of a layer the cache evicted pays
+    /// the hash every frame, and the boards' cores have no SHA instructions (the costs:
+    /// docs/model-packages.md, "Integrity"). Bytes whose XXH3 differs are
+    /// checked against the manifest's SHA-256 again, so a damaged file fails as on its
+    /// first read.
     pub(crate) fn read_layer_bytes(&self, index: usize) -> Result<bytes::Bytes> {
         let entry = self
             .manifest
@@ -508,6 +527,10 @@ impl Package {
             bytes.len(),
             entry.file_bytes
         );
+        let fast = xxh3_128(&bytes);
+        if self.verified[index].get() == Some(&fast) {
+            return Ok(bytes);
+        }
         let digest = Sha256::of(&bytes);
         ensure!(
             digest == entry.sha256,
@@ -516,6 +539,8 @@ impl Package {
             ctx(),
             entry.sha256
         );
+        // Set once: bytes matching the manifest's SHA-256 have one XXH3.
+        let _ = self.verified[index].set(fast);
         Ok(bytes)
     }
 
