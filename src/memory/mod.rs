@@ -54,6 +54,7 @@ pub fn parse_status(text: &str) -> Result<ProcessMemory> {
 /// firmware build) already unmaps large blocks, so this is glibc only. The price is a
 /// page fault and a zeroed page for every page of every large buffer, every time.
 pub fn return_freed_memory_promptly() {
+    heap::keep_freed_blocks(0);
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator tunables, with values in the documented ranges.
     // glibc's manual marks it MT-Unsafe for initialisation only ("init"): the allocator
@@ -66,10 +67,28 @@ pub fn return_freed_memory_promptly() {
     }
 }
 
-/// Hands free pages inside glibc's heap back to the kernel. Buffers under the mmap
+/// Bytes of freed large blocks kept for reuse while memory is plentiful (musl only).
+#[cfg(target_env = "musl")]
+const KEPT_WHILE_PLENTIFUL: usize = 64 << 20;
+
+/// Keeps freed buffers in the process for the next frame's, while memory is plentiful.
+/// glibc does so on its own (its heap keeps what is freed, its mmap threshold rising to
+/// the largest block freed); musl unmaps every block over about 128 KiB at once, so there
+/// the global allocator keeps freed blocks of that size, up to `KEPT_WHILE_PLENTIFUL`
+/// bytes, and gives each back for an allocation of its very size and alignment: a frame's
+/// activations and reloaded weights come back without page faults or zeroing.
+/// [`return_freed_memory_promptly`] ends it.
+pub fn reuse_freed_memory() {
+    #[cfg(target_env = "musl")]
+    heap::keep_freed_blocks(KEPT_WHILE_PLENTIFUL);
+}
+
+/// Hands free pages inside glibc's heap, and the freed blocks kept for reuse
+/// ([`reuse_freed_memory`]), back to the kernel. Buffers under the mmap
 /// threshold (tiles, small activations) come from the heap, and a heap fragmented by many
 /// of them keeps its free pages resident until trimmed; musl returns them on its own.
 pub(crate) fn release_free_heap() {
+    heap::release_kept_blocks();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free memory to the kernel; it takes the allocator's
     // own locks and touches no live allocation.

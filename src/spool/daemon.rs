@@ -163,9 +163,9 @@ const PLENTIFUL_HEADROOM: u64 = 512 << 20;
 /// Where freed buffers go. Under a budget or a cgroup limit, back to the kernel at once
 /// (`memory::return_freed_memory_promptly`): a freed layer or activation kept by the
 /// allocator is resident memory the ledger no longer counts. With neither, memory is
-/// plentiful and they stay in the allocator for the next frame's layers, which then
-/// neither fault pages in nor zero them: a quarter less CPU a frame on the stream
-/// benchmark's models (docs/runtime.md). Returns the headroom under which the executor
+/// plentiful and they stay in the process for the next frame's layers (glibc's heap;
+/// on musl, `memory::reuse_freed_memory`), which then neither fault pages in nor zero
+/// them: a quarter less CPU a frame on the stream benchmark's models (docs/runtime.md). Returns the headroom under which the executor
 /// switches to returning them, for good; `None` when they go back from the start.
 fn allocator_policy(config: &Config, system: &SystemMemory) -> Option<u64> {
     let limited = system.read().map_or(true, |r| r.cgroup_limit().is_some());
@@ -174,8 +174,9 @@ fn allocator_policy(config: &Config, system: &SystemMemory) -> Option<u64> {
         log::info!("freed buffers go back to the kernel at once (a budget or a cgroup limit)");
         None
     } else {
+        crate::memory::reuse_freed_memory();
         log::info!(
-            "freed buffers stay in the allocator for reuse while the headroom is at least {}",
+            "freed buffers stay in the process for reuse while the headroom is at least {}",
             crate::memory::Bytes(PLENTIFUL_HEADROOM)
         );
         Some(PLENTIFUL_HEADROOM)
