@@ -280,11 +280,6 @@ pub fn release_kept_blocks() {
     }
 }
 
-/// Bytes kept now.
-pub fn kept_block_bytes() -> usize {
-    KEPT.bytes.load(Ordering::Relaxed)
-}
-
 /// Runs `f` and returns what it returned with the heap bytes this thread allocated during
 /// it and had not freed at its end (0 if it freed more than it allocated).
 pub fn kept_by<T>(f: impl FnOnce() -> T) -> (T, u64) {

@@ -51,8 +51,9 @@ pub fn parse_status(text: &str) -> Result<ProcessMemory> {
 /// after which layer-sized buffers come from the heap and their memory stays resident
 /// after they are dropped: a budget of 128 MiB then peaks far above it. A fixed threshold
 /// keeps every buffer of 1 MiB or more in its own mapping, unmapped on free. musl (the
-/// firmware build) already unmaps large blocks, so this is glibc only. The price is a
-/// page fault and a zeroed page for every page of every large buffer, every time.
+/// firmware build) already unmaps large blocks, so the threshold is glibc only; there this
+/// ends [`reuse_freed_memory`] and hands back the blocks it kept. The price is a page fault
+/// and a zeroed page for every page of every large buffer, every time.
 pub fn return_freed_memory_promptly() {
     heap::keep_freed_blocks(0);
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -75,7 +76,7 @@ const KEPT_WHILE_PLENTIFUL: usize = 64 << 20;
 /// glibc does so on its own (its heap keeps what is freed, its mmap threshold rising to
 /// the largest block freed); musl unmaps every block over about 128 KiB at once, so there
 /// the global allocator keeps freed blocks of that size, up to `KEPT_WHILE_PLENTIFUL`
-/// bytes, and gives each back for an allocation of its very size and alignment: a frame's
+/// bytes, and gives each back for an allocation of its size class and alignment: a frame's
 /// activations and reloaded weights come back without page faults or zeroing.
 /// [`return_freed_memory_promptly`] ends it.
 pub fn reuse_freed_memory() {

@@ -165,7 +165,8 @@ const PLENTIFUL_HEADROOM: u64 = 512 << 20;
 /// allocator is resident memory the ledger no longer counts. With neither, memory is
 /// plentiful and they stay in the process for the next frame's layers (glibc's heap;
 /// on musl, `memory::reuse_freed_memory`), which then neither fault pages in nor zero
-/// them: a quarter less CPU a frame on the stream benchmark's models (docs/runtime.md). Returns the headroom under which the executor
+/// them: a quarter less CPU a frame on the stream benchmark's models with glibc, 1.6x the
+/// frame rate with musl (docs/runtime.md). Returns the headroom under which the executor
 /// switches to returning them, for good; `None` when they go back from the start.
 fn allocator_policy(config: &Config, system: &SystemMemory) -> Option<u64> {
     let limited = system.read().map_or(true, |r| r.cgroup_limit().is_some());
