@@ -148,6 +148,11 @@ fn in_class(layout: Layout) -> Layout {
 /// frame would otherwise be faulted in and zeroed page by page, every frame.
 const KEPT_BLOCK_MIN: usize = 128 << 10;
 
+/// Attempts at the kept blocks' lock an allocation makes before it does without them (a
+/// miss, or the block freed): an allocator that never waits unboundedly, and whose
+/// calls the compiler can see return.
+const ALLOCATOR_TRIES: usize = 64;
+
 /// Blocks kept at most: a frame's distinct activation and weight sizes.
 const KEPT_SLOTS: usize = 128;
 
@@ -155,7 +160,22 @@ const KEPT_SLOTS: usize = 128;
 struct KeptBlock {
     /// Null: the slot is empty.
     ptr: *mut u8,
-    layout: Layout,
+    /// Its layout's size and alignment (not a `Layout`, so that the empty array is all
+    /// zeros and takes no room in the firmware's file).
+    size: usize,
+    align: usize,
+}
+
+impl KeptBlock {
+    fn is(&self, layout: Layout) -> bool {
+        !self.ptr.is_null() && self.size == layout.size() && self.align == layout.align()
+    }
+
+    fn layout(&self) -> Layout {
+        // SAFETY: `size` and `align` were copied from a `Layout` (`KeptBlocks::keep`), which
+        // checked them.
+        unsafe { Layout::from_size_align_unchecked(self.size, self.align) }
+    }
 }
 
 /// Freed large blocks kept (up to a byte limit, off by default) and handed back for an
@@ -183,7 +203,8 @@ impl KeptBlocks {
             slots: UnsafeCell::new(
                 [KeptBlock {
                     ptr: std::ptr::null_mut(),
-                    layout: Layout::new::<u8>(),
+                    size: 0,
+                    align: 0,
                 }; KEPT_SLOTS],
             ),
             bytes: AtomicUsize::new(0),
@@ -191,21 +212,31 @@ impl KeptBlocks {
         }
     }
 
-    /// Runs `f` on the slots under the spin lock. `f` must not allocate (the allocator
-    /// calls this) and does not: it only scans and writes the fixed array.
-    fn locked<R>(&self, f: impl FnOnce(&mut [KeptBlock; KEPT_SLOTS]) -> R) -> R {
+    /// Runs `f` on the slots under the spin lock, or gives up after `tries` attempts to
+    /// take it (`None`). `f` must not allocate (the allocator calls this) and does not: it
+    /// only scans and writes the fixed array.
+    fn locked<R>(
+        &self,
+        tries: usize,
+        f: impl FnOnce(&mut [KeptBlock; KEPT_SLOTS]) -> R,
+    ) -> Option<R> {
+        let mut attempts = 0;
         while self
             .lock
             .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
         {
+            attempts += 1;
+            if attempts >= tries {
+                return None;
+            }
             std::hint::spin_loop();
         }
         // SAFETY: the lock is held until the store below, so this is the only reference to
         // the slots meanwhile (see `unsafe impl Sync`).
         let result = f(unsafe { &mut *self.slots.get() });
         self.lock.store(false, Ordering::Release);
-        result
+        Some(result)
     }
 
     /// A kept block of exactly `layout`, no longer kept.
@@ -213,14 +244,13 @@ impl KeptBlocks {
         if layout.size() < KEPT_BLOCK_MIN || self.bytes.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        self.locked(|slots| {
-            let slot = slots
-                .iter_mut()
-                .find(|b| !b.ptr.is_null() && b.layout == layout)?;
+        self.locked(ALLOCATOR_TRIES, |slots| {
+            let slot = slots.iter_mut().find(|b| b.is(layout))?;
             let ptr = std::mem::replace(&mut slot.ptr, std::ptr::null_mut());
             self.bytes.fetch_sub(layout.size(), Ordering::Relaxed);
             Some(ptr)
         })
+        .flatten()
     }
 
     /// Keeps the freed block `ptr` if it is large and fits the limit; false: free it.
@@ -229,7 +259,7 @@ impl KeptBlocks {
         if layout.size() < KEPT_BLOCK_MIN || layout.size() > limit {
             return false;
         }
-        self.locked(|slots| {
+        self.locked(ALLOCATOR_TRIES, |slots| {
             // Read again under the lock: once `keep_freed_blocks(0)` stored 0, a block is
             // either refused here or kept before its drain takes the lock.
             let limit = self.limit.load(Ordering::Relaxed);
@@ -239,10 +269,15 @@ impl KeptBlocks {
             let Some(slot) = slots.iter_mut().find(|b| b.ptr.is_null()) else {
                 return false;
             };
-            *slot = KeptBlock { ptr, layout };
+            *slot = KeptBlock {
+                ptr,
+                size: layout.size(),
+                align: layout.align(),
+            };
             self.bytes.fetch_add(layout.size(), Ordering::Relaxed);
             true
         })
+        .unwrap_or(false)
     }
 
     /// Any one kept block, no longer kept.
@@ -250,13 +285,14 @@ impl KeptBlocks {
         if self.bytes.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        self.locked(|slots| {
+        self.locked(usize::MAX, |slots| {
             let slot = slots.iter_mut().find(|b| !b.ptr.is_null())?;
             let block = *slot;
             slot.ptr = std::ptr::null_mut();
-            self.bytes.fetch_sub(block.layout.size(), Ordering::Relaxed);
+            self.bytes.fetch_sub(block.size, Ordering::Relaxed);
             Some(block)
         })
+        .flatten()
     }
 }
 
@@ -276,7 +312,7 @@ pub fn keep_freed_blocks(limit: usize) {
 pub fn release_kept_blocks() {
     while let Some(block) = KEPT.take_any() {
         // SAFETY: a kept block came from `System` with this layout and nobody holds it.
-        unsafe { System.dealloc(block.ptr, block.layout) };
+        unsafe { System.dealloc(block.ptr, block.layout()) };
     }
 }
 
