@@ -280,11 +280,9 @@ impl KeptBlocks {
         .unwrap_or(false)
     }
 
-    /// Any one kept block, no longer kept.
+    /// Any one kept block, no longer kept. Always under the lock (no look at `bytes`
+    /// first): a block kept just before the limit fell to 0 is seen here.
     fn take_any(&self) -> Option<KeptBlock> {
-        if self.bytes.load(Ordering::Relaxed) == 0 {
-            return None;
-        }
         self.locked(usize::MAX, |slots| {
             let slot = slots.iter_mut().find(|b| !b.ptr.is_null())?;
             let block = *slot;
