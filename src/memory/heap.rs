@@ -49,9 +49,9 @@ pub fn allocations_by_this_thread() -> u64 {
 // rounded layout, or into `KEPT`, which hands it out again only for a layout of that very
 // class and alignment, to one caller, and never touches its bytes (a zeroed request is
 // zeroed here). The counting touches only a thread-local integer and `KEPT` a spin lock and
-// a fixed array; neither allocates or unwinds. The methods are not inlined: fat LTO would copy the counting into
-// every allocation site of the program (hundreds of KiB of firmware for nothing; a call
-// costs a branch).
+// a fixed array; neither allocates or unwinds. The methods are not inlined: fat LTO would
+// copy the counting into every allocation site of the program (hundreds of KiB of firmware
+// for nothing; a call costs a branch).
 unsafe impl GlobalAlloc for CountingAllocator {
     #[inline(never)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
@@ -137,8 +137,12 @@ fn rounded_to_class(size: usize, align: usize) -> usize {
     }
 }
 
-/// `layout` with its size rounded to its class.
+/// `layout` with its size rounded to its class. Every allocation comes through here: the
+/// layouts that keep their size (all of them without size classes) return at once.
 fn in_class(layout: Layout) -> Layout {
+    if !SIZE_CLASSES || layout.size() < KEPT_BLOCK_MIN {
+        return layout;
+    }
     Layout::from_size_align(class_size(layout.size(), layout.align()), layout.align())
         .unwrap_or(layout)
 }

@@ -507,9 +507,8 @@ impl Package {
     /// SHA-256 runs on a layer's first read; its bytes' XXH3-128 is kept and later reads
     /// compare that instead, at memory speed: a reload of a layer the cache evicted pays
     /// the hash every frame, and the boards' cores have no SHA instructions (the costs:
-    /// docs/model-packages.md, "Integrity"). Bytes whose XXH3 differs are
-    /// checked against the manifest's SHA-256 again, so a damaged file fails as on its
-    /// first read.
+    /// docs/model-packages.md, "Integrity"). Bytes whose XXH3 differs are checked against
+    /// the manifest's SHA-256 again, so a damaged file fails as on its first read.
     pub(crate) fn read_layer_bytes(&self, index: usize) -> Result<bytes::Bytes> {
         let entry = self
             .manifest
