@@ -543,7 +543,8 @@ fn snapshot(state: &State) -> ExecutorSnapshot {
 /// Trimming (`memory::release_free_heap`) walks the whole heap and hands its free pages
 /// back, to be faulted in again by the next allocations: trimmed after every eviction, 30
 /// frames at half the working set made 550 k page faults, 380-450 k with this bound
-/// (docs/results.md).
+/// (docs/results.md). A daemon keeping its buffers between frames trims by what the heap
+/// holds instead (`memory::kept_freed_bytes`).
 const UNTRIMMED_MAX: u64 = 4 << 20;
 
 /// What `drop_evicted` did.
@@ -558,8 +559,9 @@ enum Dropped {
 
 /// Drops the plans of layers the scheduler evicted. Where the live reading limits what is
 /// admitted (or soon would), the freed heap goes back to the kernel at once so that the
-/// next reading shows it; under a budget with memory to spare, once `UNTRIMMED_MAX` has
-/// been evicted since the last trim.
+/// next reading shows it; under a budget with memory to spare, once the heap keeps more
+/// freed memory than the daemon allows, or else once `UNTRIMMED_MAX` has been evicted
+/// since the last trim.
 fn drop_evicted(state: &mut State) -> Dropped {
     let State {
         scheduler,
@@ -599,8 +601,10 @@ fn drop_evicted(state: &mut State) -> Dropped {
         return Dropped::Nothing;
     }
     let live = reading.and_then(|(_, r)| r.live());
-    if live.is_none() || *untrimmed >= UNTRIMMED_MAX || scheduler.reading_binds(live, UNTRIMMED_MAX)
-    {
+    let heap_over = memory::kept_freed_bytes().map_or(*untrimmed >= UNTRIMMED_MAX, |kept| {
+        kept > memory::KEPT_FREED_MAX
+    });
+    if live.is_none() || heap_over || scheduler.reading_binds(live, UNTRIMMED_MAX) {
         memory::release_free_heap();
         *untrimmed = 0;
         Dropped::PlansAndTrimmed
@@ -659,6 +663,7 @@ impl Inner {
         };
         state.reading = Some((Instant::now(), r));
         stop_reusing_freed_if_tight(state, &r);
+        bound_kept_buffers(state, &r);
         r
     }
 }
@@ -680,6 +685,44 @@ fn stop_reusing_freed_if_tight(state: &mut State, r: &Reading) {
             "memory headroom under {}: freed buffers now go back to the kernel at once",
             Bytes(floor)
         );
+    }
+}
+
+/// What the heap keeps of freed buffers between frames (`memory::keep_buffers_between_frames`)
+/// is resident memory the ledger does not count, and an eviction or a finished exec frees
+/// ledger bytes the reading goes on seeing. The budget bounds the one, the heap's bound the
+/// other: that is safe only while the reading has room for both. Where it has no room for
+/// the heap to grow to its bound, the heap is trimmed now (the next decision reads memory
+/// again); where even a trimmed heap would leave none, freed buffers go back to the kernel
+/// at once from now on.
+fn bound_kept_buffers(state: &mut State, r: &Reading) {
+    let (Some(kept), Some(live)) = (memory::kept_freed_bytes(), r.live()) else {
+        return;
+    };
+    let trimmed = Live {
+        headroom: live
+            .headroom
+            .saturating_add(i64::try_from(kept).unwrap_or(i64::MAX)),
+        ..live
+    };
+    if state
+        .scheduler
+        .reading_binds(Some(trimmed), memory::KEPT_FREED_MAX)
+    {
+        memory::return_freed_memory_promptly();
+        memory::release_free_heap();
+        state.reading = None;
+        log::info!(
+            "memory headroom {} leaves no room for the {} of freed buffers kept between frames: they now go back to the kernel at once",
+            Bytes(u64::try_from(live.headroom.max(0)).unwrap_or(0)),
+            Bytes(memory::KEPT_FREED_MAX)
+        );
+    } else if state
+        .scheduler
+        .reading_binds(Some(live), memory::KEPT_FREED_MAX.saturating_sub(kept))
+    {
+        memory::release_free_heap();
+        state.reading = None;
     }
 }
 

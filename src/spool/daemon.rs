@@ -159,17 +159,30 @@ fn log_start(spool: &Spool, config: &Config) {
 /// Headroom under which memory is no longer plentiful for a daemon without a budget.
 const PLENTIFUL_HEADROOM: u64 = 512 << 20;
 
-/// Where freed buffers go. Under a budget or a cgroup limit, back to the kernel at once
-/// (`memory::return_freed_memory_promptly`): a freed layer or activation kept by the
-/// allocator is resident memory the ledger no longer counts. With neither, memory is
-/// plentiful and they stay in the process for the next frame's layers (glibc's heap;
-/// on musl, `memory::reuse_freed_memory`), which then neither fault pages in nor zero
-/// them: a quarter less CPU a frame on the stream benchmark's models with glibc, 1.6x the
-/// frame rate with musl (docs/runtime.md). Returns the headroom under which the executor
-/// switches to returning them, for good; `None` when they go back from the start.
+/// Where freed buffers go. In a cgroup with a memory limit and no budget, back to the
+/// kernel at once (`memory::return_freed_memory_promptly`): the reading decides what is
+/// admitted, and a freed layer or activation kept by the allocator is resident memory the
+/// ledger no longer counts. Under a budget, the same; with one worker thread, but for
+/// smaller buffers the heap keeps for the next frame's layers, up to a bound, while the
+/// reading has room for them (`memory::keep_buffers_between_frames`). glibc gives each
+/// thread an arena of its own, and a buffer freed in one serves only that thread's next
+/// allocations: with two workers at half the stream benchmark's working set, the heap's
+/// bound cost 3-5 MiB more peak RSS for no steady gain (docs/runtime.md). With neither,
+/// memory is plentiful and they stay in the process for the next frame's layers (glibc's
+/// heap; on musl, `memory::reuse_freed_memory`), which then neither fault pages in nor
+/// zero them: a quarter less CPU a frame on the stream benchmark's models with glibc, 1.6x
+/// the frame rate with musl (docs/runtime.md). Returns the headroom under which the
+/// executor switches to returning them, for good; `None` when they go back from the start.
 fn allocator_policy(config: &Config, system: &SystemMemory) -> Option<u64> {
     let limited = system.read().map_or(true, |r| r.cgroup_limit().is_some());
-    if config.run.budget.is_some() || limited {
+    if config.run.budget.is_some() && config.run.threads == 1 {
+        crate::memory::keep_buffers_between_frames();
+        log::info!(
+            "freed buffers go back to the kernel, but for at most {} the heap keeps for the next frames (a budget, one worker)",
+            crate::memory::Bytes(crate::memory::KEPT_FREED_MAX)
+        );
+        None
+    } else if config.run.budget.is_some() || limited {
         crate::memory::return_freed_memory_promptly();
         log::info!("freed buffers go back to the kernel at once (a budget or a cgroup limit)");
         None
