@@ -141,6 +141,8 @@ pub fn freed_resident_bytes() -> Option<u64> {
     Some(anonymous.saturating_sub(held))
 }
 
+/// Freed memory resident in the allocator's heaps: known on glibc only. musl unmaps large
+/// blocks on free, and the daemon keeps no buffers there.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn freed_resident_bytes() -> Option<u64> {
     None
